@@ -1,0 +1,285 @@
+//! `SandboxBackend`: where sandboxes come from (static endpoints, local processes, Kubernetes).
+//!
+//! The proxy and the activation layer only talk to this trait. A backend owns the sandbox
+//! fleet (warm pool, capacity, pause/resume mechanics); the session table owns which
+//! session is pinned to which sandbox. Results are async; spontaneous changes (a sandbox
+//! died, another replica paused it) arrive as [`BackendEvent`]s.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use crate::session::SessionKey;
+
+pub mod static_set;
+
+/// A backend-unique sandbox name (process: `sbx-<n>`, Kubernetes: the Sandbox's name).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct SandboxId(Arc<str>);
+
+impl SandboxId {
+    pub fn new(name: impl Into<Arc<str>>) -> SandboxId {
+        SandboxId(name.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SandboxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for SandboxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SandboxId({})", self.0)
+    }
+}
+
+/// What a request had to wait for before it could be forwarded.
+/// Sent to clients as `X-Activator-Activation` and used as the `kind` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActivationKind {
+    /// Took a ready sandbox from the warm pool (or a free static endpoint).
+    Claim,
+    /// No warm sandbox: one was created on demand.
+    Create,
+    /// The session's sandbox was paused and had to be resumed.
+    Resume,
+    /// Nothing: the session was already bound and ready.
+    None,
+}
+
+impl ActivationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActivationKind::Claim => "claim",
+            ActivationKind::Create => "create",
+            ActivationKind::Resume => "resume",
+            ActivationKind::None => "none",
+        }
+    }
+}
+
+/// A sandbox bound to a session by [`SandboxBackend::claim`].
+#[derive(Debug, Clone)]
+pub struct Binding {
+    pub sandbox: SandboxId,
+    /// Where requests for the session go.
+    pub endpoint: SocketAddr,
+    /// `Claim`, `Create`, or `Resume` when the backend adopted an existing paused sandbox
+    /// (another replica's claim) and resumed it.
+    pub kind: ActivationKind,
+}
+
+/// How long a claim may take: waiting for capacity, then starting/claiming the sandbox.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimBudget {
+    /// Give up with [`BackendError::NoCapacity`] if no capacity frees up by then.
+    pub admission_deadline: Instant,
+    /// Give up with [`BackendError::Timeout`] if the sandbox is not ready by then.
+    pub deadline: Instant,
+}
+
+/// What a backend can do; the activation layer adapts its policies to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `pause`/`resume` keep the sandbox's state.
+    pub pause: bool,
+    /// What a pause keeps, for docs and the admin API: e.g. "memory, files, address".
+    pub pause_keeps: &'static str,
+}
+
+/// Lifecycle state of one sandbox as the backend sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    /// Being created, not ready yet.
+    Starting,
+    /// Ready and unassigned (in the warm pool).
+    Warm,
+    /// Bound to at least one session and running.
+    Bound,
+    /// Frozen / suspended.
+    Paused,
+    /// Being stopped or deleted.
+    Stopping,
+}
+
+impl SandboxState {
+    pub const ALL: [SandboxState; 5] = [
+        SandboxState::Starting,
+        SandboxState::Warm,
+        SandboxState::Bound,
+        SandboxState::Paused,
+        SandboxState::Stopping,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Starting => "starting",
+            SandboxState::Warm => "warm",
+            SandboxState::Bound => "bound",
+            SandboxState::Paused => "paused",
+            SandboxState::Stopping => "stopping",
+        }
+    }
+}
+
+/// One row of `GET /api/sandboxes`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SandboxInfo {
+    pub id: SandboxId,
+    pub state: SandboxState,
+    /// Short hashes of the sessions bound to it.
+    pub sessions: Vec<String>,
+    /// `ip:port` when running.
+    pub endpoint: Option<SocketAddr>,
+    /// Process backend: the sandbox's PID.
+    pub pid: Option<u32>,
+    pub age_seconds: f64,
+}
+
+/// A session found bound in the backend's own store (Kubernetes claims) on startup.
+#[derive(Debug, Clone)]
+pub struct RecoveredBinding {
+    /// Present when the store keeps the raw ID (`write_session_id`); otherwise the session
+    /// is re-attached lazily by hash on its next request.
+    pub session: Option<SessionKey>,
+    pub session_hash: String,
+    pub sandbox: SandboxId,
+    pub endpoint: Option<SocketAddr>,
+    pub paused: bool,
+}
+
+/// Something that happened to a sandbox outside of a call made by this activator.
+#[derive(Debug, Clone)]
+pub enum BackendEvent {
+    /// The sandbox died or was deleted; its sessions are lost.
+    Lost { sandbox: SandboxId, reason: String },
+    /// Paused by someone else (another replica, an operator).
+    Paused { sandbox: SandboxId },
+    /// Running again, possibly at a new address.
+    Resumed {
+        sandbox: SandboxId,
+        endpoint: SocketAddr,
+    },
+}
+
+/// Why a backend call failed; mapped to a client status in `proxy::error`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// No sandbox could be had before the admission deadline (503 + Retry-After).
+    #[error("no sandbox capacity: {0}")]
+    NoCapacity(String),
+    /// The sandbox did not become ready in time (504).
+    #[error("sandbox not ready within {0:?}")]
+    Timeout(Duration),
+    /// The sandbox is gone (502 `sandbox_lost`).
+    #[error("sandbox {0} is gone")]
+    Lost(SandboxId),
+    /// Another replica saw traffic recently; the pause was not done.
+    #[error("sandbox {0} is busy elsewhere")]
+    Busy(SandboxId),
+    /// The operation is not supported by this backend (e.g. pause on `static`).
+    #[error("{0} is not supported by this backend")]
+    Unsupported(&'static str),
+    /// Starting a sandbox failed (process exited, pod failed).
+    #[error("sandbox failed to start: {0}")]
+    StartFailed(String),
+    /// The control plane (Kubernetes API) failed or is unreachable (503).
+    #[error("control plane error: {0}")]
+    ControlPlane(String),
+}
+
+/// The source of sandboxes. Implementations must be cheap to call concurrently: the
+/// activation layer guarantees at most one in-flight transition per session, not per
+/// backend.
+#[async_trait]
+pub trait SandboxBackend: Send + Sync + 'static {
+    /// `static`, `process` or `kubernetes`.
+    fn kind(&self) -> &'static str;
+
+    fn capabilities(&self) -> Capabilities;
+
+    /// Binds a sandbox to `session`: a warm one, a shared one with a free slot, or a new one.
+    /// Waits for capacity until `budget.admission_deadline`.
+    async fn claim(
+        &self,
+        session: &SessionKey,
+        budget: ClaimBudget,
+    ) -> Result<Binding, BackendError>;
+
+    /// Thaws a paused sandbox; returns its (possibly new) endpoint.
+    async fn resume(
+        &self,
+        sandbox: &SandboxId,
+        deadline: Instant,
+    ) -> Result<SocketAddr, BackendError>;
+
+    /// Freezes a sandbox with its state intact.
+    async fn pause(&self, sandbox: &SandboxId) -> Result<(), BackendError>;
+
+    /// Unbinds `session` from `sandbox`; the sandbox is destroyed or returned to the pool
+    /// when no session is left on it.
+    async fn release(&self, session: &SessionKey, sandbox: &SandboxId) -> Result<(), BackendError>;
+
+    /// Spontaneous changes. Each subscriber sees every event sent after it subscribed.
+    fn subscribe(&self) -> broadcast::Receiver<BackendEvent>;
+
+    /// A snapshot of all sandboxes, for the admin API and metrics.
+    fn sandboxes(&self) -> Vec<SandboxInfo>;
+
+    /// Autoscaler output: how many ready, unassigned sandboxes to keep.
+    async fn set_warm_pool_target(&self, _target: u32) -> Result<(), BackendError> {
+        Err(BackendError::Unsupported("warm pool scaling"))
+    }
+
+    /// Bindings that survive an activator restart (Kubernetes claims).
+    async fn recover(&self) -> Result<Vec<RecoveredBinding>, BackendError> {
+        Ok(Vec::new())
+    }
+
+    /// Called (at most once per request) when a session sees traffic, so shared stores
+    /// can record cluster-wide activity. Must not block.
+    fn record_activity(&self, _session: &SessionKey, _sandbox: &SandboxId) {}
+
+    /// Stops everything this backend started (process: kill the children).
+    async fn shutdown(&self) {}
+}
+
+/// A shared, type-erased backend.
+pub type DynBackend = Arc<dyn SandboxBackend>;
+
+/// Builds the backend named by `backend.kind`. Problems name the offending key.
+pub async fn build(
+    config: &crate::config::Config,
+    _metrics: &Arc<crate::metrics::Metrics>,
+) -> Result<DynBackend, crate::config::ConfigError> {
+    use crate::config::{BackendKind, ConfigError};
+    match config.backend.kind {
+        BackendKind::Static => Ok(Arc::new(static_set::StaticBackend::new(
+            &config.backend.endpoints,
+            config.session.max_sessions_per_sandbox,
+        )?)),
+        BackendKind::Process => Err(ConfigError::invalid(
+            "backend.kind",
+            "process backend: being built",
+        )),
+        BackendKind::Kubernetes => Err(ConfigError::invalid(
+            "backend.kind",
+            "kubernetes backend: being built",
+        )),
+    }
+}

@@ -1,0 +1,608 @@
+//! YAML configuration: every key, its default, and `validate()` that names the offending key.
+//!
+//! Loading never binds a socket: `agent-activator check` and `serve` share [`Config::load`].
+//! Unknown keys are rejected (`deny_unknown_fields`) so a typo is an error, not a silent
+//! default. Durations are strings such as `500ms`, `30s`, `10m`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+mod duration;
+mod validate;
+
+pub use duration::Dur;
+
+/// A configuration problem, always naming the key path (e.g. `session.sources[1].cookie`).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    /// An invalid value at `key`.
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the proxy listener (`listen`).
+    pub listen: SocketAddr,
+    /// Address of the admin listener: metrics, health, session API (`admin_listen`).
+    pub admin_listen: SocketAddr,
+    pub log: LogConfig,
+    pub tls: Option<TlsConfig>,
+    pub proxy: ProxyConfig,
+    pub session: SessionConfig,
+    pub idle: IdleConfig,
+    pub activation: ActivationConfig,
+    pub backend: BackendConfig,
+    pub autoscaler: AutoscalerConfig,
+    pub schedules: Vec<ScheduleConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".parse().expect("literal address"),
+            admin_listen: "127.0.0.1:9090".parse().expect("literal address"),
+            log: LogConfig::default(),
+            tls: None,
+            proxy: ProxyConfig::default(),
+            session: SessionConfig::default(),
+            idle: IdleConfig::default(),
+            activation: ActivationConfig::default(),
+            backend: BackendConfig::default(),
+            autoscaler: AutoscalerConfig::default(),
+            schedules: Vec::new(),
+        }
+    }
+}
+
+/// `log.*`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing `EnvFilter` directive; `RUST_LOG` overrides it.
+    pub level: String,
+    /// Emit one access-log line per request (target `access`).
+    pub access_log: bool,
+    /// How session IDs appear in logs: `hash` (short SHA-256 prefix) or `full`.
+    pub session_ids: SessionIdLogging,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+            access_log: true,
+            session_ids: SessionIdLogging::Hash,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionIdLogging {
+    Hash,
+    Full,
+}
+
+/// `tls.*`: serve HTTPS (ALPN h2, http/1.1) with these PEM files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `proxy.*`: the forwarding path.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Upper bound from forwarding a request to the upstream's response head (504 after).
+    /// Streams and WebSockets are not bounded by it once the head has arrived.
+    pub request_timeout: Dur,
+    /// TCP connect timeout to a sandbox (502 `upstream_connect` after).
+    pub connect_timeout: Dur,
+    /// Idle keep-alive connections to sandboxes are closed after this long.
+    /// Keep it below the sandboxes' own keep-alive timeout.
+    pub pool_idle_timeout: Dur,
+    /// Idle connections kept per sandbox.
+    pub pool_max_idle_per_host: usize,
+    /// Protocol spoken to sandboxes: `http1` or `http2` (prior knowledge, h2c).
+    pub upstream_protocol: UpstreamProtocol,
+    /// Request headers removed before forwarding (case-insensitive), e.g. the session header.
+    pub strip_headers: Vec<String>,
+    /// On SIGTERM, how long in-flight requests and open streams may take to finish.
+    pub drain_timeout: Dur,
+    /// Client connections idle this long between requests are closed (HTTP/1 keep-alive).
+    pub client_header_timeout: Dur,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            request_timeout: Dur::secs(300),
+            connect_timeout: Dur::secs(2),
+            pool_idle_timeout: Dur::secs(30),
+            pool_max_idle_per_host: 64,
+            upstream_protocol: UpstreamProtocol::Http1,
+            strip_headers: Vec::new(),
+            drain_timeout: Dur::secs(30),
+            client_header_timeout: Dur::secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+}
+
+/// `session.*`: where the session ID comes from and how sessions map to sandboxes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// Ordered list of places the session ID is read from; the first hit wins.
+    pub sources: Vec<SessionSource>,
+    /// What to do with a request that carries no session ID.
+    pub on_missing: OnMissing,
+    /// Cookie set when `on_missing: create` mints an ID (defaults to the first `cookie`
+    /// source's name, else `activator-session`).
+    pub cookie_name: Option<String>,
+    /// Longest accepted session ID, in bytes.
+    pub max_id_length: usize,
+    /// How many sessions one sandbox may serve at once (1 = exclusive).
+    pub max_sessions_per_sandbox: u32,
+    /// How long a new session may wait for a free sandbox before 503.
+    pub admission_timeout: Dur,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            sources: vec![SessionSource::Header("X-Session-ID".into())],
+            on_missing: OnMissing::Reject,
+            cookie_name: None,
+            max_id_length: 128,
+            max_sessions_per_sandbox: 1,
+            admission_timeout: Dur::secs(30),
+        }
+    }
+}
+
+impl SessionConfig {
+    /// The cookie name used when minting session IDs.
+    pub fn effective_cookie_name(&self) -> &str {
+        if let Some(name) = &self.cookie_name {
+            return name;
+        }
+        self.sources
+            .iter()
+            .find_map(|s| match s {
+                SessionSource::Cookie(name) => Some(name.as_str()),
+                _ => None,
+            })
+            .unwrap_or("activator-session")
+    }
+}
+
+/// One entry of `session.sources`, written as a one-key map: `- header: X-Session-ID`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "SessionSourceRepr")]
+pub enum SessionSource {
+    /// A request header (case-insensitive).
+    Header(String),
+    /// A cookie by name.
+    Cookie(String),
+    /// A path prefix such as `/s/`: `/s/{id}/rest` is routed by `{id}` and forwarded as `/rest`.
+    PathPrefix(String),
+    /// A query parameter by name.
+    Query(String),
+}
+
+/// The YAML shape of a source: a map with exactly one of these keys.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionSourceRepr {
+    header: Option<String>,
+    cookie: Option<String>,
+    path_prefix: Option<String>,
+    query: Option<String>,
+}
+
+impl TryFrom<SessionSourceRepr> for SessionSource {
+    type Error = String;
+
+    fn try_from(r: SessionSourceRepr) -> Result<SessionSource, String> {
+        let mut found = Vec::with_capacity(1);
+        if let Some(v) = r.header {
+            found.push(SessionSource::Header(v));
+        }
+        if let Some(v) = r.cookie {
+            found.push(SessionSource::Cookie(v));
+        }
+        if let Some(v) = r.path_prefix {
+            found.push(SessionSource::PathPrefix(v));
+        }
+        if let Some(v) = r.query {
+            found.push(SessionSource::Query(v));
+        }
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            _ => Err("write exactly one of header, cookie, path_prefix, query per entry".into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnMissing {
+    /// 400 `missing_session`.
+    Reject,
+    /// Mint a random 128-bit ID, return it in `Set-Cookie` and `X-Session-ID`.
+    Create,
+}
+
+/// `idle.*`: what happens to a session with no traffic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdleConfig {
+    /// Time without a request in flight or an open stream after which `policy` applies.
+    pub timeout: Dur,
+    /// `pause`, `release` or `keep`; unset means `pause` when the backend can pause,
+    /// else `release`.
+    pub policy: Option<IdlePolicy>,
+    /// A session paused longer than this is released (its sandbox is given back).
+    pub session_ttl: Dur,
+    /// How often idle sessions are looked for.
+    pub sweep_interval: Dur,
+}
+
+impl Default for IdleConfig {
+    fn default() -> Self {
+        IdleConfig {
+            timeout: Dur::secs(300),
+            policy: None,
+            session_ttl: Dur::secs(24 * 3600),
+            sweep_interval: Dur::secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdlePolicy {
+    Pause,
+    Release,
+    Keep,
+}
+
+/// `activation.*`: buffering while a sandbox is claimed or resumed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActivationConfig {
+    /// Bound on one claim, create or resume (504 `activation_timeout` after).
+    pub timeout: Dur,
+    /// Requests one session may have waiting (503 `queue_full` beyond).
+    pub max_queued_per_session: usize,
+    /// Requests all sessions together may have waiting (503 `queue_full` beyond).
+    pub max_queued_total: usize,
+    /// When a pinned sandbox dies: `fail` (502 `sandbox_lost`) or `reclaim`.
+    pub on_sandbox_loss: OnSandboxLoss,
+    /// `Retry-After` seconds sent with 503 responses.
+    pub retry_after: Dur,
+}
+
+impl Default for ActivationConfig {
+    fn default() -> Self {
+        ActivationConfig {
+            timeout: Dur::secs(30),
+            max_queued_per_session: 100,
+            max_queued_total: 10_000,
+            on_sandbox_loss: OnSandboxLoss::Fail,
+            retry_after: Dur::secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnSandboxLoss {
+    Fail,
+    Reclaim,
+}
+
+/// `backend.*`: where sandboxes come from. Keys apply to the kinds noted on each field.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    pub kind: BackendKind,
+    /// static: fixed sandbox addresses, `host:port`.
+    pub endpoints: Vec<String>,
+    /// process: argv of one sandbox; `{port}` is replaced by its port.
+    pub command: Vec<String>,
+    /// process: extra environment for sandboxes.
+    pub env: BTreeMap<String, String>,
+    /// process: each sandbox gets a working directory below this one.
+    pub workdir_root: PathBuf,
+    /// process: a sandbox is ready when GET on this path answers 2xx.
+    pub ready_path: String,
+    /// process, kubernetes: ready, unassigned sandboxes kept at all times.
+    pub warm_pool: u32,
+    /// process: most sandboxes alive at once (warm + bound + paused); 0 = unlimited.
+    pub max_sandboxes: u32,
+    /// process: SIGTERM-to-SIGKILL grace on release.
+    pub stop_grace: Dur,
+    /// process: how to freeze: `auto`, `cgroup_v2`, `cgroup_v1` or `signal`.
+    pub freezer: FreezerKind,
+    /// kubernetes: API flavour and object names.
+    pub kubernetes: KubernetesConfig,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            kind: BackendKind::Static,
+            endpoints: Vec::new(),
+            command: Vec::new(),
+            env: BTreeMap::new(),
+            workdir_root: std::env::temp_dir().join("agent-activator"),
+            ready_path: "/healthz".into(),
+            warm_pool: 0,
+            max_sandboxes: 0,
+            stop_grace: Dur::secs(5),
+            freezer: FreezerKind::Auto,
+            kubernetes: KubernetesConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    Static,
+    Process,
+    Kubernetes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FreezerKind {
+    Auto,
+    CgroupV2,
+    CgroupV1,
+    Signal,
+}
+
+/// `backend.kubernetes.*`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// `agent-sandbox` (SIG Apps CRDs) or `openkruise`.
+    pub api: KubernetesApi,
+    /// Namespace of claims and sandboxes; unset = the client's default namespace.
+    pub namespace: Option<String>,
+    /// agent-sandbox: the SandboxWarmPool claims draw from (`spec.warmPoolRef.name`).
+    /// openkruise: the SandboxSet name (`spec.templateName`).
+    pub pool: String,
+    /// Port the sandbox container listens on.
+    pub port: u16,
+    /// Path to a kubeconfig; unset = in-cluster config, then `KUBECONFIG`/`~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    /// Prefix of claim names; the rest is a truncated SHA-256 of the session ID.
+    pub claim_prefix: String,
+    /// Write the raw session ID into an annotation on the claim (off by default).
+    pub write_session_id: bool,
+    /// Shortest interval between two last-activity annotation writes for one session.
+    pub activity_write_interval: Dur,
+    /// Kubernetes Lease used for autoscaler leader election.
+    pub lease_name: String,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            api: KubernetesApi::AgentSandbox,
+            namespace: None,
+            pool: "default".into(),
+            port: 8080,
+            kubeconfig: None,
+            claim_prefix: "sess-".into(),
+            write_session_id: false,
+            activity_write_interval: Dur::secs(10),
+            lease_name: "agent-activator-autoscaler".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KubernetesApi {
+    AgentSandbox,
+    Openkruise,
+}
+
+/// `autoscaler.*`: the Agent Pod Autoscaler (KPA semantics).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutoscalerConfig {
+    /// Run the decision loop at all.
+    pub enabled: bool,
+    /// Apply decisions through the backend; when false they are only exported.
+    pub apply: bool,
+    /// `rps`, `concurrency` or `session`.
+    pub metric: ScalingMetric,
+    /// Per-sandbox target of `metric`.
+    pub target: f64,
+    /// Percentage of `target` aimed for (70 = scale before sandboxes are full).
+    pub target_utilization_percentage: f64,
+    /// Averaging window of the stable mode.
+    pub stable_window: Dur,
+    /// Panic window as a percentage of the stable window.
+    pub panic_window_percentage: f64,
+    /// Panic when the panic-window desired count reaches this percentage of ready sandboxes.
+    pub panic_threshold_percentage: f64,
+    /// How often a decision is made.
+    pub tick_interval: Dur,
+    pub max_scale_up_rate: f64,
+    pub max_scale_down_rate: f64,
+    pub min_scale: u32,
+    /// 0 = unlimited.
+    pub max_scale: u32,
+    pub initial_scale: u32,
+    /// A scale-down is applied only after the lower count held this long.
+    pub scale_down_delay: Dur,
+    /// Time at zero demand before the last sandbox is let go.
+    pub scale_to_zero_grace: Dur,
+    /// Other activator replicas' admin addresses whose `/api/stats` the leader collects.
+    pub peers: Vec<String>,
+}
+
+impl Default for AutoscalerConfig {
+    fn default() -> Self {
+        AutoscalerConfig {
+            enabled: true,
+            apply: false,
+            metric: ScalingMetric::Session,
+            target: 1.0,
+            target_utilization_percentage: 70.0,
+            stable_window: Dur::secs(60),
+            panic_window_percentage: 10.0,
+            panic_threshold_percentage: 200.0,
+            tick_interval: Dur::secs(2),
+            max_scale_up_rate: 1000.0,
+            max_scale_down_rate: 2.0,
+            min_scale: 0,
+            max_scale: 0,
+            initial_scale: 1,
+            scale_down_delay: Dur::secs(0),
+            scale_to_zero_grace: Dur::secs(30),
+            peers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScalingMetric {
+    Rps,
+    Concurrency,
+    Session,
+}
+
+/// One entry of `schedules`: a request sent through the activator on a cron schedule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    pub name: String,
+    /// Cron expression with seconds: `sec min hour day-of-month month day-of-week`.
+    pub cron: String,
+    /// IANA time zone, e.g. `Europe/Berlin`; default UTC.
+    #[serde(default = "default_tz")]
+    pub timezone: String,
+    pub session: String,
+    #[serde(default = "default_method")]
+    pub method: String,
+    pub path: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub body: Option<String>,
+}
+
+fn default_tz() -> String {
+    "UTC".into()
+}
+
+fn default_method() -> String {
+    "POST".into()
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads, parses and validates a YAML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_yaml(&text)
+    }
+
+    /// Parses and validates YAML text; errors name the key path.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let config: Config = deserialize_with_path(de)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The idle policy in force for a backend that can (or cannot) pause.
+    pub fn effective_idle_policy(&self, backend_can_pause: bool) -> IdlePolicy {
+        match self.idle.policy {
+            Some(p) => p,
+            None if backend_can_pause && self.session.max_sessions_per_sandbox == 1 => {
+                IdlePolicy::Pause
+            }
+            None => IdlePolicy::Release,
+        }
+    }
+}
+
+/// Deserializes with `serde_path_to_error` so the error names the key path.
+pub fn deserialize_with_path<'de, T, D>(de: D) -> Result<T, ConfigError>
+where
+    T: Deserialize<'de>,
+    D: Deserializer<'de>,
+    D::Error: std::fmt::Display,
+{
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." || path.is_empty() {
+            "(top level)".to_string()
+        } else {
+            path
+        };
+        // serde_yaml_ng prefixes its own messages with the path; say it once.
+        let inner = e.inner().to_string();
+        let message = inner
+            .strip_prefix(&format!("{key}: "))
+            .map(str::to_owned)
+            .unwrap_or(inner);
+        ConfigError::invalid(key, message)
+    })
+}
+
+#[cfg(test)]
+mod tests;

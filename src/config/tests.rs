@@ -1,0 +1,106 @@
+use super::*;
+use std::time::Duration;
+
+fn err(yaml: &str) -> String {
+    Config::from_yaml(yaml).unwrap_err().to_string()
+}
+
+const STATIC: &str = "backend:\n  kind: static\n  endpoints: [\"127.0.0.1:9001\"]\n";
+
+#[test]
+fn minimal_static_config_loads_with_defaults() {
+    let c = Config::from_yaml(STATIC).unwrap();
+    assert_eq!(c.session.max_sessions_per_sandbox, 1);
+    assert_eq!(
+        c.session.admission_timeout.as_duration(),
+        Duration::from_secs(30)
+    );
+    assert_eq!(
+        c.session.sources,
+        vec![SessionSource::Header("X-Session-ID".into())]
+    );
+    assert_eq!(c.effective_idle_policy(false), IdlePolicy::Release);
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let e = err(&format!("{STATIC}sesion:\n  on_missing: create\n"));
+    assert!(e.contains("sesion"), "{e}");
+}
+
+#[test]
+fn nested_wrong_type_names_path() {
+    let e = err(&format!(
+        "{STATIC}session:\n  max_sessions_per_sandbox: lots\n"
+    ));
+    assert!(e.starts_with("session.max_sessions_per_sandbox"), "{e}");
+}
+
+#[test]
+fn bad_duration_names_key() {
+    let e = err(&format!("{STATIC}idle:\n  timeout: 5 parsecs\n"));
+    assert!(e.starts_with("idle.timeout"), "{e}");
+    assert!(e.contains("30s"), "{e}");
+}
+
+#[test]
+fn durations_parse() {
+    let c = Config::from_yaml(&format!(
+        "{STATIC}idle:\n  timeout: 500ms\nsession:\n  admission_timeout: 10m\n"
+    ))
+    .unwrap();
+    assert_eq!(c.idle.timeout.as_duration(), Duration::from_millis(500));
+    assert_eq!(
+        c.session.admission_timeout.as_duration(),
+        Duration::from_secs(600)
+    );
+}
+
+#[test]
+fn sources_parse_in_order() {
+    let c = Config::from_yaml(&format!(
+        "{STATIC}session:\n  sources:\n    - path_prefix: /s/\n    - cookie: sid\n    - query: session\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.session.sources,
+        vec![
+            SessionSource::PathPrefix("/s/".into()),
+            SessionSource::Cookie("sid".into()),
+            SessionSource::Query("session".into()),
+        ]
+    );
+    assert_eq!(c.session.effective_cookie_name(), "sid");
+}
+
+#[test]
+fn bad_path_prefix_names_index() {
+    let e = err(&format!(
+        "{STATIC}session:\n  sources:\n    - header: X-A\n    - path_prefix: s\n"
+    ));
+    assert!(e.starts_with("session.sources[1].path_prefix"), "{e}");
+}
+
+#[test]
+fn static_needs_endpoints() {
+    let e = err("backend:\n  kind: static\n");
+    assert!(e.starts_with("backend.endpoints"), "{e}");
+}
+
+#[test]
+fn static_cannot_pause() {
+    let e = err(&format!("{STATIC}idle:\n  policy: pause\n"));
+    assert!(e.starts_with("idle.policy"), "{e}");
+}
+
+#[test]
+fn process_needs_port_placeholder() {
+    let e = err("backend:\n  kind: process\n  command: [\"demo\"]\n");
+    assert!(e.starts_with("backend.command"), "{e}");
+}
+
+#[test]
+fn unknown_enum_value_is_named() {
+    let e = err(&format!("{STATIC}session:\n  on_missing: maybe\n"));
+    assert!(e.starts_with("session.on_missing"), "{e}");
+}

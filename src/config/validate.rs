@@ -1,0 +1,224 @@
+//! `Config::validate`: checks values that parse but make no sense together.
+
+use std::time::Duration;
+
+use super::{BackendKind, Config, ConfigError, IdlePolicy, SessionSource};
+
+impl Config {
+    /// Checks values that parse but make no sense together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.session;
+        if s.sources.is_empty() {
+            return Err(ConfigError::invalid(
+                "session.sources",
+                "at least one source is required",
+            ));
+        }
+        for (i, src) in s.sources.iter().enumerate() {
+            let (kind, value) = match src {
+                SessionSource::Header(v) => ("header", v),
+                SessionSource::Cookie(v) => ("cookie", v),
+                SessionSource::PathPrefix(v) => ("path_prefix", v),
+                SessionSource::Query(v) => ("query", v),
+            };
+            let key = format!("session.sources[{i}].{kind}");
+            if value.is_empty() {
+                return Err(ConfigError::invalid(key, "must not be empty"));
+            }
+            if let SessionSource::Header(h) = src
+                && http::HeaderName::from_bytes(h.as_bytes()).is_err()
+            {
+                return Err(ConfigError::invalid(key, "not a valid header name"));
+            }
+            if let SessionSource::PathPrefix(p) = src
+                && (!p.starts_with('/') || !p.ends_with('/'))
+            {
+                return Err(ConfigError::invalid(
+                    key,
+                    "must start and end with '/', e.g. /s/",
+                ));
+            }
+        }
+        if s.max_id_length == 0 || s.max_id_length > 4096 {
+            return Err(ConfigError::invalid(
+                "session.max_id_length",
+                "must be between 1 and 4096",
+            ));
+        }
+        if s.max_sessions_per_sandbox == 0 {
+            return Err(ConfigError::invalid(
+                "session.max_sessions_per_sandbox",
+                "must be at least 1",
+            ));
+        }
+        if s.max_sessions_per_sandbox > 1 && self.idle.policy == Some(IdlePolicy::Pause) {
+            return Err(ConfigError::invalid(
+                "idle.policy",
+                "pause needs exclusive sandboxes (session.max_sessions_per_sandbox: 1)",
+            ));
+        }
+        for (i, h) in self.proxy.strip_headers.iter().enumerate() {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(ConfigError::invalid(
+                    format!("proxy.strip_headers[{i}]"),
+                    "not a valid header name",
+                ));
+            }
+        }
+        for (key, d) in [
+            ("proxy.request_timeout", self.proxy.request_timeout),
+            ("proxy.connect_timeout", self.proxy.connect_timeout),
+            ("session.admission_timeout", s.admission_timeout),
+            ("idle.timeout", self.idle.timeout),
+            ("idle.sweep_interval", self.idle.sweep_interval),
+            ("activation.timeout", self.activation.timeout),
+            ("autoscaler.tick_interval", self.autoscaler.tick_interval),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::invalid(key, "must be greater than 0s"));
+            }
+        }
+        if self.activation.max_queued_per_session == 0 {
+            return Err(ConfigError::invalid(
+                "activation.max_queued_per_session",
+                "must be at least 1",
+            ));
+        }
+        if self.activation.max_queued_total < self.activation.max_queued_per_session {
+            return Err(ConfigError::invalid(
+                "activation.max_queued_total",
+                "must be at least activation.max_queued_per_session",
+            ));
+        }
+        self.validate_backend()?;
+        self.validate_autoscaler()?;
+        for (i, sched) in self.schedules.iter().enumerate() {
+            if sched.name.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("schedules[{i}].name"),
+                    "must not be empty",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_backend(&self) -> Result<(), ConfigError> {
+        let b = &self.backend;
+        match b.kind {
+            BackendKind::Static => {
+                if b.endpoints.is_empty() {
+                    return Err(ConfigError::invalid(
+                        "backend.endpoints",
+                        "kind: static needs at least one endpoint",
+                    ));
+                }
+                for (i, e) in b.endpoints.iter().enumerate() {
+                    if e.parse::<http::uri::Authority>().is_err() || !e.contains(':') {
+                        return Err(ConfigError::invalid(
+                            format!("backend.endpoints[{i}]"),
+                            format!("{e:?} is not host:port"),
+                        ));
+                    }
+                }
+                if self.idle.policy == Some(IdlePolicy::Pause) {
+                    return Err(ConfigError::invalid(
+                        "idle.policy",
+                        "the static backend cannot pause; use release or keep",
+                    ));
+                }
+            }
+            BackendKind::Process => {
+                if b.command.is_empty() {
+                    return Err(ConfigError::invalid(
+                        "backend.command",
+                        "kind: process needs an argv list",
+                    ));
+                }
+                if !b.command.iter().any(|a| a.contains("{port}")) {
+                    return Err(ConfigError::invalid(
+                        "backend.command",
+                        "no argument contains the {port} placeholder",
+                    ));
+                }
+                if !b.ready_path.starts_with('/') {
+                    return Err(ConfigError::invalid(
+                        "backend.ready_path",
+                        "must start with '/'",
+                    ));
+                }
+                if b.max_sandboxes != 0 && b.warm_pool > b.max_sandboxes {
+                    return Err(ConfigError::invalid(
+                        "backend.warm_pool",
+                        "must not exceed backend.max_sandboxes",
+                    ));
+                }
+            }
+            BackendKind::Kubernetes => {
+                if b.kubernetes.pool.is_empty() {
+                    return Err(ConfigError::invalid(
+                        "backend.kubernetes.pool",
+                        "must name a SandboxWarmPool / SandboxSet",
+                    ));
+                }
+                if b.kubernetes.port == 0 {
+                    return Err(ConfigError::invalid(
+                        "backend.kubernetes.port",
+                        "must be a TCP port",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_autoscaler(&self) -> Result<(), ConfigError> {
+        let a = &self.autoscaler;
+        if a.target.is_nan() || a.target <= 0.0 {
+            return Err(ConfigError::invalid("autoscaler.target", "must be > 0"));
+        }
+        if !(a.target_utilization_percentage > 0.0 && a.target_utilization_percentage <= 100.0) {
+            return Err(ConfigError::invalid(
+                "autoscaler.target_utilization_percentage",
+                "must be in (0, 100]",
+            ));
+        }
+        if !(a.panic_window_percentage > 0.0 && a.panic_window_percentage <= 100.0) {
+            return Err(ConfigError::invalid(
+                "autoscaler.panic_window_percentage",
+                "must be in (0, 100]",
+            ));
+        }
+        if a.panic_threshold_percentage < 110.0 {
+            return Err(ConfigError::invalid(
+                "autoscaler.panic_threshold_percentage",
+                "must be at least 110",
+            ));
+        }
+        if a.max_scale_up_rate <= 1.0 {
+            return Err(ConfigError::invalid(
+                "autoscaler.max_scale_up_rate",
+                "must be > 1",
+            ));
+        }
+        if a.max_scale_down_rate <= 1.0 {
+            return Err(ConfigError::invalid(
+                "autoscaler.max_scale_down_rate",
+                "must be > 1",
+            ));
+        }
+        if a.max_scale != 0 && a.min_scale > a.max_scale {
+            return Err(ConfigError::invalid(
+                "autoscaler.min_scale",
+                "must not exceed autoscaler.max_scale",
+            ));
+        }
+        if a.stable_window.as_duration() < Duration::from_secs(6) {
+            return Err(ConfigError::invalid(
+                "autoscaler.stable_window",
+                "must be at least 6s",
+            ));
+        }
+        Ok(())
+    }
+}

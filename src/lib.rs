@@ -1,0 +1,23 @@
+//! agent-activator: a session-aware L7 activator proxy for AI-agent sandboxes.
+//!
+//! # Layout
+//!
+//! - [`config`]: the YAML configuration, defaults and validation.
+//! - [`session`]: session keys (validation, hashing) and their extraction from requests.
+//! - [`activation`]: the session table; single-flight claim/resume, the bounded wait queue,
+//!   idle pause/release.
+//! - [`backend`]: the `SandboxBackend` trait and its implementations (static endpoints,
+//!   local processes, Kubernetes).
+//! - [`proxy`]: the listener, forwarding, WebSocket relay, and the one place errors become
+//!   responses.
+//! - [`admin`]: metrics, health and the session/sandbox API on a separate listener.
+//! - [`metrics`]: every Prometheus metric.
+//! - [`stats`]: traffic counters and windows that feed the autoscaler.
+//! - [`shutdown`]: signal handling and graceful drain.
+
+pub mod activation;
+pub mod backend;
+pub mod config;
+pub mod metrics;
+pub mod session;
+pub mod stats;

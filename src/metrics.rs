@@ -1,0 +1,279 @@
+//! Every Prometheus metric the activator exports, registered in one place.
+//!
+//! Labels are bounded: status codes, fixed state/kind/result names. Session IDs never
+//! become labels. Gauges that describe tables (`activator_sessions`, `activator_sandboxes`)
+//! are refreshed at scrape time by the admin server, so the hot path does not maintain them.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets from 100 us to 5 min: proxy overhead and long agent turns both fit.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// The activator's metrics and the registry they live in. Cheap to share behind an `Arc`.
+pub struct Metrics {
+    registry: Registry,
+    /// `activator_requests_total{code}`: finished requests by response status.
+    pub requests_total: IntCounterVec,
+    /// `activator_request_duration_seconds`: request start to response body end.
+    pub request_duration: Histogram,
+    /// `activator_requests_in_flight`: counted until the response body ends.
+    pub requests_in_flight: IntGauge,
+    /// `activator_websockets_open`: upgraded connections currently relayed.
+    pub websockets_open: IntGauge,
+    /// `activator_sessions{state}`: active | paused | activating | lost (refreshed at scrape).
+    pub sessions: IntGaugeVec,
+    /// `activator_sandboxes{state}`: starting | warm | bound | paused | stopping (at scrape).
+    pub sandboxes: IntGaugeVec,
+    /// `activator_queued_requests`: requests held while their session activates.
+    pub queued_requests: IntGauge,
+    /// `activator_admission_wait_seconds`: time a new session waited for capacity.
+    pub admission_wait: Histogram,
+    /// `activator_waiting_sessions`: new sessions currently waiting for capacity.
+    pub waiting_sessions: IntGauge,
+    /// `activator_activations_total{kind,result}`: claim | create | resume x ok | error | timeout.
+    pub activations_total: IntCounterVec,
+    /// `activator_activation_duration_seconds{kind}`: start of claim/resume to ready.
+    pub activation_duration: HistogramVec,
+    /// `activator_pauses_total{result}`: idle or admin pauses.
+    pub pauses_total: IntCounterVec,
+    /// `activator_releases_total{reason}`: idle | ttl | admin | lost | shutdown.
+    pub releases_total: IntCounterVec,
+    /// `activator_sessions_lost_total`: sessions whose sandbox died.
+    pub sessions_lost_total: IntCounter,
+    /// `activator_warm_pool_ready`: ready, unassigned sandboxes.
+    pub warm_pool_ready: IntGauge,
+    /// `activator_upstream_errors_total{kind}`: connect | reset | timeout.
+    pub upstream_errors_total: IntCounterVec,
+    /// `activator_stable_concurrency`: time-weighted average in-flight over the stable window.
+    pub stable_concurrency: Gauge,
+    /// `activator_panic_concurrency`: the same over the panic window.
+    pub panic_concurrency: Gauge,
+    /// `activator_stable_rps`: requests per second over the stable window.
+    pub stable_rps: Gauge,
+    /// `activator_panic_rps`: requests per second over the panic window.
+    pub panic_rps: Gauge,
+    /// `activator_active_sessions`: bound sessions with traffic in flight or inside their
+    /// idle window.
+    pub active_sessions: IntGauge,
+    /// `activator_desired_sandboxes`: the autoscaler's latest decision.
+    pub desired_sandboxes: IntGauge,
+    /// `activator_panic_mode`: 1 while the autoscaler is in panic mode.
+    pub panic_mode: IntGauge,
+    /// `activator_autoscaler_leader`: 1 on the replica that makes decisions.
+    pub autoscaler_leader: IntGauge,
+    /// `activator_schedule_runs_total{result}`: ok | error | skipped.
+    pub schedule_runs_total: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let m = Metrics {
+            requests_total: IntCounterVec::new(
+                Opts::new(
+                    "activator_requests_total",
+                    "Requests by response status code.",
+                ),
+                &["code"],
+            )
+            .expect("valid metric"),
+            request_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "activator_request_duration_seconds",
+                    "Time from request arrival to the end of the response body.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"),
+            requests_in_flight: IntGauge::new(
+                "activator_requests_in_flight",
+                "Requests whose response body has not ended yet.",
+            )
+            .expect("valid metric"),
+            websockets_open: IntGauge::new(
+                "activator_websockets_open",
+                "Upgraded (WebSocket) connections being relayed.",
+            )
+            .expect("valid metric"),
+            sessions: IntGaugeVec::new(
+                Opts::new("activator_sessions", "Sessions in the table by state."),
+                &["state"],
+            )
+            .expect("valid metric"),
+            sandboxes: IntGaugeVec::new(
+                Opts::new("activator_sandboxes", "Sandboxes by state."),
+                &["state"],
+            )
+            .expect("valid metric"),
+            queued_requests: IntGauge::new(
+                "activator_queued_requests",
+                "Requests held while their session's sandbox is claimed or resumed.",
+            )
+            .expect("valid metric"),
+            admission_wait: Histogram::with_opts(
+                HistogramOpts::new(
+                    "activator_admission_wait_seconds",
+                    "Time a new session waited for sandbox capacity.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"),
+            waiting_sessions: IntGauge::new(
+                "activator_waiting_sessions",
+                "New sessions waiting for sandbox capacity.",
+            )
+            .expect("valid metric"),
+            activations_total: IntCounterVec::new(
+                Opts::new(
+                    "activator_activations_total",
+                    "Sandbox claims, creations and resumes by result.",
+                ),
+                &["kind", "result"],
+            )
+            .expect("valid metric"),
+            activation_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "activator_activation_duration_seconds",
+                    "Time from starting a claim, creation or resume to a ready sandbox.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["kind"],
+            )
+            .expect("valid metric"),
+            pauses_total: IntCounterVec::new(
+                Opts::new("activator_pauses_total", "Sandbox pauses by result."),
+                &["result"],
+            )
+            .expect("valid metric"),
+            releases_total: IntCounterVec::new(
+                Opts::new("activator_releases_total", "Session releases by reason."),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            sessions_lost_total: IntCounter::new(
+                "activator_sessions_lost_total",
+                "Sessions whose pinned sandbox died.",
+            )
+            .expect("valid metric"),
+            warm_pool_ready: IntGauge::new(
+                "activator_warm_pool_ready",
+                "Ready, unassigned sandboxes in the warm pool.",
+            )
+            .expect("valid metric"),
+            upstream_errors_total: IntCounterVec::new(
+                Opts::new(
+                    "activator_upstream_errors_total",
+                    "Failures talking to sandboxes by kind.",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
+            stable_concurrency: Gauge::new(
+                "activator_stable_concurrency",
+                "Time-weighted average concurrency over the stable window.",
+            )
+            .expect("valid metric"),
+            panic_concurrency: Gauge::new(
+                "activator_panic_concurrency",
+                "Time-weighted average concurrency over the panic window.",
+            )
+            .expect("valid metric"),
+            stable_rps: Gauge::new(
+                "activator_stable_rps",
+                "Requests per second over the stable window.",
+            )
+            .expect("valid metric"),
+            panic_rps: Gauge::new(
+                "activator_panic_rps",
+                "Requests per second over the panic window.",
+            )
+            .expect("valid metric"),
+            active_sessions: IntGauge::new(
+                "activator_active_sessions",
+                "Bound sessions with a request in flight or inside their idle window.",
+            )
+            .expect("valid metric"),
+            desired_sandboxes: IntGauge::new(
+                "activator_desired_sandboxes",
+                "Sandboxes the autoscaler wants.",
+            )
+            .expect("valid metric"),
+            panic_mode: IntGauge::new(
+                "activator_panic_mode",
+                "1 while the autoscaler is in panic mode.",
+            )
+            .expect("valid metric"),
+            autoscaler_leader: IntGauge::new(
+                "activator_autoscaler_leader",
+                "1 on the replica whose autoscaler decides.",
+            )
+            .expect("valid metric"),
+            schedule_runs_total: IntCounterVec::new(
+                Opts::new(
+                    "activator_schedule_runs_total",
+                    "Scheduled wake-up requests by result.",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+            registry,
+        };
+        m.register_all();
+        m
+    }
+
+    fn register_all(&self) {
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(self.requests_total.clone()),
+            Box::new(self.request_duration.clone()),
+            Box::new(self.requests_in_flight.clone()),
+            Box::new(self.websockets_open.clone()),
+            Box::new(self.sessions.clone()),
+            Box::new(self.sandboxes.clone()),
+            Box::new(self.queued_requests.clone()),
+            Box::new(self.admission_wait.clone()),
+            Box::new(self.waiting_sessions.clone()),
+            Box::new(self.activations_total.clone()),
+            Box::new(self.activation_duration.clone()),
+            Box::new(self.pauses_total.clone()),
+            Box::new(self.releases_total.clone()),
+            Box::new(self.sessions_lost_total.clone()),
+            Box::new(self.warm_pool_ready.clone()),
+            Box::new(self.upstream_errors_total.clone()),
+            Box::new(self.stable_concurrency.clone()),
+            Box::new(self.panic_concurrency.clone()),
+            Box::new(self.stable_rps.clone()),
+            Box::new(self.panic_rps.clone()),
+            Box::new(self.active_sessions.clone()),
+            Box::new(self.desired_sandboxes.clone()),
+            Box::new(self.panic_mode.clone()),
+            Box::new(self.autoscaler_leader.clone()),
+            Box::new(self.schedule_runs_total.clone()),
+        ];
+        for c in collectors {
+            self.registry.register(c).expect("metric registered once");
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
