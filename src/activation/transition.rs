@@ -3,14 +3,13 @@
 //! Each `start_*` runs with the entry locked: it moves the phase to the transition's own
 //! phase (which is what makes the transition single-flight) and spawns the backend call,
 //! so a request that gives up never cancels it. Every backend call is bounded; a claim or
-//! resume that overruns fails its waiters at the deadline and gets one more
-//! `activation.timeout` of grace to finish (a late success is kept, so a sandbox bound
-//! late is never leaked and the session never claims twice concurrently).
+//! resume that overruns its deadline gets one more `activation.timeout` of grace while
+//! its waiters time out on their own (a late success is kept for later requests, so a
+//! sandbox bound late is never leaked and a session never claims twice concurrently).
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -31,25 +30,12 @@ fn result_label(e: &BackendError) -> &'static str {
 }
 
 impl Shared {
-    /// Awaits `fut` until `deadline`; past it, fails the current waiters with
-    /// `Timeout(budget)` and waits one more `activation.timeout` for a late result.
-    async fn bounded<T>(
-        &self,
-        entry: &SessionEntry,
-        fut: impl Future<Output = T>,
-        deadline: Instant,
-        budget: Duration,
-    ) -> Option<T> {
-        let mut fut = std::pin::pin!(fut);
-        if let Ok(v) = tokio::time::timeout_at(deadline, &mut fut).await {
-            return Some(v);
-        }
-        {
-            let mut st = entry.lock();
-            self.queue
-                .fail_all(&mut st, &ActivationError::Timeout(budget));
-        }
-        tokio::time::timeout(self.settings.activation_timeout, fut)
+    /// Awaits `fut` until `deadline` plus one `activation.timeout` of grace. Waiters are
+    /// not failed at `deadline` here: each one's own wait ends by then (see
+    /// `Shared::acquire_slow`), while a request arriving later still profits from a late
+    /// result.
+    async fn bounded<T>(&self, fut: impl Future<Output = T>, deadline: Instant) -> Option<T> {
+        tokio::time::timeout_at(deadline + self.settings.activation_timeout, fut)
             .await
             .ok()
     }
@@ -89,12 +75,7 @@ impl Shared {
         self.claiming.fetch_add(1, Ordering::AcqRel);
         self.metrics.waiting_sessions.inc();
         let outcome = self
-            .bounded(
-                &entry,
-                self.backend.claim(&entry.key, budget),
-                budget.deadline,
-                total,
-            )
+            .bounded(self.backend.claim(&entry.key, budget), budget.deadline)
             .await;
         self.claiming.fetch_sub(1, Ordering::AcqRel);
         self.metrics.waiting_sessions.dec();
@@ -165,12 +146,7 @@ impl Shared {
         let budget = self.settings.activation_timeout;
         let deadline = started + budget;
         let outcome = self
-            .bounded(
-                &entry,
-                self.backend.resume(&sandbox, deadline),
-                deadline,
-                budget,
-            )
+            .bounded(self.backend.resume(&sandbox, deadline), deadline)
             .await;
         let mut st = entry.lock();
         let result = match outcome {
