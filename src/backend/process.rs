@@ -20,8 +20,8 @@ use tokio::sync::{Notify, broadcast, oneshot, watch};
 use tokio::time::Instant;
 
 use super::{
-    ActivationKind, BackendError, BackendEvent, Binding, Capabilities, ClaimBudget,
-    SandboxBackend, SandboxId, SandboxInfo, SandboxState,
+    ActivationKind, BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, SandboxBackend,
+    SandboxId, SandboxInfo, SandboxState,
 };
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
@@ -78,7 +78,10 @@ impl ProcessBackend {
     /// Sweeps leftovers of crashed predecessors, picks the freezer (`backend.freezer`),
     /// creates this instance's working directory and starts the warm-pool refill task.
     /// Must be called inside a Tokio runtime.
-    pub async fn new(config: &Config, metrics: Arc<Metrics>) -> Result<ProcessBackend, ConfigError> {
+    pub async fn new(
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<ProcessBackend, ConfigError> {
         let b = &config.backend;
         let root = b.workdir_root.clone();
         let sweep_root = root.clone();
@@ -349,7 +352,13 @@ impl Shared {
                 return;
             };
             let paused = e.state == SandboxState::Paused;
-            let taken = (e.pid, e.cgroup.clone(), e.exit.clone(), e.workdir.clone(), paused);
+            let taken = (
+                e.pid,
+                e.cgroup.clone(),
+                e.exit.clone(),
+                e.workdir.clone(),
+                paused,
+            );
             fleet.mark_stopping(&id);
             self.publish(&fleet);
             taken
@@ -368,6 +377,14 @@ impl Shared {
             }
             if !gone && !wait_exit(exit, KILL_BOUND).await {
                 tracing::error!(sandbox = %id, pid, "sandbox survived SIGKILL");
+            }
+            if cgroup.is_none() {
+                // Signal mode: wait (bounded) for the rest of the group to die too. In
+                // cgroup modes removing the cgroup below waits for it to empty.
+                let end = Instant::now() + KILL_BOUND;
+                while !child::group_gone(pid) && Instant::now() < end {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
             }
         }
         if let Some(c) = &cgroup {
@@ -397,7 +414,9 @@ pub async fn build(
     config: &Config,
     metrics: &Arc<Metrics>,
 ) -> Result<Arc<ProcessBackend>, ConfigError> {
-    ProcessBackend::new(config, metrics.clone()).await.map(Arc::new)
+    ProcessBackend::new(config, metrics.clone())
+        .await
+        .map(Arc::new)
 }
 
 /// Decrements the waiting-claims count when a waiting claim ends, however it ends.
@@ -438,7 +457,9 @@ impl SandboxBackend for ProcessBackend {
             let step = {
                 let mut fleet = s.lock();
                 if fleet.closed {
-                    return Err(BackendError::NoCapacity("the backend is shutting down".into()));
+                    return Err(BackendError::NoCapacity(
+                        "the backend is shutting down".into(),
+                    ));
                 }
                 let step = fleet.claim_step(session);
                 s.publish(&fleet);
@@ -579,8 +600,7 @@ impl SandboxBackend for ProcessBackend {
         };
         // Starts in flight see `closed` and tear themselves down.
         s.closed.send_replace(true);
-        futures_util::future::join_all(running.into_iter().map(|id| s.clone().teardown(id)))
-            .await;
+        futures_util::future::join_all(running.into_iter().map(|id| s.clone().teardown(id))).await;
         let deadline = Instant::now() + s.stop_grace + KILL_BOUND;
         loop {
             let freed = s.freed.notified();

@@ -39,7 +39,10 @@ impl LaunchSpec {
         let exe = self.self_exe.to_string_lossy();
         self.argv
             .iter()
-            .map(|a| a.replace("{port}", &port.to_string()).replace("{self}", &exe))
+            .map(|a| {
+                a.replace("{port}", &port.to_string())
+                    .replace("{self}", &exe)
+            })
             .collect()
     }
 }
@@ -198,7 +201,8 @@ pub async fn wait_ready(
             )));
         }
         let attempt_end = deadline.min(Instant::now() + Duration::from_secs(1));
-        if let Ok(Ok(true)) = tokio::time::timeout_at(attempt_end, probe(endpoint, ready_path)).await
+        if let Ok(Ok(true)) =
+            tokio::time::timeout_at(attempt_end, probe(endpoint, ready_path)).await
         {
             return Ok(());
         }
@@ -213,7 +217,10 @@ pub async fn wait_ready(
 }
 
 /// One readiness probe: true on a 2xx answer.
-async fn probe(endpoint: SocketAddr, path: &str) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+async fn probe(
+    endpoint: SocketAddr,
+    path: &str,
+) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
     let stream = tokio::net::TcpStream::connect(endpoint).await?;
     stream.set_nodelay(true)?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -252,10 +259,37 @@ pub fn signal_group(pid: u32, signal: Signal) {
     }
 }
 
-/// The one-letter scheduler state of `pid` from `/proc/PID/stat` (`R`, `S`, `T`, ...).
-pub fn proc_state(pid: u32) -> Option<char> {
+/// The fields of `/proc/PID/stat` after the command name, starting at field 3 (state).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name is in parentheses and may contain spaces; the state follows it.
     let after = &stat[stat.rfind(')')? + 1..];
-    after.trim_start().chars().next()
+    Some(after.split_whitespace().map(str::to_owned).collect())
+}
+
+/// Scheduler states of the processes in the group led by `leader` (the leader included).
+/// Scans `/proc`: fine for pause and release, which are not on the request path.
+fn group_states(leader: u32) -> Vec<char> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let pgid = leader.to_string();
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(stat_fields)
+        // Field 5 (index 2 here) is the process group.
+        .filter(|f| f.get(2) == Some(&pgid))
+        .filter_map(|f| f.first()?.chars().next())
+        .collect()
+}
+
+/// True when every process of the group led by `leader` is stopped (`T`) or exited (`Z`).
+pub fn group_stopped(leader: u32) -> bool {
+    group_states(leader).iter().all(|s| matches!(s, 'T' | 'Z'))
+}
+
+/// True when no process of the group led by `leader` is left (zombies are exited).
+pub fn group_gone(leader: u32) -> bool {
+    group_states(leader).iter().all(|&s| s == 'Z')
 }

@@ -222,7 +222,9 @@ impl Fleet {
         }
         while self.warm.len() as u32 > self.warm_target {
             // Newest first: the oldest warm sandboxes are claimed first anyway.
-            let Some(id) = self.warm.pop_back() else { break };
+            let Some(id) = self.warm.pop_back() else {
+                break;
+            };
             if let Some(e) = self.entries.get_mut(&id) {
                 e.state = SandboxState::Stopping;
             }

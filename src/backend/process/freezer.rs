@@ -13,7 +13,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
-use super::child::{proc_state, signal_group};
+use super::child::{group_stopped, signal_group};
 use crate::config::FreezerKind;
 
 /// Directory name below the activator's own cgroup that holds its instances.
@@ -250,7 +250,7 @@ pub fn thaw(cgroup: Option<&SandboxCgroup>, pid: u32) -> Result<(), String> {
 }
 
 /// Whether the freezer reports the sandbox frozen (`cgroup.events` `frozen 1`,
-/// `freezer.state` `FROZEN`, or the leader in state `T`).
+/// `freezer.state` `FROZEN`, or every process of the group in state `T`).
 pub fn is_frozen(cgroup: Option<&SandboxCgroup>, pid: u32) -> bool {
     match cgroup {
         Some(c) if c.mode == FreezerMode::CgroupV2 => {
@@ -259,7 +259,7 @@ pub fn is_frozen(cgroup: Option<&SandboxCgroup>, pid: u32) -> bool {
         }
         Some(c) => std::fs::read_to_string(c.path.join("freezer.state"))
             .is_ok_and(|s| s.trim() == "FROZEN"),
-        None => proc_state(pid) == Some('T'),
+        None => group_stopped(pid),
     }
 }
 

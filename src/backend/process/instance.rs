@@ -138,6 +138,9 @@ mod tests {
         // PID 0 never names a user process, so this instance is gone.
         assert!(is_stale("0-12345-1"));
         let pid = std::process::id();
-        assert!(is_stale(&format!("{pid}-1-1")), "another start time = PID reuse");
+        assert!(
+            is_stale(&format!("{pid}-1-1")),
+            "another start time = PID reuse"
+        );
     }
 }
