@@ -90,7 +90,11 @@ fn observed(inputs: &Inputs, config: &AutoscalerConfig) -> (f64, f64, f64) {
             // One sandbox per `sessions_per_sandbox` sessions; no utilisation headroom
             // because the warm pool is the headroom.
             let sessions = (s.active_sessions + s.waiting_sessions) as f64;
-            (sessions, sessions, f64::from(inputs.sessions_per_sandbox.max(1)))
+            (
+                sessions,
+                sessions,
+                f64::from(inputs.sessions_per_sandbox.max(1)),
+            )
         }
     }
 }
@@ -125,9 +129,14 @@ pub fn decide(state: &mut ScalerState, inputs: &Inputs, config: &AutoscalerConfi
     }
 
     // Rate limits relative to the ready count.
-    let max_up = (config.max_scale_up_rate * ready).ceil().min(f64::from(u32::MAX)) as u32;
+    let max_up = (config.max_scale_up_rate * ready)
+        .ceil()
+        .min(f64::from(u32::MAX)) as u32;
     let max_down = (ready / config.max_scale_down_rate).floor() as u32;
-    let limit = |n: u32| n.min(max_up).max(if inputs.ready > 0 { max_down } else { 0 });
+    let limit = |n: u32| {
+        n.min(max_up)
+            .max(if inputs.ready > 0 { max_down } else { 0 })
+    };
     stable_desired = limit(stable_desired);
     panic_desired = limit(panic_desired);
 
@@ -160,7 +169,12 @@ pub fn decide(state: &mut ScalerState, inputs: &Inputs, config: &AutoscalerConfi
                 break;
             }
         }
-        desired = state.delay_window.iter().map(|&(_, n)| n).max().unwrap_or(desired);
+        desired = state
+            .delay_window
+            .iter()
+            .map(|&(_, n)| n)
+            .max()
+            .unwrap_or(desired);
     }
 
     let last = state.last.unwrap_or(0);

@@ -97,7 +97,10 @@ impl Config {
             if !names.insert(sched.name.as_str()) {
                 return Err(ConfigError::invalid(
                     format!("schedules[{i}].name"),
-                    format!("{:?} is used twice; names key the last fired tick", sched.name),
+                    format!(
+                        "{:?} is used twice; names key the last fired tick",
+                        sched.name
+                    ),
                 ));
             }
             sched.validate(i, self.session.max_id_length)?;

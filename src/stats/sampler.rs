@@ -133,6 +133,7 @@ impl StatsSampler {
             active_sessions: sessions.active,
             waiting_sessions: sessions.waiting,
             replicas: 1,
+            replica_id: String::new(),
         }
     }
 

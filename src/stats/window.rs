@@ -27,8 +27,8 @@ impl StatsWindow {
     /// `panic_percentage` % of it (at least one bucket).
     pub fn new(stable: Duration, panic_percentage: f64) -> StatsWindow {
         let stable_len = (stable.as_secs_f64().round() as usize).max(1);
-        let panic_len = ((stable_len as f64 * panic_percentage / 100.0).round() as usize)
-            .clamp(1, stable_len);
+        let panic_len =
+            ((stable_len as f64 * panic_percentage / 100.0).round() as usize).clamp(1, stable_len);
         StatsWindow {
             buckets: VecDeque::with_capacity(stable_len),
             stable_len,
@@ -114,6 +114,10 @@ pub struct StatsSnapshot {
     /// Replicas summed into this snapshot (1 for one replica's own stats).
     #[serde(default = "one")]
     pub replicas: u32,
+    /// The replica that produced the snapshot (random per process start); the leader
+    /// skips its own address among the peers by it. Not summed.
+    #[serde(default)]
+    pub replica_id: String,
 }
 
 fn one() -> u32 {
