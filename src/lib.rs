@@ -16,8 +16,13 @@
 //! - [`shutdown`]: signal handling and graceful drain.
 
 pub mod activation;
+pub mod admin;
 pub mod backend;
 pub mod config;
+pub mod logging;
 pub mod metrics;
+pub mod proxy;
+pub mod server;
 pub mod session;
+pub mod shutdown;
 pub mod stats;
