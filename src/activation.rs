@@ -1,13 +1,22 @@
 //! `Activator`: single-flight claim/resume per session, the bounded wait queue, idle policy.
 //!
-//! CONTRACT (the proxy and admin API rely on these signatures; the bodies are being built
-//! in the activation work stream):
+//! CONTRACT (the proxy and admin API rely on these signatures):
 //! - [`Activator::acquire`] is the only call on the request path. Fast path: the session is
-//!   bound and ready -> a [`Lease`] without awaiting. Slow path: the request joins the
-//!   session's FIFO wait queue while exactly one claim or resume runs.
+//!   bound and ready -> a [`Lease`] without awaiting (one table lookup, one short lock).
+//!   Slow path: the request joins the session's FIFO wait queue while exactly one claim or
+//!   resume runs in a spawned task (a client that goes away does not cancel it).
 //! - A [`Lease`] counts the request as in flight for its session until dropped; the proxy
 //!   keeps it alive until the response body (or upgraded stream) ends, so idle pausing
 //!   never hits live traffic.
+//!
+//! # Layout
+//! - [`entry`]: one table row: phase, binding, wait queue, lock-free in-flight count.
+//! - [`table`]: the session table, the fast and slow acquire paths.
+//! - [`queue`]: per-session and global queue bounds, waiter fan-out.
+//! - [`transition`]: the claim, resume, pause and release tasks and loss handling.
+//! - [`idle`]: the sweeper that pauses/releases idle sessions and reports activity.
+//! - [`events`]: backend events and restart recovery.
+//! - [`admin`]: listings, counts and admin-initiated transitions.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +28,22 @@ use crate::backend::{ActivationKind, BackendError, DynBackend, SandboxId};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::session::SessionKey;
+
+mod admin;
+mod entry;
+mod events;
+mod idle;
+mod queue;
+mod table;
+mod transition;
+
+#[cfg(test)]
+mod fake_backend;
+#[cfg(test)]
+mod tests;
+
+use entry::{Grant, InFlightGuard};
+use table::Shared;
 
 /// Why a request could not get a sandbox; mapped to a response in `proxy::error`.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -54,7 +79,30 @@ pub struct Lease {
     _guard: InFlightGuard,
 }
 
-struct InFlightGuard;
+impl Lease {
+    fn from_grant(grant: Grant, waited: Duration) -> Lease {
+        Lease {
+            endpoint: grant.endpoint,
+            sandbox: grant.sandbox,
+            activation: grant.kind,
+            waited,
+            state_lost: grant.state_lost,
+            _guard: grant.guard,
+        }
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("endpoint", &self.endpoint)
+            .field("sandbox", &self.sandbox)
+            .field("activation", &self.activation)
+            .field("waited", &self.waited)
+            .field("state_lost", &self.state_lost)
+            .finish()
+    }
+}
 
 /// One row of `GET /api/sessions`.
 #[derive(Debug, Clone, Serialize)]
@@ -62,77 +110,110 @@ pub struct SessionInfo {
     /// Short SHA-256 of the session ID (the raw ID only when `log.session_ids: full`).
     pub session: String,
     pub sandbox: Option<SandboxId>,
-    /// activating | active | pausing | paused | resuming | releasing | lost
+    /// unbound | activating | active | pausing | paused | resuming | releasing | lost
     pub state: &'static str,
     pub in_flight: u64,
     /// Seconds since the last request ended (0 while one is in flight).
     pub idle_seconds: f64,
+    /// Where requests go; set while the sandbox runs (not while paused).
     pub endpoint: Option<SocketAddr>,
 }
 
 /// Owns the session table and drives every session's lifecycle against the backend.
 pub struct Activator {
-    #[allow(dead_code)]
-    backend: DynBackend,
-    #[allow(dead_code)]
-    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
 }
 
 impl Activator {
     /// Builds the activator; call [`Activator::spawn_background`] to start idle sweeping and
     /// backend event handling.
-    pub fn new(_config: &Config, backend: DynBackend, metrics: Arc<Metrics>) -> Arc<Activator> {
-        Arc::new(Activator { backend, metrics })
+    pub fn new(config: &Config, backend: DynBackend, metrics: Arc<Metrics>) -> Arc<Activator> {
+        Arc::new(Activator {
+            shared: Shared::new(config, backend, metrics),
+        })
     }
 
-    /// Starts the idle sweeper and the backend-event listener.
-    pub fn spawn_background(self: &Arc<Self>) {}
+    /// Starts the idle sweeper and the backend-event listener. They stop by themselves
+    /// once the activator is dropped.
+    pub fn spawn_background(self: &Arc<Self>) {
+        self.shared.spawn_background();
+    }
+
+    /// Re-populates the table from the backend's own store (Kubernetes claims) after a
+    /// restart. Call once before serving. Returns how many bindings were found; those
+    /// known only by hash attach when a request whose ID hashes to them arrives.
+    pub async fn recover(&self) -> Result<usize, ActivationError> {
+        self.shared.recover().await
+    }
 
     /// Gets a ready sandbox for `key`, claiming or resuming one if needed.
-    pub async fn acquire(&self, _key: &SessionKey) -> Result<Lease, ActivationError> {
-        Err(ActivationError::ShuttingDown)
+    pub async fn acquire(&self, key: &SessionKey) -> Result<Lease, ActivationError> {
+        if let Some(lease) = self.shared.try_ready(key) {
+            return Ok(lease);
+        }
+        self.shared.acquire_slow(key).await
+    }
+
+    /// The fast path alone: a lease if `key` is bound and ready, without waiting.
+    pub fn try_acquire_ready(&self, key: &SessionKey) -> Option<Lease> {
+        self.shared.try_ready(key)
     }
 
     /// All sessions, for the admin API.
     pub fn sessions(&self) -> Vec<SessionInfo> {
-        Vec::new()
+        self.shared.sessions()
     }
 
     /// One session, for the admin API.
-    pub fn session(&self, _key: &SessionKey) -> Option<SessionInfo> {
-        None
+    pub fn session(&self, key: &SessionKey) -> Option<SessionInfo> {
+        self.shared.session(key)
     }
 
-    /// Releases a session now (admin `DELETE`). Returns false if unknown.
-    pub async fn release(&self, _key: &SessionKey) -> Result<bool, ActivationError> {
-        Ok(false)
+    /// Releases a session now (admin `DELETE`), even with requests in flight (they finish
+    /// against the old sandbox). `Ok(false)`: unknown session. Waits (bounded by
+    /// `activation.timeout`) for a running transition to end first.
+    pub async fn release(&self, key: &SessionKey) -> Result<bool, ActivationError> {
+        self.shared.admin_release(key).await
     }
 
-    /// Pauses a session now (admin `POST .../pause`).
-    pub async fn pause(&self, _key: &SessionKey) -> Result<bool, ActivationError> {
-        Ok(false)
+    /// Pauses a session now (admin `POST .../pause`). `Ok(false)`: unknown session (or one
+    /// without a sandbox); `Ok(true)`: paused (or already was). Errors:
+    /// `Backend(Unsupported)` when the backend cannot pause, `Backend(Busy)` while a request
+    /// is in flight (live traffic is never paused), `SandboxLost`.
+    pub async fn pause(&self, key: &SessionKey) -> Result<bool, ActivationError> {
+        self.shared.admin_pause(key).await
     }
 
-    /// Resumes a session now (admin `POST .../resume`).
-    pub async fn resume(&self, _key: &SessionKey) -> Result<bool, ActivationError> {
-        Ok(false)
+    /// Resumes a session now (admin `POST .../resume`). `Ok(false)`: unknown session (or
+    /// one without a sandbox); `Ok(true)`: running (or already was).
+    pub async fn resume(&self, key: &SessionKey) -> Result<bool, ActivationError> {
+        self.shared.admin_resume(key).await
     }
 
-    /// Refuses new activations and releases nothing: called when draining starts.
-    pub fn begin_shutdown(&self) {}
+    /// Refuses new activations (claims and resumes get `ShuttingDown`) and releases
+    /// nothing: ready sessions keep serving during the drain; idle sweeping stops.
+    pub fn begin_shutdown(&self) {
+        self.shared.begin_shutdown();
+    }
 
-    /// Session counts by state, for `activator_sessions{state}` at scrape time.
+    /// Session counts by state (every state, zeros included), for
+    /// `activator_sessions{state}` at scrape time.
     pub fn session_counts(&self) -> Vec<(&'static str, i64)> {
-        Vec::new()
+        self.shared.session_counts()
     }
 
-    /// New sessions currently waiting for capacity (autoscaler demand).
+    /// New sessions currently waiting for a claim (capacity): autoscaler demand.
     pub fn waiting_sessions(&self) -> usize {
-        0
+        self.shared.waiting_sessions()
     }
 
     /// Bound sessions with a request in flight or inside their idle window.
     pub fn active_sessions(&self) -> usize {
-        0
+        self.shared.active_sessions()
+    }
+
+    /// Requests waiting across all sessions (`activator_queued_requests`).
+    pub fn queued_requests(&self) -> usize {
+        self.shared.queued_requests()
     }
 }

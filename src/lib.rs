@@ -14,10 +14,12 @@
 //! - [`metrics`]: every Prometheus metric.
 //! - [`stats`]: traffic counters and windows that feed the autoscaler.
 //! - [`shutdown`]: signal handling and graceful drain.
+//! - [`demo`]: the stateful demo sandbox (`agent-activator demo-sandbox`).
 
 pub mod activation;
 pub mod backend;
 pub mod config;
+pub mod demo;
 pub mod metrics;
 pub mod session;
 pub mod stats;

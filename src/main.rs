@@ -36,6 +36,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Run the stateful demo sandbox (what `config/local.yaml` starts per session).
+    DemoSandbox(agent_activator::demo::DemoOptions),
 }
 
 /// sysexits EX_CONFIG-like code for an invalid configuration (linkerd uses 64).
@@ -44,6 +46,19 @@ const EXIT_CONFIG: u8 = 64;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::DemoSandbox(opts) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            match rt.block_on(agent_activator::demo::run(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("demo-sandbox: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Check { config } => match Config::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());

@@ -1,0 +1,218 @@
+//! `SessionEntry`: one row of the session table — lifecycle phase, binding, in-flight count.
+//!
+//! The phase, binding and wait queue sit behind a `std::sync::Mutex`: no `.await` ever
+//! happens while it is held, and every critical section is a handful of field writes. The
+//! in-flight count and last-activity stamp are atomics so that dropping a [`InFlightGuard`]
+//! (the end of every request) never takes the lock.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::ActivationError;
+use crate::backend::{ActivationKind, SandboxId};
+use crate::session::SessionKey;
+
+/// Where a session is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// In the table without a sandbox and without an activation running: a brand-new entry,
+    /// or (with `on_sandbox_loss: reclaim`) a session whose sandbox died.
+    Unbound,
+    /// A claim is running.
+    Activating,
+    /// Bound and ready: the fast path serves it.
+    Ready,
+    /// A pause is running; arriving requests queue and trigger a resume afterwards.
+    Pausing,
+    Paused,
+    /// A resume is running.
+    Resuming,
+    /// A release is running; queued requests get a fresh claim afterwards.
+    Releasing,
+    /// The sandbox died (`on_sandbox_loss: fail`); the next request gets `SandboxLost`.
+    Lost,
+    /// Removed from the table; a request holding this entry looks the key up again.
+    Gone,
+}
+
+impl Phase {
+    /// The `state` label and the admin API's `state` field.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Phase::Unbound => "unbound",
+            Phase::Activating => "activating",
+            Phase::Ready => "active",
+            Phase::Pausing => "pausing",
+            Phase::Paused => "paused",
+            Phase::Resuming => "resuming",
+            Phase::Releasing => "releasing",
+            Phase::Lost => "lost",
+            Phase::Gone => "gone",
+        }
+    }
+
+    /// Every label a listed entry can have (`Gone` entries are never listed).
+    pub(crate) const LABELS: [&'static str; 8] = [
+        "unbound",
+        "activating",
+        "active",
+        "pausing",
+        "paused",
+        "resuming",
+        "releasing",
+        "lost",
+    ];
+
+    /// A claim, resume, pause or release is running for the entry.
+    pub(crate) fn is_transition(self) -> bool {
+        matches!(
+            self,
+            Phase::Activating | Phase::Pausing | Phase::Resuming | Phase::Releasing
+        )
+    }
+}
+
+/// The sandbox a session is pinned to.
+#[derive(Debug, Clone)]
+pub(crate) struct Bound {
+    pub sandbox: SandboxId,
+    /// Unknown only for a paused sandbox recovered after a restart; the resume sets it.
+    pub endpoint: Option<SocketAddr>,
+}
+
+/// What a waiter receives when its session becomes ready.
+pub(crate) struct Grant {
+    pub guard: InFlightGuard,
+    pub endpoint: SocketAddr,
+    pub sandbox: SandboxId,
+    pub kind: ActivationKind,
+    pub state_lost: bool,
+}
+
+/// One queued request.
+pub(crate) struct Waiter {
+    pub id: u64,
+    pub tx: oneshot::Sender<Result<Grant, ActivationError>>,
+}
+
+/// The mutable part of an entry, guarded by [`SessionEntry::lock`].
+pub(crate) struct EntryState {
+    pub phase: Phase,
+    pub bound: Option<Bound>,
+    /// Requests waiting for the running transition, in arrival order.
+    pub waiters: VecDeque<Waiter>,
+    /// When the current phase began (paused-since for TTL, lost-since for cleanup).
+    pub since: Instant,
+    /// The next lease gets `state_lost = true` (the previous sandbox died, `reclaim`).
+    pub state_lost_pending: bool,
+}
+
+/// One session: its key, its locked state and its lock-free counters.
+pub(crate) struct SessionEntry {
+    pub key: SessionKey,
+    state: Mutex<EntryState>,
+    in_flight: AtomicU64,
+    /// The origin of the nanosecond stamps below.
+    created: Instant,
+    /// Nanoseconds after `created` when the last request ended (or the session got ready).
+    last_activity_ns: AtomicU64,
+    /// Nanoseconds after `created` of the last `record_activity` call to the backend.
+    last_reported_ns: AtomicU64,
+}
+
+impl SessionEntry {
+    pub(crate) fn new(key: SessionKey, phase: Phase, bound: Option<Bound>) -> Arc<SessionEntry> {
+        let now = Instant::now();
+        Arc::new(SessionEntry {
+            key,
+            state: Mutex::new(EntryState {
+                phase,
+                bound,
+                waiters: VecDeque::new(),
+                since: now,
+                state_lost_pending: false,
+            }),
+            in_flight: AtomicU64::new(0),
+            created: now,
+            last_activity_ns: AtomicU64::new(0),
+            last_reported_ns: AtomicU64::new(0),
+        })
+    }
+
+    /// Locks the state. A poisoned lock is recovered: every critical section leaves the
+    /// state consistent before anything that could panic.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, EntryState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Requests holding a lease on this session.
+    pub(crate) fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Counts one more request in flight. Call with the state locked, after checking that
+    /// the phase is `Ready`, so the idle sweeper (which checks under the same lock) never
+    /// pauses a session a request is about to use.
+    pub(crate) fn start_request(self: &Arc<Self>) -> InFlightGuard {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard {
+            entry: Arc::clone(self),
+        }
+    }
+
+    fn nanos_since_created(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.created).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Marks the session active now (a request ended, or it just became ready).
+    pub(crate) fn touch(&self, now: Instant) {
+        self.last_activity_ns
+            .fetch_max(self.nanos_since_created(now), Ordering::Release);
+    }
+
+    /// How long the session has had no request in flight (zero while one is).
+    pub(crate) fn idle_for(&self, now: Instant) -> Duration {
+        if self.in_flight() > 0 {
+            return Duration::ZERO;
+        }
+        let last = self.last_activity_ns.load(Ordering::Acquire);
+        Duration::from_nanos(self.nanos_since_created(now).saturating_sub(last))
+    }
+
+    /// True at most once per `interval` while the session sees traffic: time to tell the
+    /// backend (`record_activity`). Traffic means a request in flight or one that ended
+    /// since the last report.
+    pub(crate) fn activity_to_report(&self, now: Instant, interval: Duration) -> bool {
+        let reported = self.last_reported_ns.load(Ordering::Acquire);
+        let busy = self.in_flight() > 0 || self.last_activity_ns.load(Ordering::Acquire) > reported;
+        let now_ns = self.nanos_since_created(now);
+        let due = now_ns.saturating_sub(reported) >= interval.as_nanos() as u64 || reported == 0;
+        busy && due
+            && self
+                .last_reported_ns
+                .compare_exchange(reported, now_ns.max(1), Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+}
+
+/// Counts one request in flight for a session until dropped; dropping it stamps the
+/// session's last activity. Lock-free, so it may be dropped anywhere (even while the
+/// entry's own lock is held, as when a grant cannot be delivered).
+pub(crate) struct InFlightGuard {
+    entry: Arc<SessionEntry>,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        // Stamp before decrementing: a sweeper that sees zero in flight (Acquire) also sees
+        // the stamp, so it never measures idleness from a stale activity time.
+        self.entry.touch(Instant::now());
+        self.entry.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
