@@ -112,10 +112,12 @@ impl Controller {
     fn reconcile(self: &Arc<Self>, f: Flavour) {
         let [sbx_ty, claim_ty, pool_ty] = f.types();
         let (Some((sbx, _)), Some((claim, _)), Some((pool, _))) = (
-            self.store.find(&sbx_ty.group, &sbx_ty.version, &sbx_ty.plural),
+            self.store
+                .find(&sbx_ty.group, &sbx_ty.version, &sbx_ty.plural),
             self.store
                 .find(&claim_ty.group, &claim_ty.version, &claim_ty.plural),
-            self.store.find(&pool_ty.group, &pool_ty.version, &pool_ty.plural),
+            self.store
+                .find(&pool_ty.group, &pool_ty.version, &pool_ty.plural),
         ) else {
             return;
         };
@@ -145,9 +147,9 @@ impl Controller {
                 continue;
             };
             let ns = s["metadata"]["namespace"].as_str().unwrap_or("");
-            let alive = claims.iter().any(|c| {
-                c["metadata"]["namespace"] == ns && c["metadata"]["uid"] == owner["uid"]
-            });
+            let alive = claims
+                .iter()
+                .any(|c| c["metadata"]["namespace"] == ns && c["metadata"]["uid"] == owner["uid"]);
             if !alive {
                 let name = s["metadata"]["name"].as_str().unwrap_or("");
                 tracing::debug!(?f, ns, name, "deleting orphaned sandbox");
@@ -253,17 +255,26 @@ impl Controller {
     /// Writes `status` unless it equals the current one (timestamps aside), so the
     /// controller's own writes do not wake it forever.
     fn set_status(&self, res: usize, key: &Key, status: Value) {
-        let _ = self.store.update_with(res, &key.1, &key.2, Some("status"), |old| {
-            let mut new = old.clone();
-            if without_times(&old["status"]) != without_times(&status) {
-                new["status"] = status;
-            }
-            Ok(new)
-        });
+        let _ = self
+            .store
+            .update_with(res, &key.1, &key.2, Some("status"), |old| {
+                let mut new = old.clone();
+                if without_times(&old["status"]) != without_times(&status) {
+                    new["status"] = status;
+                }
+                Ok(new)
+            });
     }
 
     /// Keeps `spec.replicas` unclaimed sandboxes in the pool and publishes its status.
-    fn fill_pool(&self, f: Flavour, sbx: usize, pool_res: usize, pool: &Value, sandboxes: &[Value]) {
+    fn fill_pool(
+        &self,
+        f: Flavour,
+        sbx: usize,
+        pool_res: usize,
+        pool: &Value,
+        sandboxes: &[Value],
+    ) {
         let ns = pool["metadata"]["namespace"].as_str().unwrap_or("");
         let name = pool["metadata"]["name"].as_str().unwrap_or("");
         let want = pool["spec"]["replicas"].as_u64().unwrap_or(0) as usize;
@@ -279,7 +290,9 @@ impl Controller {
                 Flavour::AgentSandbox => pool["spec"]["sandboxTemplateRef"]["name"]
                     .as_str()
                     .and_then(|t| {
-                        let res = self.store.find_kind("extensions.agents.x-k8s.io", "SandboxTemplate")?;
+                        let res = self
+                            .store
+                            .find_kind("extensions.agents.x-k8s.io", "SandboxTemplate")?;
                         self.store.get(res, ns, t).ok()
                     }),
                 Flavour::OpenKruise => None,
@@ -326,9 +339,9 @@ impl Controller {
         let key = key_of(f, claim);
         let (ns, name) = (key.1.as_str(), key.2.as_str());
         if let Some(bound) = f.claim_sandbox(claim) {
-            let s = sandboxes
-                .iter()
-                .find(|s| s["metadata"]["namespace"] == ns && s["metadata"]["name"] == bound.as_str());
+            let s = sandboxes.iter().find(|s| {
+                s["metadata"]["namespace"] == ns && s["metadata"]["name"] == bound.as_str()
+            });
             self.set_status(claim_res, &key, f.claim_status(&bound, s));
             return;
         }
@@ -370,15 +383,19 @@ impl Controller {
             }
             sname
         } else if f.claim_may_create(claim) {
-            let template = pools
-                .iter()
-                .find(|p| p["metadata"]["namespace"] == ns && p["metadata"]["name"] == pool_name.as_str());
+            let template = pools.iter().find(|p| {
+                p["metadata"]["namespace"] == ns && p["metadata"]["name"] == pool_name.as_str()
+            });
             let spec = match (f, template) {
                 (_, Some(p)) => {
-                    let t = p["spec"]["sandboxTemplateRef"]["name"].as_str().and_then(|t| {
-                        let res = self.store.find_kind("extensions.agents.x-k8s.io", "SandboxTemplate")?;
-                        self.store.get(res, ns, t).ok()
-                    });
+                    let t = p["spec"]["sandboxTemplateRef"]["name"]
+                        .as_str()
+                        .and_then(|t| {
+                            let res = self
+                                .store
+                                .find_kind("extensions.agents.x-k8s.io", "SandboxTemplate")?;
+                            self.store.get(res, ns, t).ok()
+                        });
                     f.sandbox_spec(p, t.as_ref())
                 }
                 (_, None) => f.sandbox_spec(&json!({}), None),
@@ -405,14 +422,20 @@ impl Controller {
         }
         let s = self.store.get(sbx, ns, &chosen).ok();
         self.set_status(claim_res, &key, f.claim_status(&chosen, s.as_ref()));
-        self.first_seen.lock().expect("first_seen lock").remove(&key);
+        self.first_seen
+            .lock()
+            .expect("first_seen lock")
+            .remove(&key);
     }
 }
 
 fn key_of(f: Flavour, obj: &Value) -> Key {
     (
         f,
-        obj["metadata"]["namespace"].as_str().unwrap_or("").to_owned(),
+        obj["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned(),
         obj["metadata"]["name"].as_str().unwrap_or("").to_owned(),
     )
 }

@@ -51,7 +51,11 @@ pub(crate) fn group(types: &[ResourceType], group: &str) -> Result<Value, ApiErr
             acc
         });
     if versions.is_empty() {
-        return Err(ApiError::new(404, "NotFound", format!("group {group} not found")));
+        return Err(ApiError::new(
+            404,
+            "NotFound",
+            format!("group {group} not found"),
+        ));
     }
     Ok(group_doc(group, &versions))
 }
@@ -59,7 +63,10 @@ pub(crate) fn group(types: &[ResourceType], group: &str) -> Result<Value, ApiErr
 /// `GET /apis/{group}/{version}` or `/api/v1`: resources with their verbs and subresources.
 pub(crate) fn resource_list(types: &[ResourceType], group: &str, version: &str) -> Value {
     let mut resources = Vec::new();
-    for t in types.iter().filter(|t| t.group == group && t.version == version) {
+    for t in types
+        .iter()
+        .filter(|t| t.group == group && t.version == version)
+    {
         resources.push(json!({
             "name": t.plural,
             "singularName": t.kind.to_ascii_lowercase(),
@@ -137,17 +144,22 @@ pub(crate) fn scale(
                     .map(|m| m.remove("resourceVersion"));
                 let mut patched = apply_patch(&base, content_type, &input)?;
                 if patched["metadata"].get("resourceVersion").is_none() {
-                    patched["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
+                    patched["metadata"]["resourceVersion"] =
+                        current["metadata"]["resourceVersion"].clone();
                 }
                 patched
             }
             _ => {
-                return Err(ApiError::new(405, "MethodNotAllowed", "scale supports GET, PUT, PATCH"));
+                return Err(ApiError::new(
+                    405,
+                    "MethodNotAllowed",
+                    "scale supports GET, PUT, PATCH",
+                ));
             }
         };
-        let replicas = new_scale["spec"]["replicas"].as_i64().ok_or_else(|| {
-            ApiError::new(422, "Invalid", "spec.replicas: Required value")
-        })?;
+        let replicas = new_scale["spec"]["replicas"]
+            .as_i64()
+            .ok_or_else(|| ApiError::new(422, "Invalid", "spec.replicas: Required value"))?;
         if replicas < 0 {
             return Err(ApiError::new(422, "Invalid", "spec.replicas: must be >= 0"));
         }

@@ -49,9 +49,8 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: watc
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(req, &shared).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(
-                hyper_util::rt::TokioExecutor::new(),
-            );
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
             let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
             tokio::select! {
                 _ = conn => {}
@@ -277,7 +276,13 @@ fn target<'a>(store: &Store, segs: &[&'a str]) -> Result<Target<'a>, ApiError> {
     let (group, version, rest) = match segs {
         ["api", v, rest @ ..] => ("", *v, rest),
         ["apis", g, v, rest @ ..] => (*g, *v, rest),
-        _ => return Err(ApiError::new(404, "NotFound", "the server could not find the requested resource")),
+        _ => {
+            return Err(ApiError::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ));
+        }
     };
     let (namespace, rest) = match rest {
         ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(*ns), rest),
@@ -287,13 +292,21 @@ fn target<'a>(store: &Store, segs: &[&'a str]) -> Result<Target<'a>, ApiError> {
         [p] => (*p, None, None),
         [p, n] => (*p, Some(*n), None),
         [p, n, s] => (*p, Some(*n), Some(*s)),
-        _ => return Err(ApiError::new(404, "NotFound", "the server could not find the requested resource")),
+        _ => {
+            return Err(ApiError::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ));
+        }
     };
     let (res, ty) = store.find(group, version, plural).ok_or_else(|| {
         ApiError::new(
             404,
             "NotFound",
-            format!("the server could not find the requested resource ({group}/{version} {plural})"),
+            format!(
+                "the server could not find the requested resource ({group}/{version} {plural})"
+            ),
         )
     })?;
     Ok(Target {
@@ -312,7 +325,11 @@ pub(crate) fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
 
 /// Applies a merge patch (also used for strategic-merge and apply patches, an
 /// approximation documented in the README) or a JSON patch.
-pub(crate) fn apply_patch(old: &Value, content_type: &str, patch: &Value) -> Result<Value, ApiError> {
+pub(crate) fn apply_patch(
+    old: &Value,
+    content_type: &str,
+    patch: &Value,
+) -> Result<Value, ApiError> {
     let mut new = old.clone();
     // The stored version is not a precondition unless the patch names one.
     new["metadata"]
@@ -441,16 +458,14 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
+            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                Ok(b) => {
+                    out.push(b);
+                    i += 3;
+                    continue;
                 }
-            }
+                Err(_) => out.push(b'%'),
+            },
             b'+' => out.push(b' '),
             b => out.push(b),
         }

@@ -124,7 +124,10 @@ impl Testbed {
 
     /// Pods currently running (empty without a controller).
     pub fn pods(&self) -> Vec<PodInfo> {
-        self.controller.as_ref().map(|c| c.pods()).unwrap_or_default()
+        self.controller
+            .as_ref()
+            .map(|c| c.pods())
+            .unwrap_or_default()
     }
 
     /// Index of the resource `kind` in `group`; panics on an unregistered type (tests).

@@ -94,7 +94,10 @@ async fn main() -> ExitCode {
         }
         eprintln!("kubeconfig written to {}", path.display());
     }
-    println!("kube-testbed (a test double, not Kubernetes) serving {}", testbed.url());
+    println!(
+        "kube-testbed (a test double, not Kubernetes) serving {}",
+        testbed.url()
+    );
     println!("{kubeconfig}");
     match tokio::signal::ctrl_c().await {
         Ok(()) => ExitCode::SUCCESS,

@@ -22,7 +22,9 @@ impl Selector {
         let mut terms = Vec::new();
         for raw in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
             if raw.contains(" in ") || raw.contains(" notin ") || raw.contains('(') {
-                return Err(format!("set-based selector {raw:?} is not supported by the testbed"));
+                return Err(format!(
+                    "set-based selector {raw:?} is not supported by the testbed"
+                ));
             }
             let term = if let Some((k, v)) = raw.split_once("!=") {
                 Term::NotEq(k.trim().into(), v.trim().into())
@@ -84,7 +86,11 @@ mod tests {
         assert!(!Selector::parse("a!=1").unwrap().matches_labels(&o));
         assert!(!Selector::parse("c").unwrap().matches_labels(&o));
         assert!(Selector::parse("").unwrap().matches_labels(&o));
-        assert!(Selector::parse("metadata.name=x").unwrap().matches_fields(&o));
+        assert!(
+            Selector::parse("metadata.name=x")
+                .unwrap()
+                .matches_fields(&o)
+        );
         assert!(Selector::parse("a in (1)").is_err());
     }
 }

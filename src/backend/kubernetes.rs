@@ -146,7 +146,11 @@ impl KubernetesBackend {
 
     /// The claim name for `session`: `claim_prefix` + 32 hex characters of its SHA-256.
     pub fn claim_name(&self, session: &SessionKey) -> String {
-        format!("{}{}", self.claim_prefix, &session.sha256_hex()[..HASH_CHARS])
+        format!(
+            "{}{}",
+            self.claim_prefix,
+            &session.sha256_hex()[..HASH_CHARS]
+        )
     }
 
     /// This replica's identity in activity stamps.
@@ -181,7 +185,7 @@ impl KubernetesBackend {
                     .then(|| c.is_some())
             })
             .await
-            .ok_or_else(|| BackendError::Timeout(self.op_timeout))?;
+            .ok_or(BackendError::Timeout(self.op_timeout))?;
         if settled {
             return Ok(false);
         }

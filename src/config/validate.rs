@@ -177,9 +177,11 @@ impl Config {
                     ));
                 }
                 if b.kubernetes.claim_prefix.len() > 30
-                    || !b.kubernetes.claim_prefix.chars().all(|c| {
-                        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'
-                    })
+                    || !b
+                        .kubernetes
+                        .claim_prefix
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
                     || b.kubernetes.claim_prefix.starts_with('-')
                 {
                     return Err(ConfigError::invalid(

@@ -47,8 +47,13 @@ impl Flavour {
                     "SandboxClaim",
                     "sandboxclaims",
                 ),
-                ResourceType::namespaced("agents.kruise.io", "v1alpha1", "SandboxSet", "sandboxsets")
-                    .with_scale(),
+                ResourceType::namespaced(
+                    "agents.kruise.io",
+                    "v1alpha1",
+                    "SandboxSet",
+                    "sandboxsets",
+                )
+                .with_scale(),
             ],
         }
     }
@@ -112,7 +117,10 @@ impl Flavour {
     pub fn wants_running(self, sandbox: &Value) -> bool {
         match self {
             Flavour::AgentSandbox => {
-                sandbox["spec"]["operatingMode"].as_str().unwrap_or("Running") != "Suspended"
+                sandbox["spec"]["operatingMode"]
+                    .as_str()
+                    .unwrap_or("Running")
+                    != "Suspended"
             }
             Flavour::OpenKruise => !sandbox["spec"]["paused"].as_bool().unwrap_or(false),
         }

@@ -79,7 +79,10 @@ fn parse_listening(line: &str) -> Option<u16> {
 mod tests {
     #[test]
     fn parses_the_ready_line() {
-        assert_eq!(super::parse_listening("listening on 127.0.0.1:4312\n"), Some(4312));
+        assert_eq!(
+            super::parse_listening("listening on 127.0.0.1:4312\n"),
+            Some(4312)
+        );
         assert_eq!(super::parse_listening("starting"), None);
     }
 }

@@ -108,8 +108,16 @@ mod tests {
 
     #[test]
     fn only_fresh_stamps_of_other_replicas_are_busy() {
-        let log = ActivityLog::new("a".into(), Duration::from_secs(10), Duration::from_secs(300));
-        let other = ActivityLog::new("b".into(), Duration::from_secs(10), Duration::from_secs(300));
+        let log = ActivityLog::new(
+            "a".into(),
+            Duration::from_secs(10),
+            Duration::from_secs(300),
+        );
+        let other = ActivityLog::new(
+            "b".into(),
+            Duration::from_secs(10),
+            Duration::from_secs(300),
+        );
         assert!(log.busy_elsewhere(&claim_with(&other.stamp())));
         assert!(!log.busy_elsewhere(&claim_with(&log.stamp())));
         let old = (Utc::now() - chrono::Duration::seconds(301)).to_rfc3339();
@@ -119,7 +127,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn writes_at_most_once_per_interval() {
-        let log = ActivityLog::new("a".into(), Duration::from_secs(10), Duration::from_secs(300));
+        let log = ActivityLog::new(
+            "a".into(),
+            Duration::from_secs(10),
+            Duration::from_secs(300),
+        );
         assert!(log.due("c"));
         assert!(!log.due("c"));
         tokio::time::advance(Duration::from_secs(11)).await;

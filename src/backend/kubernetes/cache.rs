@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use futures_util::StreamExt;
 use kube::api::{Api, DynamicObject};
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
@@ -168,7 +168,12 @@ impl Cache {
 
     /// Feeds one collection from a kube-runtime watcher until the stream ends (never,
     /// unless aborted: the watcher re-lists on 410 Gone and backs off on errors).
-    pub async fn run_watch(self: Arc<Self>, kind: Kind, api: Api<DynamicObject>, cfg: watcher::Config) {
+    pub async fn run_watch(
+        self: Arc<Self>,
+        kind: Kind,
+        api: Api<DynamicObject>,
+        cfg: watcher::Config,
+    ) {
         let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
         while let Some(ev) = stream.next().await {
             match ev {
@@ -237,7 +242,13 @@ impl Cache {
 
     /// Compares a sandbox with its last settled state; queues an event for changes that
     /// are not ours on sandboxes bound to our claims.
-    fn classify_sandbox(&self, st: &mut State, name: &str, deleted: bool, out: &mut Vec<BackendEvent>) {
+    fn classify_sandbox(
+        &self,
+        st: &mut State,
+        name: &str,
+        deleted: bool,
+        out: &mut Vec<BackendEvent>,
+    ) {
         let bound = st
             .claims
             .objects

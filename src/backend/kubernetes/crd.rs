@@ -60,7 +60,11 @@ pub mod agent_sandbox {
     pub struct SandboxStatus {
         #[serde(default, rename = "podIPs")]
         pub pod_ips: Vec<String>,
-        #[serde(default, rename = "serviceFQDN", skip_serializing_if = "Option::is_none")]
+        #[serde(
+            default,
+            rename = "serviceFQDN",
+            skip_serializing_if = "Option::is_none"
+        )]
         pub service_fqdn: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub node_name: Option<String>,

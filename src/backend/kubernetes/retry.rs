@@ -142,7 +142,7 @@ mod tests {
             Err(api(500, "InternalError"))
         })
         .await;
-        assert_eq!(r.unwrap_err().unwrap().to_string().contains("500"), true);
+        assert!(r.unwrap_err().unwrap().to_string().contains("500"));
         assert!(start.elapsed() <= Duration::from_secs(2));
     }
 
