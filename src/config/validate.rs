@@ -178,6 +178,29 @@ impl Config {
                         "must be a TCP port",
                     ));
                 }
+                if b.kubernetes.activity_write_interval.as_duration()
+                    >= self.idle.timeout.as_duration()
+                {
+                    return Err(ConfigError::invalid(
+                        "backend.kubernetes.activity_write_interval",
+                        "must be shorter than idle.timeout, or a busy replica's stamp \
+                         could look idle to the others",
+                    ));
+                }
+                if b.kubernetes.claim_prefix.len() > 30
+                    || !b
+                        .kubernetes
+                        .claim_prefix
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    || b.kubernetes.claim_prefix.starts_with('-')
+                {
+                    return Err(ConfigError::invalid(
+                        "backend.kubernetes.claim_prefix",
+                        "must be at most 30 characters of a-z, 0-9 and '-', not starting \
+                         with '-' (claim names are DNS labels)",
+                    ));
+                }
             }
         }
         Ok(())
