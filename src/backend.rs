@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::session::SessionKey;
 
+pub mod kubernetes;
 pub mod process;
 pub mod static_set;
 
@@ -268,16 +269,15 @@ pub async fn build(
     config: &crate::config::Config,
     metrics: &Arc<crate::metrics::Metrics>,
 ) -> Result<DynBackend, crate::config::ConfigError> {
-    use crate::config::{BackendKind, ConfigError};
+    use crate::config::BackendKind;
     match config.backend.kind {
         BackendKind::Static => Ok(Arc::new(static_set::StaticBackend::new(
             &config.backend.endpoints,
             config.session.max_sessions_per_sandbox,
         )?)),
         BackendKind::Process => Ok(process::build(config, metrics).await?),
-        BackendKind::Kubernetes => Err(ConfigError::invalid(
-            "backend.kind",
-            "kubernetes backend: being built",
+        BackendKind::Kubernetes => Ok(Arc::new(
+            kubernetes::KubernetesBackend::connect(config).await?,
         )),
     }
 }
