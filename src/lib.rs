@@ -14,12 +14,19 @@
 //! - [`metrics`]: every Prometheus metric.
 //! - [`stats`]: traffic counters and windows that feed the autoscaler.
 //! - [`shutdown`]: signal handling and graceful drain.
+//! - [`server`]: wires everything into a running server (`server::start`).
+//! - [`logging`]: tracing setup and the access log.
 //! - [`demo`]: the stateful demo sandbox (`agent-activator demo-sandbox`).
 
 pub mod activation;
+pub mod admin;
 pub mod backend;
 pub mod config;
 pub mod demo;
+pub mod logging;
 pub mod metrics;
+pub mod proxy;
+pub mod server;
 pub mod session;
+pub mod shutdown;
 pub mod stats;

@@ -57,6 +57,12 @@ impl Config {
                 "pause needs exclusive sandboxes (session.max_sessions_per_sandbox: 1)",
             ));
         }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError::invalid(
+                "log.level",
+                format!("not a tracing filter directive: {e}"),
+            ));
+        }
         for (i, h) in self.proxy.strip_headers.iter().enumerate() {
             if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
                 return Err(ConfigError::invalid(
