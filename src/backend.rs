@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::session::SessionKey;
 
+pub mod kubernetes;
 pub mod static_set;
 
 /// A backend-unique sandbox name (process: `sbx-<n>`, Kubernetes: the Sandbox's name).
@@ -277,9 +278,8 @@ pub async fn build(
             "backend.kind",
             "process backend: being built",
         )),
-        BackendKind::Kubernetes => Err(ConfigError::invalid(
-            "backend.kind",
-            "kubernetes backend: being built",
+        BackendKind::Kubernetes => Ok(Arc::new(
+            kubernetes::KubernetesBackend::connect(config).await?,
         )),
     }
 }
