@@ -13,13 +13,25 @@
 //! - [`admin`]: metrics, health and the session/sandbox API on a separate listener.
 //! - [`metrics`]: every Prometheus metric.
 //! - [`stats`]: traffic counters and windows that feed the autoscaler.
+//! - [`autoscaler`]: the scaling decision (Knative KPA semantics), its loop and leader
+//!   election.
+//! - [`schedule`]: cron-scheduled wake-up requests, each tick fired once.
 //! - [`shutdown`]: signal handling and graceful drain.
+//! - [`server`]: wires everything into a running server (`server::start`).
+//! - [`logging`]: tracing setup and the access log.
 //! - [`demo`]: the stateful demo sandbox (`agent-activator demo-sandbox`).
 
 pub mod activation;
+pub mod admin;
+pub mod autoscaler;
 pub mod backend;
 pub mod config;
 pub mod demo;
+pub mod logging;
 pub mod metrics;
+pub mod proxy;
+pub mod schedule;
+pub mod server;
 pub mod session;
+pub mod shutdown;
 pub mod stats;

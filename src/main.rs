@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use agent_activator::config::Config;
+use agent_activator::{logging, server, shutdown};
 
 #[derive(Parser)]
 #[command(
@@ -69,15 +70,56 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Serve { config, .. } => match Config::load(&config) {
-            Ok(_) => {
-                eprintln!("serve: the proxy is not wired yet");
-                ExitCode::FAILURE
+        Command::Serve {
+            config: path,
+            listen,
+            admin_listen,
+        } => {
+            let mut config = match Config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{}: {e}", path.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            if let Some(addr) = listen {
+                config.listen = addr;
             }
-            Err(e) => {
-                eprintln!("{}: {e}", config.display());
-                ExitCode::from(EXIT_CONFIG)
+            if let Some(addr) = admin_listen {
+                config.admin_listen = addr;
             }
-        },
+            logging::init(&config.log);
+            serve(config)
+        }
     }
+}
+
+fn serve(config: Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let running = match server::start(config).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("cannot start: {e}");
+                eprintln!("cannot start: {e}");
+                return if e.is_config() {
+                    ExitCode::from(EXIT_CONFIG)
+                } else {
+                    ExitCode::FAILURE
+                };
+            }
+        };
+        let outcome = running.run_until(shutdown::signal()).await;
+        tracing::info!(complete = outcome.complete, cut = outcome.cut, "stopped");
+        ExitCode::SUCCESS
+    })
 }

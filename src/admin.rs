@@ -1,0 +1,179 @@
+//! The admin listener: `/metrics`, `/healthz`, `/readyz` and the JSON API under `/api/`.
+//!
+//! Separate from the proxy port so it can be firewalled and keeps answering (metrics,
+//! readiness 503) while the proxy drains. Routing is one `match` in [`route`]: a new
+//! endpoint is one arm there plus its handler.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::activation::Activator;
+use crate::backend::{DynBackend, SandboxState};
+use crate::metrics::Metrics;
+use crate::proxy::error::error_response;
+use crate::shutdown::{Phase, Shutdown};
+use crate::stats::TrafficStats;
+
+mod api;
+
+use api::Action;
+
+/// An admin response.
+pub type AdminResponse = Response<Full<Bytes>>;
+
+/// What admin handlers can see.
+pub struct AdminState {
+    pub activator: Arc<Activator>,
+    pub backend: DynBackend,
+    pub metrics: Arc<Metrics>,
+    pub stats: Arc<TrafficStats>,
+    pub shutdown: Shutdown,
+    /// `session.max_id_length`, to validate IDs in paths.
+    pub max_id_length: usize,
+    /// `Retry-After` for 503 answers (`activation.retry_after`).
+    pub retry_after: HeaderValue,
+}
+
+/// Dispatches one admin request.
+pub async fn route(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
+    let path = req.uri().path().trim_end_matches('/');
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["metrics"]) => metrics(state),
+        (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, ["readyz"]) => readyz(state),
+        (&Method::GET, ["api", "sessions"]) => api::sessions(state),
+        (&Method::GET, ["api", "sessions", id]) => api::session(state, id),
+        (&Method::DELETE, ["api", "sessions", id]) => api::act(state, id, Action::Release).await,
+        (&Method::POST, ["api", "sessions", id, "pause"]) => {
+            api::act(state, id, Action::Pause).await
+        }
+        (&Method::POST, ["api", "sessions", id, "resume"]) => {
+            api::act(state, id, Action::Resume).await
+        }
+        (&Method::GET, ["api", "sandboxes"]) => api::sandboxes(state),
+        (_, ["metrics" | "healthz" | "readyz"] | ["api", "sessions" | "sandboxes", ..]) => {
+            error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                &format!("{} is not allowed on {path}", req.method()),
+            )
+        }
+        _ => error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no admin endpoint at {path}"),
+        ),
+    }
+}
+
+/// Refreshes the table-derived gauges, then renders every metric.
+fn metrics(state: &AdminState) -> AdminResponse {
+    let m = &state.metrics;
+    m.sessions.reset();
+    for (s, n) in state.activator.session_counts() {
+        m.sessions.with_label_values(&[s]).set(n);
+    }
+    let sandboxes = state.backend.sandboxes();
+    for s in SandboxState::ALL {
+        let n = sandboxes.iter().filter(|x| x.state == s).count();
+        m.sandboxes
+            .with_label_values(&[s.as_str()])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+        if s == SandboxState::Warm {
+            m.warm_pool_ready.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+    let mut resp = Response::new(Full::new(Bytes::from(m.encode())));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+fn readyz(state: &AdminState) -> AdminResponse {
+    if state.shutdown.is_draining() {
+        error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the activator is draining",
+        )
+    } else {
+        text(StatusCode::OK, "ready\n")
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> AdminResponse {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// A 200 JSON response.
+pub fn json<T: Serialize>(value: &T) -> AdminResponse {
+    match serde_json::to_vec(value) {
+        Ok(body) => {
+            let mut resp = Response::new(Full::new(Bytes::from(body)));
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            resp
+        }
+        Err(e) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &format!("cannot encode the response: {e}"),
+        ),
+    }
+}
+
+/// Serves the admin API until the shutdown reaches `Closed` (it keeps answering while
+/// the proxy drains, so readiness reports 503 and metrics stay scrapeable).
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    let shutdown = state.shutdown.clone();
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.reached(Phase::Closed) => break,
+        };
+        let state = state.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let closed = state.shutdown.clone();
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, req).await) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = closed.reached(Phase::Closed) => {}
+            }
+        });
+    }
+}

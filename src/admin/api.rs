@@ -1,0 +1,112 @@
+//! `/api/sessions` and `/api/sandboxes`: inspect and steer sessions by their raw ID.
+
+use http::StatusCode;
+use serde_json::json;
+
+use super::{AdminResponse, AdminState, json};
+use crate::activation::ActivationError;
+use crate::backend::BackendError;
+use crate::proxy::error::{ProxyError, error_response};
+use crate::session::SessionKey;
+
+/// `GET /api/sessions`.
+pub fn sessions(state: &AdminState) -> AdminResponse {
+    json(&json!({ "sessions": state.activator.sessions() }))
+}
+
+/// `GET /api/sandboxes`.
+pub fn sandboxes(state: &AdminState) -> AdminResponse {
+    json(&json!({ "sandboxes": state.backend.sandboxes() }))
+}
+
+/// `GET /api/sessions/{id}`.
+pub fn session(state: &AdminState, id: &str) -> AdminResponse {
+    let key = match parse(state, id) {
+        Ok(k) => k,
+        Err(resp) => return *resp,
+    };
+    match state.activator.session(&key) {
+        Some(info) => json(&info),
+        None => unknown(&key),
+    }
+}
+
+/// An action on one session.
+#[derive(Debug, Clone, Copy)]
+pub enum Action {
+    /// `DELETE /api/sessions/{id}`: release now.
+    Release,
+    /// `POST /api/sessions/{id}/pause`.
+    Pause,
+    /// `POST /api/sessions/{id}/resume`.
+    Resume,
+}
+
+impl Action {
+    fn done(self) -> &'static str {
+        match self {
+            Action::Release => "released",
+            Action::Pause => "paused",
+            Action::Resume => "resumed",
+        }
+    }
+}
+
+/// Runs `action` on the session `id`.
+pub async fn act(state: &AdminState, id: &str, action: Action) -> AdminResponse {
+    let key = match parse(state, id) {
+        Ok(k) => k,
+        Err(resp) => return *resp,
+    };
+    let a = &state.activator;
+    let result = match action {
+        Action::Release => a.release(&key).await,
+        Action::Pause => a.pause(&key).await,
+        Action::Resume => a.resume(&key).await,
+    };
+    outcome(state, &key, action.done(), result)
+}
+
+/// The key named in the path, or the 400 to answer with (boxed: responses are large).
+fn parse(state: &AdminState, id: &str) -> Result<SessionKey, Box<AdminResponse>> {
+    SessionKey::parse(id, state.max_id_length).map_err(|e| {
+        Box::new(error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_session",
+            &format!("invalid session id: {e}"),
+        ))
+    })
+}
+
+fn unknown(key: &SessionKey) -> AdminResponse {
+    error_response(
+        StatusCode::NOT_FOUND,
+        "unknown_session",
+        &format!("no session with hash {}", key.short_hash()),
+    )
+}
+
+/// Maps the result of an admin action; pause conflicts are 409, unsupported actions 501.
+fn outcome(
+    state: &AdminState,
+    key: &SessionKey,
+    done: &str,
+    result: Result<bool, ActivationError>,
+) -> AdminResponse {
+    let retry_after = &state.retry_after;
+    match result {
+        Ok(true) => json(&json!({ "session": key.short_hash(), done: true })),
+        Ok(false) => unknown(key),
+        Err(ActivationError::Backend(BackendError::Busy(sandbox))) => error_response(
+            StatusCode::CONFLICT,
+            "sandbox_busy",
+            &format!("sandbox {sandbox} saw traffic elsewhere; not {done}"),
+        ),
+        Err(ActivationError::Backend(BackendError::Unsupported(what))) => error_response(
+            StatusCode::NOT_IMPLEMENTED,
+            "unsupported",
+            &format!("{what} is not supported by this backend"),
+        ),
+        Err(e) => ProxyError::from(e).into_response(retry_after),
+    }
+}

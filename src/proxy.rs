@@ -1,0 +1,227 @@
+//! The proxy: session extraction, activation, forwarding, streaming, WebSocket relay.
+//!
+//! One request's phases (see docs/architecture.md): accept -> extract session ->
+//! acquire a lease (claim/resume/wait) -> prepare headers -> forward and await the
+//! response head (bounded) -> stream the body back (or relay the upgraded stream) ->
+//! complete (metrics, stats, access log, lease dropped). Failures at any phase turn into
+//! a response in [`error`]; hyper never sees an `Err`.
+
+use std::sync::Arc;
+
+use http::header::{HeaderName, SET_COOKIE};
+use http::{HeaderValue, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use prometheus::IntGauge;
+
+use crate::activation::Activator;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::session::{SessionExtractor, SessionOrigin};
+use crate::shutdown::Shutdown;
+use crate::stats::TrafficStats;
+
+mod body;
+mod completion;
+pub mod error;
+mod forward;
+mod listener;
+mod relay;
+mod tls;
+mod upstream;
+
+pub use body::{ProxyBody, ResponseBody};
+pub use completion::{CLIENT_CLOSED, StatusCounters};
+use completion::{Completion, Recorder};
+use error::ProxyError;
+pub use forward::{ClientConn, strip_hop_by_hop};
+use forward::{is_upgrade_request, prepare_request_headers, upstream_uri};
+pub use listener::serve;
+use relay::Relay;
+pub use tls::{TlsError, acceptor as tls_acceptor};
+use upstream::Upstream;
+
+/// `X-Activator-Activation`: what the request waited for (claim|create|resume|none).
+pub static X_ACTIVATOR_ACTIVATION: HeaderName = HeaderName::from_static("x-activator-activation");
+/// `X-Activator-State-Lost: true`: the session's previous sandbox died; this one is fresh.
+pub static X_ACTIVATOR_STATE_LOST: HeaderName = HeaderName::from_static("x-activator-state-lost");
+/// `X-Session-ID`: the minted session ID, on responses when `on_missing: create` made one.
+pub static X_SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
+
+/// Everything a request needs, shared by every connection.
+pub struct Proxy {
+    extractor: SessionExtractor,
+    activator: Arc<Activator>,
+    upstream: Upstream,
+    recorder: Arc<Recorder>,
+    strip: Box<[HeaderName]>,
+    retry_after: HeaderValue,
+    /// Minted sessions are forwarded to the sandbox in this header (the first `header`
+    /// source, else `X-Session-ID`), so it sees the same thing as on later requests.
+    session_header: HeaderName,
+    websockets_open: IntGauge,
+    shutdown: Shutdown,
+}
+
+impl Proxy {
+    /// Builds the proxy from a validated config.
+    pub fn new(
+        config: &Config,
+        activator: Arc<Activator>,
+        metrics: &Metrics,
+        stats: Arc<TrafficStats>,
+        shutdown: Shutdown,
+    ) -> Proxy {
+        let tls = config.tls.is_some();
+        let session_header = config
+            .session
+            .sources
+            .iter()
+            .find_map(|s| match s {
+                crate::config::SessionSource::Header(h) => {
+                    HeaderName::from_bytes(h.as_bytes()).ok()
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| X_SESSION_ID.clone());
+        Proxy {
+            extractor: SessionExtractor::new(&config.session, tls),
+            activator,
+            upstream: Upstream::new(&config.proxy, metrics),
+            recorder: Arc::new(Recorder::new(
+                metrics,
+                stats,
+                config.log.access_log,
+                config.log.session_ids,
+            )),
+            strip: config
+                .proxy
+                .strip_headers
+                .iter()
+                .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+                .collect(),
+            retry_after: error::retry_after_value(config.activation.retry_after.as_duration()),
+            session_header,
+            websockets_open: metrics.websockets_open.clone(),
+            shutdown,
+        }
+    }
+
+    /// Proxies one request. Never fails: every failure is a response.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: &ClientConn,
+    ) -> Response<ResponseBody> {
+        let mut completion = Completion::begin(&self.recorder, req.method(), req.uri());
+        let resp = match self.forward(req, conn, &mut completion).await {
+            Ok(resp) => resp,
+            Err(err) => self.failure(err),
+        };
+        completion.set_status(resp.status().as_u16());
+        let (parts, body) = resp.into_parts();
+        Response::from_parts(parts, ResponseBody::new(body, completion))
+    }
+
+    fn failure(&self, err: ProxyError) -> Response<ProxyBody> {
+        if err.status().is_server_error() {
+            tracing::warn!(code = err.code(), error = %ErrorChain(&err), "request failed");
+        } else {
+            tracing::debug!(code = err.code(), error = %err, "request refused");
+        }
+        err.into_response(&self.retry_after)
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        conn: &ClientConn,
+        completion: &mut Completion,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let session = self.extractor.extract(req.uri(), req.headers())?;
+        completion.set_session(&session.key);
+        let lease = self.activator.acquire(&session.key).await?;
+        let endpoint = lease.endpoint;
+        let activation = lease.activation;
+        let state_lost = lease.state_lost;
+        completion.hold_lease(lease);
+
+        let upgrade = req.version() <= Version::HTTP_11 && is_upgrade_request(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let minted = session.origin == SessionOrigin::Minted;
+        if minted {
+            parts
+                .headers
+                .insert(self.session_header.clone(), session_value(&session.key));
+        }
+        prepare_request_headers(
+            &mut parts.headers,
+            parts.uri.authority(),
+            conn,
+            &self.strip,
+            upgrade,
+            self.upstream.is_h2() && !upgrade,
+        );
+        let path = session
+            .rewritten
+            .or_else(|| parts.uri.path_and_query().cloned());
+        parts.uri = upstream_uri(self.upstream.authority(endpoint), path);
+        let mut resp = self
+            .upstream
+            .send(Request::from_parts(parts, body), endpoint, upgrade)
+            .await?;
+
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        strip_hop_by_hop(resp.headers_mut(), switching);
+        let headers = resp.headers_mut();
+        headers.insert(
+            &X_ACTIVATOR_ACTIVATION,
+            HeaderValue::from_static(activation.as_str()),
+        );
+        if state_lost {
+            headers.insert(&X_ACTIVATOR_STATE_LOST, HeaderValue::from_static("true"));
+        }
+        if minted {
+            headers.append(SET_COOKIE, self.extractor.set_cookie(&session.key));
+            headers.insert(&X_SESSION_ID, session_value(&session.key));
+        }
+        if !switching {
+            return Ok(resp.map(ProxyBody::Upstream));
+        }
+        let Some(client) = client_upgrade else {
+            self.upstream.count_reset();
+            return Err(ProxyError::UpstreamProtocol(
+                "the sandbox switched protocols on a request that did not ask to",
+            ));
+        };
+        completion.set_status(StatusCode::SWITCHING_PROTOCOLS.as_u16());
+        Relay {
+            client,
+            upstream: hyper::upgrade::on(&mut resp),
+            completion: completion.take(),
+            track: self.shutdown.tracker().track(),
+            open_gauge: self.websockets_open.clone(),
+        }
+        .spawn(self.shutdown.clone());
+        Ok(resp.map(|_| ProxyBody::empty()))
+    }
+}
+
+fn session_value(key: &crate::session::SessionKey) -> HeaderValue {
+    HeaderValue::from_str(key.as_str()).expect("a valid session id is a valid header value")
+}
+
+/// Displays an error with its `source()` chain, for logs.
+struct ErrorChain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,243 @@
+//! The one place failures become responses: status, stable `code`, JSON body, `Retry-After`.
+//!
+//! Every client-visible error body is `{"error":{"code":"...","message":"..."}}`. Upstream
+//! failures name no internal address; the access log and `warn!` lines carry the detail.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::activation::ActivationError;
+use crate::backend::BackendError;
+use crate::session::ExtractError;
+
+/// Why a request was not (fully) proxied.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No usable session ID (400).
+    #[error(transparent)]
+    Session(#[from] ExtractError),
+    /// No sandbox could be made ready (502/503/504, see [`ProxyError::status`]).
+    #[error(transparent)]
+    Activation(#[from] ActivationError),
+    /// TCP connect to the sandbox failed or timed out (502 `upstream_connect`).
+    #[error("cannot connect to the sandbox at {endpoint}")]
+    UpstreamConnect {
+        endpoint: SocketAddr,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The sandbox closed or reset the connection before a response head (502).
+    #[error("the sandbox at {endpoint} closed the connection before responding")]
+    UpstreamReset {
+        endpoint: SocketAddr,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The sandbox answered in a way that cannot be relayed (502 `upstream_protocol`).
+    #[error("{0}")]
+    UpstreamProtocol(&'static str),
+    /// No response head within `proxy.request_timeout` (504 `upstream_timeout`).
+    #[error("the sandbox at {endpoint} sent no response within {timeout:?}")]
+    UpstreamTimeout {
+        endpoint: SocketAddr,
+        timeout: Duration,
+    },
+}
+
+/// How one failure is presented to the client.
+struct Presentation {
+    status: StatusCode,
+    code: &'static str,
+    retry: bool,
+}
+
+const fn present(status: StatusCode, code: &'static str, retry: bool) -> Presentation {
+    Presentation {
+        status,
+        code,
+        retry,
+    }
+}
+
+impl ProxyError {
+    fn presentation(&self) -> Presentation {
+        use StatusCode as S;
+        match self {
+            ProxyError::Session(ExtractError::Missing(_)) => {
+                present(S::BAD_REQUEST, "missing_session", false)
+            }
+            ProxyError::Session(ExtractError::Invalid { .. }) => {
+                present(S::BAD_REQUEST, "invalid_session", false)
+            }
+            ProxyError::Activation(e) => match e {
+                ActivationError::QueueFull(_) => {
+                    present(S::SERVICE_UNAVAILABLE, "queue_full", true)
+                }
+                ActivationError::ShuttingDown => {
+                    present(S::SERVICE_UNAVAILABLE, "shutting_down", true)
+                }
+                ActivationError::Timeout(_) => {
+                    present(S::GATEWAY_TIMEOUT, "activation_timeout", false)
+                }
+                ActivationError::SandboxLost => present(S::BAD_GATEWAY, "sandbox_lost", false),
+                ActivationError::Backend(b) => backend_presentation(b),
+            },
+            ProxyError::UpstreamConnect { .. } => {
+                present(S::BAD_GATEWAY, "upstream_connect", false)
+            }
+            ProxyError::UpstreamReset { .. } => present(S::BAD_GATEWAY, "upstream_reset", false),
+            ProxyError::UpstreamProtocol(_) => present(S::BAD_GATEWAY, "upstream_protocol", false),
+            ProxyError::UpstreamTimeout { .. } => {
+                present(S::GATEWAY_TIMEOUT, "upstream_timeout", false)
+            }
+        }
+    }
+
+    /// The response status.
+    pub fn status(&self) -> StatusCode {
+        self.presentation().status
+    }
+
+    /// The stable machine-readable code in the JSON body.
+    pub fn code(&self) -> &'static str {
+        self.presentation().code
+    }
+
+    /// The message shown to clients: no internal addresses.
+    fn client_message(&self) -> String {
+        match self {
+            ProxyError::UpstreamConnect { .. } => "cannot connect to the session's sandbox".into(),
+            ProxyError::UpstreamReset { .. } => {
+                "the session's sandbox closed the connection before responding".into()
+            }
+            ProxyError::UpstreamTimeout { timeout, .. } => {
+                format!("the session's sandbox sent no response within {timeout:?}")
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// The response for this failure; `retry_after` is sent with every 503.
+    pub fn into_response<B: From<Bytes>>(self, retry_after: &HeaderValue) -> Response<B> {
+        let p = self.presentation();
+        let mut resp = error_response(p.status, p.code, &self.client_message());
+        if p.retry {
+            resp.headers_mut().insert(RETRY_AFTER, retry_after.clone());
+        }
+        resp
+    }
+}
+
+fn backend_presentation(e: &BackendError) -> Presentation {
+    use StatusCode as S;
+    match e {
+        BackendError::NoCapacity(_) => present(S::SERVICE_UNAVAILABLE, "no_capacity", true),
+        BackendError::Timeout(_) => present(S::GATEWAY_TIMEOUT, "activation_timeout", false),
+        BackendError::Lost(_) => present(S::BAD_GATEWAY, "sandbox_lost", false),
+        BackendError::Busy(_) => present(S::SERVICE_UNAVAILABLE, "sandbox_busy", true),
+        BackendError::Unsupported(_) => present(S::NOT_IMPLEMENTED, "unsupported", false),
+        BackendError::StartFailed(_) => present(S::BAD_GATEWAY, "sandbox_start_failed", false),
+        BackendError::ControlPlane(_) => present(S::SERVICE_UNAVAILABLE, "control_plane", true),
+    }
+}
+
+/// Status and code for a backend failure outside the request path (admin API).
+pub fn backend_status(e: &BackendError) -> (StatusCode, &'static str) {
+    let p = backend_presentation(e);
+    (p.status, p.code)
+}
+
+/// A JSON error response: `{"error":{"code":code,"message":message}}`.
+pub fn error_response<B: From<Bytes>>(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+) -> Response<B> {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    let mut resp = Response::new(B::from(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// The `Retry-After` value for `activation.retry_after` (whole seconds, at least 1).
+pub fn retry_after_value(d: Duration) -> HeaderValue {
+    HeaderValue::from(d.as_secs().max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    async fn body_json(resp: Response<Full<Bytes>>) -> serde_json::Value {
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn activation_errors_map_to_statuses() {
+        let ra = retry_after_value(Duration::from_secs(2));
+        let cases: Vec<(ActivationError, u16, &str, bool)> = vec![
+            (
+                ActivationError::QueueFull("session"),
+                503,
+                "queue_full",
+                true,
+            ),
+            (ActivationError::ShuttingDown, 503, "shutting_down", true),
+            (
+                ActivationError::Timeout(Duration::from_secs(1)),
+                504,
+                "activation_timeout",
+                false,
+            ),
+            (ActivationError::SandboxLost, 502, "sandbox_lost", false),
+            (
+                BackendError::NoCapacity("full".into()).into(),
+                503,
+                "no_capacity",
+                true,
+            ),
+            (
+                BackendError::ControlPlane("down".into()).into(),
+                503,
+                "control_plane",
+                true,
+            ),
+            (
+                BackendError::Timeout(Duration::from_secs(1)).into(),
+                504,
+                "activation_timeout",
+                false,
+            ),
+            (
+                BackendError::StartFailed("exit 1".into()).into(),
+                502,
+                "sandbox_start_failed",
+                false,
+            ),
+        ];
+        for (err, status, code, retry) in cases {
+            let resp: Response<Full<Bytes>> = ProxyError::from(err).into_response(&ra);
+            assert_eq!(resp.status().as_u16(), status, "{code}");
+            assert_eq!(resp.headers().contains_key(RETRY_AFTER), retry, "{code}");
+            if retry {
+                assert_eq!(resp.headers()[RETRY_AFTER], "2");
+            }
+            let json = body_json(resp).await;
+            assert_eq!(json["error"]["code"], code);
+            assert!(json["error"]["message"].as_str().unwrap().len() > 3);
+        }
+    }
+
+    #[test]
+    fn retry_after_is_at_least_one_second() {
+        assert_eq!(retry_after_value(Duration::from_millis(200)), "1");
+    }
+}

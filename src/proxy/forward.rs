@@ -1,0 +1,275 @@
+//! Forwarding hygiene: hop-by-hop headers (RFC 9110 7.6.1), `X-Forwarded-*`, the Host
+//! policy, configured header stripping, and the upstream URI.
+//!
+//! Host policy: an HTTP/1.1 upstream sees the client's `Host` unchanged (for an HTTP/2
+//! client, its `:authority`). An HTTP/2 upstream gets `:authority` = the sandbox address
+//! and no `host` header (RFC 9113 8.3.1 forbids a differing pair); the client's host is
+//! in `X-Forwarded-Host` either way.
+
+use std::net::SocketAddr;
+
+use bytes::{BufMut, BytesMut};
+use http::header::{
+    CONNECTION, EXPECT, HOST, HeaderName, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
+    TRANSFER_ENCODING, UPGRADE,
+};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderValue, Uri};
+
+/// `X-Forwarded-For`.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`.
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Host`.
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Facts about the client connection that every request on it shares.
+#[derive(Debug, Clone)]
+pub struct ClientConn {
+    pub peer: SocketAddr,
+    /// The peer IP, formatted once per connection for `X-Forwarded-For`.
+    pub peer_ip: HeaderValue,
+    /// Served over TLS (`X-Forwarded-Proto: https`, `Secure` cookies).
+    pub tls: bool,
+}
+
+impl ClientConn {
+    pub fn new(peer: SocketAddr, tls: bool) -> ClientConn {
+        ClientConn {
+            peer,
+            peer_ip: HeaderValue::from_str(&peer.ip().to_string())
+                .expect("an IP address is a valid header value"),
+            tls,
+        }
+    }
+}
+
+/// Is this an HTTP/1.1 upgrade request (`Connection: upgrade` + `Upgrade: ...`)?
+pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE) && connection_has(headers, "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers.get_all(CONNECTION).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+/// Removes hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`,
+/// `Proxy-Connection`, `TE` (except `TE: trailers`, which is kept), `Transfer-Encoding`,
+/// `Upgrade`, `Proxy-Authenticate`, `Proxy-Authorization`. `Trailer` is end-to-end (and
+/// hyper needs it to send HTTP/1.1 trailers), so it stays. With `keep_upgrade`, a
+/// WebSocket handshake keeps `Upgrade` and gets `Connection: upgrade` back.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if headers.contains_key(CONNECTION) {
+        let mut named = headers.get_all(CONNECTION).iter();
+        let first = named.next().cloned();
+        let rest: Vec<HeaderValue> = named.cloned().collect();
+        headers.remove(CONNECTION);
+        for value in first.iter().chain(rest.iter()) {
+            let Ok(text) = value.to_str() else { continue };
+            for token in text.split(',') {
+                let token = token.trim();
+                if token.is_empty() || (keep_upgrade && token.eq_ignore_ascii_case("upgrade")) {
+                    continue;
+                }
+                if token.eq_ignore_ascii_case("te") {
+                    // Still governed by the TE rule below.
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(TRANSFER_ENCODING);
+    headers.remove(PROXY_AUTHENTICATE);
+    headers.remove(PROXY_AUTHORIZATION);
+    if let Some(te) = headers.get(TE) {
+        let trailers = te.to_str().is_ok_and(|s| {
+            s.split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("trailers")
+            })
+        });
+        if trailers {
+            headers.insert(TE, HeaderValue::from_static("trailers"));
+        } else {
+            headers.remove(TE);
+        }
+    }
+    if keep_upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(UPGRADE);
+    }
+}
+
+/// Prepares request headers for the sandbox: hop-by-hop removal, `Expect` (the proxy
+/// answers it), configured stripping, `X-Forwarded-*`, and the Host policy.
+pub fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    client_authority: Option<&Authority>,
+    conn: &ClientConn,
+    strip: &[HeaderName],
+    upgrade: bool,
+    upstream_h2: bool,
+) {
+    strip_hop_by_hop(headers, upgrade);
+    headers.remove(EXPECT);
+    for name in strip {
+        headers.remove(name);
+    }
+    // The host the client asked for: `Host` (HTTP/1.1) or `:authority` (HTTP/2).
+    let host = match headers.get(HOST) {
+        Some(h) => Some(h.clone()),
+        None => client_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
+    match headers.get(&X_FORWARDED_FOR) {
+        Some(prior) => {
+            let mut buf = BytesMut::with_capacity(prior.len() + 2 + conn.peer_ip.len());
+            buf.put_slice(prior.as_bytes());
+            buf.put_slice(b", ");
+            buf.put_slice(conn.peer_ip.as_bytes());
+            if let Ok(v) = HeaderValue::from_maybe_shared(buf.freeze()) {
+                headers.insert(&X_FORWARDED_FOR, v);
+            }
+        }
+        None => {
+            headers.insert(&X_FORWARDED_FOR, conn.peer_ip.clone());
+        }
+    }
+    headers.insert(
+        &X_FORWARDED_PROTO,
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
+    if let Some(host) = host {
+        headers.insert(&X_FORWARDED_HOST, host.clone());
+        if upstream_h2 {
+            headers.remove(HOST);
+        } else {
+            headers.insert(HOST, host);
+        }
+    }
+}
+
+/// `http://{endpoint}{path_and_query}` for the upstream request.
+pub fn upstream_uri(authority: Authority, path_and_query: Option<PathAndQuery>) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(path_and_query.unwrap_or_else(|| PathAndQuery::from_static("/")));
+    Uri::from_parts(parts).expect("scheme, authority and path make a valid URI")
+}
+
+/// The `host:port` authority of a sandbox endpoint.
+pub fn endpoint_authority(endpoint: SocketAddr) -> Authority {
+    Authority::try_from(endpoint.to_string().as_str()).expect("a socket address is an authority")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        m
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, X-Custom-Hop"),
+            ("connection", "close"),
+            ("keep-alive", "timeout=5"),
+            ("x-custom-hop", "1"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Basic x"),
+            ("te", "gzip"),
+            ("trailer", "x-checksum"),
+            ("x-end-to-end", "kept"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str().to_owned()).collect();
+        names.sort();
+        assert_eq!(names, vec!["trailer", "x-end-to-end"]);
+    }
+
+    #[test]
+    fn keeps_te_trailers_only() {
+        let mut h = headers(&[("te", "gzip, trailers;q=1")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h[TE], "trailers");
+    }
+
+    #[test]
+    fn upgrade_keeps_upgrade_headers() {
+        let mut h = headers(&[
+            ("connection", "Upgrade, x-hop"),
+            ("upgrade", "websocket"),
+            ("x-hop", "1"),
+            ("sec-websocket-key", "k"),
+        ]);
+        assert!(is_upgrade_request(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[CONNECTION], "upgrade");
+        assert_eq!(h[UPGRADE], "websocket");
+        assert!(!h.contains_key("x-hop"));
+        assert!(h.contains_key("sec-websocket-key"));
+    }
+
+    #[test]
+    fn forwarded_headers_and_host_policy() {
+        let conn = ClientConn::new("10.1.2.3:5555".parse().unwrap(), true);
+        let strip = [HeaderName::from_static("x-session-id")];
+        let mut h = headers(&[
+            ("host", "app.example"),
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-session-id", "abc"),
+            ("expect", "100-continue"),
+        ]);
+        prepare_request_headers(&mut h, None, &conn, &strip, false, false);
+        assert_eq!(h[HOST], "app.example");
+        assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 10.1.2.3");
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert_eq!(h[&X_FORWARDED_HOST], "app.example");
+        assert!(!h.contains_key("x-session-id"));
+        assert!(!h.contains_key(EXPECT));
+
+        // An HTTP/2 client has no Host: its :authority is used; an h2 upstream gets none.
+        let authority: Authority = "h2.example:8443".parse().unwrap();
+        let mut h = HeaderMap::new();
+        prepare_request_headers(&mut h, Some(&authority), &conn, &[], false, false);
+        assert_eq!(h[HOST], "h2.example:8443");
+        let mut h = HeaderMap::new();
+        prepare_request_headers(&mut h, Some(&authority), &conn, &[], false, true);
+        assert!(!h.contains_key(HOST));
+        assert_eq!(h[&X_FORWARDED_HOST], "h2.example:8443");
+        assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3");
+    }
+
+    #[test]
+    fn builds_upstream_uri() {
+        let a = endpoint_authority("127.0.0.1:9001".parse().unwrap());
+        let uri = upstream_uri(a, Some(PathAndQuery::from_static("/x?y=1")));
+        assert_eq!(uri.to_string(), "http://127.0.0.1:9001/x?y=1");
+    }
+}

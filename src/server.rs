@@ -1,0 +1,221 @@
+//! `server::start`: wires config, backend, activator, proxy and admin listeners into a
+//! running server, and drains it on shutdown. `main` and integration tests both use it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::activation::Activator;
+use crate::admin::{self, AdminState};
+use crate::backend::{self, DynBackend};
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::proxy::{self, Proxy, TlsError};
+use crate::shutdown::{Phase, Shutdown};
+use crate::stats::TrafficStats;
+
+/// Upper bound on `SandboxBackend::shutdown` (killing child processes and the like).
+const BACKEND_SHUTDOWN_BOUND: Duration = Duration::from_secs(30);
+
+/// Why the server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration (or something it names, like a backend endpoint) is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A listener could not bind.
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StartError {
+    /// Invalid configuration (exit 64) rather than an environment problem.
+    pub fn is_config(&self) -> bool {
+        matches!(self, StartError::Config(_) | StartError::Tls(_))
+    }
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainOutcome {
+    /// Every connection and stream finished inside `proxy.drain_timeout`.
+    pub complete: bool,
+    /// Connections or streams still open when the window closed (and were cut).
+    pub cut: usize,
+}
+
+/// A started activator: bound listeners, background tasks, and the handles tests need.
+pub struct RunningServer {
+    proxy_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    activator: Arc<Activator>,
+    metrics: Arc<Metrics>,
+    backend: DynBackend,
+    stats: Arc<TrafficStats>,
+    shutdown: Shutdown,
+    drain_timeout: Duration,
+    proxy_task: JoinHandle<()>,
+    admin_task: JoinHandle<()>,
+}
+
+/// Binds both listeners, builds the backend and activator, and starts serving.
+/// `127.0.0.1:0` addresses work: ask the handle for the bound ones.
+pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+    let tls = config.tls.as_ref().map(proxy::tls_acceptor).transpose()?;
+    let proxy_listener = bind("listen", config.listen).await?;
+    let admin_listener = bind("admin_listen", config.admin_listen).await?;
+    let proxy_addr = local_addr("listen", &proxy_listener, config.listen)?;
+    let admin_addr = local_addr("admin_listen", &admin_listener, config.admin_listen)?;
+
+    let metrics = Arc::new(Metrics::new());
+    let stats = Arc::new(TrafficStats::new());
+    let backend = backend::build(&config, &metrics).await?;
+    let activator = Activator::new(&config, backend.clone(), metrics.clone());
+    activator.spawn_background();
+    let shutdown = Shutdown::new();
+
+    let proxy = Arc::new(Proxy::new(
+        &config,
+        activator.clone(),
+        &metrics,
+        stats.clone(),
+        shutdown.clone(),
+    ));
+    let proxy_config = config.proxy.clone();
+    let proxy_shutdown = shutdown.clone();
+    let proxy_task = tokio::spawn(async move {
+        proxy::serve(proxy_listener, tls, proxy, &proxy_config, proxy_shutdown).await;
+    });
+    let admin_state = Arc::new(AdminState {
+        activator: activator.clone(),
+        backend: backend.clone(),
+        metrics: metrics.clone(),
+        stats: stats.clone(),
+        shutdown: shutdown.clone(),
+        max_id_length: config.session.max_id_length,
+        retry_after: proxy::error::retry_after_value(config.activation.retry_after.as_duration()),
+    });
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
+    tracing::info!(%proxy_addr, %admin_addr, backend = backend.kind(), tls = config.tls.is_some(), "agent-activator listening");
+    Ok(RunningServer {
+        proxy_addr,
+        admin_addr,
+        activator,
+        metrics,
+        backend,
+        stats,
+        shutdown,
+        drain_timeout: config.proxy.drain_timeout.as_duration(),
+        proxy_task,
+        admin_task,
+    })
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { key, addr, source })
+}
+
+fn local_addr(
+    key: &'static str,
+    l: &TcpListener,
+    addr: SocketAddr,
+) -> Result<SocketAddr, StartError> {
+    l.local_addr()
+        .map_err(|source| StartError::Bind { key, addr, source })
+}
+
+impl RunningServer {
+    /// The bound proxy address.
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_addr
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn activator(&self) -> &Arc<Activator> {
+        &self.activator
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn backend(&self) -> &DynBackend {
+        &self.backend
+    }
+
+    pub fn stats(&self) -> &Arc<TrafficStats> {
+        &self.stats
+    }
+
+    /// The shutdown phase; `advance(Phase::Draining)` on a clone starts a drain that
+    /// [`RunningServer::wait`] then completes.
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// Drains now and waits for the drain to finish.
+    pub async fn shutdown(self) -> DrainOutcome {
+        self.shutdown.advance(Phase::Draining);
+        self.finish().await
+    }
+
+    /// Waits until a drain is started (by a handle or [`RunningServer::run_until`]) and
+    /// completes it.
+    pub async fn wait(self) -> DrainOutcome {
+        self.shutdown.reached(Phase::Draining).await;
+        self.finish().await
+    }
+
+    /// Serves until `signal` resolves (e.g. [`crate::shutdown::signal`]) or a drain is
+    /// started elsewhere, then drains.
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> DrainOutcome {
+        tokio::select! {
+            _ = signal => {}
+            _ = self.shutdown.reached(Phase::Draining) => {}
+        }
+        self.shutdown().await
+    }
+
+    /// Readiness 503 and listener closed (already), activations refused, in-flight
+    /// requests and streams drained within `proxy.drain_timeout`, then the backend stops.
+    async fn finish(self) -> DrainOutcome {
+        self.shutdown.advance(Phase::Draining);
+        self.activator.begin_shutdown();
+        let tracker = self.shutdown.tracker();
+        let complete = tokio::time::timeout(self.drain_timeout, tracker.idle())
+            .await
+            .is_ok();
+        let cut = tracker.count();
+        if complete {
+            tracing::info!("drain complete");
+        } else {
+            tracing::warn!(cut, "drain window over; closing what is left");
+        }
+        self.shutdown.advance(Phase::Closed);
+        if tokio::time::timeout(BACKEND_SHUTDOWN_BOUND, self.backend.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("backend shutdown did not finish within {BACKEND_SHUTDOWN_BOUND:?}");
+        }
+        let _ = self.proxy_task.await;
+        let _ = self.admin_task.await;
+        DrainOutcome { complete, cut }
+    }
+}
