@@ -102,7 +102,8 @@ async fn serve(
             .map(|(k, _)| k.clone())
             .collect();
         if !others.is_empty() {
-            s.overlaps.push(format!("{session} while {others:?} in flight"));
+            s.overlaps
+                .push(format!("{session} while {others:?} in flight"));
         }
         if s.runs.last() != Some(&session) {
             s.runs.push(session.clone());
@@ -116,7 +117,9 @@ async fn serve(
     if req.uri().query() == Some("slow") {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok(Response::new(Full::new(Bytes::from(addr.port().to_string()))))
+    Ok(Response::new(Full::new(Bytes::from(
+        addr.port().to_string(),
+    ))))
 }
 
 fn yaml(endpoints: &[SocketAddr], extra: &str) -> String {
@@ -124,6 +127,33 @@ fn yaml(endpoints: &[SocketAddr], extra: &str) -> String {
         "{}session:\n  max_sessions_per_sandbox: 1\n{extra}",
         support::static_backend(endpoints)
     )
+}
+
+/// Samples the session table until `stop`, failing on any moment where two active
+/// sessions are pinned to one sandbox.
+fn watch_table(
+    server: &agent_activator::server::RunningServer,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> JoinHandle<usize> {
+    let activator = server.activator().clone();
+    tokio::spawn(async move {
+        let mut samples = 0;
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            let mut pinned: Vec<String> = activator
+                .sessions()
+                .into_iter()
+                .filter(|s| s.state == "active")
+                .filter_map(|s| s.sandbox.map(|b| b.to_string()))
+                .collect();
+            let n = pinned.len();
+            pinned.sort();
+            pinned.dedup();
+            assert_eq!(pinned.len(), n, "two active sessions share a sandbox");
+            samples += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        samples
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,16 +166,20 @@ async fn hundred_sessions_race_for_ten_endpoints_never_sharing() {
         v
     };
     let addrs: Vec<SocketAddr> = upstreams.iter().map(|u| u.addr).collect();
+    // Sessions end by an admin release, so nothing here depends on timing.
     let server = support::start(&yaml(
         &addrs,
-        "  admission_timeout: 20s\nidle:\n  policy: release\n  timeout: 50ms\n  sweep_interval: 10ms\nactivation:\n  timeout: 5s\n",
+        "  admission_timeout: 60s\nidle:\n  timeout: 1h\nactivation:\n  timeout: 5s\n",
     ))
     .await;
-    let client = HttpClient::http1(server.proxy_addr());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = watch_table(&server, stop.clone());
+    let (proxy, admin) = (server.proxy_addr(), server.admin_addr());
     let mut sessions = Vec::new();
     for i in 0..100 {
-        let client = client.clone();
         sessions.push(tokio::spawn(async move {
+            // One client (connection pool) per session, as separate agents would have.
+            let client = HttpClient::http1(proxy);
             let id = format!("race-{i:03}");
             // A burst of concurrent requests, then a couple in sequence: all pinned.
             let burst: Vec<_> = (0..3)
@@ -164,18 +198,34 @@ async fn hundred_sessions_race_for_ten_endpoints_never_sharing() {
             for _ in 0..2 {
                 let r = client.get_session("/", &id).await;
                 assert_eq!(r.status, 200, "{id}: {}", r.text());
+                assert_eq!(r.header("x-activator-activation"), Some("none"));
                 ports.push(r.text());
             }
-            assert!(ports.iter().all(|p| *p == ports[0]), "{id} moved: {ports:?}");
+            assert!(
+                ports.iter().all(|p| *p == ports[0]),
+                "{id} moved: {ports:?}"
+            );
+            let released = HttpClient::http1(admin)
+                .send(
+                    HttpClient::http1(admin)
+                        .request("DELETE", &format!("/api/sessions/{id}"))
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                )
+                .await;
+            assert!(released.status.is_success(), "{id}: {}", released.text());
         }));
     }
-    tokio::time::timeout(Duration::from_secs(60), async {
+    // Each wait inside is bounded; this bounds the whole race.
+    tokio::time::timeout(Duration::from_secs(120), async {
         for s in sessions {
             s.await.unwrap();
         }
     })
     .await
     .expect("every session served");
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    assert!(watcher.await.unwrap() > 0);
     let mut total = 0;
     for u in &upstreams {
         let s = u.seen.lock().unwrap();
@@ -184,10 +234,22 @@ async fn hundred_sessions_race_for_ten_endpoints_never_sharing() {
         let mut distinct = s.runs.clone();
         distinct.sort();
         distinct.dedup();
-        assert_eq!(distinct.len(), s.runs.len(), "{}: interleaved {:?}", u.addr, s.runs);
+        assert_eq!(
+            distinct.len(),
+            s.runs.len(),
+            "{}: interleaved {:?}",
+            u.addr,
+            s.runs
+        );
         total += s.runs.len();
     }
     assert_eq!(total, 100, "each session served by exactly one upstream");
+    let claims = server
+        .metrics()
+        .activations_total
+        .with_label_values(&["claim", "ok"])
+        .get();
+    assert_eq!(claims, 100, "one claim per session");
     server.shutdown().await;
 }
 
@@ -233,7 +295,10 @@ async fn idle_release_frees_the_endpoint_for_a_new_session() {
     assert_eq!(second.text(), upstream.addr.port().to_string());
     assert_eq!(upstream.seen.lock().unwrap().runs, vec!["first", "second"]);
     let listed = admin.get("/api/sessions", &[]).await.json();
-    let listed = listed.as_array().cloned().or_else(|| listed["sessions"].as_array().cloned());
+    let listed = listed
+        .as_array()
+        .cloned()
+        .or_else(|| listed["sessions"].as_array().cloned());
     let listed = listed.expect("a list of sessions");
     let first = agent_activator::session::SessionKey::parse("first", 128)
         .unwrap()
