@@ -474,18 +474,34 @@ pub struct AutoscalerConfig {
     pub panic_threshold_percentage: f64,
     /// How often a decision is made.
     pub tick_interval: Dur,
+    /// At most this factor more sandboxes than are ready, per decision.
     pub max_scale_up_rate: f64,
+    /// At most this factor fewer sandboxes than are ready, per decision.
     pub max_scale_down_rate: f64,
+    /// Never fewer sandboxes than this.
     pub min_scale: u32,
-    /// 0 = unlimited.
+    /// Never more sandboxes than this; 0 = unlimited.
     pub max_scale: u32,
+    /// Sandboxes wanted at start until that many were ready once (or one stable window
+    /// passed).
     pub initial_scale: u32,
     /// A scale-down is applied only after the lower count held this long.
     pub scale_down_delay: Dur,
     /// Time at zero demand before the last sandbox is let go.
     pub scale_to_zero_grace: Dur,
-    /// Other activator replicas' admin addresses whose `/api/stats` the leader collects.
+    /// Coming up from zero, start with at least this many sandboxes (Knative
+    /// `activation-scale`).
+    pub activation_scale: u32,
+    /// Other activator replicas' admin addresses (`host:port`) whose `/api/stats` the
+    /// leader collects and sums. Every address a name resolves to is scraped, so a
+    /// headless Service name covers all replicas; the leader skips itself.
     pub peers: Vec<String>,
+    /// Bound on fetching one peer's `/api/stats`.
+    pub peer_timeout: Dur,
+    /// Kubernetes leader election: a leader that has not renewed the Lease for this long
+    /// is replaced. It stops deciding after two thirds of it without a renewal, so two
+    /// leaders never act at once.
+    pub lease_duration: Dur,
 }
 
 impl Default for AutoscalerConfig {
@@ -507,7 +523,10 @@ impl Default for AutoscalerConfig {
             initial_scale: 1,
             scale_down_delay: Dur::secs(0),
             scale_to_zero_grace: Dur::secs(30),
+            activation_scale: 1,
             peers: Vec::new(),
+            peer_timeout: Dur::secs(1),
+            lease_duration: Dur::secs(15),
         }
     }
 }

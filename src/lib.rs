@@ -13,6 +13,9 @@
 //! - [`admin`]: metrics, health and the session/sandbox API on a separate listener.
 //! - [`metrics`]: every Prometheus metric.
 //! - [`stats`]: traffic counters and windows that feed the autoscaler.
+//! - [`autoscaler`]: the scaling decision (Knative KPA semantics), its loop and leader
+//!   election.
+//! - [`schedule`]: cron-scheduled wake-up requests, each tick fired once.
 //! - [`shutdown`]: signal handling and graceful drain.
 //! - [`server`]: wires everything into a running server (`server::start`).
 //! - [`logging`]: tracing setup and the access log.
@@ -20,12 +23,14 @@
 
 pub mod activation;
 pub mod admin;
+pub mod autoscaler;
 pub mod backend;
 pub mod config;
 pub mod demo;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod schedule;
 pub mod server;
 pub mod session;
 pub mod shutdown;

@@ -80,6 +80,7 @@ pub struct Section {
     pub problems: Vec<String>,
     /// Measured wall time.
     pub seconds: f64,
+    /// Correct answers per second of `seconds`.
     pub throughput_rps: f64,
     /// Intended rate of an open-loop phase.
     pub rate: Option<f64>,
@@ -107,7 +108,7 @@ impl Section {
             problems: tally.samples.clone(),
             seconds,
             throughput_rps: if seconds > 0.0 {
-                tally.requests() as f64 / seconds
+                tally.ok as f64 / seconds
             } else {
                 0.0
             },

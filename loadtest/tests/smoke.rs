@@ -8,29 +8,28 @@ use serde_json::Value;
 
 use support::{DemoSandbox, run_direct, run_loadtest, section};
 
+/// A short `hot` run: 4 connections, 2 rounds of 0.5 s per phase.
+const SMALL_HOT: [&str; 8] = [
+    "--connections",
+    "4",
+    "--duration",
+    "1s",
+    "--rounds",
+    "2",
+    "--warmup",
+    "100ms",
+];
+
 #[test]
 fn hot_pins_every_session_on_two_direct_targets() {
     let a = DemoSandbox::start();
     let b = DemoSandbox::start();
-    let (code, report, out) = run_loadtest(&[
-        "hot",
-        "--target",
-        &format!("a={}", a.url()),
-        "--target",
-        &format!("b={}", b.url()),
-        "--sessions",
-        "8",
-        "--connections",
-        "4",
-        "--duration",
-        "1s",
-        "--rounds",
-        "2",
-        "--warmup",
-        "100ms",
-        "--pid",
-        &format!("a={}", a.pid()),
-    ]);
+    let (a_target, b_target) = (format!("a={}", a.url()), format!("b={}", b.url()));
+    let a_pid = format!("a={}", a.pid());
+    let mut args = vec!["hot", "--target", &a_target, "--target", &b_target];
+    args.extend(["--sessions", "8", "--pid", &a_pid]);
+    args.extend(SMALL_HOT);
+    let (code, report, out) = run_loadtest(&args);
     assert_eq!(code, 0, "{out}");
     assert_eq!(report["passed"], Value::Bool(true), "{out}");
     for t in ["a", "b"] {
@@ -139,4 +138,76 @@ fn refuses_a_target_off_loopback() {
     let (code, out) = support::run_raw(&["hot", "--target", "x=http://10.1.2.3:80"]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("not a loopback address"), "{out}");
+}
+
+/// The static backend over two demo sandboxes, shared by up to `per_sandbox` sessions.
+fn static_activator(sandboxes: &[&DemoSandbox], per_sandbox: u32) -> support::Activator {
+    let endpoints: String = sandboxes
+        .iter()
+        .map(|s| format!("    - {}\n", s.addr()))
+        .collect();
+    support::Activator::start(&format!(
+        "log:\n  level: warn\nsession:\n  max_sessions_per_sandbox: {per_sandbox}\n\
+         idle:\n  timeout: 1h\n  policy: keep\nbackend:\n  kind: static\n  endpoints:\n{endpoints}"
+    ))
+}
+
+#[test]
+fn hot_through_the_activator_keeps_sessions_on_their_sandbox() {
+    let a = DemoSandbox::start();
+    let b = DemoSandbox::start();
+    let act = static_activator(&[&a, &b], 100);
+    let (code, report, out) = run_loadtest(
+        &[
+            "hot",
+            "--target",
+            &format!("direct={}", a.url()),
+            "--target",
+            &format!("activator={}", act.url()),
+            "--admin",
+            &act.admin_url(),
+            "--activator-pid",
+            &act.pid().to_string(),
+            "--sessions",
+            "16",
+            "--sample-interval",
+            "100ms",
+        ]
+        .into_iter()
+        .chain(SMALL_HOT)
+        .collect::<Vec<_>>(),
+    );
+    assert_eq!(code, 0, "{out}");
+    for s in ["establish", "closed", "open", "verify"] {
+        let sec = section(&report, "activator", s);
+        assert_eq!(sec["errors"], 0, "{s}: {out}");
+        assert_eq!(sec["violations"], 0, "{s}: {out}");
+    }
+    assert!(
+        section(&report, "activator", "closed")["requests_per_cpu_second"].is_number(),
+        "{out}"
+    );
+    // The admin API was polled: the timeline shows both sandboxes bound.
+    let timeline = report["timeline"].as_array().unwrap();
+    assert!(
+        timeline.iter().any(|s| s["sandboxes"]["bound"] == 2),
+        "{out}"
+    );
+    assert!(report["admin_error"].is_null(), "{out}");
+    // Sixteen sessions spread over the two sandboxes, each seen by exactly one of them
+    // (the direct target also sent all sixteen to `a`, so count on `b`).
+    let on_b = b.state()["sessions_seen"].as_array().unwrap().len();
+    assert!(on_b > 0 && on_b < 16, "{on_b}");
+}
+
+#[test]
+fn storm_through_the_activator_gives_each_session_its_own_sandbox() {
+    let sandboxes: Vec<DemoSandbox> = (0..3).map(|_| DemoSandbox::start()).collect();
+    let act = static_activator(&sandboxes.iter().collect::<Vec<_>>(), 1);
+    let (code, report, out) = support::run_direct("storm", &act.url(), &["--sessions", "3"]);
+    assert_eq!(code, 0, "{out}");
+    let claim = section(&report, "direct", "claim");
+    assert_eq!(claim["ok"], 3, "{out}");
+    assert_eq!(claim["counts"]["sandboxes"], 3, "{out}");
+    assert_eq!(claim["counts"]["activation_claim"], 3, "{out}");
 }

@@ -98,13 +98,18 @@ impl Config {
         }
         self.validate_backend()?;
         self.validate_autoscaler()?;
+        let mut names = std::collections::BTreeSet::new();
         for (i, sched) in self.schedules.iter().enumerate() {
-            if sched.name.is_empty() {
+            if !names.insert(sched.name.as_str()) {
                 return Err(ConfigError::invalid(
                     format!("schedules[{i}].name"),
-                    "must not be empty",
+                    format!(
+                        "{:?} is used twice; names key the last fired tick",
+                        sched.name
+                    ),
                 ));
             }
+            sched.validate(i, self.session.max_id_length)?;
         }
         Ok(())
     }
@@ -173,6 +178,29 @@ impl Config {
                         "must be a TCP port",
                     ));
                 }
+                if b.kubernetes.activity_write_interval.as_duration()
+                    >= self.idle.timeout.as_duration()
+                {
+                    return Err(ConfigError::invalid(
+                        "backend.kubernetes.activity_write_interval",
+                        "must be shorter than idle.timeout, or a busy replica's stamp \
+                         could look idle to the others",
+                    ));
+                }
+                if b.kubernetes.claim_prefix.len() > 30
+                    || !b
+                        .kubernetes
+                        .claim_prefix
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    || b.kubernetes.claim_prefix.starts_with('-')
+                {
+                    return Err(ConfigError::invalid(
+                        "backend.kubernetes.claim_prefix",
+                        "must be at most 30 characters of a-z, 0-9 and '-', not starting \
+                         with '-' (claim names are DNS labels)",
+                    ));
+                }
             }
         }
         Ok(())
@@ -218,6 +246,32 @@ impl Config {
                 "autoscaler.min_scale",
                 "must not exceed autoscaler.max_scale",
             ));
+        }
+        if a.activation_scale == 0 {
+            return Err(ConfigError::invalid(
+                "autoscaler.activation_scale",
+                "must be at least 1",
+            ));
+        }
+        if a.peer_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "autoscaler.peer_timeout",
+                "must be greater than 0s",
+            ));
+        }
+        if a.lease_duration.as_duration() < Duration::from_secs(3) {
+            return Err(ConfigError::invalid(
+                "autoscaler.lease_duration",
+                "must be at least 3s",
+            ));
+        }
+        for (i, peer) in a.peers.iter().enumerate() {
+            if peer.parse::<http::uri::Authority>().is_err() || peer.rsplit_once(':').is_none() {
+                return Err(ConfigError::invalid(
+                    format!("autoscaler.peers[{i}]"),
+                    format!("{peer:?} is not host:port"),
+                ));
+            }
         }
         if a.stable_window.as_duration() < Duration::from_secs(6) {
             return Err(ConfigError::invalid(

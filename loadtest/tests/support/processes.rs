@@ -155,6 +155,72 @@ impl DemoSandbox {
     }
 }
 
+/// `agent-activator serve` on free loopback ports with the YAML `body` (everything but
+/// `listen` and `admin_listen`); killed on drop.
+pub struct Activator {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Activator {
+    /// Starts the activator and waits up to 30 s for both listeners.
+    pub fn start(body: &str) -> Activator {
+        let (addr, admin) = (free_addr(), free_addr());
+        let config = temp_file(
+            "activator.yaml",
+            &format!("listen: {addr}\nadmin_listen: {admin}\n{body}"),
+        );
+        let child = Command::new(activator_bin())
+            .args(["serve", "-c", config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn agent-activator serve");
+        let mut act = Activator { child, addr, admin };
+        for a in [addr, admin] {
+            let up = (0..300).any(|_| {
+                if TcpStream::connect_timeout(&a, Duration::from_millis(100)).is_ok() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                false
+            });
+            if !up {
+                let exited = act.child.try_wait().ok().flatten();
+                panic!("agent-activator not listening on {a} after 30 s (exit: {exited:?})");
+            }
+        }
+        act
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Activator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+}
+
 /// A blocking HTTP/1.1 GET with `Connection: close`, bounded by 10 s; returns the JSON body.
 pub fn http_get_json(addr: SocketAddr, path: &str) -> Value {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");

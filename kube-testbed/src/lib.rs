@@ -1,0 +1,214 @@
+//! kube-testbed: a test double of the Kubernetes REST API with a simulated sandbox controller.
+//!
+//! **This is not Kubernetes.** It speaks enough of the API server's HTTP protocol for a
+//! real `kube::Client` (discovery, get, list, watch with resourceVersion, bookmarks and
+//! 410 Gone, create, merge/JSON patch, replace with optimistic concurrency, delete,
+//! `/status` and `/scale`) over a generic in-memory store, and runs a controller that
+//! imitates agent-sandbox and OpenKruise with real local processes as pods.
+//!
+//! # Layout
+//!
+//! - [`store`]: resource types, objects, resourceVersions and the watch history.
+//! - [`http`]: the REST routes; [`discovery`]: discovery documents and `/scale`.
+//! - [`faults`]: error injection (fail next N requests, drop watches).
+//! - [`controller`]: warm pools, claim binding, suspend/resume, pod processes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub mod controller;
+pub mod discovery;
+pub mod faults;
+pub mod http;
+pub mod selector;
+pub mod store;
+
+pub use controller::{Controller, ControllerConfig, Flavour, PORT_ANNOTATION, PodInfo};
+pub use faults::Faults;
+pub use store::{ApiError, ResourceType, Store};
+
+/// How to start a [`Testbed`].
+#[derive(Debug, Clone)]
+pub struct TestbedOptions {
+    /// Where the API server listens; `127.0.0.1:0` picks a free port.
+    pub listen: SocketAddr,
+    /// Run the simulated controller with pods from this `agent-activator` binary.
+    /// `None`: API server only (objects just sit there).
+    pub activator_bin: Option<PathBuf>,
+    /// Simulated delay before a claim is bound.
+    pub bind_delay: Duration,
+    /// Bookmark period of idle watches that asked for bookmarks.
+    pub bookmark_interval: Duration,
+}
+
+impl Default for TestbedOptions {
+    fn default() -> Self {
+        TestbedOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            activator_bin: None,
+            bind_delay: Duration::from_millis(0),
+            bookmark_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A running API server (and controller). Stops everything, pods included, when dropped.
+pub struct Testbed {
+    pub store: Arc<Store>,
+    pub faults: Arc<Faults>,
+    pub controller: Option<Arc<Controller>>,
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+}
+
+impl Testbed {
+    /// Binds the listener, registers the default resource types and starts serving.
+    pub async fn start(opts: TestbedOptions) -> std::io::Result<Testbed> {
+        let listener = TcpListener::bind(opts.listen).await?;
+        let addr = listener.local_addr()?;
+        let store = Arc::new(Store::new());
+        register_defaults(&store);
+        let faults = Arc::new(Faults::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let shared = Arc::new(http::Shared {
+            store: store.clone(),
+            faults: faults.clone(),
+            bookmark_interval: opts.bookmark_interval,
+        });
+        tokio::spawn(http::serve(listener, shared, stop_rx.clone()));
+        let controller = opts.activator_bin.map(|bin| {
+            let c = Controller::new(
+                store.clone(),
+                ControllerConfig {
+                    activator_bin: bin,
+                    bind_delay: opts.bind_delay,
+                },
+            );
+            tokio::spawn(c.clone().run(stop_rx));
+            c
+        });
+        Ok(Testbed {
+            store,
+            faults,
+            controller,
+            addr,
+            stop,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig pointing at this server (no credentials), default namespace `namespace`.
+    pub fn kubeconfig(&self, namespace: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: kube-testbed\n  cluster:\n    server: {url}\n\
+             users:\n- name: kube-testbed\n  user: {{}}\ncontexts:\n- name: kube-testbed\n  context:\n    \
+             cluster: kube-testbed\n    user: kube-testbed\n    namespace: {namespace}\n\
+             current-context: kube-testbed\n",
+            url = self.url()
+        )
+    }
+
+    /// Pods currently running (empty without a controller).
+    pub fn pods(&self) -> Vec<PodInfo> {
+        self.controller
+            .as_ref()
+            .map(|c| c.pods())
+            .unwrap_or_default()
+    }
+
+    /// Index of the resource `kind` in `group`; panics on an unregistered type (tests).
+    pub fn resource(&self, group: &str, kind: &str) -> usize {
+        self.store
+            .find_kind(group, kind)
+            .unwrap_or_else(|| panic!("{group} {kind} is not registered"))
+    }
+
+    /// agent-sandbox fixtures: a SandboxTemplate and a SandboxWarmPool of `replicas`.
+    pub fn seed_agent_sandbox(&self, ns: &str, pool: &str, replicas: u32) -> Result<(), ApiError> {
+        let tpl = self.resource("extensions.agents.x-k8s.io", "SandboxTemplate");
+        self.store.create(
+            tpl,
+            ns,
+            json!({
+                "metadata": {"name": pool},
+                "spec": {"podTemplate": {"spec": {"containers": [{
+                    "name": "sandbox", "image": "agent-activator:dev",
+                    "args": ["demo-sandbox", "--port", "8080"],
+                }]}}},
+            }),
+        )?;
+        let wp = self.resource("extensions.agents.x-k8s.io", "SandboxWarmPool");
+        self.store.create(
+            wp,
+            ns,
+            json!({
+                "metadata": {"name": pool},
+                "spec": {"replicas": replicas, "sandboxTemplateRef": {"name": pool}},
+            }),
+        )?;
+        Ok(())
+    }
+
+    /// OpenKruise fixtures: a SandboxSet of `replicas`.
+    pub fn seed_openkruise(&self, ns: &str, set: &str, replicas: u32) -> Result<(), ApiError> {
+        let res = self.resource("agents.kruise.io", "SandboxSet");
+        self.store.create(
+            res,
+            ns,
+            json!({
+                "metadata": {"name": set},
+                "spec": {"replicas": replicas, "template": {"spec": {"containers": [{
+                    "name": "sandbox", "image": "agent-activator:dev",
+                }]}}},
+            }),
+        )?;
+        Ok(())
+    }
+
+    /// All objects of `kind` in `group` and namespace `ns`.
+    pub fn list(&self, group: &str, kind: &str, ns: &str) -> Vec<Value> {
+        let res = self.resource(group, kind);
+        let all = selector::Selector::default();
+        self.store.list(res, Some(ns), &all, &all).0
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// Registers agent-sandbox, OpenKruise and `coordination.k8s.io/v1` Lease resources.
+pub fn register_defaults(store: &Store) {
+    for f in Flavour::ALL {
+        for ty in f.types() {
+            store.register(ty);
+        }
+    }
+    let mut tpl = ResourceType::namespaced(
+        "extensions.agents.x-k8s.io",
+        "v1beta1",
+        "SandboxTemplate",
+        "sandboxtemplates",
+    );
+    tpl.status = false;
+    store.register(tpl);
+    let mut lease = ResourceType::namespaced("coordination.k8s.io", "v1", "Lease", "leases");
+    lease.status = false;
+    store.register(lease);
+}

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Side by side on the hot path: direct (one sandbox, the physical limit), agent-activator
+# (static backend), nginx (hash $http_x_session_id consistent) and HAProxy (stick table on
+# the session header), all in front of the same demo sandboxes on 127.0.0.1, with 1 worker
+# each and then 2. One `activator-loadtest hot` invocation per worker count runs all four
+# targets interleaved and writes JSON + HTML.
+#
+# Installs nothing. Needs nginx and HAProxy (Debian: apt-get install nginx haproxy).
+#
+# Environment: SANDBOXES (default 4), WORKERS (default "1 2"), SCENARIO (default
+# loadtest/scenarios/hot-compare.yaml), OUT (default target/loadtest-compare).
+# Extra arguments go to activator-loadtest, e.g. `compare.sh --duration 4s --rounds 2`.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+sandboxes=${SANDBOXES:-4}
+workers_list=${WORKERS:-"1 2"}
+scenario=${SCENARIO:-$root/loadtest/scenarios/hot-compare.yaml}
+out=${OUT:-$root/target/loadtest-compare}
+target_dir=${CARGO_TARGET_DIR:-$root/target}
+
+missing=()
+for bin in nginx haproxy; do
+    command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
+done
+if ((${#missing[@]})); then
+    echo "compare.sh: missing ${missing[*]}; install them with: apt-get install nginx haproxy" >&2
+    exit 1
+fi
+
+echo "building release binaries..." >&2
+(cd "$root" && cargo build --release --bin agent-activator --bin activator-loadtest) >&2
+activator=$target_dir/release/agent-activator
+loadtest=$target_dir/release/activator-loadtest
+
+run=$(mktemp -d "${TMPDIR:-/tmp}/activator-compare.XXXXXX")
+mkdir -p "$out"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do
+        kill "$p" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# A free loopback port: probe upwards from a per-run base.
+next_port=$((20000 + ($$ % 20000)))
+free_port() {
+    while (exec 3<>"/dev/tcp/127.0.0.1/$next_port") 2>/dev/null; do
+        next_port=$((next_port + 1))
+    done
+    echo "$next_port"
+    next_port=$((next_port + 1))
+}
+
+# Waits up to 10 s for a listener on 127.0.0.1:$1.
+wait_port() {
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "compare.sh: nothing listens on 127.0.0.1:$1 after 10 s ($2)" >&2
+    exit 1
+}
+
+# Demo sandboxes on ports the kernel picks; their `listening on` line gives the address.
+addrs=()
+for i in $(seq "$sandboxes"); do
+    "$activator" demo-sandbox --port 0 >"$run/sandbox-$i.out" 2>&1 &
+    pids+=($!)
+    sandbox_pids+=($!)
+    for _ in $(seq 100); do
+        grep -q "listening on" "$run/sandbox-$i.out" && break
+        sleep 0.1
+    done
+    addr=$(sed -n 's/^listening on //p' "$run/sandbox-$i.out" | head -1)
+    [[ -n $addr ]] || { echo "compare.sh: sandbox $i did not start" >&2; exit 1; }
+    addrs+=("$addr")
+done
+echo "sandboxes: ${addrs[*]}" >&2
+
+for workers in $workers_list; do
+    dir=$run/w$workers
+    mkdir -p "$dir"
+    act_port=$(free_port)
+    admin_port=$(free_port)
+    nginx_port=$(free_port)
+    haproxy_port=$(free_port)
+
+    endpoints=""
+    nginx_servers=""
+    haproxy_servers=""
+    for i in "${!addrs[@]}"; do
+        endpoints+="    - ${addrs[$i]}"$'\n'
+        nginx_servers+="        server ${addrs[$i]};"$'\n'
+        haproxy_servers+="    server s$i ${addrs[$i]}"$'\n'
+    done
+    fill() { # template output port extra-placeholder value
+        awk -v port="$3" -v admin="$admin_port" -v workers="$workers" -v dir="$dir" \
+            -v servers="$4" '
+            { gsub(/@PORT@/, port); gsub(/@ADMIN_PORT@/, admin); gsub(/@WORKERS@/, workers);
+              gsub(/@DIR@/, dir) }
+            /^@(SERVERS|ENDPOINTS)@$/ { printf "%s", servers; next }
+            { print }' "$1" >"$2"
+    }
+    fill "$here/activator.yaml.in" "$dir/activator.yaml" "$act_port" "$endpoints"
+    fill "$here/nginx.conf.in" "$dir/nginx.conf" "$nginx_port" "$nginx_servers"
+    fill "$here/haproxy.cfg.in" "$dir/haproxy.cfg" "$haproxy_port" "$haproxy_servers"
+
+    TOKIO_WORKER_THREADS=$workers "$activator" serve -c "$dir/activator.yaml" \
+        >"$dir/activator.log" 2>&1 &
+    act_pid=$!
+    pids+=($act_pid)
+    nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/nginx-error.log" >"$dir/nginx.log" 2>&1 &
+    nginx_pid=$!
+    pids+=($nginx_pid)
+    haproxy -f "$dir/haproxy.cfg" -db >"$dir/haproxy.log" 2>&1 &
+    haproxy_pid=$!
+    pids+=($haproxy_pid)
+    wait_port "$act_port" "agent-activator, see $dir/activator.log"
+    wait_port "$nginx_port" "nginx, see $dir/nginx-error.log"
+    wait_port "$haproxy_port" "haproxy, see $dir/haproxy.log"
+    nginx_workers=$(pgrep -P "$nginx_pid" | paste -sd, -)
+
+    echo "== $workers worker(s): direct, activator, nginx, haproxy ==" >&2
+    status=0
+    timeout 1800 "$loadtest" hot --scenario "$scenario" \
+        --target "direct=http://${addrs[0]}" \
+        --target "activator=http://127.0.0.1:$act_port" \
+        --target "nginx=http://127.0.0.1:$nginx_port" \
+        --target "haproxy=http://127.0.0.1:$haproxy_port" \
+        --admin "http://127.0.0.1:$admin_port" \
+        --activator-pid "$act_pid" \
+        --pid "direct=${sandbox_pids[0]}" \
+        --pid "nginx=$nginx_pid${nginx_workers:+,$nginx_workers}" \
+        --pid "haproxy=$haproxy_pid" \
+        --json "$out/compare-w$workers.json" --html "$out/compare-w$workers.html" \
+        "$@" || status=$?
+    echo "wrote $out/compare-w$workers.json and .html (exit $status)" >&2
+
+    kill "$act_pid" "$nginx_pid" "$haproxy_pid" 2>/dev/null || true
+    wait "$act_pid" "$nginx_pid" "$haproxy_pid" 2>/dev/null || true
+    [[ $status -eq 0 ]] || exit "$status"
+done

@@ -1,0 +1,223 @@
+//! The Agent Pod Autoscaler: a pure [`decide`] with Knative KPA semantics, and the loop
+//! that feeds it every `tick_interval` and applies its output through the backend.
+//!
+//! Only the leading replica decides ([`Leadership`]): a Kubernetes Lease with the
+//! Kubernetes backend ([`lease::LeaseElector`]), otherwise the single process
+//! ([`SoleReplica`]). The leader sums its own stats with every peer's `GET /api/stats`
+//! (Knative's autoscaler scraping activators). Followers export
+//! `activator_desired_sandboxes 0`, so `max()` over replicas is the decision.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::backend::{DynBackend, SandboxState};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::stats::StatsSampler;
+
+mod decide;
+pub mod lease;
+mod peers;
+mod scaling;
+
+pub use decide::{Decision, Inputs, ScalerState, decide, pool_target};
+pub use peers::PeerCollector;
+pub use scaling::{SCHEDULE_STATE_FILE, Scaling, ScalingDeps};
+
+/// Who may decide (and fire schedules). Implementations answer from memory, never block.
+pub trait Leadership: Send + Sync + 'static {
+    /// True while this replica holds leadership and may act on it.
+    fn is_leader(&self) -> bool;
+}
+
+/// The only replica: always the leader.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SoleReplica;
+
+impl Leadership for SoleReplica {
+    fn is_leader(&self) -> bool {
+        true
+    }
+}
+
+/// The running autoscaler: decision state plus what it needs to observe and act.
+pub struct Autoscaler {
+    config: Config,
+    sampler: Arc<StatsSampler>,
+    backend: DynBackend,
+    metrics: Arc<Metrics>,
+    leader: Arc<dyn Leadership>,
+    peers: PeerCollector,
+    // A std mutex: held only inside `decide`, never across an await.
+    state: Mutex<LoopState>,
+}
+
+#[derive(Default)]
+struct LoopState {
+    scaler: ScalerState,
+    /// The pool target last applied successfully.
+    applied: Option<u32>,
+}
+
+/// What one step did, for logs and tests.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Not the leader: nothing decided.
+    Follower,
+    /// Decided; `applied` is the pool target sent to the backend, if any was sent.
+    Decided {
+        decision: Decision,
+        applied: Option<u32>,
+    },
+}
+
+impl Autoscaler {
+    pub fn new(
+        config: &Config,
+        sampler: Arc<StatsSampler>,
+        backend: DynBackend,
+        metrics: Arc<Metrics>,
+        leader: Arc<dyn Leadership>,
+    ) -> Arc<Autoscaler> {
+        let peers = PeerCollector::new(
+            config.autoscaler.peers.clone(),
+            config.autoscaler.peer_timeout.as_duration(),
+        );
+        Arc::new(Autoscaler {
+            config: config.clone(),
+            sampler,
+            backend,
+            metrics,
+            leader,
+            peers,
+            state: Mutex::new(LoopState::default()),
+        })
+    }
+
+    /// This replica's identity in `/api/stats` (peers skip themselves by it).
+    pub fn replica_id(&self) -> &str {
+        self.peers.own_id()
+    }
+
+    /// `GET /api/stats`: this replica's signals right now.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let mut snapshot = self.sampler.current();
+        snapshot.replica_id = self.peers.own_id().to_owned();
+        serde_json::to_value(snapshot).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Runs [`Self::step`] every `tick_interval`, and at once when the first request
+    /// arrives while the decision is zero.
+    pub fn spawn(self: &Arc<Self>) -> JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let period = this.config.autoscaler.tick_interval.as_duration();
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            let wake = this.sampler.traffic().wake();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = wake.notified() => {
+                        tracing::debug!("first request at zero: deciding now");
+                    }
+                }
+                this.step(Instant::now()).await;
+            }
+        })
+    }
+
+    /// One decision: gather signals, decide, export, and apply when configured.
+    pub async fn step(&self, now: Instant) -> Step {
+        let leading = self.leader.is_leader();
+        self.metrics.autoscaler_leader.set(i64::from(leading));
+        if !leading {
+            self.metrics.desired_sandboxes.set(0);
+            self.metrics.panic_mode.set(0);
+            // A future leadership starts from a clean slate, as a new Knative decider.
+            *self.lock() = LoopState::default();
+            return Step::Follower;
+        }
+        let mut stats = self.sampler.current();
+        for peer in self.peers.collect().await {
+            stats.add(&peer);
+        }
+        let (ready, bound) = self.sandbox_counts();
+        let inputs = Inputs {
+            now,
+            stats,
+            ready,
+            warm_pool: self.config.backend.warm_pool,
+            sessions_per_sandbox: self.config.session.max_sessions_per_sandbox,
+        };
+        let (decision, to_apply) = {
+            let mut st = self.lock();
+            let decision = decide(&mut st.scaler, &inputs, &self.config.autoscaler);
+            let target = pool_target(decision.desired, bound);
+            let to_apply =
+                (self.config.autoscaler.apply && st.applied != Some(target)).then_some(target);
+            (decision, to_apply)
+        };
+        self.metrics
+            .desired_sandboxes
+            .set(i64::from(decision.desired));
+        self.metrics.panic_mode.set(i64::from(decision.panic));
+        // Arm the immediate wake-up while the decision is zero.
+        self.sampler.traffic().set_at_zero(decision.desired == 0);
+        tracing::debug!(?decision, ready, bound, "autoscaler decision");
+        let mut applied = None;
+        if let Some(target) = to_apply {
+            // Leadership is re-checked right before acting: a leader that lost its
+            // Lease while collecting stats does not apply.
+            if self.leader.is_leader() {
+                applied = self.apply(target).await;
+            }
+        }
+        Step::Decided { decision, applied }
+    }
+
+    async fn apply(&self, target: u32) -> Option<u32> {
+        let bound = self
+            .config
+            .autoscaler
+            .tick_interval
+            .as_duration()
+            .max(Duration::from_secs(5));
+        match tokio::time::timeout(bound, self.backend.set_warm_pool_target(target)).await {
+            Ok(Ok(())) => {
+                tracing::info!(target, "warm pool target applied");
+                self.lock().applied = Some(target);
+                Some(target)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(target, error = %e, "cannot apply the warm pool target");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    target,
+                    "applying the warm pool target timed out after {bound:?}"
+                );
+                None
+            }
+        }
+    }
+
+    /// (ready, bound): running sandboxes able to take traffic, and those bound to sessions.
+    fn sandbox_counts(&self) -> (u32, u32) {
+        let sandboxes = self.backend.sandboxes();
+        let count = |s: SandboxState| sandboxes.iter().filter(|i| i.state == s).count() as u32;
+        let bound = count(SandboxState::Bound);
+        (bound + count(SandboxState::Warm), bound)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LoopState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,100 @@
+//! `PeerCollector`: the leader fetches every other replica's `GET /api/stats`.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::stats::StatsSnapshot;
+
+/// Largest `/api/stats` body accepted from a peer.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Scrapes the configured peers; a peer that fails is logged and left out of the sum.
+pub struct PeerCollector {
+    peers: Vec<String>,
+    timeout: Duration,
+    own_id: String,
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl PeerCollector {
+    /// `peers` are `host:port` admin addresses; every address a name resolves to counts.
+    pub fn new(peers: Vec<String>, timeout: Duration) -> PeerCollector {
+        let id: [u8; 8] = rand::random();
+        PeerCollector {
+            peers,
+            timeout,
+            own_id: hex::encode(id),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// This process's replica ID.
+    pub fn own_id(&self) -> &str {
+        &self.own_id
+    }
+
+    /// Every reachable peer's snapshot except this replica's own. Takes at most about two
+    /// `peer_timeout`s (resolve, then fetch, each bounded).
+    pub async fn collect(&self) -> Vec<StatsSnapshot> {
+        if self.peers.is_empty() {
+            return Vec::new();
+        }
+        let resolved = join_all(self.peers.iter().map(|p| self.resolve(p))).await;
+        let addrs: BTreeSet<SocketAddr> = resolved.into_iter().flatten().collect();
+        let fetched = join_all(addrs.iter().map(|a| self.fetch(*a))).await;
+        fetched
+            .into_iter()
+            .flatten()
+            .filter(|s| s.replica_id != self.own_id)
+            .collect()
+    }
+
+    async fn resolve(&self, peer: &str) -> Vec<SocketAddr> {
+        match tokio::time::timeout(self.timeout, tokio::net::lookup_host(peer)).await {
+            Ok(Ok(addrs)) => addrs.collect(),
+            Ok(Err(e)) => {
+                tracing::warn!(peer, error = %e, "cannot resolve autoscaler peer");
+                Vec::new()
+            }
+            Err(_) => {
+                tracing::warn!(peer, "resolving autoscaler peer timed out");
+                Vec::new()
+            }
+        }
+    }
+
+    async fn fetch(&self, addr: SocketAddr) -> Option<StatsSnapshot> {
+        let uri: http::Uri = format!("http://{addr}/api/stats").parse().ok()?;
+        let exchange = async {
+            let resp = self.client.get(uri).await.map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(format!("status {}", resp.status()));
+            }
+            let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            serde_json::from_slice::<StatsSnapshot>(&body).map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(Ok(snapshot)) => Some(snapshot),
+            Ok(Err(e)) => {
+                tracing::warn!(%addr, error = %e, "cannot collect peer stats");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(%addr, "collecting peer stats timed out");
+                None
+            }
+        }
+    }
+}

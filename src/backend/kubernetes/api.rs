@@ -1,0 +1,86 @@
+//! `ApiSet`: the typed-by-flavour API handles and the one fenced write every update uses
+//! (read, patch with the read resourceVersion, re-read and retry on 409 Conflict).
+
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use super::flavour::Flavour;
+use super::retry::{self, Failure};
+use crate::backend::{BackendError, SandboxId};
+
+/// Field manager recorded on every write.
+pub const FIELD_MANAGER: &str = "agent-activator";
+
+/// Namespaced API handles for claims, sandboxes and the warm pool.
+#[derive(Clone)]
+pub struct ApiSet {
+    pub flavour: Flavour,
+    pub claims: Api<DynamicObject>,
+    pub sandboxes: Api<DynamicObject>,
+    pub pools: Api<DynamicObject>,
+}
+
+/// What a fenced update decided after reading the object.
+pub enum Decision {
+    /// Write this merge patch (the resourceVersion is added).
+    Patch(Value),
+    /// Nothing to write.
+    Skip,
+}
+
+impl ApiSet {
+    pub fn new(client: kube::Client, namespace: &str, flavour: Flavour) -> ApiSet {
+        ApiSet {
+            flavour,
+            claims: Api::namespaced_with(client.clone(), namespace, &flavour.claim_resource()),
+            sandboxes: Api::namespaced_with(client.clone(), namespace, &flavour.sandbox_resource()),
+            pools: Api::namespaced_with(client, namespace, &flavour.pool_resource()),
+        }
+    }
+
+    /// Reads `name` fresh from the API server, decides, and writes the decision as a merge
+    /// patch carrying the read resourceVersion (a precondition on the server). A 409
+    /// Conflict means someone wrote in between: read again and decide again. Transient
+    /// failures are retried until `deadline`. 404 -> [`BackendError::Lost`].
+    pub async fn patch_fenced(
+        &self,
+        api: &Api<DynamicObject>,
+        name: &str,
+        deadline: Instant,
+        mut decide: impl FnMut(&DynamicObject) -> Result<Decision, BackendError>,
+    ) -> Result<DynamicObject, BackendError> {
+        let started = Instant::now();
+        let what = format!("update {}/{name}", api.resource_url());
+        loop {
+            let current = match retry::call(deadline, || api.get(name)).await {
+                Ok(o) => o,
+                Err(Some(e)) if retry::classify(&e) == Failure::NotFound => {
+                    return Err(BackendError::Lost(SandboxId::new(name)));
+                }
+                Err(e) => return Err(retry::fail(&what, started, e)),
+            };
+            let mut patch = match decide(&current)? {
+                Decision::Skip => return Ok(current),
+                Decision::Patch(p) => p,
+            };
+            patch["metadata"]["resourceVersion"] = json!(current.metadata.resource_version);
+            let pp = PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PatchParams::default()
+            };
+            let patch = Patch::Merge(patch);
+            match retry::call(deadline, || api.patch(name, &pp, &patch)).await {
+                Ok(o) => return Ok(o),
+                Err(Some(e)) if retry::classify(&e) == Failure::Conflict => {
+                    tracing::debug!("{what}: conflict, re-reading");
+                    continue;
+                }
+                Err(Some(e)) if retry::classify(&e) == Failure::NotFound => {
+                    return Err(BackendError::Lost(SandboxId::new(name)));
+                }
+                Err(e) => return Err(retry::fail(&what, started, e)),
+            }
+        }
+    }
+}
