@@ -72,27 +72,7 @@ impl KubernetesBackend {
     /// account, else `KUBECONFIG` / `~/.kube/config`, and starts the watches.
     pub async fn connect(config: &Config) -> Result<KubernetesBackend, ConfigError> {
         let k = &config.backend.kubernetes;
-        let kcfg = match &k.kubeconfig {
-            Some(path) => {
-                let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| {
-                    ConfigError::invalid("backend.kubernetes.kubeconfig", e.to_string())
-                })?;
-                kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                    .await
-                    .map_err(|e| {
-                        ConfigError::invalid("backend.kubernetes.kubeconfig", e.to_string())
-                    })?
-            }
-            None => match kube::Config::incluster() {
-                Ok(c) => c,
-                Err(_) => kube::Config::infer().await.map_err(|e| {
-                    ConfigError::invalid(
-                        "backend.kubernetes.kubeconfig",
-                        format!("not in a cluster and no usable kubeconfig: {e}"),
-                    )
-                })?,
-            },
-        };
+        let kcfg = client_config(k.kubeconfig.as_deref()).await?;
         let namespace = k
             .namespace
             .clone()
@@ -521,6 +501,32 @@ impl Drop for KubernetesBackend {
         for w in &self.watchers {
             w.abort();
         }
+    }
+}
+
+/// The client configuration `backend.kubernetes.kubeconfig` asks for: that file, else the
+/// in-cluster service account, else `KUBECONFIG` / `~/.kube/config`. Errors name the key.
+pub async fn client_config(
+    kubeconfig: Option<&std::path::Path>,
+) -> Result<kube::Config, ConfigError> {
+    let key = "backend.kubernetes.kubeconfig";
+    match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| ConfigError::invalid(key, e.to_string()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| ConfigError::invalid(key, e.to_string()))
+        }
+        None => match kube::Config::incluster() {
+            Ok(c) => Ok(c),
+            Err(_) => kube::Config::infer().await.map_err(|e| {
+                ConfigError::invalid(
+                    key,
+                    format!("not in a cluster and no usable kubeconfig: {e}"),
+                )
+            }),
+        },
     }
 }
 
