@@ -25,6 +25,8 @@ use tokio::task::JoinHandle;
 use agent_activator::config::Config;
 use agent_activator::server::{self, RunningServer};
 
+pub mod procs;
+
 /// Every wait in a test is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
 
