@@ -21,9 +21,11 @@ use crate::stats::StatsSampler;
 mod decide;
 pub mod lease;
 mod peers;
+mod scaling;
 
 pub use decide::{Decision, Inputs, ScalerState, decide, pool_target};
 pub use peers::PeerCollector;
+pub use scaling::{SCHEDULE_STATE_FILE, Scaling, ScalingDeps};
 
 /// Who may decide (and fire schedules). Implementations answer from memory, never block.
 pub trait Leadership: Send + Sync + 'static {

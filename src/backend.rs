@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::session::SessionKey;
 
 pub mod kubernetes;
+pub mod process;
 pub mod static_set;
 
 /// A backend-unique sandbox name (process: `sbx-<n>`, Kubernetes: the Sandbox's name).
@@ -266,18 +267,15 @@ pub type DynBackend = Arc<dyn SandboxBackend>;
 /// Builds the backend named by `backend.kind`. Problems name the offending key.
 pub async fn build(
     config: &crate::config::Config,
-    _metrics: &Arc<crate::metrics::Metrics>,
+    metrics: &Arc<crate::metrics::Metrics>,
 ) -> Result<DynBackend, crate::config::ConfigError> {
-    use crate::config::{BackendKind, ConfigError};
+    use crate::config::BackendKind;
     match config.backend.kind {
         BackendKind::Static => Ok(Arc::new(static_set::StaticBackend::new(
             &config.backend.endpoints,
             config.session.max_sessions_per_sandbox,
         )?)),
-        BackendKind::Process => Err(ConfigError::invalid(
-            "backend.kind",
-            "process backend: being built",
-        )),
+        BackendKind::Process => Ok(process::build(config, metrics).await?),
         BackendKind::Kubernetes => Ok(Arc::new(
             kubernetes::KubernetesBackend::connect(config).await?,
         )),

@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 
 use crate::activation::Activator;
 use crate::admin::{self, AdminState};
+use crate::autoscaler::{Scaling, ScalingDeps};
 use crate::backend::{self, DynBackend};
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
@@ -62,6 +63,7 @@ pub struct RunningServer {
     metrics: Arc<Metrics>,
     backend: DynBackend,
     stats: Arc<TrafficStats>,
+    scaling: Scaling,
     shutdown: Shutdown,
     drain_timeout: Duration,
     proxy_task: JoinHandle<()>,
@@ -96,6 +98,17 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let proxy_task = tokio::spawn(async move {
         proxy::serve(proxy_listener, tls, proxy, &proxy_config, proxy_shutdown).await;
     });
+    let scaling = Scaling::start(
+        &config,
+        ScalingDeps {
+            stats: stats.clone(),
+            activator: activator.clone(),
+            backend: backend.clone(),
+            metrics: metrics.clone(),
+            proxy_addr,
+        },
+    )
+    .await?;
     let admin_state = Arc::new(AdminState {
         activator: activator.clone(),
         backend: backend.clone(),
@@ -104,6 +117,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         shutdown: shutdown.clone(),
         max_id_length: config.session.max_id_length,
         retry_after: proxy::error::retry_after_value(config.activation.retry_after.as_duration()),
+        autoscaler: scaling.autoscaler().clone(),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
     tracing::info!(%proxy_addr, %admin_addr, backend = backend.kind(), tls = config.tls.is_some(), "agent-activator listening");
@@ -114,6 +128,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         metrics,
         backend,
         stats,
+        scaling,
         shutdown,
         drain_timeout: config.proxy.drain_timeout.as_duration(),
         proxy_task,
@@ -208,6 +223,7 @@ impl RunningServer {
             tracing::warn!(cut, "drain window over; closing what is left");
         }
         self.shutdown.advance(Phase::Closed);
+        self.scaling.stop().await;
         if tokio::time::timeout(BACKEND_SHUTDOWN_BOUND, self.backend.shutdown())
             .await
             .is_err()

@@ -1,0 +1,295 @@
+//! One sandbox child process: argv templating, spawning (own process group, parent-death
+//! signal, cgroup placement before `exec`), readiness probing, and group signals.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::runtime::Handle;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+use crate::backend::BackendError;
+
+/// How a sandbox is launched: `backend.command`, `backend.env`, `backend.ready_path`.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// argv with `{port}` and `{self}` placeholders.
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub ready_path: String,
+    /// What `{self}` stands for: the activator's own executable.
+    pub self_exe: PathBuf,
+}
+
+impl LaunchSpec {
+    /// The argv with placeholders replaced.
+    pub fn render(&self, port: u16) -> Vec<String> {
+        let exe = self.self_exe.to_string_lossy();
+        self.argv
+            .iter()
+            .map(|a| {
+                a.replace("{port}", &port.to_string())
+                    .replace("{self}", &exe)
+            })
+            .collect()
+    }
+}
+
+/// The exit of a child as text (`exit status: 1`, `signal: 9 (SIGKILL)`); `None` while it runs.
+pub type ExitWatch = watch::Receiver<Option<String>>;
+
+/// A started (not necessarily ready) child.
+pub struct Launched {
+    pub pid: u32,
+    /// Fires once with a description of how the child ended.
+    pub exit: ExitWatch,
+}
+
+/// Picks a free TCP port on 127.0.0.1 by binding port 0 and releasing it. The kernel picks
+/// ephemeral ports at random, so a collision with another picker before the child binds
+/// is unlikely; if it happens the child fails to bind, exits, and the start fails cleanly.
+pub fn pick_port() -> Result<u16, BackendError> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| BackendError::StartFailed(format!("no free port on 127.0.0.1: {e}")))
+}
+
+/// Starts the child of one sandbox in `workdir`, with stdout/stderr to files there.
+/// `cgroup_procs` is the sandbox cgroup's `cgroup.procs`, written by the child itself before
+/// `exec` so that its whole tree lives in the cgroup from the first instruction.
+pub async fn launch(
+    spec: &LaunchSpec,
+    port: u16,
+    workdir: &Path,
+    cgroup_procs: Option<File>,
+) -> Result<Launched, BackendError> {
+    let argv = spec.render(port);
+    let io = |name: &str| {
+        File::create(workdir.join(name)).map_err(|e| {
+            BackendError::StartFailed(format!("cannot create {}: {e}", workdir.display()))
+        })
+    };
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .envs(&spec.env)
+        .env("PORT", port.to_string())
+        .current_dir(workdir)
+        .stdin(Stdio::null())
+        .stdout(io("stdout.log")?)
+        .stderr(io("stderr.log")?)
+        // A new process group (pgid = pid) so signals reach the whole tree.
+        .process_group(0)
+        // Backstop: if the task owning the child is dropped (runtime shutdown), kill it.
+        .kill_on_drop(true);
+    let parent = Pid::this();
+    let procs_fd = cgroup_procs.as_ref().map(|f| f.as_raw_fd());
+    // SAFETY: the closure runs in the forked child before `exec`, where only
+    // async-signal-safe operations are allowed. It performs exactly three raw syscalls
+    // through nix's thin wrappers, none of which allocates, locks, or touches state shared
+    // with other threads: prctl(PR_SET_PDEATHSIG), getppid() and write(2) on a descriptor
+    // that the parent keeps open until `spawn` returns (so it is valid in the child).
+    // Errors are built from errno without allocating (`io::Error::from_raw_os_error`).
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+                .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
+            // The parent may have died between fork and prctl: then no signal will come.
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc_esrch()));
+            }
+            if let Some(fd) = procs_fd {
+                // "0" moves the writing process (this child) into the cgroup.
+                nix::unistd::write(BorrowedFd::borrow_raw(fd), b"0")
+                    .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
+            }
+            Ok(())
+        });
+    }
+    let handle = Handle::current();
+    let mut child = on_spawner_thread(move || {
+        let _runtime = handle.enter();
+        cmd.spawn()
+    })
+    .await
+    .map_err(|e| BackendError::StartFailed(format!("cannot run {:?}: {e}", argv[0])))?;
+    drop(cgroup_procs);
+    let pid = child
+        .id()
+        .ok_or_else(|| BackendError::StartFailed("child exited before its pid was read".into()))?;
+    let (tx, exit) = watch::channel(None);
+    tokio::spawn(async move {
+        let how = match child.wait().await {
+            Ok(status) => status.to_string(),
+            Err(e) => format!("wait failed: {e}"),
+        };
+        let _ = tx.send(Some(how));
+    });
+    Ok(Launched { pid, exit })
+}
+
+/// ESRCH ("no such process"): the parent is gone. A const so no lookup happens in the child.
+const fn libc_esrch() -> i32 {
+    nix::errno::Errno::ESRCH as i32
+}
+
+type SpawnJob = Box<dyn FnOnce() + Send>;
+
+/// Runs `job` on the process-wide spawner thread and returns its result.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the process.
+/// Tokio worker and blocking-pool threads come and go (blocking threads idle out after
+/// 10 s), so a child forked from one of them would be killed at a random moment. The
+/// spawner thread is started once and never exits, so the signal fires exactly when the
+/// activator process dies.
+async fn on_spawner_thread<T: Send + 'static>(
+    job: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    static SPAWNER: OnceLock<std::sync::Mutex<mpsc::Sender<SpawnJob>>> = OnceLock::new();
+    let sender = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnJob>();
+        std::thread::Builder::new()
+            .name("sandbox-spawner".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })
+            .expect("start the sandbox spawner thread");
+        std::sync::Mutex::new(tx)
+    });
+    let (tx, rx) = oneshot::channel();
+    let wrapped: SpawnJob = Box::new(move || {
+        let _ = tx.send(job());
+    });
+    sender
+        .lock()
+        .map_err(|_| std::io::Error::other("spawner lock poisoned"))?
+        .send(wrapped)
+        .map_err(|_| std::io::Error::other("spawner thread is gone"))?;
+    rx.await
+        .map_err(|_| std::io::Error::other("spawner dropped the job"))?
+}
+
+/// Polls `GET ready_path` until it answers 2xx, the child exits, or `deadline` passes.
+pub async fn wait_ready(
+    endpoint: SocketAddr,
+    ready_path: &str,
+    exit: &mut ExitWatch,
+    workdir: &Path,
+    deadline: Instant,
+    budget: Duration,
+) -> Result<(), BackendError> {
+    let mut delay = Duration::from_millis(1);
+    loop {
+        if let Some(how) = exit.borrow().clone() {
+            return Err(BackendError::StartFailed(format!(
+                "exited before ready ({how}); stderr: {}",
+                stderr_tail(workdir)
+            )));
+        }
+        let attempt_end = deadline.min(Instant::now() + Duration::from_secs(1));
+        if let Ok(Ok(true)) =
+            tokio::time::timeout_at(attempt_end, probe(endpoint, ready_path)).await
+        {
+            return Ok(());
+        }
+        let wake = deadline.min(Instant::now() + delay);
+        if Instant::now() >= deadline {
+            return Err(BackendError::Timeout(budget));
+        }
+        // Wake early if the child exits meanwhile.
+        let _ = tokio::time::timeout_at(wake, exit.changed()).await;
+        delay = (delay * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// One readiness probe: true on a 2xx answer.
+async fn probe(
+    endpoint: SocketAddr,
+    path: &str,
+) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+    let stream = tokio::net::TcpStream::connect(endpoint).await?;
+    stream.set_nodelay(true)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header(http::header::HOST, endpoint.to_string())
+        .body(Empty::<bytes::Bytes>::new())?;
+    Ok(sender.send_request(req).await?.status().is_success())
+}
+
+/// The last ~1 KiB of the child's stderr, for error messages.
+pub fn stderr_tail(workdir: &Path) -> String {
+    const TAIL: u64 = 1024;
+    let Ok(mut f) = File::open(workdir.join("stderr.log")) else {
+        return String::from("(none)");
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).trim().to_string();
+    if text.is_empty() {
+        "(empty)".into()
+    } else {
+        text
+    }
+}
+
+/// Sends `signal` to the process group led by `pid`. A group that is already gone is fine.
+pub fn signal_group(pid: u32, signal: Signal) {
+    let Ok(raw) = i32::try_from(pid) else { return };
+    if let Err(e) = killpg(Pid::from_raw(raw), signal)
+        && e != nix::errno::Errno::ESRCH
+    {
+        tracing::warn!(pid, ?signal, error = %e, "signalling sandbox process group failed");
+    }
+}
+
+/// The fields of `/proc/PID/stat` after the command name, starting at field 3 (state).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces; the state follows it.
+    let after = &stat[stat.rfind(')')? + 1..];
+    Some(after.split_whitespace().map(str::to_owned).collect())
+}
+
+/// Scheduler states of the processes in the group led by `leader` (the leader included).
+/// Scans `/proc`: fine for pause and release, which are not on the request path.
+fn group_states(leader: u32) -> Vec<char> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let pgid = leader.to_string();
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(stat_fields)
+        // Field 5 (index 2 here) is the process group.
+        .filter(|f| f.get(2) == Some(&pgid))
+        .filter_map(|f| f.first()?.chars().next())
+        .collect()
+}
+
+/// True when every process of the group led by `leader` is stopped (`T`) or exited (`Z`).
+pub fn group_stopped(leader: u32) -> bool {
+    group_states(leader).iter().all(|s| matches!(s, 'T' | 'Z'))
+}
+
+/// True when no process of the group led by `leader` is left (zombies are exited).
+pub fn group_gone(leader: u32) -> bool {
+    group_states(leader).iter().all(|&s| s == 'Z')
+}

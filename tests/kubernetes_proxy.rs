@@ -1,0 +1,90 @@
+//! The whole Kubernetes path: client -> activator proxy -> kube backend -> kube-testbed ->
+//! demo-sandbox pods. Requests buffered during a resume are each served exactly once;
+//! two activator replicas route one session to one sandbox.
+
+#[path = "support/kube.rs"]
+mod kube_support;
+
+use std::time::Duration;
+
+use agent_activator::server;
+use kube_support::*;
+
+/// Starts an activator whose kubernetes backend reads a kubeconfig for `tb`.
+async fn activator(tb: &kube_testbed::Testbed, name: &str) -> server::RunningServer {
+    let path = std::env::temp_dir().join(format!(
+        "aa-kube-{}-{}-{name}.yaml",
+        std::process::id(),
+        tb.addr().port()
+    ));
+    std::fs::write(&path, tb.kubeconfig("default")).unwrap();
+    let mut cfg = config("agent-sandbox", "default", "");
+    cfg.backend.kubernetes.kubeconfig = Some(path);
+    server::start(cfg).await.expect("activator starts")
+}
+
+#[tokio::test]
+async fn requests_buffered_during_resume_are_each_served_once() {
+    let tb = testbed(Duration::from_millis(20)).await;
+    tb.seed_agent_sandbox("default", "default", 1).unwrap();
+    wait_pods(&tb, 1).await;
+    let srv = activator(&tb, "one").await;
+    let proxy = srv.proxy_addr();
+
+    let (status, first, headers) = http(proxy, "POST", "/counter", Some("s1")).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["counter"], 1);
+    assert_eq!(headers["x-activator-activation"], "claim");
+    let old_pid = first["pid"].clone();
+
+    assert!(srv.activator().pause(&key("s1")).await.unwrap());
+    wait_until(&tb, "the pod is gone", |tb| tb.pods().len() == 1).await;
+
+    // Six requests arrive while the sandbox is suspended: one resume, all six served by
+    // the new pod, each exactly once (its memory starts from zero).
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        tasks.push(tokio::spawn(http(proxy, "POST", "/counter", Some("s1"))));
+    }
+    let mut counters = Vec::new();
+    let mut resumed = 0;
+    for t in tasks {
+        let (status, body, headers) = t.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_ne!(body["pid"], old_pid);
+        counters.push(body["counter"].as_u64().unwrap());
+        if headers["x-activator-activation"] == "resume" {
+            resumed += 1;
+        }
+    }
+    counters.sort();
+    assert_eq!(counters, vec![1, 2, 3, 4, 5, 6]);
+    assert!(resumed >= 1);
+    let resumes = srv
+        .metrics()
+        .activations_total
+        .with_label_values(&["resume", "ok"])
+        .get();
+    assert_eq!(resumes, 1);
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_replicas_route_one_session_to_one_sandbox() {
+    let tb = testbed(Duration::from_millis(20)).await;
+    tb.seed_agent_sandbox("default", "default", 2).unwrap();
+    wait_pods(&tb, 2).await;
+    let (a, b) = (activator(&tb, "a").await, activator(&tb, "b").await);
+    let (ra, rb) = tokio::join!(
+        http(a.proxy_addr(), "POST", "/counter", Some("shared")),
+        http(b.proxy_addr(), "POST", "/counter", Some("shared")),
+    );
+    assert_eq!((ra.0, rb.0), (200, 200));
+    assert_eq!(ra.1["pid"], rb.1["pid"]);
+    let mut counters = vec![ra.1["counter"].as_u64(), rb.1["counter"].as_u64()];
+    counters.sort();
+    assert_eq!(counters, vec![Some(1), Some(2)]);
+    assert_eq!(tb.list(AGENT_SANDBOX, "SandboxClaim", "default").len(), 1);
+    a.shutdown().await;
+    b.shutdown().await;
+}
