@@ -70,19 +70,45 @@ pub struct RunningServer {
     admin_task: JoinHandle<()>,
 }
 
-/// Binds both listeners, builds the backend and activator, and starts serving.
-/// `127.0.0.1:0` addresses work: ask the handle for the bound ones.
+/// Binds both listeners, builds the backend named by `backend.kind` and the activator,
+/// and starts serving. `127.0.0.1:0` addresses work: ask the handle for the bound ones.
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+    let metrics = Arc::new(Metrics::new());
+    start_inner(config, metrics, None).await
+}
+
+/// Like [`start`] but with a backend built by the caller (tests, embedders); `metrics`
+/// is the registry that backend reports to.
+pub async fn start_with_backend(
+    config: Config,
+    backend: DynBackend,
+    metrics: Arc<Metrics>,
+) -> Result<RunningServer, StartError> {
+    start_inner(config, metrics, Some(backend)).await
+}
+
+async fn start_inner(
+    config: Config,
+    metrics: Arc<Metrics>,
+    backend: Option<DynBackend>,
+) -> Result<RunningServer, StartError> {
     let tls = config.tls.as_ref().map(proxy::tls_acceptor).transpose()?;
     let proxy_listener = bind("listen", config.listen).await?;
     let admin_listener = bind("admin_listen", config.admin_listen).await?;
     let proxy_addr = local_addr("listen", &proxy_listener, config.listen)?;
     let admin_addr = local_addr("admin_listen", &admin_listener, config.admin_listen)?;
 
-    let metrics = Arc::new(Metrics::new());
     let stats = Arc::new(TrafficStats::new());
-    let backend = backend::build(&config, &metrics).await?;
+    let backend = match backend {
+        Some(b) => b,
+        None => backend::build(&config, &metrics).await?,
+    };
     let activator = Activator::new(&config, backend.clone(), metrics.clone());
+    match activator.recover().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(sessions = n, "recovered session bindings from the backend"),
+        Err(e) => tracing::warn!(error = %e, "could not recover session bindings; starting empty"),
+    }
     activator.spawn_background();
     let shutdown = Shutdown::new();
 
