@@ -108,7 +108,7 @@ impl KubernetesBackend {
                 k.activity_write_interval.as_duration(),
                 config.idle.timeout.as_duration(),
             )),
-            strategy: Arc::new(SpecSuspend),
+            strategy: Arc::new(SpecSuspend::new(flavour)),
             pool: k.pool.clone(),
             claim_prefix: k.claim_prefix.clone(),
             write_session_id: k.write_session_id,
@@ -344,7 +344,7 @@ impl SandboxBackend for KubernetesBackend {
         let started = Instant::now();
         let name = self.claim_name(session);
         self.cache.mark_released(sandbox.as_str());
-        self.activity.forget(&name);
+        self.activity.forget(session.as_str());
         let dp = DeleteParams::background();
         match retry::call(started + self.op_timeout, || {
             self.api.claims.delete(&name, &dp)
@@ -462,10 +462,11 @@ impl SandboxBackend for KubernetesBackend {
     }
 
     fn record_activity(&self, session: &SessionKey, _sandbox: &SandboxId) {
-        let name = self.claim_name(session);
-        if !self.activity.due(&name) {
+        // Keyed by the raw ID so the common case (stamped recently) hashes nothing.
+        if !self.activity.due(session.as_str()) {
             return;
         }
+        let name = self.claim_name(session);
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
