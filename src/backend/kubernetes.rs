@@ -305,11 +305,7 @@ impl SandboxBackend for KubernetesBackend {
         let flavour = self.api.flavour;
         let claim = self
             .cache
-            .read(|st| {
-                st.claims()
-                    .find(|c| flavour.claim_sandbox(c).as_deref() == Some(name))
-                    .and_then(|c| c.metadata.name.clone())
-            })
+            .read(|st| st.claim_of_sandbox(name).map(str::to_owned))
             .ok_or_else(|| BackendError::Lost(sandbox.clone()))?;
         // The fence: decide on the fresh claim and stamp the decision with its
         // resourceVersion. An activity stamp written meanwhile by another replica makes
@@ -375,10 +371,11 @@ impl SandboxBackend for KubernetesBackend {
                     let name = s.metadata.name.clone().unwrap_or_default();
                     let view = flavour.sandbox_view(s);
                     let sessions: Vec<String> = st
-                        .claims()
-                        .filter(|c| flavour.claim_sandbox(c).as_deref() == Some(name.as_str()))
-                        .filter_map(|c| c.metadata.labels.as_ref()?.get(SESSION_LABEL).cloned())
+                        .claim_of_sandbox(&name)
+                        .and_then(|c| st.claim(c))
+                        .and_then(|c| c.metadata.labels.as_ref()?.get(SESSION_LABEL).cloned())
                         .map(|h| h.chars().take(12).collect())
+                        .into_iter()
                         .collect();
                     let state = if view.deleting {
                         SandboxState::Stopping
