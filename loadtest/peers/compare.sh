@@ -30,7 +30,7 @@ if ((${#missing[@]})); then
 fi
 
 echo "building release binaries..." >&2
-(cd "$root" && cargo build --release --bin agent-activator --bin activator-loadtest) >&2
+(cd "$root" && cargo build --release -p agent-activator -p loadtest --bins) >&2
 activator=$target_dir/release/agent-activator
 loadtest=$target_dir/release/activator-loadtest
 

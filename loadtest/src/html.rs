@@ -403,6 +403,9 @@ pub fn render(report: &Report) -> String {
         h.push_str("<h2>Timeline</h2><p>Sandbox states from the activator's admin API; CPU per state from /proc (paused sandboxes should use none).</p>");
         h.push_str(&timeline_plots(report));
     }
+    if let Some(mb) = report.activator_peak_rss_mb {
+        let _ = write!(h, "<p>Activator peak resident memory: {mb:.1} MB.</p>");
+    }
     if let Some(e) = &report.admin_error {
         let _ = write!(h, "<p class=\"fail\">admin API: {}</p>", esc(e));
     }

@@ -85,6 +85,10 @@ async fn run(cli: Cli) -> Result<bool> {
     harness.bar.finish_and_clear();
     let (timeline, admin_error) = monitor.stop().await;
     let targets = result?;
+    let activator_peak_rss_mb = timeline
+        .iter()
+        .filter_map(|s| s.activator_rss_mb)
+        .reduce(f64::max);
     let mut report = Report {
         mode: plan.mode.name().to_string(),
         started_unix,
@@ -93,6 +97,7 @@ async fn run(cli: Cli) -> Result<bool> {
         targets,
         timeline,
         admin_error,
+        activator_peak_rss_mb,
         passed: false,
         failures: Vec::new(),
     };

@@ -22,6 +22,8 @@ pub struct Report {
     pub timeline: Vec<Sample>,
     /// First failure of the admin API poll, if any.
     pub admin_error: Option<String>,
+    /// Highest resident memory of the activator seen by the sampler (`--activator-pid`).
+    pub activator_peak_rss_mb: Option<f64>,
     /// True when every check held and errors stayed within `max_errors`.
     pub passed: bool,
     pub failures: Vec<String>,
@@ -243,6 +245,9 @@ impl Report {
         let mut out = line(&header);
         for row in self.rows() {
             out.push_str(&line(&row));
+        }
+        if let Some(mb) = self.activator_peak_rss_mb {
+            out.push_str(&format!("activator peak RSS: {mb:.1} MB\n"));
         }
         for f in &self.failures {
             out.push_str(&format!("FAILED: {f}\n"));

@@ -72,27 +72,7 @@ impl KubernetesBackend {
     /// account, else `KUBECONFIG` / `~/.kube/config`, and starts the watches.
     pub async fn connect(config: &Config) -> Result<KubernetesBackend, ConfigError> {
         let k = &config.backend.kubernetes;
-        let kcfg = match &k.kubeconfig {
-            Some(path) => {
-                let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| {
-                    ConfigError::invalid("backend.kubernetes.kubeconfig", e.to_string())
-                })?;
-                kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                    .await
-                    .map_err(|e| {
-                        ConfigError::invalid("backend.kubernetes.kubeconfig", e.to_string())
-                    })?
-            }
-            None => match kube::Config::incluster() {
-                Ok(c) => c,
-                Err(_) => kube::Config::infer().await.map_err(|e| {
-                    ConfigError::invalid(
-                        "backend.kubernetes.kubeconfig",
-                        format!("not in a cluster and no usable kubeconfig: {e}"),
-                    )
-                })?,
-            },
-        };
+        let kcfg = client_config(k.kubeconfig.as_deref()).await?;
         let namespace = k
             .namespace
             .clone()
@@ -325,11 +305,7 @@ impl SandboxBackend for KubernetesBackend {
         let flavour = self.api.flavour;
         let claim = self
             .cache
-            .read(|st| {
-                st.claims()
-                    .find(|c| flavour.claim_sandbox(c).as_deref() == Some(name))
-                    .and_then(|c| c.metadata.name.clone())
-            })
+            .read(|st| st.claim_of_sandbox(name).map(str::to_owned))
             .ok_or_else(|| BackendError::Lost(sandbox.clone()))?;
         // The fence: decide on the fresh claim and stamp the decision with its
         // resourceVersion. An activity stamp written meanwhile by another replica makes
@@ -395,10 +371,11 @@ impl SandboxBackend for KubernetesBackend {
                     let name = s.metadata.name.clone().unwrap_or_default();
                     let view = flavour.sandbox_view(s);
                     let sessions: Vec<String> = st
-                        .claims()
-                        .filter(|c| flavour.claim_sandbox(c).as_deref() == Some(name.as_str()))
-                        .filter_map(|c| c.metadata.labels.as_ref()?.get(SESSION_LABEL).cloned())
+                        .claim_of_sandbox(&name)
+                        .and_then(|c| st.claim(c))
+                        .and_then(|c| c.metadata.labels.as_ref()?.get(SESSION_LABEL).cloned())
                         .map(|h| h.chars().take(12).collect())
+                        .into_iter()
                         .collect();
                     let state = if view.deleting {
                         SandboxState::Stopping
@@ -524,6 +501,32 @@ impl Drop for KubernetesBackend {
     }
 }
 
+/// The client configuration `backend.kubernetes.kubeconfig` asks for: that file, else the
+/// in-cluster service account, else `KUBECONFIG` / `~/.kube/config`. Errors name the key.
+pub async fn client_config(
+    kubeconfig: Option<&std::path::Path>,
+) -> Result<kube::Config, ConfigError> {
+    let key = "backend.kubernetes.kubeconfig";
+    match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| ConfigError::invalid(key, e.to_string()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| ConfigError::invalid(key, e.to_string()))
+        }
+        None => match kube::Config::incluster() {
+            Ok(c) => Ok(c),
+            Err(_) => kube::Config::infer().await.map_err(|e| {
+                ConfigError::invalid(
+                    key,
+                    format!("not in a cluster and no usable kubeconfig: {e}"),
+                )
+            }),
+        },
+    }
+}
+
 /// `POD_NAME` or `HOSTNAME`, plus a random suffix so a restarted replica does not take
 /// its predecessor's activity stamps for its own.
 fn replica_id() -> String {
@@ -532,4 +535,37 @@ fn replica_id() -> String {
         .unwrap_or_else(|_| "activator".into());
     let suffix: u32 = rand::random();
     format!("{host}-{:06x}", suffix & 0xff_ffff)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn kube_yaml(extra: &str) -> String {
+        format!("backend:\n  kind: kubernetes\n  kubernetes:\n    pool: p\n{extra}")
+    }
+
+    #[test]
+    fn activity_interval_must_be_below_idle_timeout() {
+        let yaml = kube_yaml("    activity_write_interval: 5m\nidle:\n  timeout: 5m\n");
+        let err = Config::from_yaml(&yaml).unwrap_err().to_string();
+        assert!(
+            err.contains("backend.kubernetes.activity_write_interval"),
+            "{err}"
+        );
+        assert!(Config::from_yaml(&kube_yaml("    activity_write_interval: 4m\n")).is_ok());
+    }
+
+    #[test]
+    fn claim_prefix_must_fit_a_dns_label() {
+        for bad in ["Sess-", "-x", "a_b", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"] {
+            let err = Config::from_yaml(&kube_yaml(&format!("    claim_prefix: '{bad}'\n")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("backend.kubernetes.claim_prefix"),
+                "{bad}: {err}"
+            );
+        }
+    }
 }

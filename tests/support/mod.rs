@@ -25,6 +25,8 @@ use tokio::task::JoinHandle;
 use agent_activator::config::Config;
 use agent_activator::server::{self, RunningServer};
 
+pub mod procs;
+
 /// Every wait in a test is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -438,4 +440,33 @@ impl HttpClient {
     pub async fn get_session(&self, path: &str, session: &str) -> Reply {
         self.get(path, &[("x-session-id", session)]).await
     }
+}
+
+// === waiting on state ===
+
+/// Polls `probe` every 50 ms until it returns `Some`, at most [`WAIT`]; panics naming
+/// `what` otherwise.
+pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(v) = probe().await {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what} within {WAIT:?}"))
+}
+
+/// The value of sample `name` (with its labels written out, e.g.
+/// `activator_schedule_runs_total{result="ok"}`) in a Prometheus text exposition.
+pub fn metric_value(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
