@@ -108,7 +108,7 @@ impl KubernetesBackend {
                 k.activity_write_interval.as_duration(),
                 config.idle.timeout.as_duration(),
             )),
-            strategy: Arc::new(SpecSuspend),
+            strategy: Arc::new(SpecSuspend::new(flavour)),
             pool: k.pool.clone(),
             claim_prefix: k.claim_prefix.clone(),
             write_session_id: k.write_session_id,
@@ -305,11 +305,7 @@ impl SandboxBackend for KubernetesBackend {
         let flavour = self.api.flavour;
         let claim = self
             .cache
-            .read(|st| {
-                st.claims()
-                    .find(|c| flavour.claim_sandbox(c).as_deref() == Some(name))
-                    .and_then(|c| c.metadata.name.clone())
-            })
+            .read(|st| st.claim_of_sandbox(name).map(str::to_owned))
             .ok_or_else(|| BackendError::Lost(sandbox.clone()))?;
         // The fence: decide on the fresh claim and stamp the decision with its
         // resourceVersion. An activity stamp written meanwhile by another replica makes
@@ -348,7 +344,7 @@ impl SandboxBackend for KubernetesBackend {
         let started = Instant::now();
         let name = self.claim_name(session);
         self.cache.mark_released(sandbox.as_str());
-        self.activity.forget(&name);
+        self.activity.forget(session.as_str());
         let dp = DeleteParams::background();
         match retry::call(started + self.op_timeout, || {
             self.api.claims.delete(&name, &dp)
@@ -375,10 +371,11 @@ impl SandboxBackend for KubernetesBackend {
                     let name = s.metadata.name.clone().unwrap_or_default();
                     let view = flavour.sandbox_view(s);
                     let sessions: Vec<String> = st
-                        .claims()
-                        .filter(|c| flavour.claim_sandbox(c).as_deref() == Some(name.as_str()))
-                        .filter_map(|c| c.metadata.labels.as_ref()?.get(SESSION_LABEL).cloned())
+                        .claim_of_sandbox(&name)
+                        .and_then(|c| st.claim(c))
+                        .and_then(|c| c.metadata.labels.as_ref()?.get(SESSION_LABEL).cloned())
                         .map(|h| h.chars().take(12).collect())
+                        .into_iter()
                         .collect();
                     let state = if view.deleting {
                         SandboxState::Stopping
@@ -465,10 +462,11 @@ impl SandboxBackend for KubernetesBackend {
     }
 
     fn record_activity(&self, session: &SessionKey, _sandbox: &SandboxId) {
-        let name = self.claim_name(session);
-        if !self.activity.due(&name) {
+        // Keyed by the raw ID so the common case (stamped recently) hashes nothing.
+        if !self.activity.due(session.as_str()) {
             return;
         }
+        let name = self.claim_name(session);
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
