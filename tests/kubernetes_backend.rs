@@ -87,6 +87,33 @@ async fn cold_creates_when_the_pool_is_empty() {
 }
 
 #[tokio::test]
+async fn a_claim_nobody_binds_in_time_is_no_capacity_and_is_cleaned_up() {
+    // The controller takes 3 s to bind; the admission budget is 300 ms.
+    let tb = testbed(Duration::from_secs(3)).await;
+    tb.seed_agent_sandbox("default", "default", 1).unwrap();
+    wait_pods(&tb, 1).await;
+    let b = backend(&tb, &config("agent-sandbox", "default", ""));
+    let deadline = tokio::time::Instant::now();
+    let budget = agent_activator::backend::ClaimBudget {
+        admission_deadline: deadline + Duration::from_millis(300),
+        deadline: deadline + WAIT,
+    };
+    let err = b.claim(&key("impatient"), budget).await.unwrap_err();
+    assert!(matches!(err, BackendError::NoCapacity(_)), "{err:?}");
+    assert!(
+        deadline.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        deadline.elapsed()
+    );
+    // The claim it created is deleted, so the warm sandbox is not taken by nobody.
+    wait_until(&tb, "the abandoned claim is deleted", |tb| {
+        tb.list(AGENT_SANDBOX, "SandboxClaim", "default").is_empty()
+    })
+    .await;
+    assert_eq!(tb.pods().len(), 1);
+}
+
+#[tokio::test]
 async fn an_unreachable_api_server_fails_claims_within_the_budget() {
     // A port nobody listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0")

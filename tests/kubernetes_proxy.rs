@@ -94,7 +94,7 @@ async fn an_idle_replica_does_not_pause_a_session_busy_on_another() {
     let tb = testbed(Duration::ZERO).await;
     tb.seed_agent_sandbox("default", "default", 1).unwrap();
     wait_pods(&tb, 1).await;
-    let idle = "idle:\n  timeout: 3s\n  sweep_interval: 100ms\n";
+    let idle = "idle:\n  timeout: 4s\n  sweep_interval: 100ms\n";
     let (a, b) = (
         activator(&tb, "idle-a", idle).await,
         activator(&tb, "idle-b", idle).await,
@@ -104,7 +104,7 @@ async fn an_idle_replica_does_not_pause_a_session_busy_on_another() {
 
     // Traffic only through A for longer than B's idle timeout: B's idle sweeper tries to
     // pause, finds A's fresh activity stamp on the claim and backs off.
-    let until = tokio::time::Instant::now() + Duration::from_millis(4500);
+    let until = tokio::time::Instant::now() + Duration::from_millis(5000);
     let mut last = first["counter"].as_u64().unwrap();
     while tokio::time::Instant::now() < until {
         let (status, body, _) = http(a.proxy_addr(), "POST", "/counter", Some("busy")).await;
