@@ -69,6 +69,49 @@ async fn cold_creates_when_the_pool_is_empty() {
     assert_eq!(got.sandbox.as_str(), b.claim_name(&k));
     let (status, _, _) = kube_support::http(got.endpoint, "GET", "/healthz", None).await;
     assert_eq!(status, 200);
+
+    // Someone deletes the Sandbox itself: the session's sandbox is lost.
+    let mut events = b.subscribe();
+    let sandboxes = tb.resource("agents.x-k8s.io", "Sandbox");
+    tb.store
+        .delete(sandboxes, "default", got.sandbox.as_str())
+        .unwrap();
+    let ev = tokio::time::timeout(WAIT, events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(ev, BackendEvent::Lost { ref sandbox, .. } if *sandbox == got.sandbox),
+        "{ev:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_api_server_fails_claims_within_the_budget() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = kube::Config::new(format!("http://127.0.0.1:{port}").parse().unwrap());
+    let client = kube::Client::try_from(cfg).unwrap();
+    let b = agent_activator::backend::kubernetes::KubernetesBackend::new(
+        client,
+        "default",
+        &config("agent-sandbox", "default", ""),
+    );
+    let started = tokio::time::Instant::now();
+    let err = b
+        .claim(&key("nowhere"), budget(Duration::from_millis(500)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BackendError::ControlPlane(_)), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::runtime::watcher;
 use serde_json::json;
 use tokio::sync::broadcast;
@@ -29,6 +29,7 @@ use crate::session::SessionKey;
 pub mod activity;
 mod api;
 mod cache;
+mod connect;
 pub mod crd;
 pub mod flavour;
 pub mod pause;
@@ -37,6 +38,8 @@ mod retry;
 use activity::{ActivityLog, LAST_ACTIVITY, PAUSING};
 use api::{ApiSet, Decision};
 use cache::{Cache, Kind};
+pub use connect::client_config;
+use connect::replica_id;
 use flavour::Flavour;
 use pause::{PauseStrategy, SpecSuspend};
 use retry::Failure;
@@ -108,7 +111,7 @@ impl KubernetesBackend {
                 k.activity_write_interval.as_duration(),
                 config.idle.timeout.as_duration(),
             )),
-            strategy: Arc::new(SpecSuspend),
+            strategy: Arc::new(SpecSuspend::new(flavour)),
             pool: k.pool.clone(),
             claim_prefix: k.claim_prefix.clone(),
             write_session_id: k.write_session_id,
@@ -344,7 +347,7 @@ impl SandboxBackend for KubernetesBackend {
         let started = Instant::now();
         let name = self.claim_name(session);
         self.cache.mark_released(sandbox.as_str());
-        self.activity.forget(&name);
+        self.activity.forget(session.as_str());
         let dp = DeleteParams::background();
         match retry::call(started + self.op_timeout, || {
             self.api.claims.delete(&name, &dp)
@@ -410,17 +413,9 @@ impl SandboxBackend for KubernetesBackend {
 
     async fn set_warm_pool_target(&self, target: u32) -> Result<(), BackendError> {
         let started = Instant::now();
-        let pp = PatchParams {
-            field_manager: Some(api::FIELD_MANAGER.into()),
-            ..PatchParams::default()
-        };
-        let patch = Patch::Merge(json!({"spec": {"replicas": target}}));
-        retry::call(started + self.op_timeout, || {
-            self.api.pools.patch_scale(&self.pool, &pp, &patch)
-        })
-        .await
-        .map(|_| ())
-        .map_err(|e| retry::fail("scale the warm pool", started, e))
+        self.api
+            .scale_pool(&self.pool, target, started + self.op_timeout)
+            .await
     }
 
     async fn recover(&self) -> Result<Vec<RecoveredBinding>, BackendError> {
@@ -462,10 +457,11 @@ impl SandboxBackend for KubernetesBackend {
     }
 
     fn record_activity(&self, session: &SessionKey, _sandbox: &SandboxId) {
-        let name = self.claim_name(session);
-        if !self.activity.due(&name) {
+        // Keyed by the raw ID so the common case (stamped recently) hashes nothing.
+        if !self.activity.due(session.as_str()) {
             return;
         }
+        let name = self.claim_name(session);
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -501,71 +497,5 @@ impl Drop for KubernetesBackend {
     }
 }
 
-/// The client configuration `backend.kubernetes.kubeconfig` asks for: that file, else the
-/// in-cluster service account, else `KUBECONFIG` / `~/.kube/config`. Errors name the key.
-pub async fn client_config(
-    kubeconfig: Option<&std::path::Path>,
-) -> Result<kube::Config, ConfigError> {
-    let key = "backend.kubernetes.kubeconfig";
-    match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| ConfigError::invalid(key, e.to_string()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .map_err(|e| ConfigError::invalid(key, e.to_string()))
-        }
-        None => match kube::Config::incluster() {
-            Ok(c) => Ok(c),
-            Err(_) => kube::Config::infer().await.map_err(|e| {
-                ConfigError::invalid(
-                    key,
-                    format!("not in a cluster and no usable kubeconfig: {e}"),
-                )
-            }),
-        },
-    }
-}
-
-/// `POD_NAME` or `HOSTNAME`, plus a random suffix so a restarted replica does not take
-/// its predecessor's activity stamps for its own.
-fn replica_id() -> String {
-    let host = std::env::var("POD_NAME")
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "activator".into());
-    let suffix: u32 = rand::random();
-    format!("{host}-{:06x}", suffix & 0xff_ffff)
-}
-
 #[cfg(test)]
-mod tests {
-    use crate::config::Config;
-
-    fn kube_yaml(extra: &str) -> String {
-        format!("backend:\n  kind: kubernetes\n  kubernetes:\n    pool: p\n{extra}")
-    }
-
-    #[test]
-    fn activity_interval_must_be_below_idle_timeout() {
-        let yaml = kube_yaml("    activity_write_interval: 5m\nidle:\n  timeout: 5m\n");
-        let err = Config::from_yaml(&yaml).unwrap_err().to_string();
-        assert!(
-            err.contains("backend.kubernetes.activity_write_interval"),
-            "{err}"
-        );
-        assert!(Config::from_yaml(&kube_yaml("    activity_write_interval: 4m\n")).is_ok());
-    }
-
-    #[test]
-    fn claim_prefix_must_fit_a_dns_label() {
-        for bad in ["Sess-", "-x", "a_b", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"] {
-            let err = Config::from_yaml(&kube_yaml(&format!("    claim_prefix: '{bad}'\n")))
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.contains("backend.kubernetes.claim_prefix"),
-                "{bad}: {err}"
-            );
-        }
-    }
-}
+mod tests;
