@@ -431,3 +431,53 @@ async fn dropped_watches_and_410_gone_relist_and_keep_events_flowing() {
     let (status, _, _) = kube_support::http(second.endpoint, "GET", "/healthz", None).await;
     assert_eq!(status, 200);
 }
+
+/// A pause strategy that counts calls and delegates to the default spec suspend.
+struct CountingPause {
+    calls: std::sync::atomic::AtomicU32,
+    inner: agent_activator::backend::kubernetes::pause::SpecSuspend,
+}
+
+#[async_trait::async_trait]
+impl agent_activator::backend::kubernetes::pause::PauseStrategy for CountingPause {
+    fn name(&self) -> &'static str {
+        "counting"
+    }
+
+    fn keeps(&self) -> &'static str {
+        "whatever the test says"
+    }
+
+    async fn set_paused(
+        &self,
+        api: &agent_activator::backend::kubernetes::api::ApiSet,
+        sandbox: &str,
+        paused: bool,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), BackendError> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.set_paused(api, sandbox, paused, deadline).await
+    }
+}
+
+#[tokio::test]
+async fn the_pause_step_is_pluggable() {
+    use agent_activator::backend::kubernetes::flavour::Flavour;
+    use agent_activator::backend::kubernetes::pause::SpecSuspend;
+    let tb = testbed(Duration::ZERO).await;
+    tb.seed_agent_sandbox("default", "default", 1).unwrap();
+    wait_pods(&tb, 1).await;
+    let strategy = std::sync::Arc::new(CountingPause {
+        calls: Default::default(),
+        inner: SpecSuspend::new(Flavour::AgentSandbox),
+    });
+    let b =
+        backend(&tb, &config("agent-sandbox", "default", "")).with_pause_strategy(strategy.clone());
+    assert_eq!(b.capabilities().pause_keeps, "whatever the test says");
+    let got = b.claim(&key("plug"), budget(WAIT)).await.unwrap();
+    b.pause(&got.sandbox).await.unwrap();
+    b.resume(&got.sandbox, tokio::time::Instant::now() + WAIT)
+        .await
+        .unwrap();
+    assert_eq!(strategy.calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+}

@@ -27,7 +27,7 @@ use crate::config::{Config, ConfigError};
 use crate::session::SessionKey;
 
 pub mod activity;
-mod api;
+pub mod api;
 mod cache;
 mod connect;
 pub mod crd;
