@@ -19,6 +19,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::activation::Activator;
+use crate::autoscaler::Autoscaler;
 use crate::backend::{DynBackend, SandboxState};
 use crate::metrics::Metrics;
 use crate::proxy::error::error_response;
@@ -43,6 +44,8 @@ pub struct AdminState {
     pub max_id_length: usize,
     /// `Retry-After` for 503 answers (`activation.retry_after`).
     pub retry_after: HeaderValue,
+    /// Scaling signals for `GET /api/stats`.
+    pub autoscaler: Arc<Autoscaler>,
 }
 
 /// Dispatches one admin request.
@@ -63,13 +66,15 @@ pub async fn route(state: &AdminState, req: Request<Incoming>) -> AdminResponse 
             api::act(state, id, Action::Resume).await
         }
         (&Method::GET, ["api", "sandboxes"]) => api::sandboxes(state),
-        (_, ["metrics" | "healthz" | "readyz"] | ["api", "sessions" | "sandboxes", ..]) => {
-            error_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                &format!("{} is not allowed on {path}", req.method()),
-            )
-        }
+        (&Method::GET, ["api", "stats"]) => json(&state.autoscaler.stats_json()),
+        (
+            _,
+            ["metrics" | "healthz" | "readyz"] | ["api", "sessions" | "sandboxes" | "stats", ..],
+        ) => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            &format!("{} is not allowed on {path}", req.method()),
+        ),
         _ => error_response(
             StatusCode::NOT_FOUND,
             "not_found",

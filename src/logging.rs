@@ -1,6 +1,8 @@
 //! Tracing setup: `log.format` text or JSON, `log.level` as an `EnvFilter` (overridden by
 //! `RUST_LOG`). Access-log lines use the target `access`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
@@ -14,6 +16,7 @@ pub fn init(config: &LogConfig) {
         .unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match config.format {
         LogFormat::Text => builder.try_init(),

@@ -138,7 +138,7 @@ impl Proxy {
         completion: &mut Completion,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let session = self.extractor.extract(req.uri(), req.headers())?;
-        completion.set_session(&session.key);
+        completion.set_session(&session.key, session.rewritten.as_ref());
         let lease = self.activator.acquire(&session.key).await?;
         let endpoint = lease.endpoint;
         let activation = lease.activation;
@@ -189,7 +189,6 @@ impl Proxy {
             return Ok(resp.map(ProxyBody::Upstream));
         }
         let Some(client) = client_upgrade else {
-            self.upstream.count_reset();
             return Err(ProxyError::UpstreamProtocol(
                 "the sandbox switched protocols on a request that did not ask to",
             ));

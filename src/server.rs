@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 
 use crate::activation::Activator;
 use crate::admin::{self, AdminState};
+use crate::autoscaler::{Scaling, ScalingDeps};
 use crate::backend::{self, DynBackend};
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
@@ -62,25 +63,52 @@ pub struct RunningServer {
     metrics: Arc<Metrics>,
     backend: DynBackend,
     stats: Arc<TrafficStats>,
+    scaling: Scaling,
     shutdown: Shutdown,
     drain_timeout: Duration,
     proxy_task: JoinHandle<()>,
     admin_task: JoinHandle<()>,
 }
 
-/// Binds both listeners, builds the backend and activator, and starts serving.
-/// `127.0.0.1:0` addresses work: ask the handle for the bound ones.
+/// Binds both listeners, builds the backend named by `backend.kind` and the activator,
+/// and starts serving. `127.0.0.1:0` addresses work: ask the handle for the bound ones.
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+    let metrics = Arc::new(Metrics::new());
+    start_inner(config, metrics, None).await
+}
+
+/// Like [`start`] but with a backend built by the caller (tests, embedders); `metrics`
+/// is the registry that backend reports to.
+pub async fn start_with_backend(
+    config: Config,
+    backend: DynBackend,
+    metrics: Arc<Metrics>,
+) -> Result<RunningServer, StartError> {
+    start_inner(config, metrics, Some(backend)).await
+}
+
+async fn start_inner(
+    config: Config,
+    metrics: Arc<Metrics>,
+    backend: Option<DynBackend>,
+) -> Result<RunningServer, StartError> {
     let tls = config.tls.as_ref().map(proxy::tls_acceptor).transpose()?;
     let proxy_listener = bind("listen", config.listen).await?;
     let admin_listener = bind("admin_listen", config.admin_listen).await?;
     let proxy_addr = local_addr("listen", &proxy_listener, config.listen)?;
     let admin_addr = local_addr("admin_listen", &admin_listener, config.admin_listen)?;
 
-    let metrics = Arc::new(Metrics::new());
     let stats = Arc::new(TrafficStats::new());
-    let backend = backend::build(&config, &metrics).await?;
+    let backend = match backend {
+        Some(b) => b,
+        None => backend::build(&config, &metrics).await?,
+    };
     let activator = Activator::new(&config, backend.clone(), metrics.clone());
+    match activator.recover().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(sessions = n, "recovered session bindings from the backend"),
+        Err(e) => tracing::warn!(error = %e, "could not recover session bindings; starting empty"),
+    }
     activator.spawn_background();
     let shutdown = Shutdown::new();
 
@@ -96,6 +124,17 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let proxy_task = tokio::spawn(async move {
         proxy::serve(proxy_listener, tls, proxy, &proxy_config, proxy_shutdown).await;
     });
+    let scaling = Scaling::start(
+        &config,
+        ScalingDeps {
+            stats: stats.clone(),
+            activator: activator.clone(),
+            backend: backend.clone(),
+            metrics: metrics.clone(),
+            proxy_addr,
+        },
+    )
+    .await?;
     let admin_state = Arc::new(AdminState {
         activator: activator.clone(),
         backend: backend.clone(),
@@ -104,6 +143,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         shutdown: shutdown.clone(),
         max_id_length: config.session.max_id_length,
         retry_after: proxy::error::retry_after_value(config.activation.retry_after.as_duration()),
+        autoscaler: scaling.autoscaler().clone(),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
     tracing::info!(%proxy_addr, %admin_addr, backend = backend.kind(), tls = config.tls.is_some(), "agent-activator listening");
@@ -114,6 +154,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         metrics,
         backend,
         stats,
+        scaling,
         shutdown,
         drain_timeout: config.proxy.drain_timeout.as_duration(),
         proxy_task,
@@ -208,6 +249,7 @@ impl RunningServer {
             tracing::warn!(cut, "drain window over; closing what is left");
         }
         self.shutdown.advance(Phase::Closed);
+        self.scaling.stop().await;
         if tokio::time::timeout(BACKEND_SHUTDOWN_BOUND, self.backend.shutdown())
             .await
             .is_err()

@@ -19,6 +19,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
+mod support;
+
+use support::procs::{alive, cpu_ticks, eventually, group_members, proc_state};
+
 const BIN: &str = env!("CARGO_BIN_EXE_agent-activator");
 
 /// A fresh directory for one test's sandboxes.
@@ -56,22 +60,6 @@ fn config_with_busy_child(workdir: &std::path::Path, extra: &str) -> Config {
     Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"))
 }
 
-/// The other members of the process group led by `leader`.
-fn group_members(leader: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != leader)
-        .filter(|&pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-                let f: Vec<&str> = s[s.rfind(')').unwrap() + 1..].split_whitespace().collect();
-                f.get(2) == Some(&leader.to_string().as_str())
-            })
-        })
-        .collect()
-}
-
 async fn backend(cfg: &Config) -> Arc<ProcessBackend> {
     Arc::new(
         ProcessBackend::new(cfg, Arc::new(Metrics::new()))
@@ -97,37 +85,6 @@ fn budget(admission: Duration) -> ClaimBudget {
         admission_deadline: now + admission,
         deadline: now + admission + Duration::from_secs(20),
     }
-}
-
-/// Polls `cond` every 20 ms for up to 20 s.
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(Instant::now() < end, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie has exited; only its parent has not reaped it yet.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s[s.rfind(')').unwrap() + 1..].trim_start().starts_with('Z'))
-}
-
-/// utime + stime of `pid` in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<&str> = s[s.rfind(')').unwrap() + 1..].split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
-fn proc_state(pid: u32) -> char {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    s[s.rfind(')').unwrap() + 1..]
-        .trim_start()
-        .chars()
-        .next()
-        .unwrap()
 }
 
 /// The v2 (`0::`) or v1 freezer cgroup of `pid`, as a path under the mount.

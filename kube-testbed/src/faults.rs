@@ -55,6 +55,11 @@ impl Faults {
         self.rules.lock().expect("faults lock").push(rule);
     }
 
+    /// Forgets every pending failure.
+    pub fn clear(&self) {
+        self.rules.lock().expect("faults lock").clear();
+    }
+
     /// Ends every open watch stream now (the client sees the connection end).
     pub fn drop_watches(&self) {
         self.drops.send_modify(|n| *n += 1);

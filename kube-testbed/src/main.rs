@@ -99,11 +99,24 @@ async fn main() -> ExitCode {
         testbed.url()
     );
     println!("{kubeconfig}");
-    match tokio::signal::ctrl_c().await {
-        Ok(()) => ExitCode::SUCCESS,
+    // Pods are killed when the testbed is dropped, so exit through main on SIGINT and
+    // SIGTERM alike (the default SIGTERM action would orphan them).
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
         Err(e) => {
-            eprintln!("kube-testbed: cannot wait for Ctrl-C: {e}");
-            ExitCode::FAILURE
+            eprintln!("kube-testbed: cannot watch SIGTERM: {e}");
+            return ExitCode::FAILURE;
         }
+    };
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => {
+            if let Err(e) = r {
+                eprintln!("kube-testbed: cannot wait for Ctrl-C: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        _ = term.recv() => {}
     }
+    drop(testbed);
+    ExitCode::SUCCESS
 }

@@ -152,6 +152,8 @@ struct Inner {
 /// operation awaits while holding it.
 pub struct Store {
     inner: Mutex<Inner>,
+    /// Watches refused with 410 Gone so far.
+    expired: std::sync::atomic::AtomicU64,
     events: broadcast::Sender<StoredEvent>,
 }
 
@@ -179,6 +181,7 @@ impl Store {
                 floor: 1,
             }),
             events: broadcast::channel(4096).0,
+            expired: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -412,6 +415,8 @@ impl Store {
         let live = self.events.subscribe();
         let backlog = match since {
             Some(rv) if rv < inner.floor => {
+                self.expired
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Err(ApiError::new(
                     410,
                     "Expired",
@@ -438,6 +443,11 @@ impl Store {
                 .collect(),
         };
         Ok(WatchStart { backlog, live })
+    }
+
+    /// How many watches were refused with 410 Gone (resourceVersion too old).
+    pub fn expired_watches(&self) -> u64 {
+        self.expired.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Forgets the event history, so every watch resuming from an older version gets

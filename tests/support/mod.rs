@@ -25,8 +25,21 @@ use tokio::task::JoinHandle;
 use agent_activator::config::Config;
 use agent_activator::server::{self, RunningServer};
 
+pub mod procs;
+
 /// Every wait in a test is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Polls `cond` every 5 ms until it holds, at most [`WAIT`].
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
 
 // === activator ===
 
@@ -158,7 +171,15 @@ async fn upstream_route(
             tokio::time::sleep(Duration::from_millis(query_param(&req, "ms").unwrap_or(0))).await;
             Response::new(describe(port, &req))
         }
-        "/echo" => Response::new(req.into_body().boxed()),
+        "/echo" => {
+            // Declared request trailers are echoed back as response trailers.
+            let declared = req.headers().get("trailer").cloned();
+            let mut resp = Response::new(req.into_body().boxed());
+            if let Some(t) = declared {
+                resp.headers_mut().insert("trailer", t);
+            }
+            resp
+        }
         "/bytes" => {
             let mut left = query_param(&req, "n").unwrap_or(0);
             let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
@@ -246,10 +267,8 @@ fn websocket_echo(req: &mut Request<Incoming>) -> Response<UpBody> {
             None,
         )
         .await;
+        // A received Close is answered by tungstenite on the next poll, which then ends.
         while let Some(Ok(msg)) = ws.next().await {
-            if msg.is_close() {
-                break;
-            }
             if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
                 break;
             }
@@ -421,4 +440,33 @@ impl HttpClient {
     pub async fn get_session(&self, path: &str, session: &str) -> Reply {
         self.get(path, &[("x-session-id", session)]).await
     }
+}
+
+// === waiting on state ===
+
+/// Polls `probe` every 50 ms until it returns `Some`, at most [`WAIT`]; panics naming
+/// `what` otherwise.
+pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(v) = probe().await {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what} within {WAIT:?}"))
+}
+
+/// The value of sample `name` (with its labels written out, e.g.
+/// `activator_schedule_runs_total{result="ok"}`) in a Prometheus text exposition.
+pub fn metric_value(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }

@@ -210,6 +210,7 @@ async fn apply_false_only_exports() {
         "{step:?}"
     );
     assert_eq!(r.metrics.desired_sandboxes.get(), 1);
+    assert_eq!(r.metrics.warm_pool_target.get(), 1, "exported for HPA/KEDA");
     assert!(r.fleet.targets().is_empty());
     let json = r.scaler.stats_json();
     assert_eq!(json["in_flight"], 1);

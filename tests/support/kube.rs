@@ -1,0 +1,118 @@
+//! Helpers for the Kubernetes backend tests: a kube-testbed with demo-sandbox pods, a real
+//! `kube::Client` over HTTP to it, backends built from YAML, and a tiny HTTP client.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use kube_testbed::{Testbed, TestbedOptions};
+use tokio::time::Instant;
+
+use agent_activator::backend::ClaimBudget;
+use agent_activator::backend::kubernetes::KubernetesBackend;
+use agent_activator::config::Config;
+use agent_activator::session::SessionKey;
+
+/// Every wait in these tests is bounded by this.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub const AGENT_SANDBOX: &str = "extensions.agents.x-k8s.io";
+pub const KRUISE: &str = "agents.kruise.io";
+
+/// A testbed whose pods are `agent-activator demo-sandbox` processes.
+pub async fn testbed(bind_delay: Duration) -> Testbed {
+    Testbed::start(TestbedOptions {
+        activator_bin: Some(env!("CARGO_BIN_EXE_agent-activator").into()),
+        bind_delay,
+        bookmark_interval: Duration::from_millis(200),
+        ..TestbedOptions::default()
+    })
+    .await
+    .expect("testbed starts")
+}
+
+/// A real kube client talking HTTP to the testbed, default namespace `default`.
+pub fn client(tb: &Testbed) -> kube::Client {
+    let cfg = kube::Config::new(tb.url().parse().expect("testbed url"));
+    kube::Client::try_from(cfg).expect("kube client")
+}
+
+/// A config with the kubernetes backend (`api`: agent-sandbox | openkruise) and `extra`
+/// YAML appended at the top level.
+pub fn config(api: &str, pool: &str, extra: &str) -> Config {
+    let yaml = format!(
+        "backend:\n  kind: kubernetes\n  kubernetes:\n    api: {api}\n    pool: {pool}\n    \
+         namespace: default\n    write_session_id: true\n    activity_write_interval: 200ms\n\
+         activation:\n  timeout: 15s\n{extra}"
+    );
+    let mut c = Config::from_yaml(&yaml).expect("test config is valid");
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.admin_listen = "127.0.0.1:0".parse().unwrap();
+    c
+}
+
+pub fn backend(tb: &Testbed, config: &Config) -> KubernetesBackend {
+    KubernetesBackend::new(client(tb), "default", config)
+}
+
+pub fn key(s: &str) -> SessionKey {
+    SessionKey::parse(s, 128).unwrap()
+}
+
+pub fn budget(d: Duration) -> ClaimBudget {
+    let deadline = Instant::now() + d;
+    ClaimBudget {
+        admission_deadline: deadline,
+        deadline,
+    }
+}
+
+/// Waits until `f` holds, re-checking after every write to the testbed's store.
+pub async fn wait_until(tb: &Testbed, what: &str, f: impl Fn(&Testbed) -> bool) {
+    let mut events = tb.store.subscribe();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if f(tb) {
+            return;
+        }
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(_) => {}
+            Err(_) => panic!("timed out waiting for: {what}"),
+        }
+    }
+}
+
+/// Waits until the warm pool has `n` running pods.
+pub async fn wait_pods(tb: &Testbed, n: usize) {
+    wait_until(tb, &format!("{n} running pods"), |tb| tb.pods().len() == n).await;
+}
+
+/// `METHOD http://addr/path` with optional session header; returns status and JSON body.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    session: Option<&str>,
+) -> (u16, serde_json::Value, http::HeaderMap) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    if let Some(s) = session {
+        req = req.header("x-session-id", s);
+    }
+    let req = req.body(Full::new(Bytes::new())).unwrap();
+    let resp = tokio::time::timeout(WAIT, client.request(req))
+        .await
+        .expect("response in time")
+        .expect("request sent");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    (status, json, headers)
+}
