@@ -624,3 +624,32 @@ async fn lease_is_send_and_static() {
     let held = tokio::spawn(async move { lease.endpoint });
     held.await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn hundred_concurrent_requests_to_a_paused_session_make_one_resume() {
+    let r = rig();
+    r.backend.script().resume_delay = Duration::from_millis(300);
+    let k = key("paused-burst");
+    drop(ready(&r, &k).await);
+    sleep(Duration::from_secs(12)).await;
+    assert_eq!(state(&r, &k), "paused");
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let a = r.activator.clone();
+        let k = k.clone();
+        tasks.push(tokio::spawn(async move { a.acquire(&k).await }));
+    }
+    for t in tasks {
+        let lease = t.await.unwrap().expect("lease");
+        assert_eq!(lease.activation, ActivationKind::Resume);
+        assert_eq!(lease.waited, Duration::from_millis(300));
+    }
+    assert_eq!(ScriptedBackend::count(&r.backend.resumes), 1);
+    assert_eq!(
+        r.metrics
+            .activations_total
+            .with_label_values(&["resume", "ok"])
+            .get(),
+        1
+    );
+}
