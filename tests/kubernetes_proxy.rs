@@ -12,6 +12,16 @@ use kube_support::*;
 
 /// Starts an activator whose kubernetes backend reads a kubeconfig for `tb`.
 async fn activator(tb: &kube_testbed::Testbed, name: &str, extra: &str) -> server::RunningServer {
+    activator_with(tb, name, extra, |_| {}).await
+}
+
+/// [`activator`] with a last change to the parsed config.
+async fn activator_with(
+    tb: &kube_testbed::Testbed,
+    name: &str,
+    extra: &str,
+    change: impl FnOnce(&mut agent_activator::config::Config),
+) -> server::RunningServer {
     let path = std::env::temp_dir().join(format!(
         "aa-kube-{}-{}-{name}.yaml",
         std::process::id(),
@@ -20,6 +30,7 @@ async fn activator(tb: &kube_testbed::Testbed, name: &str, extra: &str) -> serve
     std::fs::write(&path, tb.kubeconfig("default")).unwrap();
     let mut cfg = config("agent-sandbox", "default", extra);
     cfg.backend.kubernetes.kubeconfig = Some(path);
+    change(&mut cfg);
     server::start(cfg).await.expect("activator starts")
 }
 
@@ -94,7 +105,7 @@ async fn an_idle_replica_does_not_pause_a_session_busy_on_another() {
     let tb = testbed(Duration::ZERO).await;
     tb.seed_agent_sandbox("default", "default", 1).unwrap();
     wait_pods(&tb, 1).await;
-    let idle = "idle:\n  timeout: 3s\n  sweep_interval: 100ms\n";
+    let idle = "idle:\n  timeout: 4s\n  sweep_interval: 100ms\n";
     let (a, b) = (
         activator(&tb, "idle-a", idle).await,
         activator(&tb, "idle-b", idle).await,
@@ -104,7 +115,7 @@ async fn an_idle_replica_does_not_pause_a_session_busy_on_another() {
 
     // Traffic only through A for longer than B's idle timeout: B's idle sweeper tries to
     // pause, finds A's fresh activity stamp on the claim and backs off.
-    let until = tokio::time::Instant::now() + Duration::from_millis(4500);
+    let until = tokio::time::Instant::now() + Duration::from_millis(5000);
     let mut last = first["counter"].as_u64().unwrap();
     while tokio::time::Instant::now() < until {
         let (status, body, _) = http(a.proxy_addr(), "POST", "/counter", Some("busy")).await;
@@ -129,4 +140,34 @@ async fn an_idle_replica_does_not_pause_a_session_busy_on_another() {
     .await;
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failing_api_server_becomes_a_clear_503_without_hanging() {
+    let tb = testbed(Duration::ZERO).await;
+    tb.seed_agent_sandbox("default", "default", 1).unwrap();
+    wait_pods(&tb, 1).await;
+    let srv = activator_with(&tb, "failing", "", |c| {
+        c.activation.timeout = "1s".parse().unwrap();
+        c.session.admission_timeout = "1s".parse().unwrap();
+    })
+    .await;
+    tb.faults
+        .fail_next_matching(100_000, 500, "POST", "sandboxclaims");
+    let started = tokio::time::Instant::now();
+    let (status, body, headers) = http(srv.proxy_addr(), "GET", "/state", Some("doomed")).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "control_plane", "{body}");
+    assert!(headers.contains_key("retry-after"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The API server recovers: the same session is served.
+    tb.faults.clear();
+    let (status, body, _) = http(srv.proxy_addr(), "GET", "/state", Some("doomed")).await;
+    assert_eq!(status, 200, "{body}");
+    srv.shutdown().await;
 }

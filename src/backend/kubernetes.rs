@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kube::api::{DeleteParams, DynamicObject, ListParams, PostParams};
+use kube::api::{DynamicObject, ListParams, PostParams};
 use kube::runtime::watcher;
 use serde_json::json;
 use tokio::sync::broadcast;
@@ -27,7 +27,7 @@ use crate::config::{Config, ConfigError};
 use crate::session::SessionKey;
 
 pub mod activity;
-mod api;
+pub mod api;
 mod cache;
 mod connect;
 pub mod crd;
@@ -205,6 +205,84 @@ impl KubernetesBackend {
     }
 }
 
+impl KubernetesBackend {
+    /// Waits for the controller to bind a Sandbox to the claim (until the admission
+    /// deadline: none bound means no capacity, 503) and for it to serve (until the
+    /// deadline: 504), resuming it if it was suspended.
+    async fn await_claim(
+        &self,
+        name: &str,
+        created: bool,
+        budget: ClaimBudget,
+        started: Instant,
+    ) -> Result<Binding, BackendError> {
+        let (flavour, cache) = (self.api.flavour, &self.cache);
+        cache
+            .wait_for(budget.admission_deadline.min(budget.deadline), |st| {
+                flavour.claim_sandbox(st.claim(name)?)
+            })
+            .await
+            .ok_or_else(|| {
+                BackendError::NoCapacity(format!(
+                    "no Sandbox was bound to SandboxClaim {name} within {:?}",
+                    started.elapsed()
+                ))
+            })?;
+        let bound = cache
+            .wait_for(budget.deadline, |st| {
+                let sandbox = flavour.claim_sandbox(st.claim(name)?)?;
+                let view = flavour.sandbox_view(st.sandbox(&sandbox)?);
+                match cache.endpoint(&view) {
+                    Some(ep) => Some(Bound::Serving(sandbox, ep)),
+                    None if view.spec_paused => Some(Bound::Suspended(sandbox)),
+                    None => None,
+                }
+            })
+            .await
+            .ok_or_else(|| BackendError::Timeout(started.elapsed()))?;
+        match bound {
+            Bound::Serving(sandbox, endpoint) => Ok(Binding {
+                kind: if created && sandbox == name {
+                    ActivationKind::Create
+                } else {
+                    ActivationKind::Claim
+                },
+                sandbox: SandboxId::new(sandbox),
+                endpoint,
+            }),
+            Bound::Suspended(sandbox) => {
+                // Adopted a claim whose sandbox was suspended (another replica, or before
+                // our restart): thaw it.
+                let id = SandboxId::new(sandbox);
+                let endpoint = self.resume(&id, budget.deadline).await?;
+                Ok(Binding {
+                    sandbox: id,
+                    endpoint,
+                    kind: ActivationKind::Resume,
+                })
+            }
+        }
+    }
+
+    /// Deletes a claim this call created and could not complete, in the background.
+    fn abandon_claim(&self, name: String) {
+        let flavour = self.api.flavour;
+        if let Some(sandbox) = self
+            .cache
+            .read(|st| st.claim(&name).and_then(|c| flavour.claim_sandbox(c)))
+        {
+            self.cache.mark_released(&sandbox);
+        }
+        let api = self.api.clone();
+        let deadline = Instant::now() + self.op_timeout;
+        tokio::spawn(async move {
+            if let Err(e) = api.delete_claim(&name, deadline).await {
+                tracing::warn!(claim = name, "abandoned claim not deleted: {e}");
+            }
+        });
+    }
+}
+
 /// How a claim's sandbox looked when the claim wait ended.
 enum Bound {
     Serving(String, SocketAddr),
@@ -230,45 +308,15 @@ impl SandboxBackend for KubernetesBackend {
         budget: ClaimBudget,
     ) -> Result<Binding, BackendError> {
         let started = Instant::now();
-        let deadline = budget.deadline;
-        self.wait_synced(deadline).await?;
+        self.wait_synced(budget.deadline).await?;
         let name = self.claim_name(session);
-        let created = self.ensure_claim(session, &name, deadline).await?;
-        let (flavour, cache) = (self.api.flavour, &self.cache);
-        let bound = cache
-            .wait_for(deadline, |st| {
-                let sandbox = flavour.claim_sandbox(st.claim(&name)?)?;
-                let view = flavour.sandbox_view(st.sandbox(&sandbox)?);
-                match cache.endpoint(&view) {
-                    Some(ep) => Some(Bound::Serving(sandbox, ep)),
-                    None if view.spec_paused => Some(Bound::Suspended(sandbox)),
-                    None => None,
-                }
-            })
-            .await
-            .ok_or_else(|| BackendError::Timeout(started.elapsed()))?;
-        match bound {
-            Bound::Serving(sandbox, endpoint) => Ok(Binding {
-                kind: if created && sandbox == name {
-                    ActivationKind::Create
-                } else {
-                    ActivationKind::Claim
-                },
-                sandbox: SandboxId::new(sandbox),
-                endpoint,
-            }),
-            Bound::Suspended(sandbox) => {
-                // Adopted a claim whose sandbox was suspended (another replica, or before
-                // our restart): thaw it.
-                let id = SandboxId::new(sandbox);
-                let endpoint = self.resume(&id, deadline).await?;
-                Ok(Binding {
-                    sandbox: id,
-                    endpoint,
-                    kind: ActivationKind::Resume,
-                })
-            }
+        let created = self.ensure_claim(session, &name, budget.deadline).await?;
+        let result = self.await_claim(&name, created, budget, started).await;
+        if result.is_err() && created {
+            // Nobody may come back for it: a claim left behind would keep a sandbox.
+            self.abandon_claim(name);
         }
+        result
     }
 
     async fn resume(
@@ -348,16 +396,9 @@ impl SandboxBackend for KubernetesBackend {
         let name = self.claim_name(session);
         self.cache.mark_released(sandbox.as_str());
         self.activity.forget(session.as_str());
-        let dp = DeleteParams::background();
-        match retry::call(started + self.op_timeout, || {
-            self.api.claims.delete(&name, &dp)
-        })
-        .await
-        {
-            Ok(_) => Ok(()),
-            Err(Some(e)) if retry::classify(&e) == Failure::NotFound => Ok(()),
-            Err(e) => Err(retry::fail("delete SandboxClaim", started, e)),
-        }
+        self.api
+            .delete_claim(&name, started + self.op_timeout)
+            .await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<BackendEvent> {

@@ -1,7 +1,7 @@
 //! `ApiSet`: the typed-by-flavour API handles and the one fenced write every update uses
 //! (read, patch with the read resourceVersion, re-read and retry on 409 Conflict).
 
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -114,6 +114,17 @@ impl ApiSet {
                 Err(Some(e)) if retry::classify(&e) == Failure::Conflict => continue,
                 Err(e) => return Err(retry::fail(what, started, e)),
             }
+        }
+    }
+
+    /// Deletes a claim (the controller then deletes its Sandbox); absent is fine.
+    pub async fn delete_claim(&self, name: &str, deadline: Instant) -> Result<(), BackendError> {
+        let started = Instant::now();
+        let dp = DeleteParams::background();
+        match retry::call(deadline, || self.claims.delete(name, &dp)).await {
+            Ok(_) => Ok(()),
+            Err(Some(e)) if retry::classify(&e) == Failure::NotFound => Ok(()),
+            Err(e) => Err(retry::fail("delete SandboxClaim", started, e)),
         }
     }
 }
