@@ -465,3 +465,27 @@ async fn client_gone_while_waiting_is_recorded_as_499() {
     assert_eq!(metrics.requests_in_flight.get(), 0);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn minted_session_is_handed_out_even_on_failure() {
+    let up = EchoUpstream::start().await;
+    let server = start(&format!(
+        "{}session: {{on_missing: create, sources: [{{cookie: sid}}], admission_timeout: 200ms}}\n\
+         activation: {{retry_after: 2s}}\n",
+        static_backend(&[up.addr])
+    ))
+    .await;
+    let c = HttpClient::http1(server.proxy_addr());
+    assert_eq!(c.get("/", &[("cookie", "sid=holder")]).await.status, 200);
+    let r = c.get("/", &[]).await;
+    assert_error(&r, 503, "no_capacity").await;
+    let minted = r
+        .header("x-session-id")
+        .expect("minted id on the 503")
+        .to_owned();
+    assert_eq!(
+        r.header("set-cookie"),
+        Some(format!("sid={minted}; Path=/; HttpOnly; SameSite=Lax").as_str())
+    );
+    server.shutdown().await;
+}
