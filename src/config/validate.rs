@@ -247,6 +247,12 @@ impl Config {
                 "must not exceed autoscaler.max_scale",
             ));
         }
+        if a.apply && self.backend.kind == BackendKind::Static {
+            return Err(ConfigError::invalid(
+                "autoscaler.apply",
+                "the static backend has a fixed set of sandboxes; use apply: false",
+            ));
+        }
         if a.activation_scale == 0 {
             return Err(ConfigError::invalid(
                 "autoscaler.activation_scale",
