@@ -156,6 +156,15 @@ async fn scale_subresource_reads_and_writes_spec_replicas() {
     assert_eq!(scale.spec.unwrap().replicas, Some(5));
     let pool = pools.get("pool").await.unwrap();
     assert_eq!(pool.data["spec"]["replicas"], 5);
+    // A scale written against an old resourceVersion loses.
+    let stale = Patch::Merge(serde_json::json!({
+        "metadata": {"resourceVersion": "1"}, "spec": {"replicas": 7}
+    }));
+    let err = pools
+        .patch_scale("pool", &PatchParams::default(), &stale)
+        .await
+        .unwrap_err();
+    assert_eq!(status_code(&err).map(|c| c.0), Some(409));
     let missing = pools.get_scale("nope").await.unwrap_err();
     assert_eq!(status_code(&missing).map(|c| c.0), Some(404));
 }

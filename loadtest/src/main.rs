@@ -70,6 +70,7 @@ async fn run(cli: Cli) -> Result<bool> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let scenario = plan.scenario.clone();
+    let machine = Machine::detect();
     let harness = Harness::new(plan.scenario, plan.targets, plan.pids);
     let monitor = Monitor::start(
         plan.admin,
@@ -92,7 +93,7 @@ async fn run(cli: Cli) -> Result<bool> {
     let mut report = Report {
         mode: plan.mode.name().to_string(),
         started_unix,
-        machine: Machine::detect(),
+        machine,
         scenario: scenario.clone(),
         targets,
         timeline,
