@@ -148,6 +148,27 @@ impl ProcessBackend {
     }
 }
 
+impl Drop for ProcessBackend {
+    /// Backstop for a backend dropped without `shutdown()`: SIGKILL every sandbox tree so
+    /// nothing outlives it (workdirs stay until the next sweep after this process ends).
+    fn drop(&mut self) {
+        let mut fleet = self.shared.lock();
+        if fleet.closed {
+            return;
+        }
+        fleet.closed = true;
+        for e in fleet.entries.values() {
+            if let Some(pid) = e.pid {
+                child::signal_group(pid, Signal::SIGKILL);
+            }
+            if let Some(c) = &e.cgroup {
+                c.kill_all();
+            }
+        }
+        self.shared.closed.send_replace(true);
+    }
+}
+
 // === impl Shared ===
 
 impl Shared {
@@ -156,6 +177,8 @@ impl Shared {
         self.fleet.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Keeps `activator_warm_pool_ready` current between scrapes (the admin server also
+    /// refreshes it, with `activator_sandboxes{state}`, at scrape time).
     fn publish(&self, fleet: &Fleet) {
         self.metrics.warm_pool_ready.set(fleet.warm.len() as i64);
     }
@@ -226,7 +249,12 @@ impl Shared {
                             }
                             Err(Err(_)) => false,
                         },
-                        None => false,
+                        None => {
+                            let _ = reply.send(Err(BackendError::StartFailed(
+                                "the sandbox exited right after becoming ready".into(),
+                            )));
+                            false
+                        }
                     }
                 }
                 // A pool start, or a claim that timed out meanwhile: keep it warm.
