@@ -39,6 +39,8 @@ use instance::Instance;
 
 /// How long a freeze may take before the pause is abandoned (and the sandbox thawed).
 const FREEZE_BOUND: Duration = Duration::from_secs(5);
+/// Pause between a claim and the refill it triggers.
+const REFILL_DELAY: Duration = Duration::from_millis(50);
 /// How long a SIGKILLed tree may take to disappear.
 const KILL_BOUND: Duration = Duration::from_secs(5);
 
@@ -204,11 +206,17 @@ impl Shared {
                 tokio::spawn(self.clone().teardown(id));
             }
             self.publish(&self.lock());
-            tokio::select! {
-                _ = self.refill.notified() => {}
+            let notified = tokio::select! {
+                _ = self.refill.notified() => true,
                 // Re-check now and then: a failed start or a missed wake-up heals here.
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => false,
                 _ = closed.wait_for(|c| *c) => return,
+            };
+            if notified {
+                // Let the request that just claimed get its first response before new
+                // children start competing for CPU (a start costs milliseconds of CPU;
+                // a burst of claims coalesces into one plan).
+                tokio::time::sleep(REFILL_DELAY).await;
             }
         }
     }
