@@ -137,6 +137,7 @@ impl Autoscaler {
         if !leading {
             self.metrics.desired_sandboxes.set(0);
             self.metrics.panic_mode.set(0);
+            self.metrics.warm_pool_target.set(0);
             // A future leadership starts from a clean slate, as a new Knative decider.
             *self.lock() = LoopState::default();
             return Step::Follower;
@@ -153,17 +154,18 @@ impl Autoscaler {
             warm_pool: self.config.backend.warm_pool,
             sessions_per_sandbox: self.config.session.max_sessions_per_sandbox,
         };
-        let (decision, to_apply) = {
+        let (decision, target, to_apply) = {
             let mut st = self.lock();
             let decision = decide(&mut st.scaler, &inputs, &self.config.autoscaler);
             let target = pool_target(decision.desired, bound);
             let to_apply =
                 (self.config.autoscaler.apply && st.applied != Some(target)).then_some(target);
-            (decision, to_apply)
+            (decision, target, to_apply)
         };
         self.metrics
             .desired_sandboxes
             .set(i64::from(decision.desired));
+        self.metrics.warm_pool_target.set(i64::from(target));
         self.metrics.panic_mode.set(i64::from(decision.panic));
         // Arm the immediate wake-up while the decision is zero.
         self.sampler.traffic().set_at_zero(decision.desired == 0);

@@ -580,7 +580,13 @@ impl Config {
     }
 
     /// Parses and validates YAML text; errors name the key path.
+    /// A `serving.knative.dev/v1` Service manifest is accepted too (see [`crate::knative`]).
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        if let Ok(doc) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text)
+            && crate::knative::is_knative_service(&doc)
+        {
+            return crate::knative::config_from_manifest(&doc);
+        }
         let de = serde_yaml_ng::Deserializer::from_str(text);
         let config: Config = deserialize_with_path(de)?;
         config.validate()?;

@@ -15,6 +15,7 @@
 //! - [`stats`]: traffic counters and windows that feed the autoscaler.
 //! - [`autoscaler`]: the scaling decision (Knative KPA semantics), its loop and leader
 //!   election.
+//! - [`knative`]: a Knative Service manifest (annotations, container) as the configuration.
 //! - [`schedule`]: cron-scheduled wake-up requests, each tick fired once.
 //! - [`shutdown`]: signal handling and graceful drain.
 //! - [`server`]: wires everything into a running server (`server::start`).
@@ -27,6 +28,7 @@ pub mod autoscaler;
 pub mod backend;
 pub mod config;
 pub mod demo;
+pub mod knative;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

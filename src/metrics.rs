@@ -65,6 +65,9 @@ pub struct Metrics {
     pub desired_sandboxes: IntGauge,
     /// `activator_panic_mode`: 1 while the autoscaler is in panic mode.
     pub panic_mode: IntGauge,
+    /// `activator_warm_pool_target`: the warm-pool size the decision translates to
+    /// (desired minus sandboxes bound to sessions); what HPA/KEDA set when `apply: false`.
+    pub warm_pool_target: IntGauge,
     /// `activator_autoscaler_leader`: 1 on the replica that makes decisions.
     pub autoscaler_leader: IntGauge,
     /// `activator_schedule_runs_total{result}`: ok | error | skipped.
@@ -210,6 +213,11 @@ impl Metrics {
                 "1 while the autoscaler is in panic mode.",
             )
             .expect("valid metric"),
+            warm_pool_target: IntGauge::new(
+                "activator_warm_pool_target",
+                "Warm-pool size the autoscaler's decision translates to.",
+            )
+            .expect("valid metric"),
             autoscaler_leader: IntGauge::new(
                 "activator_autoscaler_leader",
                 "1 on the replica whose autoscaler decides.",
@@ -254,6 +262,7 @@ impl Metrics {
             Box::new(self.active_sessions.clone()),
             Box::new(self.desired_sandboxes.clone()),
             Box::new(self.panic_mode.clone()),
+            Box::new(self.warm_pool_target.clone()),
             Box::new(self.autoscaler_leader.clone()),
             Box::new(self.schedule_runs_total.clone()),
         ];

@@ -97,14 +97,16 @@ async fn drain_window_bounds_the_wait() {
 #[tokio::test]
 async fn binary_drains_and_exits_zero_on_sigterm() {
     let up = EchoUpstream::start().await;
+    let up2 = EchoUpstream::start().await;
     let dir = std::env::temp_dir().join(format!("aa-drain-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("activator.yaml");
     std::fs::write(
         &path,
         format!(
-            "log: {{format: json, level: info}}\nproxy: {{drain_timeout: 10s}}\n{}",
-            static_backend(&[up.addr])
+            "log: {{format: json, level: info}}\nproxy: {{drain_timeout: 10s}}\n\
+             session: {{sources: [{{header: X-Session-ID}}, {{path_prefix: /s/}}]}}\n{}",
+            static_backend(&[up.addr, up2.addr])
         ),
     )
     .unwrap();
@@ -138,6 +140,8 @@ async fn binary_drains_and_exits_zero_on_sigterm() {
     .expect("listening line");
 
     let c = HttpClient::http1(proxy_addr);
+    let by_path = c.get("/s/path-raw-id/hello?q=1", &[]).await;
+    assert_eq!(by_path.status, 200);
     let slow = tokio::spawn(async move { c.get_session("/slow?ms=700", "sigterm-raw-id").await });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let pid = child.id().unwrap().to_string();
@@ -161,19 +165,32 @@ async fn binary_drains_and_exits_zero_on_sigterm() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|j| j["target"] == "access")
         .collect();
-    assert_eq!(access.len(), 1, "one access line per request: {log:#?}");
-    let a = &access[0];
+    assert_eq!(access.len(), 2, "one access line per request: {log:#?}");
+    assert_eq!(
+        access[0]["path"], "/hello",
+        "logged without the session prefix"
+    );
+    let a = &access[1];
     assert_eq!(a["method"], "GET");
     assert_eq!(a["path"], "/slow");
     assert_eq!(a["status"], 200);
-    assert_eq!(a["sandbox"], up.addr.to_string());
+    let sandbox = a["sandbox"].as_str().unwrap();
+    assert!(
+        [up.addr.to_string(), up2.addr.to_string()]
+            .iter()
+            .any(|s| s == sandbox)
+    );
     assert_eq!(a["activation"], "claim");
     assert_eq!(
         a["session"].as_str().unwrap().len(),
         12,
         "short hash, not the raw id"
     );
-    assert!(!log.join("\n").contains("sigterm-raw-id"));
+    let all = log.join("\n");
+    assert!(
+        !all.contains("sigterm-raw-id") && !all.contains("path-raw-id"),
+        "{all}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -69,6 +69,76 @@ async fn cold_creates_when_the_pool_is_empty() {
     assert_eq!(got.sandbox.as_str(), b.claim_name(&k));
     let (status, _, _) = kube_support::http(got.endpoint, "GET", "/healthz", None).await;
     assert_eq!(status, 200);
+
+    // Someone deletes the Sandbox itself: the session's sandbox is lost.
+    let mut events = b.subscribe();
+    let sandboxes = tb.resource("agents.x-k8s.io", "Sandbox");
+    tb.store
+        .delete(sandboxes, "default", got.sandbox.as_str())
+        .unwrap();
+    let ev = tokio::time::timeout(WAIT, events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(ev, BackendEvent::Lost { ref sandbox, .. } if *sandbox == got.sandbox),
+        "{ev:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_claim_nobody_binds_in_time_is_no_capacity_and_is_cleaned_up() {
+    // The controller takes 3 s to bind; the admission budget is 300 ms.
+    let tb = testbed(Duration::from_secs(3)).await;
+    tb.seed_agent_sandbox("default", "default", 1).unwrap();
+    wait_pods(&tb, 1).await;
+    let b = backend(&tb, &config("agent-sandbox", "default", ""));
+    let deadline = tokio::time::Instant::now();
+    let budget = agent_activator::backend::ClaimBudget {
+        admission_deadline: deadline + Duration::from_millis(300),
+        deadline: deadline + WAIT,
+    };
+    let err = b.claim(&key("impatient"), budget).await.unwrap_err();
+    assert!(matches!(err, BackendError::NoCapacity(_)), "{err:?}");
+    assert!(
+        deadline.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        deadline.elapsed()
+    );
+    // The claim it created is deleted, so the warm sandbox is not taken by nobody.
+    wait_until(&tb, "the abandoned claim is deleted", |tb| {
+        tb.list(AGENT_SANDBOX, "SandboxClaim", "default").is_empty()
+    })
+    .await;
+    assert_eq!(tb.pods().len(), 1);
+}
+
+#[tokio::test]
+async fn an_unreachable_api_server_fails_claims_within_the_budget() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = kube::Config::new(format!("http://127.0.0.1:{port}").parse().unwrap());
+    let client = kube::Client::try_from(cfg).unwrap();
+    let b = agent_activator::backend::kubernetes::KubernetesBackend::new(
+        client,
+        "default",
+        &config("agent-sandbox", "default", ""),
+    );
+    let started = tokio::time::Instant::now();
+    let err = b
+        .claim(&key("nowhere"), budget(Duration::from_millis(500)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BackendError::ControlPlane(_)), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -360,4 +430,54 @@ async fn dropped_watches_and_410_gone_relist_and_keep_events_flowing() {
     let second = a.claim(&key("after-relist"), budget(WAIT)).await.unwrap();
     let (status, _, _) = kube_support::http(second.endpoint, "GET", "/healthz", None).await;
     assert_eq!(status, 200);
+}
+
+/// A pause strategy that counts calls and delegates to the default spec suspend.
+struct CountingPause {
+    calls: std::sync::atomic::AtomicU32,
+    inner: agent_activator::backend::kubernetes::pause::SpecSuspend,
+}
+
+#[async_trait::async_trait]
+impl agent_activator::backend::kubernetes::pause::PauseStrategy for CountingPause {
+    fn name(&self) -> &'static str {
+        "counting"
+    }
+
+    fn keeps(&self) -> &'static str {
+        "whatever the test says"
+    }
+
+    async fn set_paused(
+        &self,
+        api: &agent_activator::backend::kubernetes::api::ApiSet,
+        sandbox: &str,
+        paused: bool,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), BackendError> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.set_paused(api, sandbox, paused, deadline).await
+    }
+}
+
+#[tokio::test]
+async fn the_pause_step_is_pluggable() {
+    use agent_activator::backend::kubernetes::flavour::Flavour;
+    use agent_activator::backend::kubernetes::pause::SpecSuspend;
+    let tb = testbed(Duration::ZERO).await;
+    tb.seed_agent_sandbox("default", "default", 1).unwrap();
+    wait_pods(&tb, 1).await;
+    let strategy = std::sync::Arc::new(CountingPause {
+        calls: Default::default(),
+        inner: SpecSuspend::new(Flavour::AgentSandbox),
+    });
+    let b =
+        backend(&tb, &config("agent-sandbox", "default", "")).with_pause_strategy(strategy.clone());
+    assert_eq!(b.capabilities().pause_keeps, "whatever the test says");
+    let got = b.claim(&key("plug"), budget(WAIT)).await.unwrap();
+    b.pause(&got.sandbox).await.unwrap();
+    b.resume(&got.sandbox, tokio::time::Instant::now() + WAIT)
+        .await
+        .unwrap();
+    assert_eq!(strategy.calls.load(std::sync::atomic::Ordering::SeqCst), 2);
 }

@@ -11,15 +11,26 @@ use agent_activator::server;
 use kube_support::*;
 
 /// Starts an activator whose kubernetes backend reads a kubeconfig for `tb`.
-async fn activator(tb: &kube_testbed::Testbed, name: &str) -> server::RunningServer {
+async fn activator(tb: &kube_testbed::Testbed, name: &str, extra: &str) -> server::RunningServer {
+    activator_with(tb, name, extra, |_| {}).await
+}
+
+/// [`activator`] with a last change to the parsed config.
+async fn activator_with(
+    tb: &kube_testbed::Testbed,
+    name: &str,
+    extra: &str,
+    change: impl FnOnce(&mut agent_activator::config::Config),
+) -> server::RunningServer {
     let path = std::env::temp_dir().join(format!(
         "aa-kube-{}-{}-{name}.yaml",
         std::process::id(),
         tb.addr().port()
     ));
     std::fs::write(&path, tb.kubeconfig("default")).unwrap();
-    let mut cfg = config("agent-sandbox", "default", "");
+    let mut cfg = config("agent-sandbox", "default", extra);
     cfg.backend.kubernetes.kubeconfig = Some(path);
+    change(&mut cfg);
     server::start(cfg).await.expect("activator starts")
 }
 
@@ -28,7 +39,7 @@ async fn requests_buffered_during_resume_are_each_served_once() {
     let tb = testbed(Duration::from_millis(20)).await;
     tb.seed_agent_sandbox("default", "default", 1).unwrap();
     wait_pods(&tb, 1).await;
-    let srv = activator(&tb, "one").await;
+    let srv = activator(&tb, "one", "").await;
     let proxy = srv.proxy_addr();
 
     let (status, first, headers) = http(proxy, "POST", "/counter", Some("s1")).await;
@@ -74,7 +85,7 @@ async fn two_replicas_route_one_session_to_one_sandbox() {
     let tb = testbed(Duration::from_millis(20)).await;
     tb.seed_agent_sandbox("default", "default", 2).unwrap();
     wait_pods(&tb, 2).await;
-    let (a, b) = (activator(&tb, "a").await, activator(&tb, "b").await);
+    let (a, b) = (activator(&tb, "a", "").await, activator(&tb, "b", "").await);
     let (ra, rb) = tokio::join!(
         http(a.proxy_addr(), "POST", "/counter", Some("shared")),
         http(b.proxy_addr(), "POST", "/counter", Some("shared")),
@@ -87,4 +98,76 @@ async fn two_replicas_route_one_session_to_one_sandbox() {
     assert_eq!(tb.list(AGENT_SANDBOX, "SandboxClaim", "default").len(), 1);
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_idle_replica_does_not_pause_a_session_busy_on_another() {
+    let tb = testbed(Duration::ZERO).await;
+    tb.seed_agent_sandbox("default", "default", 1).unwrap();
+    wait_pods(&tb, 1).await;
+    let idle = "idle:\n  timeout: 4s\n  sweep_interval: 100ms\n";
+    let (a, b) = (
+        activator(&tb, "idle-a", idle).await,
+        activator(&tb, "idle-b", idle).await,
+    );
+    let (status, first, _) = http(b.proxy_addr(), "POST", "/counter", Some("busy")).await;
+    assert_eq!(status, 200, "{first}");
+
+    // Traffic only through A for longer than B's idle timeout: B's idle sweeper tries to
+    // pause, finds A's fresh activity stamp on the claim and backs off.
+    let until = tokio::time::Instant::now() + Duration::from_millis(5000);
+    let mut last = first["counter"].as_u64().unwrap();
+    while tokio::time::Instant::now() < until {
+        let (status, body, _) = http(a.proxy_addr(), "POST", "/counter", Some("busy")).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["pid"], first["pid"],
+            "the sandbox was paused under traffic"
+        );
+        assert_eq!(body["counter"].as_u64().unwrap(), last + 1);
+        last += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let busy = b.metrics().pauses_total.with_label_values(&["busy"]).get();
+    assert!(busy >= 1, "B never tried to pause ({busy})");
+
+    // Once nobody has traffic, the session is paused cluster-wide.
+    wait_until(&tb, "the sandbox is suspended", |tb| {
+        tb.list("agents.x-k8s.io", "Sandbox", "default")
+            .iter()
+            .any(|s| s["spec"]["operatingMode"] == "Suspended")
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failing_api_server_becomes_a_clear_503_without_hanging() {
+    let tb = testbed(Duration::ZERO).await;
+    tb.seed_agent_sandbox("default", "default", 1).unwrap();
+    wait_pods(&tb, 1).await;
+    let srv = activator_with(&tb, "failing", "", |c| {
+        c.activation.timeout = "1s".parse().unwrap();
+        c.session.admission_timeout = "1s".parse().unwrap();
+    })
+    .await;
+    tb.faults
+        .fail_next_matching(100_000, 500, "POST", "sandboxclaims");
+    let started = tokio::time::Instant::now();
+    let (status, body, headers) = http(srv.proxy_addr(), "GET", "/state", Some("doomed")).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "control_plane", "{body}");
+    assert!(headers.contains_key("retry-after"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The API server recovers: the same session is served.
+    tb.faults.clear();
+    let (status, body, _) = http(srv.proxy_addr(), "GET", "/state", Some("doomed")).await;
+    assert_eq!(status, 200, "{body}");
+    srv.shutdown().await;
 }

@@ -3,35 +3,7 @@
 
 mod support;
 
-use std::time::Duration;
-
-use support::{DemoSandbox, HttpClient, WAIT, start, static_backend};
-
-/// Polls `probe` every 50 ms until it returns `Some`, at most [`WAIT`].
-async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    tokio::time::timeout(WAIT, async {
-        loop {
-            if let Some(v) = probe().await {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{what} within {WAIT:?}"))
-}
-
-/// The value of an unlabelled sample (or a labelled one written out in full) in `/metrics`.
-fn sample(metrics: &str, name: &str) -> Option<f64> {
-    metrics.lines().find_map(|l| {
-        let rest = l.strip_prefix(name)?;
-        rest.strip_prefix(' ')?.trim().parse().ok()
-    })
-}
+use support::{DemoSandbox, HttpClient, eventually, metric_value, start, static_backend};
 
 #[tokio::test]
 async fn api_stats_counts_requests_and_the_sole_replica_leads() {
@@ -63,9 +35,12 @@ async fn api_stats_counts_requests_and_the_sole_replica_leads() {
     })
     .await;
     let metrics = admin.get("/metrics", &[]).await.text();
-    assert_eq!(sample(&metrics, "activator_autoscaler_leader"), Some(1.0));
-    assert!(sample(&metrics, "activator_desired_sandboxes").is_some());
-    assert!(sample(&metrics, "activator_stable_rps").is_some_and(|v| v > 0.0));
+    assert_eq!(
+        metric_value(&metrics, "activator_autoscaler_leader"),
+        Some(1.0)
+    );
+    assert!(metric_value(&metrics, "activator_desired_sandboxes").is_some());
+    assert!(metric_value(&metrics, "activator_stable_rps").is_some_and(|v| v > 0.0));
     server.shutdown().await;
 }
 
@@ -87,7 +62,7 @@ async fn the_leader_sums_a_peers_stats() {
     let a_admin = HttpClient::http1(a.admin_addr());
     let desired = eventually("A scales for B's traffic", || async {
         let m = a_admin.get("/metrics", &[]).await.text();
-        sample(&m, "activator_desired_sandboxes").filter(|d| *d >= 2.0)
+        metric_value(&m, "activator_desired_sandboxes").filter(|d| *d >= 2.0)
     })
     .await;
     assert!(desired >= 2.0);
@@ -124,7 +99,7 @@ async fn a_schedule_wakes_its_session_through_the_activator() {
     .await;
     eventually("the run is counted ok", || async {
         let m = admin.get("/metrics", &[]).await.text();
-        sample(&m, "activator_schedule_runs_total{result=\"ok\"}").filter(|v| *v >= 1.0)
+        metric_value(&m, "activator_schedule_runs_total{result=\"ok\"}").filter(|v| *v >= 1.0)
     })
     .await;
     server.shutdown().await;

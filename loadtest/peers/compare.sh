@@ -30,7 +30,7 @@ if ((${#missing[@]})); then
 fi
 
 echo "building release binaries..." >&2
-(cd "$root" && cargo build --release --bin agent-activator --bin activator-loadtest) >&2
+(cd "$root" && cargo build --release -p agent-activator -p loadtest --bins) >&2
 activator=$target_dir/release/agent-activator
 loadtest=$target_dir/release/activator-loadtest
 
@@ -45,23 +45,25 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A free loopback port: probe upwards from a per-run base.
+# Sets the variable named $1 to a free loopback port, probing upwards from a per-run base
+# (no command substitution: the counter must survive between calls).
 next_port=$((20000 + ($$ % 20000)))
-free_port() {
+alloc_port() {
     while (exec 3<>"/dev/tcp/127.0.0.1/$next_port") 2>/dev/null; do
         next_port=$((next_port + 1))
     done
-    echo "$next_port"
+    printf -v "$1" '%s' "$next_port"
     next_port=$((next_port + 1))
 }
 
-# Waits up to 10 s for a listener on 127.0.0.1:$1.
+# Waits up to 10 s for process $2 to listen on 127.0.0.1:$1; fails if it exited.
 wait_port() {
     for _ in $(seq 100); do
+        kill -0 "$2" 2>/dev/null || break
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
         sleep 0.1
     done
-    echo "compare.sh: nothing listens on 127.0.0.1:$1 after 10 s ($2)" >&2
+    echo "compare.sh: $3 is not listening on 127.0.0.1:$1" >&2
     exit 1
 }
 
@@ -72,7 +74,7 @@ for i in $(seq "$sandboxes"); do
     pids+=($!)
     sandbox_pids+=($!)
     for _ in $(seq 100); do
-        grep -q "listening on" "$run/sandbox-$i.out" && break
+        grep -qs "listening on" "$run/sandbox-$i.out" && break
         sleep 0.1
     done
     addr=$(sed -n 's/^listening on //p' "$run/sandbox-$i.out" | head -1)
@@ -84,10 +86,10 @@ echo "sandboxes: ${addrs[*]}" >&2
 for workers in $workers_list; do
     dir=$run/w$workers
     mkdir -p "$dir"
-    act_port=$(free_port)
-    admin_port=$(free_port)
-    nginx_port=$(free_port)
-    haproxy_port=$(free_port)
+    alloc_port act_port
+    alloc_port admin_port
+    alloc_port nginx_port
+    alloc_port haproxy_port
 
     endpoints=""
     nginx_servers=""
@@ -119,9 +121,9 @@ for workers in $workers_list; do
     haproxy -f "$dir/haproxy.cfg" -db >"$dir/haproxy.log" 2>&1 &
     haproxy_pid=$!
     pids+=($haproxy_pid)
-    wait_port "$act_port" "agent-activator, see $dir/activator.log"
-    wait_port "$nginx_port" "nginx, see $dir/nginx-error.log"
-    wait_port "$haproxy_port" "haproxy, see $dir/haproxy.log"
+    wait_port "$act_port" "$act_pid" "agent-activator (see $dir/activator.log)"
+    wait_port "$nginx_port" "$nginx_pid" "nginx (see $dir/nginx-error.log)"
+    wait_port "$haproxy_port" "$haproxy_pid" "haproxy (see $dir/haproxy.log)"
     nginx_workers=$(pgrep -P "$nginx_pid" | paste -sd, -)
 
     echo "== $workers worker(s): direct, activator, nginx, haproxy ==" >&2

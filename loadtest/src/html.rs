@@ -158,7 +158,7 @@ fn linear_ticks(max: f64, n: usize) -> Vec<(f64, String)> {
             let v = max * i as f64 / n as f64;
             (
                 v,
-                if max >= 10.0 {
+                if max >= 10.0 || v.fract() == 0.0 {
                     format!("{v:.0}")
                 } else {
                     format!("{v:.2}")
@@ -281,8 +281,9 @@ fn timeline_plots(report: &Report) -> String {
     let y_max = counts
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.1))
-        .fold(1.0, f64::max)
-        .ceil();
+        .fold(1.0, f64::max);
+    // A multiple of 5, so the 5 ticks fall on whole counts.
+    let y_max = (y_max / 5.0).ceil() * 5.0;
     let yc = Axis {
         label: "count".into(),
         min: 0.0,
@@ -345,11 +346,12 @@ pub fn render(report: &Report) -> String {
     );
     let _ = write!(
         h,
-        "<h1>activator-loadtest: {}</h1><p>{} cores, {}, kernel {}. Started at Unix time {}.</p>",
+        "<h1>activator-loadtest: {}</h1><p>{} cores, {}, kernel {}, load average {} at the start. Started at Unix time {}.</p>",
         esc(&report.mode),
         report.machine.cores,
         esc(&report.machine.cpu_model),
         esc(&report.machine.kernel),
+        esc(&report.machine.load_average),
         report.started_unix
     );
     if report.passed {
@@ -402,6 +404,9 @@ pub fn render(report: &Report) -> String {
     if !report.timeline.is_empty() {
         h.push_str("<h2>Timeline</h2><p>Sandbox states from the activator's admin API; CPU per state from /proc (paused sandboxes should use none).</p>");
         h.push_str(&timeline_plots(report));
+    }
+    if let Some(mb) = report.activator_peak_rss_mb {
+        let _ = write!(h, "<p>Activator peak resident memory: {mb:.1} MB.</p>");
     }
     if let Some(e) = &report.admin_error {
         let _ = write!(h, "<p class=\"fail\">admin API: {}</p>", esc(e));

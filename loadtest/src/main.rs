@@ -70,6 +70,7 @@ async fn run(cli: Cli) -> Result<bool> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let scenario = plan.scenario.clone();
+    let machine = Machine::detect();
     let harness = Harness::new(plan.scenario, plan.targets, plan.pids);
     let monitor = Monitor::start(
         plan.admin,
@@ -85,14 +86,19 @@ async fn run(cli: Cli) -> Result<bool> {
     harness.bar.finish_and_clear();
     let (timeline, admin_error) = monitor.stop().await;
     let targets = result?;
+    let activator_peak_rss_mb = timeline
+        .iter()
+        .filter_map(|s| s.activator_rss_mb)
+        .reduce(f64::max);
     let mut report = Report {
         mode: plan.mode.name().to_string(),
         started_unix,
-        machine: Machine::detect(),
+        machine,
         scenario: scenario.clone(),
         targets,
         timeline,
         admin_error,
+        activator_peak_rss_mb,
         passed: false,
         failures: Vec::new(),
     };

@@ -22,6 +22,8 @@ pub struct Report {
     pub timeline: Vec<Sample>,
     /// First failure of the admin API poll, if any.
     pub admin_error: Option<String>,
+    /// Highest resident memory of the activator seen by the sampler (`--activator-pid`).
+    pub activator_peak_rss_mb: Option<f64>,
     /// True when every check held and errors stayed within `max_errors`.
     pub passed: bool,
     pub failures: Vec<String>,
@@ -31,6 +33,8 @@ pub struct Report {
 #[derive(Debug, Clone, Serialize)]
 pub struct Machine {
     pub cores: usize,
+    /// `/proc/loadavg` when the run started: other work on the machine skews every figure.
+    pub load_average: String,
     pub cpu_model: String,
     pub kernel: String,
 }
@@ -46,6 +50,9 @@ impl Machine {
             .unwrap_or_else(|| "unknown".into());
         Machine {
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            load_average: std::fs::read_to_string("/proc/loadavg")
+                .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+                .unwrap_or_default(),
             cpu_model,
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_string())
@@ -243,6 +250,13 @@ impl Report {
         let mut out = line(&header);
         for row in self.rows() {
             out.push_str(&line(&row));
+        }
+        out.push_str(&format!(
+            "load average at start: {}\n",
+            self.machine.load_average
+        ));
+        if let Some(mb) = self.activator_peak_rss_mb {
+            out.push_str(&format!("activator peak RSS: {mb:.1} MB\n"));
         }
         for f in &self.failures {
             out.push_str(&format!("FAILED: {f}\n"));

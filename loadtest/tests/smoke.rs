@@ -211,3 +211,86 @@ fn storm_through_the_activator_gives_each_session_its_own_sandbox() {
     assert_eq!(claim["counts"]["sandboxes"], 3, "{out}");
     assert_eq!(claim["counts"]["activation_claim"], 3, "{out}");
 }
+
+/// The process backend: one demo-sandbox process per session from a warm pool of 2;
+/// sessions idle for 1 s are frozen and resume on their next request.
+fn process_activator(max_sandboxes: u32) -> support::Activator {
+    let bin = support::activator_bin();
+    // Its own work directory: a process activator sweeps sandboxes left under its root,
+    // and tests run in parallel.
+    let workdir = support::temp_file("sandboxes/.keep", "");
+    let workdir = workdir.parent().unwrap();
+    support::Activator::start(&format!(
+        "log:\n  level: warn\nidle:\n  timeout: 1s\n  policy: pause\n  sweep_interval: 100ms\n\
+         activation:\n  timeout: 20s\nsession:\n  admission_timeout: 20s\n\
+         backend:\n  kind: process\n  command: [\"{}\", \"demo-sandbox\", \"--port\", \"{{port}}\"]\n  \
+         ready_path: /healthz\n  warm_pool: 2\n  max_sandboxes: {max_sandboxes}\n  stop_grace: 1s\n  \
+         workdir_root: {}\n",
+        bin.display(),
+        workdir.display()
+    ))
+}
+
+#[test]
+fn agents_through_the_activator_resume_frozen_sandboxes_with_their_state() {
+    let act = process_activator(10);
+    let scenario = support::temp_file(
+        "agents.yaml",
+        "seed: 5\nsample_interval: 100ms\nagents:\n  sessions: 3\n  arrival_rate: 10\n  turns: 3\n  \
+         think_min: 10ms\n  think_max: 50ms\n  sse_fraction: 0.3\n  ws_fraction: 0.3\n  \
+         sse_events: 3\n  sse_interval_ms: 5\n  idle_fraction: 1.0\n  idle_time: 3s\n  \
+         return_turns: 1\n  exclusive: true\n  duration: 60s\n",
+    );
+    let (code, report, out) = run_loadtest(&[
+        "agents",
+        "--scenario",
+        scenario.to_str().unwrap(),
+        "--target",
+        &format!("activator={}", act.url()),
+        "--admin",
+        &act.admin_url(),
+        "--activator-pid",
+        &act.pid().to_string(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(report["passed"], Value::Bool(true), "{out}");
+    assert_eq!(
+        section(&report, "activator", "cold_claim")["ok"],
+        3,
+        "{out}"
+    );
+    assert_eq!(section(&report, "activator", "resume")["ok"], 3, "{out}");
+    let counts = &section(&report, "activator", "cold_claim")["counts"];
+    assert_eq!(counts["sessions_completed"], 3, "{out}");
+    assert_eq!(
+        counts["sessions_resumed"], 3,
+        "every idle session came back to a frozen sandbox: {out}"
+    );
+    assert!(
+        section(&report, "activator", "buffered")["ok"]
+            .as_u64()
+            .unwrap()
+            >= 6,
+        "{out}"
+    );
+    let timeline = report["timeline"].as_array().unwrap();
+    assert!(
+        timeline.iter().any(|s| s["sandboxes"]["paused"] == 3),
+        "the timeline shows the three sandboxes frozen: {out}"
+    );
+}
+
+#[test]
+fn storm_through_the_activator_outgrows_the_warm_pool_without_errors() {
+    let act = process_activator(12);
+    let (code, report, out) = support::run_direct("storm", &act.url(), &["--sessions", "8"]);
+    assert_eq!(code, 0, "{out}");
+    let claim = section(&report, "direct", "claim");
+    assert_eq!(claim["ok"], 8, "{out}");
+    assert_eq!(claim["errors"], 0, "{out}");
+    assert_eq!(
+        claim["counts"]["sandboxes"], 8,
+        "one sandbox per session: {out}"
+    );
+    assert_eq!(section(&report, "direct", "follow_up")["ok"], 8, "{out}");
+}

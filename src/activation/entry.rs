@@ -176,6 +176,16 @@ impl SessionEntry {
             .fetch_max(self.nanos_since_created(now), Ordering::Release);
     }
 
+    /// Restarts the idle clock without it counting as traffic to report: a refused pause
+    /// is not activity, and reporting it (an activity stamp on a shared store) would make
+    /// two idle replicas refuse each other's pauses forever.
+    pub(crate) fn defer_idle(&self, now: Instant) {
+        let ns = self.nanos_since_created(now);
+        self.last_activity_ns.fetch_max(ns, Ordering::Release);
+        self.last_reported_ns
+            .fetch_max(ns.max(1), Ordering::Release);
+    }
+
     /// How long the session has had no request in flight (zero while one is).
     pub(crate) fn idle_for(&self, now: Instant) -> Duration {
         if self.in_flight() > 0 {

@@ -255,7 +255,7 @@ impl Shared {
                     "error"
                 };
                 st.phase = Phase::Ready;
-                entry.touch(now);
+                entry.defer_idle(now);
                 self.queue.grant_all(&entry, &mut st, ActivationKind::None);
                 (label, Err(ActivationError::Backend(e)))
             }

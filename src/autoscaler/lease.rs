@@ -296,19 +296,7 @@ pub async fn client(
     kubeconfig: Option<&std::path::Path>,
 ) -> Result<kube::Client, crate::config::ConfigError> {
     use crate::config::ConfigError;
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| {
-                ConfigError::invalid("backend.kubernetes.kubeconfig", e.to_string())
-            })?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| ConfigError::invalid("backend.kubernetes.kubeconfig", e.to_string()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| ConfigError::invalid("backend.kubernetes.kubeconfig", e.to_string()))?,
-    };
+    let config = crate::backend::kubernetes::client_config(kubeconfig).await?;
     kube::Client::try_from(config)
         .map_err(|e| ConfigError::invalid("backend.kubernetes.kubeconfig", e.to_string()))
 }

@@ -73,6 +73,7 @@ impl Scaling {
             elector = Some(e.clone());
             e
         } else {
+            deps.metrics.autoscaler_leader.set(1);
             Arc::new(SoleReplica)
         };
 
@@ -147,15 +148,15 @@ impl Scaling {
     }
 }
 
-/// This replica's name in the Lease: `POD_NAME` (downward API), else `HOSTNAME`, else a
-/// random name.
+/// This replica's name in the Lease: `POD_NAME` (downward API), else `HOSTNAME`, else
+/// `agent-activator`, plus a random suffix per process start (as client-go does), so two
+/// processes never share an identity even when they share a host name.
 fn replica_identity() -> String {
-    std::env::var("POD_NAME")
+    let host = std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .ok()
         .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| {
-            let id: [u8; 6] = rand::random();
-            format!("agent-activator-{}", hex::encode(id))
-        })
+        .unwrap_or_else(|| "agent-activator".into());
+    let suffix: [u8; 4] = rand::random();
+    format!("{host}_{}", hex::encode(suffix))
 }

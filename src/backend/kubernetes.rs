@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DynamicObject, ListParams, PostParams};
 use kube::runtime::watcher;
 use serde_json::json;
 use tokio::sync::broadcast;
@@ -27,8 +27,9 @@ use crate::config::{Config, ConfigError};
 use crate::session::SessionKey;
 
 pub mod activity;
-mod api;
+pub mod api;
 mod cache;
+mod connect;
 pub mod crd;
 pub mod flavour;
 pub mod pause;
@@ -37,6 +38,8 @@ mod retry;
 use activity::{ActivityLog, LAST_ACTIVITY, PAUSING};
 use api::{ApiSet, Decision};
 use cache::{Cache, Kind};
+pub use connect::client_config;
+use connect::replica_id;
 use flavour::Flavour;
 use pause::{PauseStrategy, SpecSuspend};
 use retry::Failure;
@@ -72,27 +75,7 @@ impl KubernetesBackend {
     /// account, else `KUBECONFIG` / `~/.kube/config`, and starts the watches.
     pub async fn connect(config: &Config) -> Result<KubernetesBackend, ConfigError> {
         let k = &config.backend.kubernetes;
-        let kcfg = match &k.kubeconfig {
-            Some(path) => {
-                let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| {
-                    ConfigError::invalid("backend.kubernetes.kubeconfig", e.to_string())
-                })?;
-                kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                    .await
-                    .map_err(|e| {
-                        ConfigError::invalid("backend.kubernetes.kubeconfig", e.to_string())
-                    })?
-            }
-            None => match kube::Config::incluster() {
-                Ok(c) => c,
-                Err(_) => kube::Config::infer().await.map_err(|e| {
-                    ConfigError::invalid(
-                        "backend.kubernetes.kubeconfig",
-                        format!("not in a cluster and no usable kubeconfig: {e}"),
-                    )
-                })?,
-            },
-        };
+        let kcfg = client_config(k.kubeconfig.as_deref()).await?;
         let namespace = k
             .namespace
             .clone()
@@ -128,7 +111,7 @@ impl KubernetesBackend {
                 k.activity_write_interval.as_duration(),
                 config.idle.timeout.as_duration(),
             )),
-            strategy: Arc::new(SpecSuspend),
+            strategy: Arc::new(SpecSuspend::new(flavour)),
             pool: k.pool.clone(),
             claim_prefix: k.claim_prefix.clone(),
             write_session_id: k.write_session_id,
@@ -222,6 +205,84 @@ impl KubernetesBackend {
     }
 }
 
+impl KubernetesBackend {
+    /// Waits for the controller to bind a Sandbox to the claim (until the admission
+    /// deadline: none bound means no capacity, 503) and for it to serve (until the
+    /// deadline: 504), resuming it if it was suspended.
+    async fn await_claim(
+        &self,
+        name: &str,
+        created: bool,
+        budget: ClaimBudget,
+        started: Instant,
+    ) -> Result<Binding, BackendError> {
+        let (flavour, cache) = (self.api.flavour, &self.cache);
+        cache
+            .wait_for(budget.admission_deadline.min(budget.deadline), |st| {
+                flavour.claim_sandbox(st.claim(name)?)
+            })
+            .await
+            .ok_or_else(|| {
+                BackendError::NoCapacity(format!(
+                    "no Sandbox was bound to SandboxClaim {name} within {:?}",
+                    started.elapsed()
+                ))
+            })?;
+        let bound = cache
+            .wait_for(budget.deadline, |st| {
+                let sandbox = flavour.claim_sandbox(st.claim(name)?)?;
+                let view = flavour.sandbox_view(st.sandbox(&sandbox)?);
+                match cache.endpoint(&view) {
+                    Some(ep) => Some(Bound::Serving(sandbox, ep)),
+                    None if view.spec_paused => Some(Bound::Suspended(sandbox)),
+                    None => None,
+                }
+            })
+            .await
+            .ok_or_else(|| BackendError::Timeout(started.elapsed()))?;
+        match bound {
+            Bound::Serving(sandbox, endpoint) => Ok(Binding {
+                kind: if created && sandbox == name {
+                    ActivationKind::Create
+                } else {
+                    ActivationKind::Claim
+                },
+                sandbox: SandboxId::new(sandbox),
+                endpoint,
+            }),
+            Bound::Suspended(sandbox) => {
+                // Adopted a claim whose sandbox was suspended (another replica, or before
+                // our restart): thaw it.
+                let id = SandboxId::new(sandbox);
+                let endpoint = self.resume(&id, budget.deadline).await?;
+                Ok(Binding {
+                    sandbox: id,
+                    endpoint,
+                    kind: ActivationKind::Resume,
+                })
+            }
+        }
+    }
+
+    /// Deletes a claim this call created and could not complete, in the background.
+    fn abandon_claim(&self, name: String) {
+        let flavour = self.api.flavour;
+        if let Some(sandbox) = self
+            .cache
+            .read(|st| st.claim(&name).and_then(|c| flavour.claim_sandbox(c)))
+        {
+            self.cache.mark_released(&sandbox);
+        }
+        let api = self.api.clone();
+        let deadline = Instant::now() + self.op_timeout;
+        tokio::spawn(async move {
+            if let Err(e) = api.delete_claim(&name, deadline).await {
+                tracing::warn!(claim = name, "abandoned claim not deleted: {e}");
+            }
+        });
+    }
+}
+
 /// How a claim's sandbox looked when the claim wait ended.
 enum Bound {
     Serving(String, SocketAddr),
@@ -247,45 +308,15 @@ impl SandboxBackend for KubernetesBackend {
         budget: ClaimBudget,
     ) -> Result<Binding, BackendError> {
         let started = Instant::now();
-        let deadline = budget.deadline;
-        self.wait_synced(deadline).await?;
+        self.wait_synced(budget.deadline).await?;
         let name = self.claim_name(session);
-        let created = self.ensure_claim(session, &name, deadline).await?;
-        let (flavour, cache) = (self.api.flavour, &self.cache);
-        let bound = cache
-            .wait_for(deadline, |st| {
-                let sandbox = flavour.claim_sandbox(st.claim(&name)?)?;
-                let view = flavour.sandbox_view(st.sandbox(&sandbox)?);
-                match cache.endpoint(&view) {
-                    Some(ep) => Some(Bound::Serving(sandbox, ep)),
-                    None if view.spec_paused => Some(Bound::Suspended(sandbox)),
-                    None => None,
-                }
-            })
-            .await
-            .ok_or_else(|| BackendError::Timeout(started.elapsed()))?;
-        match bound {
-            Bound::Serving(sandbox, endpoint) => Ok(Binding {
-                kind: if created && sandbox == name {
-                    ActivationKind::Create
-                } else {
-                    ActivationKind::Claim
-                },
-                sandbox: SandboxId::new(sandbox),
-                endpoint,
-            }),
-            Bound::Suspended(sandbox) => {
-                // Adopted a claim whose sandbox was suspended (another replica, or before
-                // our restart): thaw it.
-                let id = SandboxId::new(sandbox);
-                let endpoint = self.resume(&id, deadline).await?;
-                Ok(Binding {
-                    sandbox: id,
-                    endpoint,
-                    kind: ActivationKind::Resume,
-                })
-            }
+        let created = self.ensure_claim(session, &name, budget.deadline).await?;
+        let result = self.await_claim(&name, created, budget, started).await;
+        if result.is_err() && created {
+            // Nobody may come back for it: a claim left behind would keep a sandbox.
+            self.abandon_claim(name);
         }
+        result
     }
 
     async fn resume(
@@ -325,11 +356,7 @@ impl SandboxBackend for KubernetesBackend {
         let flavour = self.api.flavour;
         let claim = self
             .cache
-            .read(|st| {
-                st.claims()
-                    .find(|c| flavour.claim_sandbox(c).as_deref() == Some(name))
-                    .and_then(|c| c.metadata.name.clone())
-            })
+            .read(|st| st.claim_of_sandbox(name).map(str::to_owned))
             .ok_or_else(|| BackendError::Lost(sandbox.clone()))?;
         // The fence: decide on the fresh claim and stamp the decision with its
         // resourceVersion. An activity stamp written meanwhile by another replica makes
@@ -368,17 +395,10 @@ impl SandboxBackend for KubernetesBackend {
         let started = Instant::now();
         let name = self.claim_name(session);
         self.cache.mark_released(sandbox.as_str());
-        self.activity.forget(&name);
-        let dp = DeleteParams::background();
-        match retry::call(started + self.op_timeout, || {
-            self.api.claims.delete(&name, &dp)
-        })
-        .await
-        {
-            Ok(_) => Ok(()),
-            Err(Some(e)) if retry::classify(&e) == Failure::NotFound => Ok(()),
-            Err(e) => Err(retry::fail("delete SandboxClaim", started, e)),
-        }
+        self.activity.forget(session.as_str());
+        self.api
+            .delete_claim(&name, started + self.op_timeout)
+            .await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<BackendEvent> {
@@ -395,10 +415,11 @@ impl SandboxBackend for KubernetesBackend {
                     let name = s.metadata.name.clone().unwrap_or_default();
                     let view = flavour.sandbox_view(s);
                     let sessions: Vec<String> = st
-                        .claims()
-                        .filter(|c| flavour.claim_sandbox(c).as_deref() == Some(name.as_str()))
-                        .filter_map(|c| c.metadata.labels.as_ref()?.get(SESSION_LABEL).cloned())
+                        .claim_of_sandbox(&name)
+                        .and_then(|c| st.claim(c))
+                        .and_then(|c| c.metadata.labels.as_ref()?.get(SESSION_LABEL).cloned())
                         .map(|h| h.chars().take(12).collect())
+                        .into_iter()
                         .collect();
                     let state = if view.deleting {
                         SandboxState::Stopping
@@ -433,17 +454,9 @@ impl SandboxBackend for KubernetesBackend {
 
     async fn set_warm_pool_target(&self, target: u32) -> Result<(), BackendError> {
         let started = Instant::now();
-        let pp = PatchParams {
-            field_manager: Some(api::FIELD_MANAGER.into()),
-            ..PatchParams::default()
-        };
-        let patch = Patch::Merge(json!({"spec": {"replicas": target}}));
-        retry::call(started + self.op_timeout, || {
-            self.api.pools.patch_scale(&self.pool, &pp, &patch)
-        })
-        .await
-        .map(|_| ())
-        .map_err(|e| retry::fail("scale the warm pool", started, e))
+        self.api
+            .scale_pool(&self.pool, target, started + self.op_timeout)
+            .await
     }
 
     async fn recover(&self) -> Result<Vec<RecoveredBinding>, BackendError> {
@@ -485,10 +498,11 @@ impl SandboxBackend for KubernetesBackend {
     }
 
     fn record_activity(&self, session: &SessionKey, _sandbox: &SandboxId) {
-        let name = self.claim_name(session);
-        if !self.activity.due(&name) {
+        // Keyed by the raw ID so the common case (stamped recently) hashes nothing.
+        if !self.activity.due(session.as_str()) {
             return;
         }
+        let name = self.claim_name(session);
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -524,45 +538,5 @@ impl Drop for KubernetesBackend {
     }
 }
 
-/// `POD_NAME` or `HOSTNAME`, plus a random suffix so a restarted replica does not take
-/// its predecessor's activity stamps for its own.
-fn replica_id() -> String {
-    let host = std::env::var("POD_NAME")
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "activator".into());
-    let suffix: u32 = rand::random();
-    format!("{host}-{:06x}", suffix & 0xff_ffff)
-}
-
 #[cfg(test)]
-mod tests {
-    use crate::config::Config;
-
-    fn kube_yaml(extra: &str) -> String {
-        format!("backend:\n  kind: kubernetes\n  kubernetes:\n    pool: p\n{extra}")
-    }
-
-    #[test]
-    fn activity_interval_must_be_below_idle_timeout() {
-        let yaml = kube_yaml("    activity_write_interval: 5m\nidle:\n  timeout: 5m\n");
-        let err = Config::from_yaml(&yaml).unwrap_err().to_string();
-        assert!(
-            err.contains("backend.kubernetes.activity_write_interval"),
-            "{err}"
-        );
-        assert!(Config::from_yaml(&kube_yaml("    activity_write_interval: 4m\n")).is_ok());
-    }
-
-    #[test]
-    fn claim_prefix_must_fit_a_dns_label() {
-        for bad in ["Sess-", "-x", "a_b", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"] {
-            let err = Config::from_yaml(&kube_yaml(&format!("    claim_prefix: '{bad}'\n")))
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.contains("backend.kubernetes.claim_prefix"),
-                "{bad}: {err}"
-            );
-        }
-    }
-}
+mod tests;

@@ -8,6 +8,7 @@
 
 use std::sync::{Arc, OnceLock};
 
+use http::uri::PathAndQuery;
 use http::{Method, Uri};
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
 use tokio::time::Instant;
@@ -81,7 +82,9 @@ impl Recorder {
 /// What the access log line needs; captured only when `log.access_log` is on.
 struct AccessEntry {
     method: Method,
-    uri: Uri,
+    /// The forwarded path: for a `path_prefix` session, without `/s/{id}`, so raw IDs
+    /// never reach the log.
+    path: PathAndQuery,
     session: Option<SessionKey>,
 }
 
@@ -103,7 +106,10 @@ impl Completion {
         recorder.stats.request_started();
         let access = recorder.access_log.then(|| AccessEntry {
             method: method.clone(),
-            uri: uri.clone(),
+            path: uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
             session: None,
         });
         Completion(Some(Open {
@@ -115,10 +121,14 @@ impl Completion {
         }))
     }
 
-    /// Names the session in the access log.
-    pub fn set_session(&mut self, key: &SessionKey) {
+    /// Names the session in the access log, and the rewritten path if the session came
+    /// from a path prefix.
+    pub fn set_session(&mut self, key: &SessionKey, rewritten: Option<&PathAndQuery>) {
         if let Some(entry) = self.0.as_mut().and_then(|o| o.access.as_mut()) {
             entry.session = Some(key.clone());
+            if let Some(path) = rewritten {
+                entry.path = path.clone();
+            }
         }
     }
 
@@ -163,7 +173,7 @@ impl Completion {
             tracing::info!(
                 target: "access",
                 method = %entry.method,
-                path = entry.uri.path(),
+                path = entry.path.path(),
                 status = open.status,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 session = %session,

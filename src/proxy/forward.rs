@@ -135,19 +135,21 @@ pub fn prepare_request_headers(
         Some(h) => Some(h.clone()),
         None => client_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
-    match headers.get(&X_FORWARDED_FOR) {
-        Some(prior) => {
-            let mut buf = BytesMut::with_capacity(prior.len() + 2 + conn.peer_ip.len());
-            buf.put_slice(prior.as_bytes());
+    if headers.contains_key(&X_FORWARDED_FOR) {
+        // Earlier hops, possibly over several header lines, then this client.
+        let prior = headers.get_all(&X_FORWARDED_FOR);
+        let len: usize = prior.iter().map(|v| v.len() + 2).sum();
+        let mut buf = BytesMut::with_capacity(len + conn.peer_ip.len());
+        for v in prior {
+            buf.put_slice(v.as_bytes());
             buf.put_slice(b", ");
-            buf.put_slice(conn.peer_ip.as_bytes());
-            if let Ok(v) = HeaderValue::from_maybe_shared(buf.freeze()) {
-                headers.insert(&X_FORWARDED_FOR, v);
-            }
         }
-        None => {
-            headers.insert(&X_FORWARDED_FOR, conn.peer_ip.clone());
+        buf.put_slice(conn.peer_ip.as_bytes());
+        if let Ok(v) = HeaderValue::from_maybe_shared(buf.freeze()) {
+            headers.insert(&X_FORWARDED_FOR, v);
         }
+    } else {
+        headers.insert(&X_FORWARDED_FOR, conn.peer_ip.clone());
     }
     headers.insert(
         &X_FORWARDED_PROTO,
@@ -243,12 +245,13 @@ mod tests {
         let mut h = headers(&[
             ("host", "app.example"),
             ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2"),
             ("x-session-id", "abc"),
             ("expect", "100-continue"),
         ]);
         prepare_request_headers(&mut h, None, &conn, &strip, false, false);
         assert_eq!(h[HOST], "app.example");
-        assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 10.1.2.3");
+        assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 10.1.2.3");
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert_eq!(h[&X_FORWARDED_HOST], "app.example");
         assert!(!h.contains_key("x-session-id"));

@@ -116,11 +116,6 @@ impl Upstream {
             }
         }
     }
-
-    /// Counts a response body that broke off mid-stream.
-    pub fn count_reset(&self) {
-        self.reset_errors.inc();
-    }
 }
 
 fn build_client(config: &ProxyConfig, h2: bool) -> HttpClient {

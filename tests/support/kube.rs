@@ -46,7 +46,7 @@ pub fn client(tb: &Testbed) -> kube::Client {
 pub fn config(api: &str, pool: &str, extra: &str) -> Config {
     let yaml = format!(
         "backend:\n  kind: kubernetes\n  kubernetes:\n    api: {api}\n    pool: {pool}\n    \
-         namespace: default\n    write_session_id: true\n    activity_write_interval: 1s\n\
+         namespace: default\n    write_session_id: true\n    activity_write_interval: 200ms\n\
          activation:\n  timeout: 15s\n{extra}"
     );
     let mut c = Config::from_yaml(&yaml).expect("test config is valid");

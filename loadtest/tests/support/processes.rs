@@ -208,9 +208,15 @@ impl Activator {
 }
 
 impl Drop for Activator {
+    /// SIGTERM first, so a process backend stops its sandboxes; SIGKILL after 10 s.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let term = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        if term.is_err() || wait_bounded(&mut self.child, Duration::from_secs(10)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -247,6 +253,9 @@ pub fn temp_file(name: &str, contents: &str) -> PathBuf {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
     std::fs::write(&path, contents).unwrap();
     path
 }

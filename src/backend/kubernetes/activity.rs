@@ -15,6 +15,9 @@ pub const LAST_ACTIVITY: &str = "agent-activator.dev/last-activity";
 /// a concurrent activity stamp makes one of the two writes fail with 409.
 pub const PAUSING: &str = "agent-activator.dev/pausing";
 
+/// Map size at which stale entries are pruned.
+const PRUNE_AT: usize = 4096;
+
 /// This replica's activity stamps and the rules for reading others'.
 pub struct ActivityLog {
     replica: String,
@@ -38,22 +41,31 @@ impl ActivityLog {
         &self.replica
     }
 
-    /// True (and remembered) if `claim` was not stamped by us within the interval.
-    pub fn due(&self, claim: &str) -> bool {
+    /// True (and remembered) if `session` was not stamped by us within the interval.
+    pub fn due(&self, session: &str) -> bool {
         let now = Instant::now();
         let mut last = self.last_write.lock().expect("activity lock");
-        match last.get(claim) {
+        match last.get(session) {
             Some(t) if now.duration_since(*t) < self.interval => false,
             _ => {
-                last.insert(claim.to_owned(), now);
+                // Entries older than the interval no longer matter; drop them now and then
+                // so sessions released elsewhere do not accumulate.
+                if last.len() >= PRUNE_AT {
+                    let interval = self.interval;
+                    last.retain(|_, t| now.duration_since(*t) < interval);
+                }
+                last.insert(session.to_owned(), now);
                 true
             }
         }
     }
 
-    /// Forgets a released claim.
-    pub fn forget(&self, claim: &str) {
-        self.last_write.lock().expect("activity lock").remove(claim);
+    /// Forgets a released session.
+    pub fn forget(&self, session: &str) {
+        self.last_write
+            .lock()
+            .expect("activity lock")
+            .remove(session);
     }
 
     /// A stamp for now, by this replica.

@@ -1,7 +1,7 @@
 //! `ApiSet`: the typed-by-flavour API handles and the one fenced write every update uses
 //! (read, patch with the read resourceVersion, re-read and retry on 409 Conflict).
 
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -81,6 +81,50 @@ impl ApiSet {
                 }
                 Err(e) => return Err(retry::fail(&what, started, e)),
             }
+        }
+    }
+
+    /// Sets the warm pool's `spec.replicas` through its `/scale` subresource, fenced by
+    /// the Scale's resourceVersion like every other write (409 -> read again).
+    pub async fn scale_pool(
+        &self,
+        pool: &str,
+        replicas: u32,
+        deadline: Instant,
+    ) -> Result<(), BackendError> {
+        let started = Instant::now();
+        let what = "scale the warm pool";
+        let pp = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        loop {
+            let scale = retry::call(deadline, || self.pools.get_scale(pool))
+                .await
+                .map_err(|e| retry::fail(what, started, e))?;
+            if scale.spec.as_ref().and_then(|s| s.replicas) == Some(replicas as i32) {
+                return Ok(());
+            }
+            let patch = Patch::Merge(json!({
+                "metadata": {"resourceVersion": scale.metadata.resource_version},
+                "spec": {"replicas": replicas},
+            }));
+            match retry::call(deadline, || self.pools.patch_scale(pool, &pp, &patch)).await {
+                Ok(_) => return Ok(()),
+                Err(Some(e)) if retry::classify(&e) == Failure::Conflict => continue,
+                Err(e) => return Err(retry::fail(what, started, e)),
+            }
+        }
+    }
+
+    /// Deletes a claim (the controller then deletes its Sandbox); absent is fine.
+    pub async fn delete_claim(&self, name: &str, deadline: Instant) -> Result<(), BackendError> {
+        let started = Instant::now();
+        let dp = DeleteParams::background();
+        match retry::call(deadline, || self.claims.delete(name, &dp)).await {
+            Ok(_) => Ok(()),
+            Err(Some(e)) if retry::classify(&e) == Failure::NotFound => Ok(()),
+            Err(e) => Err(retry::fail("delete SandboxClaim", started, e)),
         }
     }
 }

@@ -44,6 +44,8 @@ pub struct State {
     claims: Collection,
     sandboxes: Collection,
     settled: HashMap<String, Settled>,
+    /// Sandbox name -> name of the claim of ours bound to it.
+    bound: HashMap<String, String>,
 }
 
 impl State {
@@ -55,12 +57,13 @@ impl State {
         self.sandboxes.objects.get(name)
     }
 
-    pub fn claims(&self) -> impl Iterator<Item = &Arc<DynamicObject>> {
-        self.claims.objects.values()
-    }
-
     pub fn sandboxes(&self) -> impl Iterator<Item = &Arc<DynamicObject>> {
         self.sandboxes.objects.values()
+    }
+
+    /// The claim of ours bound to `sandbox`, if any.
+    pub fn claim_of_sandbox(&self, sandbox: &str) -> Option<&str> {
+        self.bound.get(sandbox).map(String::as_str)
     }
 
     pub fn synced(&self) -> bool {
@@ -225,6 +228,9 @@ impl Cache {
                     touched.push((name, prev, true));
                 }
             }
+            if kind == Kind::Claims {
+                self.reindex(&mut st, &touched);
+            }
             for (name, prev, deleted) in touched {
                 match kind {
                     Kind::Sandboxes => self.classify_sandbox(&mut st, &name, deleted, &mut events),
@@ -240,6 +246,25 @@ impl Cache {
         self.changed.send_modify(|n| *n += 1);
     }
 
+    /// Updates the sandbox -> claim index for the claims just touched.
+    fn reindex(&self, st: &mut State, touched: &[(String, Option<Arc<DynamicObject>>, bool)]) {
+        for (claim, prev, _) in touched {
+            if let Some(old) = prev.as_ref().and_then(|p| self.flavour.claim_sandbox(p))
+                && st.bound.get(&old) == Some(claim)
+            {
+                st.bound.remove(&old);
+            }
+            if let Some(sandbox) = st
+                .claims
+                .objects
+                .get(claim)
+                .and_then(|c| self.flavour.claim_sandbox(c))
+            {
+                st.bound.insert(sandbox, claim.clone());
+            }
+        }
+    }
+
     /// Compares a sandbox with its last settled state; queues an event for changes that
     /// are not ours on sandboxes bound to our claims.
     fn classify_sandbox(
@@ -249,11 +274,7 @@ impl Cache {
         deleted: bool,
         out: &mut Vec<BackendEvent>,
     ) {
-        let bound = st
-            .claims
-            .objects
-            .values()
-            .any(|c| self.flavour.claim_sandbox(c).as_deref() == Some(name));
+        let bound = st.bound.contains_key(name);
         let own = self.own.lock().expect("own lock").contains_key(name);
         let id = SandboxId::new(name);
         if deleted {

@@ -179,12 +179,10 @@ impl Flavour {
     /// What a suspend keeps, in words (admin API and docs).
     pub fn pause_keeps(self) -> &'static str {
         match self {
-            Flavour::AgentSandbox => {
-                "files on volumes (the pod is deleted: memory and IP are lost)"
-            }
+            Flavour::AgentSandbox => "files on persistent volumes; memory and the pod IP are lost",
             Flavour::OpenKruise => {
-                "what spec.persistentContents and the runtime allow; the open-source path deletes \
-                 the pod (memory and IP lost, volumes kept)"
+                "files on persistent volumes; memory and the pod IP are lost (the open-source \
+                 path deletes the pod; spec.persistentContents needs a vendor runtime)"
             }
         }
     }

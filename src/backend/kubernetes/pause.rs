@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::api::{ApiSet, Decision};
+use super::flavour::Flavour;
 use crate::backend::BackendError;
 
 /// Freezes and thaws one sandbox through the cluster.
@@ -31,7 +32,15 @@ pub trait PauseStrategy: Send + Sync + 'static {
 /// Patches `spec.operatingMode` (agent-sandbox) or `spec.paused` (OpenKruise), fenced by
 /// resourceVersion. The controller deletes the pod on suspend and creates a new one (new
 /// IP, empty memory) on resume; volumes survive.
-pub struct SpecSuspend;
+pub struct SpecSuspend {
+    flavour: Flavour,
+}
+
+impl SpecSuspend {
+    pub fn new(flavour: Flavour) -> SpecSuspend {
+        SpecSuspend { flavour }
+    }
+}
 
 #[async_trait]
 impl PauseStrategy for SpecSuspend {
@@ -40,7 +49,7 @@ impl PauseStrategy for SpecSuspend {
     }
 
     fn keeps(&self) -> &'static str {
-        "files on persistent volumes; memory and the pod IP are lost"
+        self.flavour.pause_keeps()
     }
 
     async fn set_paused(
