@@ -83,17 +83,22 @@ impl NativeTree {
         Ok(())
     }
 
-    /// Whether the overlay or a source already set native `path`.
-    pub fn is_set(&self, path: &[&str]) -> bool {
+    /// The value at native `path`, if the overlay or a source set it.
+    pub fn get(&self, path: &[&str]) -> Option<&Value> {
+        let (last, parents) = path.split_last()?;
         let mut node = &self.root;
-        for (i, p) in path.iter().enumerate() {
+        for p in parents {
             match node.get(*p) {
-                Some(Value::Mapping(m)) if i + 1 < path.len() => node = m,
-                Some(_) if i + 1 == path.len() => return true,
-                _ => return false,
+                Some(Value::Mapping(m)) => node = m,
+                _ => return None,
             }
         }
-        false
+        node.get(*last)
+    }
+
+    /// Whether the overlay or a source already set native `path`.
+    pub fn is_set(&self, path: &[&str]) -> bool {
+        self.get(path).is_some()
     }
 }
 
@@ -120,8 +125,15 @@ pub fn config_from_manifest(doc: &Value) -> Result<Config, ConfigError> {
         },
     };
     let mut tree = NativeTree::new(overlay);
-    annotations::apply(&annotations, &mut tree)?;
+    let apply = annotations::apply(&annotations, &mut tree)?;
     container::apply(doc, &mut tree)?;
+    // The platform's autoscaler acts on its decisions, except for an HPA class and for
+    // the static backend (a fixed set of sandboxes).
+    let is_static = tree.get(&["backend", "kind"]).and_then(Value::as_str) == Some("static");
+    if !tree.is_set(&["autoscaler", "apply"]) && !is_static {
+        let source = "autoscaling.knative.dev/class";
+        tree.set(&["autoscaler", "apply"], Value::from(apply), source)?;
+    }
 
     let value = Value::Mapping(tree.root.clone());
     let config: Config = deserialize_with_path(value).map_err(|e| tree.rename(e))?;

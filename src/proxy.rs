@@ -16,7 +16,7 @@ use prometheus::IntGauge;
 use crate::activation::Activator;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::session::{SessionExtractor, SessionOrigin};
+use crate::session::{ExtractedSession, SessionExtractor, SessionOrigin};
 use crate::shutdown::Shutdown;
 use crate::stats::TrafficStats;
 
@@ -113,9 +113,24 @@ impl Proxy {
         conn: &ClientConn,
     ) -> Response<ResponseBody> {
         let mut completion = Completion::begin(&self.recorder, req.method(), req.uri());
-        let resp = match self.forward(req, conn, &mut completion).await {
-            Ok(resp) => resp,
-            Err(err) => self.failure(err),
+        let resp = match self.extractor.extract(req.uri(), req.headers()) {
+            Err(err) => self.failure(err.into()),
+            Ok(session) => {
+                completion.set_session(&session.key, session.rewritten.as_ref());
+                let minted = (session.origin == SessionOrigin::Minted).then(|| session.key.clone());
+                let mut resp = match self.forward(req, session, conn, &mut completion).await {
+                    Ok(resp) => resp,
+                    Err(err) => self.failure(err),
+                };
+                // A minted ID is handed out even on failure, so a retry (503 carries
+                // Retry-After) finds the claim that kept running for it.
+                if let Some(key) = minted {
+                    let headers = resp.headers_mut();
+                    headers.append(SET_COOKIE, self.extractor.set_cookie(&key));
+                    headers.insert(&X_SESSION_ID, session_value(&key));
+                }
+                resp
+            }
         };
         completion.set_status(resp.status().as_u16());
         let (parts, body) = resp.into_parts();
@@ -123,10 +138,12 @@ impl Proxy {
     }
 
     fn failure(&self, err: ProxyError) -> Response<ProxyBody> {
-        if err.status().is_server_error() {
+        // Sandbox and upstream faults are worth a warning; capacity and client errors are
+        // expected under load and already in the access log.
+        if err.status() == StatusCode::BAD_GATEWAY {
             tracing::warn!(code = err.code(), error = %ErrorChain(&err), "request failed");
         } else {
-            tracing::debug!(code = err.code(), error = %err, "request refused");
+            tracing::debug!(code = err.code(), error = %ErrorChain(&err), "request refused");
         }
         err.into_response(&self.retry_after)
     }
@@ -134,11 +151,10 @@ impl Proxy {
     async fn forward(
         &self,
         mut req: Request<Incoming>,
+        session: ExtractedSession,
         conn: &ClientConn,
         completion: &mut Completion,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let session = self.extractor.extract(req.uri(), req.headers())?;
-        completion.set_session(&session.key, session.rewritten.as_ref());
         let lease = self.activator.acquire(&session.key).await?;
         let endpoint = lease.endpoint;
         let activation = lease.activation;
@@ -180,10 +196,6 @@ impl Proxy {
         );
         if state_lost {
             headers.insert(&X_ACTIVATOR_STATE_LOST, HeaderValue::from_static("true"));
-        }
-        if minted {
-            headers.append(SET_COOKIE, self.extractor.set_cookie(&session.key));
-            headers.insert(&X_SESSION_ID, session_value(&session.key));
         }
         if !switching {
             return Ok(resp.map(ProxyBody::Upstream));

@@ -386,3 +386,47 @@ async fn expect_100_continue() {
     assert!(text.ends_with("hello"), "{text}");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn response_hop_by_hop_headers_are_stripped() {
+    let up = EchoUpstream::start().await;
+    let server = start(&static_backend(&[up.addr])).await;
+    for c in [
+        HttpClient::http1(server.proxy_addr()),
+        HttpClient::h2c(server.proxy_addr()),
+    ] {
+        let r = c.get_session("/hop", "hop").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-kept"), Some("1"));
+        assert!(r.header("x-hop-resp").is_none());
+        assert!(r.header("keep-alive").is_none());
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn pool_idle_timeout_closes_upstream_connections() {
+    let up = EchoUpstream::start().await;
+    let server = start(&format!(
+        "{}proxy: {{pool_idle_timeout: 200ms}}\n",
+        static_backend(&[up.addr])
+    ))
+    .await;
+    let c = HttpClient::http1(server.proxy_addr());
+    assert_eq!(c.get_session("/", "pool").await.status, 200);
+    assert_eq!(up.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(c.get_session("/", "pool").await.status, 200);
+    assert_eq!(
+        up.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "a pooled connection is reused while fresh"
+    );
+    // Without a pool timer the idle connection would stay open until reused.
+    support::wait_until("the idle pooled connection to close", || {
+        up.open.load(std::sync::atomic::Ordering::SeqCst) == 0
+    })
+    .await;
+    assert_eq!(c.get_session("/", "pool").await.status, 200);
+    assert_eq!(up.accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    server.shutdown().await;
+}

@@ -437,3 +437,55 @@ async fn admin_api() {
     assert_eq!(wrong.status, 405);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn client_gone_while_waiting_is_recorded_as_499() {
+    let up = EchoUpstream::start().await;
+    let server = start(&format!(
+        "{}session: {{admission_timeout: 5s}}\n",
+        static_backend(&[up.addr])
+    ))
+    .await;
+    let c = HttpClient::http1(server.proxy_addr());
+    assert_eq!(c.get_session("/", "holder").await.status, 200);
+    let waiting = tokio::spawn({
+        let c = c.clone();
+        async move { c.get_session("/", "impatient").await }
+    });
+    support::wait_until("the request waiting for capacity", || {
+        server.activator().waiting_sessions() > 0
+    })
+    .await;
+    waiting.abort();
+    let metrics = server.metrics().clone();
+    support::wait_until("the abandoned request recorded", || {
+        metrics.requests_total.with_label_values(&["499"]).get() == 1
+    })
+    .await;
+    assert_eq!(metrics.requests_in_flight.get(), 0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn minted_session_is_handed_out_even_on_failure() {
+    let up = EchoUpstream::start().await;
+    let server = start(&format!(
+        "{}session: {{on_missing: create, sources: [{{cookie: sid}}], admission_timeout: 200ms}}\n\
+         activation: {{retry_after: 2s}}\n",
+        static_backend(&[up.addr])
+    ))
+    .await;
+    let c = HttpClient::http1(server.proxy_addr());
+    assert_eq!(c.get("/", &[("cookie", "sid=holder")]).await.status, 200);
+    let r = c.get("/", &[]).await;
+    assert_error(&r, 503, "no_capacity").await;
+    let minted = r
+        .header("x-session-id")
+        .expect("minted id on the 503")
+        .to_owned();
+    assert_eq!(
+        r.header("set-cookie"),
+        Some(format!("sid={minted}; Path=/; HttpOnly; SameSite=Lax").as_str())
+    );
+    server.shutdown().await;
+}

@@ -73,6 +73,7 @@ impl Scaling {
             elector = Some(e.clone());
             e
         } else {
+            deps.metrics.autoscaler_leader.set(1);
             Arc::new(SoleReplica)
         };
 

@@ -104,3 +104,9 @@ fn unknown_enum_value_is_named() {
     let e = err(&format!("{STATIC}session:\n  on_missing: maybe\n"));
     assert!(e.starts_with("session.on_missing"), "{e}");
 }
+
+#[test]
+fn applying_decisions_needs_a_scalable_backend() {
+    let e = err(&format!("{STATIC}autoscaler:\n  apply: true\n"));
+    assert!(e.starts_with("autoscaler.apply"), "{e}");
+}

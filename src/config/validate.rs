@@ -98,6 +98,13 @@ impl Config {
         }
         self.validate_backend()?;
         self.validate_autoscaler()?;
+        if !self.schedules.is_empty() && self.tls.is_some() {
+            return Err(ConfigError::invalid(
+                "schedules",
+                "scheduled requests are sent over plain HTTP to the proxy listener, \
+                 which serves TLS here (tls.*); not supported yet",
+            ));
+        }
         let mut names = std::collections::BTreeSet::new();
         for (i, sched) in self.schedules.iter().enumerate() {
             if !names.insert(sched.name.as_str()) {
@@ -245,6 +252,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "autoscaler.min_scale",
                 "must not exceed autoscaler.max_scale",
+            ));
+        }
+        if a.apply && self.backend.kind == BackendKind::Static {
+            return Err(ConfigError::invalid(
+                "autoscaler.apply",
+                "the static backend has a fixed set of sandboxes; use apply: false",
             ));
         }
         if a.activation_scale == 0 {

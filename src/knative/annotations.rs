@@ -127,11 +127,11 @@ fn parse(annotation: &str, raw: &str, kind: Kind) -> Result<Value, ConfigError> 
 
 /// Maps every annotation onto `tree`. Unknown `autoscaling.knative.dev/*` keys are
 /// errors; other prefixes (e.g. `serving.knative.dev/creator`) belong to the cluster and
-/// are left alone.
+/// are left alone. Returns whether the class wants decisions applied (`hpa` does not).
 pub fn apply(
     annotations: &BTreeMap<String, String>,
     tree: &mut NativeTree,
-) -> Result<(), ConfigError> {
+) -> Result<bool, ConfigError> {
     // A Knative Service is scaled by its autoscaler unless the class hands it to an HPA.
     let mut apply = true;
     for (key, raw) in annotations {
@@ -222,12 +222,5 @@ pub fn apply(
             ));
         }
     }
-    if !tree.is_set(&["autoscaler", "apply"]) {
-        tree.set(
-            &["autoscaler", "apply"],
-            Value::from(apply),
-            "autoscaling.knative.dev/class",
-        )?;
-    }
-    Ok(())
+    Ok(apply)
 }

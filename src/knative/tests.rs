@@ -241,3 +241,13 @@ fn other_documents_stay_native() {
     let e = err("apiVersion: apps/v1\nkind: Deployment\n");
     assert!(e.contains("apiVersion"), "{e}");
 }
+
+#[test]
+fn static_backend_overlay_exports_without_applying() {
+    let yaml = service(
+        "        agent-activator.dev/config: |\n          backend: {kind: static, endpoints: ['127.0.0.1:9001']}\n",
+        "",
+    );
+    let c = Config::from_yaml(&yaml).unwrap();
+    assert!(!c.autoscaler.apply);
+}

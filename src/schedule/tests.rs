@@ -227,3 +227,10 @@ async fn file_store_keeps_fired_ticks_across_instances() {
     assert!(e.contains("schedule-state.json"), "{e}");
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
+
+#[test]
+fn schedules_need_a_plain_http_listener() {
+    let yaml = "backend:\n  kind: static\n  endpoints: [\"127.0.0.1:9001\"]\ntls:\n  cert: /c.pem\n  key: /k.pem\nschedules:\n  - {name: a, cron: \"0 0 9 * * *\", session: s1, path: /x}\n";
+    let e = Config::from_yaml(yaml).unwrap_err().to_string();
+    assert!(e.starts_with("schedules:"), "{e}");
+}

@@ -7,6 +7,8 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -81,8 +83,14 @@ type UpBody = BoxBody<Bytes, hyper::Error>;
 /// - `/status?code=N`: an empty response with that status.
 /// - `/reset`: the connection is closed without a response.
 /// - `/ws`: WebSocket echo.
+/// - `/hop`: a response carrying hop-by-hop headers (`Connection: x-hop-resp`,
+///   `x-hop-resp`, `keep-alive`) next to an end-to-end `x-kept`.
 pub struct EchoUpstream {
     pub addr: SocketAddr,
+    /// Connections accepted so far.
+    pub accepted: Arc<AtomicUsize>,
+    /// Connections open now.
+    pub open: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -96,20 +104,32 @@ impl EchoUpstream {
     pub async fn start() -> EchoUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let (acc, op) = (accepted.clone(), open.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                acc.fetch_add(1, Ordering::SeqCst);
+                op.fetch_add(1, Ordering::SeqCst);
+                let op = op.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| upstream_route(addr, req));
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                         .await;
+                    op.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
-        EchoUpstream { addr, task }
+        EchoUpstream {
+            addr,
+            accepted,
+            open,
+            task,
+        }
     }
 }
 
@@ -240,6 +260,15 @@ async fn upstream_route(
             resp
         }
         "/reset" => return Err(std::io::Error::other("reset requested")),
+        "/hop" => {
+            let mut resp = Response::new(full("hop"));
+            let h = resp.headers_mut();
+            h.insert("connection", HeaderValue::from_static("x-hop-resp"));
+            h.insert("x-hop-resp", HeaderValue::from_static("1"));
+            h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            resp
+        }
         "/ws" => websocket_echo(&mut req),
         _ => Response::new(describe(port, &req)),
     };

@@ -13,6 +13,7 @@ use crate::metrics::Metrics;
 use crate::stats::{SessionCounts, StatsSampler, TrafficStats};
 
 struct Rig {
+    waiting: Arc<AtomicU64>,
     stats: Arc<TrafficStats>,
     sampler: Arc<StatsSampler>,
     fleet: Arc<FakeFleet>,
@@ -22,20 +23,27 @@ struct Rig {
 }
 
 fn rig(autoscaler: AutoscalerConfig, leader: Arc<dyn Leadership>) -> Rig {
-    let config = Config {
-        autoscaler,
-        ..Config::default()
-    };
+    rig_with(
+        Config {
+            autoscaler,
+            ..Config::default()
+        },
+        leader,
+    )
+}
+
+fn rig_with(config: Config, leader: Arc<dyn Leadership>) -> Rig {
     let metrics = Arc::new(Metrics::new());
     let stats = Arc::new(TrafficStats::new());
     let active = Arc::new(AtomicU64::new(0));
-    let counted = active.clone();
+    let waiting = Arc::new(AtomicU64::new(0));
+    let (counted, queued) = (active.clone(), waiting.clone());
     let sampler = StatsSampler::new(
         stats.clone(),
         &config.autoscaler,
         Arc::new(move || SessionCounts {
             active: counted.load(Ordering::SeqCst),
-            waiting: 0,
+            waiting: queued.load(Ordering::SeqCst),
         }),
         metrics.clone(),
     );
@@ -48,6 +56,7 @@ fn rig(autoscaler: AutoscalerConfig, leader: Arc<dyn Leadership>) -> Rig {
         leader,
     );
     Rig {
+        waiting,
         stats,
         sampler,
         fleet,
@@ -215,4 +224,59 @@ async fn apply_false_only_exports() {
     let json = r.scaler.stats_json();
     assert_eq!(json["in_flight"], 1);
     assert_eq!(json["replica_id"], r.scaler.replica_id());
+}
+
+#[tokio::test(start_paused = true)]
+async fn session_metric_follows_conversations_and_keeps_the_warm_pool() {
+    let mut config = Config {
+        autoscaler: AutoscalerConfig {
+            metric: ScalingMetric::Session,
+            apply: true,
+            initial_scale: 0,
+            ..AutoscalerConfig::default()
+        },
+        ..Config::default()
+    };
+    config.backend.warm_pool = 2;
+    let r = rig_with(config, Arc::new(SoleReplica));
+    r.fleet.warm.store(2, Ordering::SeqCst);
+    let mut history: Vec<(u32, u32, bool, u32)> = Vec::new();
+    for sec in 0..200u32 {
+        // 6 new conversations block at 10 s, are bound at 12 s, and end at 40 s.
+        let (waiting, active) = match sec {
+            10..12 => (6, 0),
+            12..40 => (0, 6),
+            _ => (0, 0),
+        };
+        r.waiting.store(waiting, Ordering::SeqCst);
+        r.active.store(active, Ordering::SeqCst);
+        if sec == 12 {
+            // Claimed: 6 sandboxes move from the pool to bound.
+            r.fleet.bound.store(6, Ordering::SeqCst);
+            let warm = r.fleet.warm.load(Ordering::SeqCst);
+            r.fleet.warm.store(warm.saturating_sub(6), Ordering::SeqCst);
+        }
+        if sec == 40 {
+            r.fleet.bound.store(0, Ordering::SeqCst);
+        }
+        advance(Duration::from_secs(1)).await;
+        r.sampler.sample(Instant::now());
+        if sec % 2 == 1 {
+            let Step::Decided { decision, .. } = r.scaler.step(Instant::now()).await else {
+                panic!("the sole replica leads");
+            };
+            let target = u32::try_from(r.metrics.warm_pool_target.get()).unwrap();
+            history.push((sec, decision.desired, decision.panic, target));
+        }
+    }
+    let at = |s: u32| history.iter().find(|h| h.0 == s).copied().unwrap();
+    assert_eq!(at(9), (9, 2, false, 2), "idle: the warm pool: {history:?}");
+    // Blocked sessions are demand: 6 + 2 warm, 8 / 2 ready >= 200 %: panic.
+    assert_eq!(at(11), (11, 8, true, 8), "{history:?}");
+    // Bound: still 8 wanted, of which 2 are the pool.
+    assert_eq!(at(13), (13, 8, true, 2), "{history:?}");
+    // Conversations over: after the panic, back down to the warm pool, not below.
+    let end = history.last().unwrap();
+    assert_eq!((end.1, end.2, end.3), (2, false, 2), "{history:?}");
+    assert_eq!(r.fleet.targets().last(), Some(&2));
 }
