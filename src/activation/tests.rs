@@ -653,3 +653,23 @@ async fn hundred_concurrent_requests_to_a_paused_session_make_one_resume() {
         1
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn loss_during_a_resume_is_not_trusted_away() {
+    let r = rig();
+    r.backend.script().resume_delay = Duration::from_secs(1);
+    let k = key("lost-mid-resume");
+    let sandbox = ready(&r, &k).await.sandbox.clone();
+    sleep(Duration::from_secs(12)).await;
+    assert_eq!(state(&r, &k), "paused");
+    let a = r.activator.clone();
+    let k2 = k.clone();
+    let req = tokio::spawn(async move { a.acquire(&k2).await });
+    settle().await;
+    assert_eq!(state(&r, &k), "resuming");
+    lose(&r, &sandbox);
+    let err = req.await.unwrap().unwrap_err();
+    assert!(matches!(err, ActivationError::SandboxLost), "{err:?}");
+    assert_eq!(r.metrics.sessions_lost_total.get(), 1);
+    assert_eq!(ready(&r, &k).await.activation, ActivationKind::Claim);
+}
