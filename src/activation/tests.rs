@@ -143,6 +143,12 @@ async fn per_session_and_total_queue_bounds() {
         "a refused new session leaves nothing behind"
     );
     assert_eq!(r.metrics.queued_requests.get(), 4);
+    assert_eq!(
+        r.activator.waiting_sessions(),
+        2,
+        "a and b are being claimed"
+    );
+    assert_eq!(r.metrics.waiting_sessions.get(), 2);
     for t in waiting {
         t.await.unwrap().expect("queued request served");
     }
