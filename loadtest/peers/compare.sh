@@ -74,7 +74,7 @@ for i in $(seq "$sandboxes"); do
     pids+=($!)
     sandbox_pids+=($!)
     for _ in $(seq 100); do
-        grep -q "listening on" "$run/sandbox-$i.out" && break
+        grep -qs "listening on" "$run/sandbox-$i.out" && break
         sleep 0.1
     done
     addr=$(sed -n 's/^listening on //p' "$run/sandbox-$i.out" | head -1)

@@ -113,6 +113,10 @@ pub async fn run(h: &Harness) -> Result<Vec<TargetReport>> {
         }
     }
 
+    // Every established session counts as active in the timeline while `hot` runs.
+    h.gauges
+        .active
+        .store(sessions.len() as i64, Ordering::Relaxed);
     let mut closed_rates = Vec::new();
     for phase in &sc.phases {
         let rate = match phase {

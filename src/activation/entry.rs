@@ -111,6 +111,8 @@ pub(crate) struct EntryState {
     pub since: Instant,
     /// The next lease gets `state_lost = true` (the previous sandbox died, `reclaim`).
     pub state_lost_pending: bool,
+    /// A `Lost` event arrived while a pause or resume ran: its result is not trusted.
+    pub lost_meanwhile: bool,
 }
 
 /// One session: its key, its locked state and its lock-free counters.
@@ -137,6 +139,7 @@ impl SessionEntry {
                 waiters: VecDeque::new(),
                 since: now,
                 state_lost_pending: false,
+                lost_meanwhile: false,
             }),
             in_flight: AtomicU64::new(0),
             created: now,

@@ -160,7 +160,12 @@ impl Shared {
                         entry.touch(Instant::now());
                     }
                 }
-                // Transitions report the outcome of their own backend call.
+                (BackendEvent::Lost { reason, .. }, Phase::Pausing | Phase::Resuming) => {
+                    // The running pause/resume turns its result into a loss when it ends.
+                    tracing::info!(session = %entry.key, %sandbox, reason, "sandbox lost mid-transition");
+                    st.lost_meanwhile = true;
+                }
+                // A claim reports the outcome of its own backend call.
                 _ => continue,
             }
             self.settle(&entry, st);

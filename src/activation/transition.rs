@@ -129,6 +129,7 @@ impl Shared {
         st: &mut EntryState,
     ) -> JoinHandle<Result<(), ActivationError>> {
         st.phase = Phase::Resuming;
+        st.lost_meanwhile = false;
         let this = Arc::clone(self);
         let entry = Arc::clone(entry);
         tokio::spawn(async move { this.run_resume(entry).await })
@@ -149,6 +150,11 @@ impl Shared {
             .bounded(self.backend.resume(&sandbox, deadline), deadline)
             .await;
         let mut st = entry.lock();
+        let outcome = if std::mem::take(&mut st.lost_meanwhile) {
+            Some(Err(BackendError::Lost(sandbox.clone())))
+        } else {
+            outcome
+        };
         let result = match outcome {
             Some(Ok(endpoint)) => {
                 self.count_activation(ActivationKind::Resume, "ok", started);
@@ -199,6 +205,7 @@ impl Shared {
     ) -> Option<JoinHandle<Result<(), ActivationError>>> {
         let sandbox = st.bound.as_ref()?.sandbox.clone();
         st.phase = Phase::Pausing;
+        st.lost_meanwhile = false;
         let this = Arc::clone(self);
         let entry = Arc::clone(entry);
         Some(tokio::spawn(
@@ -217,6 +224,11 @@ impl Shared {
         )
         .await;
         let mut st = entry.lock();
+        let outcome = if std::mem::take(&mut st.lost_meanwhile) {
+            Ok(Err(BackendError::Lost(sandbox.clone())))
+        } else {
+            outcome
+        };
         let now = Instant::now();
         let (label, result) = match outcome {
             Ok(Ok(())) | Err(_) => {

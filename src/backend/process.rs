@@ -39,6 +39,8 @@ use instance::Instance;
 
 /// How long a freeze may take before the pause is abandoned (and the sandbox thawed).
 const FREEZE_BOUND: Duration = Duration::from_secs(5);
+/// Pause between a claim and the refill it triggers.
+const REFILL_DELAY: Duration = Duration::from_millis(50);
 /// How long a SIGKILLed tree may take to disappear.
 const KILL_BOUND: Duration = Duration::from_secs(5);
 
@@ -148,6 +150,27 @@ impl ProcessBackend {
     }
 }
 
+impl Drop for ProcessBackend {
+    /// Backstop for a backend dropped without `shutdown()`: SIGKILL every sandbox tree so
+    /// nothing outlives it (workdirs stay until the next sweep after this process ends).
+    fn drop(&mut self) {
+        let mut fleet = self.shared.lock();
+        if fleet.closed {
+            return;
+        }
+        fleet.closed = true;
+        for e in fleet.entries.values() {
+            if let Some(pid) = e.pid {
+                child::signal_group(pid, Signal::SIGKILL);
+            }
+            if let Some(c) = &e.cgroup {
+                c.kill_all();
+            }
+        }
+        self.shared.closed.send_replace(true);
+    }
+}
+
 // === impl Shared ===
 
 impl Shared {
@@ -156,6 +179,8 @@ impl Shared {
         self.fleet.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Keeps `activator_warm_pool_ready` current between scrapes (the admin server also
+    /// refreshes it, with `activator_sandboxes{state}`, at scrape time).
     fn publish(&self, fleet: &Fleet) {
         self.metrics.warm_pool_ready.set(fleet.warm.len() as i64);
     }
@@ -181,11 +206,17 @@ impl Shared {
                 tokio::spawn(self.clone().teardown(id));
             }
             self.publish(&self.lock());
-            tokio::select! {
-                _ = self.refill.notified() => {}
+            let notified = tokio::select! {
+                _ = self.refill.notified() => true,
                 // Re-check now and then: a failed start or a missed wake-up heals here.
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => false,
                 _ = closed.wait_for(|c| *c) => return,
+            };
+            if notified {
+                // Let the request that just claimed get its first response before new
+                // children start competing for CPU (a start costs milliseconds of CPU;
+                // a burst of claims coalesces into one plan).
+                tokio::time::sleep(REFILL_DELAY).await;
             }
         }
     }
@@ -226,7 +257,12 @@ impl Shared {
                             }
                             Err(Err(_)) => false,
                         },
-                        None => false,
+                        None => {
+                            let _ = reply.send(Err(BackendError::StartFailed(
+                                "the sandbox exited right after becoming ready".into(),
+                            )));
+                            false
+                        }
                     }
                 }
                 // A pool start, or a claim that timed out meanwhile: keep it warm.
