@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use agent_activator::backend::SandboxState;
+use agent_activator::backend::{ActivationKind, ClaimBudget, SandboxState};
 use agent_activator::config::Config;
 use agent_activator::server::{self, RunningServer};
 use agent_activator::session::SessionKey;
@@ -123,6 +123,42 @@ async fn run() -> Vec<Row> {
         level: 1,
         h: direct,
     });
+
+    // The backend's own share of a warm claim: `SandboxBackend::claim` called in-process.
+    const CLAIMS: usize = 40;
+    server
+        .backend()
+        .set_warm_pool_target(CLAIMS as u32)
+        .await
+        .unwrap();
+    wait_warm(&server, CLAIMS).await;
+    server.backend().set_warm_pool_target(0).await.unwrap();
+    let mut backend_claim = Histogram::<u64>::new(3).unwrap();
+    let mut bound = Vec::new();
+    for i in 0..CLAIMS {
+        let k = key(&format!("direct-claim-{i}"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let budget = ClaimBudget {
+            admission_deadline: deadline,
+            deadline,
+        };
+        let start = Instant::now();
+        let b = server.backend().claim(&k, budget).await.unwrap();
+        backend_claim
+            .record(start.elapsed().as_nanos() as u64)
+            .unwrap();
+        assert_eq!(b.kind, ActivationKind::Claim);
+        bound.push((k, b.sandbox));
+    }
+    for (k, id) in bound {
+        server.backend().release(&k, &id).await.unwrap();
+    }
+    println!(
+        "backend claim (in-process, warm, {CLAIMS} samples): p50 {} ns, p99 {} ns, max {} ns",
+        backend_claim.value_at_quantile(0.5),
+        backend_claim.value_at_quantile(0.99),
+        backend_claim.max()
+    );
 
     for &level in &LEVELS {
         warm_connections(&c, proxy, level).await;

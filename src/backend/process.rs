@@ -282,8 +282,10 @@ impl Shared {
                 self.freed.notify_waiters();
             }
             _ => {
-                if let Err(e) = &result {
-                    tracing::warn!(sandbox = %id, error = %e, "sandbox start failed");
+                match &result {
+                    Err(_) if *closed.borrow() => {}
+                    Err(e) => tracing::warn!(sandbox = %id, error = %e, "sandbox start failed"),
+                    Ok(()) => {}
                 }
                 self.teardown(id).await;
             }

@@ -1,0 +1,90 @@
+//! One request through the activator versus straight to the sandbox, in-process over
+//! loopback: the proxy's added latency on the fast path (session bound and ready).
+//! Run: `cargo bench --bench proxy_hop`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use criterion::{Criterion, criterion_group, criterion_main};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::Request;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use agent_activator::config::Config;
+use agent_activator::server;
+
+/// A sandbox that answers every request with a small body.
+async fn sandbox() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = service_fn(|_req| async {
+                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
+                        b"{\"ok\":true}",
+                    ))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn bench(c: &mut Criterion) {
+    // One thread runs client, activator and sandbox: the figure is CPU work per request
+    // (three sockets' worth of syscalls plus the proxy's own), free of cross-thread
+    // wake-up noise on a shared machine.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (direct, proxied, _server) = rt.block_on(async {
+        let up = sandbox().await;
+        let mut config = Config::from_yaml(&format!(
+            "backend: {{kind: static, endpoints: ['{up}']}}\nlog: {{access_log: false}}\n\
+             autoscaler: {{enabled: false}}\n"
+        ))
+        .unwrap();
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.admin_listen = "127.0.0.1:0".parse().unwrap();
+        let server = server::start(config).await.unwrap();
+        (up, server.proxy_addr(), server)
+    });
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let get = |addr: SocketAddr| {
+        let client = client.clone();
+        async move {
+            let req = Request::get(format!("http://{addr}/v1/chat"))
+                .header("x-session-id", "bench-session")
+                .body(Empty::new())
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            assert!(resp.status().is_success());
+            resp.into_body().collect().await.unwrap();
+        }
+    };
+    // Bind the session before measuring: the fast path only.
+    rt.block_on(get(proxied));
+
+    let mut g = c.benchmark_group("hop");
+    g.bench_function("direct", |b| b.iter(|| rt.block_on(get(direct))));
+    g.bench_function("through_activator", |b| {
+        b.iter(|| rt.block_on(get(proxied)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
