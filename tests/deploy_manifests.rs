@@ -51,6 +51,20 @@ fn the_shipped_config_is_a_valid_kubernetes_config() {
     assert_eq!(config.admin_listen.port(), 9090);
     let deployment = std::fs::read_to_string(root().join("deploy/deployment.yaml")).unwrap();
     assert!(deployment.contains("/etc/agent-activator/activator.yaml"));
+    // The autoscaler's peers are the headless Service over every replica's admin port.
+    let peers: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(root().join("deploy/service-peers.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(peers["spec"]["clusterIP"], "None");
+    let name = peers["metadata"]["name"].as_str().unwrap();
+    assert_eq!(
+        config.autoscaler.peers,
+        vec![format!("{name}:{}", config.admin_listen.port())]
+    );
+    let kustomization =
+        std::fs::read_to_string(root().join("deploy/kustomization.yaml")).unwrap();
+    assert!(kustomization.contains("- service-peers.yaml"));
 }
 
 #[test]
