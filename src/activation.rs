@@ -207,7 +207,8 @@ impl Activator {
         self.shared.waiting_sessions()
     }
 
-    /// Bound sessions with a request in flight or inside their idle window.
+    /// Bound sessions with a request in flight or inside their idle window, as counted by
+    /// the last idle sweep (so at most `idle.sweep_interval` old; reading it is free).
     pub fn active_sessions(&self) -> usize {
         self.shared.active_sessions()
     }

@@ -73,15 +73,10 @@ impl Shared {
         counts
     }
 
+    /// As counted by the last idle sweep (at most `idle.sweep_interval` old).
     pub(crate) fn active_sessions(&self) -> usize {
-        let now = Instant::now();
-        self.snapshot()
-            .iter()
-            .filter(|e| {
-                e.lock().phase == Phase::Ready
-                    && (e.in_flight() > 0 || e.idle_for(now) < self.settings.idle_timeout)
-            })
-            .count()
+        self.active_counted
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs `decide` on the session's settled state, waiting for transitions to end.

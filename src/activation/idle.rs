@@ -5,7 +5,13 @@
 //! is a request in flight). The in-flight check and the move to `Pausing`/`Releasing`
 //! happen under the entry's lock, the same lock the fast path takes to count a request,
 //! so a session is never paused under live traffic.
+//!
+//! The pass is also where active sessions are counted (for the autoscaler), so the table
+//! is scanned once per interval, not once per reader; and it yields to the runtime every
+//! [`SWEEP_CHUNK`] entries, so a table of 100,000 sessions never stalls request tasks
+//! sharing its worker thread.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
 use tokio::time::{Instant, MissedTickBehavior};
@@ -14,6 +20,9 @@ use super::entry::{Phase, SessionEntry};
 use super::table::Shared;
 use crate::backend::SandboxId;
 use crate::config::IdlePolicy;
+
+/// Entries examined between two yields to the runtime.
+const SWEEP_CHUNK: usize = 1024;
 
 impl Shared {
     /// Starts the sweeper and the backend-event listener; both end once `self` is dropped.
@@ -24,14 +33,18 @@ impl Shared {
         tokio::spawn(super::events::event_loop(weak, self.backend.subscribe()));
     }
 
-    /// One pass over the table at `now`.
-    pub(crate) fn sweep(self: &Arc<Self>, now: Instant) {
+    /// One pass over the table at `now`, yielding every [`SWEEP_CHUNK`] entries.
+    pub(crate) async fn sweep(self: &Arc<Self>, now: Instant) {
         // Snapshot first: entries are locked below, never while a shard lock is held
         // by this loop (see the lock order in `table`).
         let entries: Vec<Arc<SessionEntry>> =
             self.table.iter().map(|r| Arc::clone(r.value())).collect();
         let mut report: Vec<(Arc<SessionEntry>, SandboxId)> = Vec::new();
-        for entry in entries {
+        let mut active = 0;
+        for (i, entry) in entries.into_iter().enumerate() {
+            if i > 0 && i % SWEEP_CHUNK == 0 {
+                tokio::task::yield_now().await;
+            }
             let mut st = entry.lock();
             match st.phase {
                 Phase::Ready => {
@@ -40,10 +53,12 @@ impl Shared {
                     {
                         report.push((Arc::clone(&entry), b.sandbox.clone()));
                     }
-                    if self.is_shutting_down()
-                        || entry.in_flight() > 0
-                        || entry.idle_for(now) < self.settings.idle_timeout
-                    {
+                    let busy =
+                        entry.in_flight() > 0 || entry.idle_for(now) < self.settings.idle_timeout;
+                    if busy {
+                        active += 1;
+                    }
+                    if busy || self.is_shutting_down() {
                         continue;
                     }
                     match self.settings.idle_policy {
@@ -73,6 +88,7 @@ impl Shared {
                 _ => {}
             }
         }
+        self.active_counted.store(active, Ordering::Relaxed);
         for (entry, sandbox) in report {
             self.backend.record_activity(&entry.key, &sandbox);
         }
@@ -87,6 +103,6 @@ async fn sweep_loop(weak: Weak<Shared>, period: std::time::Duration) {
         let Some(shared) = weak.upgrade() else {
             return;
         };
-        shared.sweep(Instant::now());
+        shared.sweep(Instant::now()).await;
     }
 }

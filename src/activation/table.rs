@@ -74,6 +74,9 @@ pub(crate) struct Shared {
     /// Woken whenever a transition ends (admin operations wait on it).
     pub settled: Notify,
     pub orphans: Orphans,
+    /// Active sessions as counted by the last idle sweep (read by the stats sampler and
+    /// the autoscaler every second, so they never scan the table themselves).
+    pub active_counted: AtomicUsize,
 }
 
 impl Shared {
@@ -94,6 +97,7 @@ impl Shared {
             shutting_down: AtomicBool::new(false),
             settled: Notify::new(),
             orphans: Orphans::default(),
+            active_counted: AtomicUsize::new(0),
         })
     }
 

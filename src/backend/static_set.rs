@@ -3,6 +3,7 @@
 //! Claims take the least-loaded endpoint with a free slot; when all are full the claim
 //! waits on a `Notify` (woken by every release) until the admission deadline.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Mutex;
 
@@ -29,8 +30,9 @@ pub struct StaticBackend {
 struct Slot {
     id: SandboxId,
     addr: SocketAddr,
-    /// Short hashes of the sessions bound here.
-    sessions: Vec<SessionKey>,
+    /// The sessions bound here, with their short hashes computed once at bind time (the
+    /// admin API and `/metrics` list them; hashing 100,000 IDs per scrape would not do).
+    sessions: HashMap<SessionKey, String>,
 }
 
 impl StaticBackend {
@@ -51,7 +53,7 @@ impl StaticBackend {
             slots.push(Slot {
                 id: SandboxId::new(e.as_str()),
                 addr,
-                sessions: Vec::new(),
+                sessions: HashMap::new(),
             });
         }
         Ok(StaticBackend {
@@ -70,7 +72,7 @@ impl StaticBackend {
             .iter_mut()
             .filter(|s| s.sessions.len() < self.max_per_sandbox)
             .min_by_key(|s| s.sessions.len())?;
-        slot.sessions.push(session.clone());
+        slot.sessions.insert(session.clone(), session.short_hash());
         Some(Binding {
             sandbox: slot.id.clone(),
             endpoint: slot.addr,
@@ -136,7 +138,7 @@ impl SandboxBackend for StaticBackend {
         {
             let mut slots = self.slots.lock().expect("static slots lock");
             if let Some(slot) = slots.iter_mut().find(|s| &s.id == sandbox) {
-                slot.sessions.retain(|s| s != session);
+                slot.sessions.remove(session);
             }
         }
         self.freed.notify_waiters();
@@ -161,7 +163,7 @@ impl SandboxBackend for StaticBackend {
                 } else {
                     SandboxState::Bound
                 },
-                sessions: s.sessions.iter().map(SessionKey::short_hash).collect(),
+                sessions: s.sessions.values().cloned().collect(),
                 endpoint: Some(s.addr),
                 pid: None,
                 age_seconds: age,
