@@ -5,9 +5,10 @@
 //! `backend.workdir_root/<instance>/<id>`. A refill task keeps `warm_pool` ready sandboxes;
 //! a watcher task per child turns an unexpected exit into [`BackendEvent::Lost`].
 //!
-//! Layout: [`fleet`] is the table (pure data under one mutex), [`child`] spawns and probes
-//! one process, [`freezer`] freezes and kills trees, [`instance`] names this backend and
-//! sweeps what a crashed predecessor left.
+//! Layout: `fleet` is the table (pure data under one mutex), `lifecycle` the tasks that
+//! start, watch and stop sandboxes, `child` spawns and probes one process, `freezer`
+//! freezes and kills trees, `instance` names this backend and sweeps what a crashed
+//! predecessor left.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,8 +21,8 @@ use tokio::sync::{Notify, broadcast, oneshot, watch};
 use tokio::time::Instant;
 
 use super::{
-    ActivationKind, BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, SandboxBackend,
-    SandboxId, SandboxInfo, SandboxState,
+    BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, SandboxBackend, SandboxId,
+    SandboxInfo, SandboxState,
 };
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
@@ -31,8 +32,9 @@ mod child;
 mod fleet;
 mod freezer;
 mod instance;
+mod lifecycle;
 
-use child::{ExitWatch, LaunchSpec};
+use child::LaunchSpec;
 use fleet::{ClaimStep, Fleet};
 pub use freezer::FreezerMode;
 use instance::Instance;
@@ -184,267 +186,6 @@ impl Shared {
     fn publish(&self, fleet: &Fleet) {
         self.metrics.warm_pool_ready.set(fleet.warm.len() as i64);
     }
-
-    /// Keeps the warm pool at its target: starts missing sandboxes, trims surplus ones,
-    /// backs off after failed starts. Ends on shutdown.
-    async fn refill_loop(self: Arc<Self>) {
-        let mut closed = self.closed.subscribe();
-        loop {
-            let failures = self.lock().pool_failures;
-            if failures > 0 {
-                let backoff = Duration::from_millis(100 << failures.min(7));
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = closed.wait_for(|c| *c) => return,
-                }
-            }
-            let plan = self.lock().refill_plan();
-            for id in plan.starts {
-                tokio::spawn(self.clone().start(id, Purpose::Pool));
-            }
-            for id in plan.trims {
-                tokio::spawn(self.clone().teardown(id));
-            }
-            self.publish(&self.lock());
-            let notified = tokio::select! {
-                _ = self.refill.notified() => true,
-                // Re-check now and then: a failed start or a missed wake-up heals here.
-                _ = tokio::time::sleep(Duration::from_secs(1)) => false,
-                _ = closed.wait_for(|c| *c) => return,
-            };
-            if notified {
-                // Let the request that just claimed get its first response before new
-                // children start competing for CPU (a start costs milliseconds of CPU;
-                // a burst of claims coalesces into one plan).
-                tokio::time::sleep(REFILL_DELAY).await;
-            }
-        }
-    }
-
-    /// Starts sandbox `id` (reserved as `Starting`) and hands it to `purpose` when ready.
-    async fn start(self: Arc<Self>, id: SandboxId, purpose: Purpose) {
-        let started = Instant::now();
-        let deadline = started + self.start_timeout;
-        let mut closed = self.closed.subscribe();
-        let result = tokio::select! {
-            r = self.launch_and_wait(&id, deadline) => r,
-            _ = closed.wait_for(|c| *c) => Err(BackendError::NoCapacity("shutting down".into())),
-        };
-        let is_pool = matches!(purpose, Purpose::Pool);
-        let handed = {
-            let mut fleet = self.lock();
-            if is_pool {
-                fleet.pool_starting = fleet.pool_starting.saturating_sub(1);
-            }
-            let outcome = match (&result, purpose) {
-                (Err(e), Purpose::Claim { reply, .. }) => {
-                    let _ = reply.send(Err(e.clone()));
-                    false
-                }
-                (Err(_), Purpose::Pool) => false,
-                (Ok(()), _) if fleet.closed => false,
-                (Ok(()), Purpose::Claim { session, reply }) if !reply.is_closed() => {
-                    match fleet.bind(&id, &session, ActivationKind::Create) {
-                        Some(b) => match reply.send(Ok(b)) {
-                            Ok(()) => true,
-                            Err(Ok(b)) => {
-                                // The claim gave up a moment ago: pool it instead.
-                                if let Some(e) = fleet.entries.get_mut(&b.sandbox) {
-                                    e.state = SandboxState::Starting;
-                                    e.sessions.clear();
-                                }
-                                fleet.make_warm(&id)
-                            }
-                            Err(Err(_)) => false,
-                        },
-                        None => {
-                            let _ = reply.send(Err(BackendError::StartFailed(
-                                "the sandbox exited right after becoming ready".into(),
-                            )));
-                            false
-                        }
-                    }
-                }
-                // A pool start, or a claim that timed out meanwhile: keep it warm.
-                (Ok(()), _) => fleet.make_warm(&id),
-            };
-            match (&result, is_pool) {
-                (Ok(()), true) if outcome => fleet.pool_failures = 0,
-                (Err(_), true) => fleet.pool_failures += 1,
-                _ => {}
-            }
-            self.publish(&fleet);
-            outcome
-        };
-        match &result {
-            Ok(()) if handed => {
-                tracing::debug!(sandbox = %id, took = ?started.elapsed(), "sandbox ready");
-                self.freed.notify_waiters();
-            }
-            _ => {
-                match &result {
-                    Err(_) if *closed.borrow() => {}
-                    Err(e) => tracing::warn!(sandbox = %id, error = %e, "sandbox start failed"),
-                    Ok(()) => {}
-                }
-                self.teardown(id).await;
-            }
-        }
-    }
-
-    /// Creates the workdir and cgroup, spawns the child, records it, and probes it ready.
-    async fn launch_and_wait(
-        self: &Arc<Self>,
-        id: &SandboxId,
-        deadline: Instant,
-    ) -> Result<(), BackendError> {
-        let workdir = self.workdir.join(id.as_str());
-        std::fs::create_dir_all(&workdir).map_err(|e| {
-            BackendError::StartFailed(format!("cannot create {}: {e}", workdir.display()))
-        })?;
-        let cgroup = self
-            .freezer
-            .create(id.as_str())
-            .map_err(|e| BackendError::StartFailed(format!("cannot create cgroup: {e}")))?
-            .map(Arc::new);
-        let procs = match &cgroup {
-            Some(c) => Some(c.procs_file().map_err(|e| {
-                BackendError::StartFailed(format!("cannot open {}: {e}", c.path().display()))
-            })?),
-            None => None,
-        };
-        // Recorded before the spawn so a failed start still removes the cgroup.
-        if let Some(e) = self.lock().entries.get_mut(id) {
-            e.cgroup = cgroup;
-        }
-        let port = child::pick_port()?;
-        let endpoint = SocketAddr::from(([127, 0, 0, 1], port));
-        let launched = child::launch(&self.spec, port, &workdir, procs).await?;
-        let mut exit = launched.exit.clone();
-        {
-            let mut fleet = self.lock();
-            let e = fleet
-                .entries
-                .get_mut(id)
-                .ok_or_else(|| BackendError::Lost(id.clone()))?;
-            e.pid = Some(launched.pid);
-            e.endpoint = Some(endpoint);
-            e.exit = Some(launched.exit.clone());
-        }
-        tokio::spawn(self.watch_exit(id.clone(), launched.exit));
-        child::wait_ready(
-            endpoint,
-            &self.spec.ready_path,
-            &mut exit,
-            &workdir,
-            deadline,
-            self.start_timeout,
-        )
-        .await
-    }
-
-    /// Waits for the child of `id` to exit; an exit nobody asked for is a loss.
-    fn watch_exit(
-        self: &Arc<Self>,
-        id: SandboxId,
-        mut exit: ExitWatch,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        let this = self.clone();
-        async move {
-            let how = match exit.wait_for(Option::is_some).await {
-                Ok(how) => how.clone().unwrap_or_default(),
-                Err(_) => "exit watcher dropped".into(),
-            };
-            let lost = {
-                let mut fleet = this.lock();
-                let state = fleet.entries.get(&id).map(|e| e.state);
-                match state {
-                    // Their owners (start, teardown) see the exit themselves.
-                    None | Some(SandboxState::Starting | SandboxState::Stopping) => return,
-                    Some(s) => {
-                        fleet.mark_stopping(&id);
-                        this.publish(&fleet);
-                        s != SandboxState::Warm
-                    }
-                }
-            };
-            if lost {
-                tracing::warn!(sandbox = %id, exit = %how, "sandbox died");
-                let _ = this.events.send(BackendEvent::Lost {
-                    sandbox: id.clone(),
-                    reason: format!("process {how}"),
-                });
-            } else {
-                tracing::warn!(sandbox = %id, exit = %how, "warm sandbox died; replacing it");
-            }
-            this.teardown(id).await;
-        }
-    }
-
-    /// Stops sandbox `id` (SIGTERM to its group, SIGKILL after `stop_grace`), removes its
-    /// cgroup and workdir, and drops it from the table.
-    async fn teardown(self: Arc<Self>, id: SandboxId) {
-        let (pid, cgroup, exit, workdir, paused) = {
-            let mut fleet = self.lock();
-            let Some(e) = fleet.entries.get(&id) else {
-                return;
-            };
-            let paused = e.state == SandboxState::Paused;
-            let taken = (
-                e.pid,
-                e.cgroup.clone(),
-                e.exit.clone(),
-                e.workdir.clone(),
-                paused,
-            );
-            fleet.mark_stopping(&id);
-            self.publish(&fleet);
-            taken
-        };
-        if let Some(pid) = pid {
-            if paused {
-                // A frozen process cannot act on SIGTERM.
-                let _ = freezer::thaw(cgroup.as_deref(), pid);
-            }
-            child::signal_group(pid, Signal::SIGTERM);
-            let gone = wait_exit(exit.clone(), self.stop_grace).await;
-            // Always: the group or cgroup may hold grandchildren after the leader exits.
-            child::signal_group(pid, Signal::SIGKILL);
-            if let Some(c) = &cgroup {
-                c.kill_all();
-            }
-            if !gone && !wait_exit(exit, KILL_BOUND).await {
-                tracing::error!(sandbox = %id, pid, "sandbox survived SIGKILL");
-            }
-            if cgroup.is_none() {
-                // Signal mode: wait (bounded) for the rest of the group to die too. In
-                // cgroup modes removing the cgroup below waits for it to empty.
-                let end = Instant::now() + KILL_BOUND;
-                while !child::group_gone(pid) && Instant::now() < end {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
-        }
-        if let Some(c) = &cgroup {
-            c.remove(Instant::now() + KILL_BOUND).await;
-        }
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(workdir)).await;
-        {
-            let mut fleet = self.lock();
-            fleet.entries.remove(&id);
-            self.publish(&fleet);
-        }
-        self.freed.notify_waiters();
-        self.refill.notify_one();
-    }
-}
-
-/// Waits until the exit watch fires, at most `bound`. True if the process is gone.
-async fn wait_exit(exit: Option<ExitWatch>, bound: Duration) -> bool {
-    let Some(mut exit) = exit else { return true };
-    tokio::time::timeout(bound, exit.wait_for(Option::is_some))
-        .await
-        .is_ok()
 }
 
 /// Builds the backend from `backend.*` (the `BackendKind::Process` arm of `backend::build`).
