@@ -62,8 +62,7 @@ fn the_shipped_config_is_a_valid_kubernetes_config() {
         config.autoscaler.peers,
         vec![format!("{name}:{}", config.admin_listen.port())]
     );
-    let kustomization =
-        std::fs::read_to_string(root().join("deploy/kustomization.yaml")).unwrap();
+    let kustomization = std::fs::read_to_string(root().join("deploy/kustomization.yaml")).unwrap();
     assert!(kustomization.contains("- service-peers.yaml"));
 }
 
