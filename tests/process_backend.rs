@@ -386,6 +386,47 @@ async fn two_sessions_never_share_a_sandbox() {
     finish(&b, &dir).await;
 }
 
+/// Concurrent cold starts pick their ports at the same moment; the kernel hands a
+/// just-released port out again, so without the backend's reservation two sandboxes got
+/// one port and both were declared ready on it (the loadtest storm found 87 in 1,000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cold_starts_each_answer_on_their_own_port() {
+    let dir = scratch("port-race");
+    let b = backend(&config(
+        &dir,
+        "  warm_pool: 0
+  max_sandboxes: 40
+",
+    ))
+    .await;
+    let claims = (0..24).map(|i| {
+        let b = b.clone();
+        async move {
+            let k = format!("race-{i}");
+            let bind = b
+                .claim(&key(&k), budget(Duration::from_secs(60)))
+                .await
+                .unwrap();
+            (k, bind)
+        }
+    });
+    let binds = futures_util::future::join_all(claims).await;
+    let ports: std::collections::HashSet<u16> =
+        binds.iter().map(|(_, b)| b.endpoint.port()).collect();
+    assert_eq!(ports.len(), binds.len(), "two sandboxes share a port");
+    let c = client();
+    for (k, bind) in &binds {
+        let state = call(&c, "GET", format!("http://{}/state", bind.endpoint), k).await;
+        assert_eq!(
+            state["pid"],
+            row_pid(&b, &bind.sandbox),
+            "the process answering is not the sandbox's own"
+        );
+        assert_eq!(state["sessions_seen"], serde_json::json!([k]));
+    }
+    finish(&b, &dir).await;
+}
+
 #[tokio::test]
 async fn a_crash_of_a_bound_sandbox_is_reported_lost() {
     let dir = scratch("crash");
@@ -446,5 +487,28 @@ async fn a_child_that_exits_before_ready_fails_with_its_stderr() {
         msg.contains("exit status: 3") && msg.contains("boom-"),
         "{msg}"
     );
+    finish(&b, &dir).await;
+}
+
+/// The process answering the readiness probe must belong to the sandbox. Here the child
+/// starts the server in a new session (outside its process group, which is the sandbox in
+/// signal mode), as a foreign process that took the port would be: the start must fail
+/// instead of routing a session to it.
+#[tokio::test]
+async fn a_port_answered_by_a_process_outside_the_sandbox_fails_the_start() {
+    let dir = scratch("foreign-port");
+    let yaml = format!(
+        "backend:\n  kind: process\n  freezer: signal\n  command: [\"sh\", \"-c\", \"setsid timeout 20 \\\"$0\\\" demo-sandbox --port \\\"$1\\\" & sleep 30\", \"{BIN}\", \"{{port}}\"]\n  workdir_root: \"{}\"\n  stop_grace: 1s\n",
+        dir.display()
+    );
+    let b = backend(&Config::from_yaml(&yaml).unwrap()).await;
+    let err = b
+        .claim(&key("a"), budget(Duration::from_secs(10)))
+        .await
+        .unwrap_err();
+    let BackendError::StartFailed(msg) = err else {
+        panic!("{err:?}")
+    };
+    assert!(msg.contains("no process of the sandbox listens"), "{msg}");
     finish(&b, &dir).await;
 }

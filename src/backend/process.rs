@@ -33,6 +33,7 @@ mod fleet;
 mod freezer;
 mod instance;
 mod lifecycle;
+mod port;
 
 use child::LaunchSpec;
 use fleet::{ClaimStep, Fleet};

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -55,16 +55,6 @@ pub struct Launched {
     pub pid: u32,
     /// Fires once with a description of how the child ended.
     pub exit: ExitWatch,
-}
-
-/// Picks a free TCP port on 127.0.0.1 by binding port 0 and releasing it. The kernel picks
-/// ephemeral ports at random, so a collision with another picker before the child binds
-/// is unlikely; if it happens the child fails to bind, exits, and the start fails cleanly.
-pub fn pick_port() -> Result<u16, BackendError> {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| BackendError::StartFailed(format!("no free port on 127.0.0.1: {e}")))
 }
 
 /// Starts the child of one sandbox in `workdir`, with stdout/stderr to files there.
@@ -267,9 +257,10 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(after.split_whitespace().map(str::to_owned).collect())
 }
 
-/// Scheduler states of the processes in the group led by `leader` (the leader included).
-/// Scans `/proc`: fine for pause and release, which are not on the request path.
-fn group_states(leader: u32) -> Vec<char> {
+/// `(pid, stat fields)` of the processes in the group led by `leader` (the leader
+/// included). Scans `/proc`: fine for start, pause and release, which are not on the
+/// request path.
+fn group(leader: u32) -> Vec<(u32, Vec<String>)> {
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -277,11 +268,23 @@ fn group_states(leader: u32) -> Vec<char> {
     procs
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(stat_fields)
+        .filter_map(|pid| Some((pid, stat_fields(pid)?)))
         // Field 5 (index 2 here) is the process group.
-        .filter(|f| f.get(2) == Some(&pgid))
-        .filter_map(|f| f.first()?.chars().next())
+        .filter(|(_, f)| f.get(2) == Some(&pgid))
         .collect()
+}
+
+/// Scheduler states of the processes in the group led by `leader`.
+fn group_states(leader: u32) -> Vec<char> {
+    group(leader)
+        .into_iter()
+        .filter_map(|(_, f)| f.first()?.chars().next())
+        .collect()
+}
+
+/// PIDs of the processes in the group led by `leader`.
+pub fn group_members(leader: u32) -> Vec<u32> {
+    group(leader).into_iter().map(|(pid, _)| pid).collect()
 }
 
 /// True when every process of the group led by `leader` is stopped (`T`) or exited (`Z`).

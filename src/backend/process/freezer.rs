@@ -172,6 +172,15 @@ impl SandboxCgroup {
             .open(self.path.join("cgroup.procs"))
     }
 
+    /// PIDs of every process in the cgroup.
+    pub fn pids(&self) -> Vec<u32> {
+        std::fs::read_to_string(self.path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

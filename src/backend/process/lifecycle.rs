@@ -1,6 +1,7 @@
 //! The tasks of one sandbox's life: the warm-pool refill loop, start (spawn + readiness),
 //! the exit watcher that reports losses, and teardown (SIGTERM, SIGKILL, cleanup).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
 use super::child::{self, ExitWatch};
+use super::port;
 use super::{KILL_BOUND, Purpose, REFILL_DELAY, Shared, freezer};
 use crate::backend::{ActivationKind, BackendError, BackendEvent, SandboxId, SandboxState};
 
@@ -141,12 +143,26 @@ impl Shared {
             })?),
             None => None,
         };
-        // Recorded before the spawn so a failed start still removes the cgroup.
-        if let Some(e) = self.lock().entries.get_mut(id) {
-            e.cgroup = cgroup;
-        }
-        let port = child::pick_port()?;
-        let endpoint = SocketAddr::from(([127, 0, 0, 1], port));
+        // The cgroup is recorded before the spawn so a failed start still removes it; the
+        // port is reserved (as the entry's endpoint) under the same lock it is picked
+        // under, so no two sandboxes of this backend are handed one port.
+        let (port, endpoint) = {
+            let mut fleet = self.lock();
+            let taken: HashSet<u16> = fleet
+                .entries
+                .values()
+                .filter_map(|e| e.endpoint.map(|a| a.port()))
+                .collect();
+            let port = port::pick_free(&taken)?;
+            let endpoint = SocketAddr::from(([127, 0, 0, 1], port));
+            let e = fleet
+                .entries
+                .get_mut(id)
+                .ok_or_else(|| BackendError::Lost(id.clone()))?;
+            e.cgroup = cgroup.clone();
+            e.endpoint = Some(endpoint);
+            (port, endpoint)
+        };
         let launched = child::launch(&self.spec, port, &workdir, procs).await?;
         let mut exit = launched.exit.clone();
         {
@@ -168,7 +184,20 @@ impl Shared {
             deadline,
             self.start_timeout,
         )
-        .await
+        .await?;
+        // Whoever answered the probe must be this sandbox: a process outside it that took
+        // the port between pick and bind would otherwise receive this session's traffic.
+        let pids = match &cgroup {
+            Some(c) => c.pids(),
+            None => child::group_members(launched.pid),
+        };
+        if !port::held_by(port, &pids) {
+            return Err(BackendError::StartFailed(format!(
+                "port {port} answered the readiness probe, but no process of the sandbox \
+                 listens on it (another process took the port)"
+            )));
+        }
+        Ok(())
     }
 
     /// Waits for the child of `id` to exit; an exit nobody asked for is a loss.
