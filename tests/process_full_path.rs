@@ -179,3 +179,51 @@ async fn full_capacity_is_503_and_a_crash_is_502_sandbox_lost() {
     assert_eq!(lost.error_code(), "sandbox_lost");
     stop(server, dir).await;
 }
+
+/// 100 concurrent first requests for one new session, through the proxy to real
+/// processes: exactly one sandbox is created, every request is forwarded exactly once
+/// (the demo's counter hands out 1..=100, each value once) and only this session ever
+/// reaches that sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_first_requests_cause_exactly_one_claim() {
+    let (server, dir) = start("burst", "  warm_pool: 0\n", "").await;
+    let c = HttpClient::http1(server.proxy_addr());
+    let replies = futures_util::future::join_all((0..100).map(|_| {
+        let c = c.clone();
+        async move { post(&c, "/counter", "burst").await }
+    }))
+    .await;
+    let mut counters: Vec<u64> = Vec::new();
+    let mut pids = std::collections::BTreeSet::new();
+    for r in &replies {
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        counters.push(v["counter"].as_u64().unwrap());
+        pids.insert(v["pid"].as_u64().unwrap());
+    }
+    counters.sort_unstable();
+    assert_eq!(
+        counters,
+        (1..=100).collect::<Vec<u64>>(),
+        "a request was lost or repeated"
+    );
+    assert_eq!(
+        pids.len(),
+        1,
+        "one session reached several sandboxes: {pids:?}"
+    );
+    let m = &server.metrics().activations_total;
+    let started: u64 = ["claim", "create"]
+        .iter()
+        .map(|k| m.with_label_values(&[*k, "ok"]).get())
+        .sum();
+    assert_eq!(started, 1, "exactly one claim or create for the session");
+    let bound: Vec<SandboxInfo> = rows(&server)
+        .into_iter()
+        .filter(|r| !r.sessions.is_empty())
+        .collect();
+    assert_eq!(bound.len(), 1);
+    let state = c.get_session("/state", "burst").await.json();
+    assert_eq!(state["sessions_seen"], serde_json::json!(["burst"]));
+    stop(server, dir).await;
+}
