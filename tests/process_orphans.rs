@@ -17,6 +17,12 @@ use support::procs::{alive, eventually, group_members};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agent-activator");
 
+/// True when `pid` was placed in a sandbox cgroup (a cgroup freezer is in force).
+fn in_sandbox_cgroup(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .is_ok_and(|c| c.contains("/agent-activator/"))
+}
+
 /// A free port on 127.0.0.1 (bound, then released).
 fn free_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -121,6 +127,7 @@ async fn a_killed_activator_takes_its_sandboxes_with_it_and_the_next_run_sweeps_
     let mut a = serve(&dir).await;
     let procs = warm_trees(&a).await;
     let (leaders, grandchildren) = (&procs[..2], &procs[2..]);
+    let cgroups = in_sandbox_cgroup(leaders[0]);
     a.child.kill().await.unwrap(); // SIGKILL: no shutdown code runs
     eventually(
         "the sandboxes die with their parent (PR_SET_PDEATHSIG)",
@@ -128,12 +135,19 @@ async fn a_killed_activator_takes_its_sandboxes_with_it_and_the_next_run_sweeps_
     )
     .await;
 
-    // Grandchildren get no parent-death signal; the next activator kills what the
-    // crashed one left in its cgroups (or, with signals only, in its workdirs).
-    assert!(
-        grandchildren.iter().all(|p| alive(*p)),
-        "grandchildren outlive the crash until swept"
-    );
+    // Grandchildren get no parent-death signal: the reaper kills what was left in the
+    // crashed run's cgroups; with signals only, the next run's sweep does.
+    if cgroups {
+        eventually("the reaper kills the grandchildren too", || {
+            grandchildren.iter().all(|p| !alive(*p))
+        })
+        .await;
+    } else {
+        assert!(
+            grandchildren.iter().all(|p| alive(*p)),
+            "without cgroups, grandchildren outlive the crash until swept"
+        );
+    }
     let mut next = serve(&dir).await;
     let fresh = warm_trees(&next).await;
     eventually("the crashed run's grandchildren are swept", || {

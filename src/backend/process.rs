@@ -34,6 +34,7 @@ mod freezer;
 mod instance;
 mod lifecycle;
 mod port;
+mod reaper;
 
 use child::LaunchSpec;
 use fleet::{ClaimStep, Fleet};
@@ -50,6 +51,9 @@ const KILL_BOUND: Duration = Duration::from_secs(5);
 /// Local child processes as sandboxes.
 pub struct ProcessBackend {
     shared: Arc<Shared>,
+    /// Kills the sandboxes' whole trees if this process dies without shutting down;
+    /// `None` in signal mode or where `sh` could not be started.
+    _reaper: Option<reaper::Reaper>,
 }
 
 struct Shared {
@@ -133,8 +137,19 @@ impl ProcessBackend {
             events: broadcast::channel(256).0,
             metrics,
         });
+        let reaper = shared.freezer.instance_dir().and_then(|dir| {
+            reaper::Reaper::spawn(dir)
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "no reaper: if this process is killed, \
+                        sandbox subprocesses survive until the next run sweeps them");
+                })
+                .ok()
+        });
         tokio::spawn(shared.clone().refill_loop());
-        Ok(ProcessBackend { shared })
+        Ok(ProcessBackend {
+            shared,
+            _reaper: reaper,
+        })
     }
 
     /// The freeze mechanism in force.

@@ -109,6 +109,11 @@ impl Freezer {
         }))
     }
 
+    /// `<own cgroup>/agent-activator/<instance>`; `None` in signal mode.
+    pub fn instance_dir(&self) -> Option<&Path> {
+        self.instance_dir.as_deref()
+    }
+
     /// Removes this instance's (by now empty) cgroup directory.
     pub fn remove_instance_dir(&self) {
         if let Some(dir) = &self.instance_dir {
