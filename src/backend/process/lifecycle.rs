@@ -187,11 +187,19 @@ impl Shared {
         .await?;
         // Whoever answered the probe must be this sandbox: a process outside it that took
         // the port between pick and bind would otherwise receive this session's traffic.
-        let pids = match &cgroup {
-            Some(c) => c.pids(),
-            None => child::group_members(launched.pid),
-        };
-        if !port::held_by(port, &pids) {
+        // Blocking /proc reads (the TCP table alone is ~10 ms with thousands of sockets):
+        // off the runtime's worker threads.
+        let leader = launched.pid;
+        let held = tokio::task::spawn_blocking(move || {
+            let pids = match &cgroup {
+                Some(c) => c.pids(),
+                None => child::group_members(leader),
+            };
+            port::held_by(port, &pids)
+        })
+        .await
+        .unwrap_or(false);
+        if !held {
             return Err(BackendError::StartFailed(format!(
                 "port {port} answered the readiness probe, but no process of the sandbox \
                  listens on it (another process took the port)"
