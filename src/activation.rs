@@ -90,6 +90,11 @@ impl Lease {
             _guard: grant.guard,
         }
     }
+
+    /// The session's short hash, as logs show it; cached, so free on every request.
+    pub fn session_hash(&self) -> &str {
+        self._guard.session_hash()
+    }
 }
 
 impl std::fmt::Debug for Lease {

@@ -30,7 +30,7 @@ impl Shared {
             session: if self.settings.full_ids {
                 entry.key.as_str().to_owned()
             } else {
-                entry.key.short_hash()
+                entry.short_hash.to_string()
             },
             sandbox: st.bound.as_ref().map(|b| b.sandbox.clone()),
             state: st.phase.label(),

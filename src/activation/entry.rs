@@ -118,6 +118,9 @@ pub(crate) struct EntryState {
 /// One session: its key, its locked state and its lock-free counters.
 pub(crate) struct SessionEntry {
     pub key: SessionKey,
+    /// `key.short_hash()`, computed once: the access log and the admin API show it for
+    /// every request and listing, and a SHA-256 per request is work a cached value answers.
+    pub short_hash: Box<str>,
     state: Mutex<EntryState>,
     in_flight: AtomicU64,
     /// The origin of the nanosecond stamps below.
@@ -132,6 +135,7 @@ impl SessionEntry {
     pub(crate) fn new(key: SessionKey, phase: Phase, bound: Option<Bound>) -> Arc<SessionEntry> {
         let now = Instant::now();
         Arc::new(SessionEntry {
+            short_hash: key.short_hash().into_boxed_str(),
             key,
             state: Mutex::new(EntryState {
                 phase,
@@ -219,6 +223,13 @@ impl SessionEntry {
 /// entry's own lock is held, as when a grant cannot be delivered).
 pub(crate) struct InFlightGuard {
     entry: Arc<SessionEntry>,
+}
+
+impl InFlightGuard {
+    /// The session's short hash (cached on its entry).
+    pub(crate) fn session_hash(&self) -> &str {
+        &self.entry.short_hash
+    }
 }
 
 impl Drop for InFlightGuard {

@@ -168,8 +168,11 @@ impl Completion {
                 Some(l) => (l.sandbox.as_str(), l.activation.as_str()),
                 None => ("-", "-"),
             };
-            let full = r.session_ids == SessionIdLogging::Full;
-            let session = SessionField(entry.session.as_ref(), full);
+            let session = SessionField {
+                key: entry.session.as_ref(),
+                cached_hash: open.lease.as_ref().map(Lease::session_hash),
+                full: r.session_ids == SessionIdLogging::Full,
+            };
             tracing::info!(
                 target: "access",
                 method = %entry.method,
@@ -191,15 +194,21 @@ impl Drop for Completion {
     }
 }
 
-/// A session as it appears in logs: its short hash, or the raw ID with `session_ids: full`.
-struct SessionField<'a>(Option<&'a SessionKey>, bool);
+/// A session as it appears in logs: its short hash (the lease's cached one when the
+/// request got a sandbox), or the raw ID with `session_ids: full`.
+struct SessionField<'a> {
+    key: Option<&'a SessionKey>,
+    cached_hash: Option<&'a str>,
+    full: bool,
+}
 
 impl std::fmt::Display for SessionField<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SessionField(None, _) => f.write_str("-"),
-            SessionField(Some(k), true) => f.write_str(k.as_str()),
-            SessionField(Some(k), false) => std::fmt::Display::fmt(k, f),
+        match (self.key, self.full, self.cached_hash) {
+            (None, _, _) => f.write_str("-"),
+            (Some(k), true, _) => f.write_str(k.as_str()),
+            (Some(_), false, Some(hash)) => f.write_str(hash),
+            (Some(k), false, None) => std::fmt::Display::fmt(k, f),
         }
     }
 }
