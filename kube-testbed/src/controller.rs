@@ -267,6 +267,16 @@ impl Controller {
     }
 
     /// Keeps `spec.replicas` unclaimed sandboxes in the pool and publishes its status.
+    /// The SandboxTemplate an agent-sandbox warm pool names in `spec.sandboxTemplateRef`
+    /// (OpenKruise SandboxSets carry their template inline, so they have none).
+    fn pool_template(&self, pool: &Value, ns: &str) -> Option<Value> {
+        let name = pool["spec"]["sandboxTemplateRef"]["name"].as_str()?;
+        let res = self
+            .store
+            .find_kind("extensions.agents.x-k8s.io", "SandboxTemplate")?;
+        self.store.get(res, ns, name).ok()
+    }
+
     fn fill_pool(
         &self,
         f: Flavour,
@@ -286,17 +296,7 @@ impl Controller {
             .collect();
         members.sort_by_key(|s| s["metadata"]["name"].as_str().unwrap_or("").to_owned());
         if members.len() < want {
-            let template = match f {
-                Flavour::AgentSandbox => pool["spec"]["sandboxTemplateRef"]["name"]
-                    .as_str()
-                    .and_then(|t| {
-                        let res = self
-                            .store
-                            .find_kind("extensions.agents.x-k8s.io", "SandboxTemplate")?;
-                        self.store.get(res, ns, t).ok()
-                    }),
-                Flavour::OpenKruise => None,
-            };
+            let template = self.pool_template(pool, ns);
             for _ in members.len()..want {
                 let obj = json!({
                     "metadata": {
@@ -386,19 +386,9 @@ impl Controller {
             let template = pools.iter().find(|p| {
                 p["metadata"]["namespace"] == ns && p["metadata"]["name"] == pool_name.as_str()
             });
-            let spec = match (f, template) {
-                (_, Some(p)) => {
-                    let t = p["spec"]["sandboxTemplateRef"]["name"]
-                        .as_str()
-                        .and_then(|t| {
-                            let res = self
-                                .store
-                                .find_kind("extensions.agents.x-k8s.io", "SandboxTemplate")?;
-                            self.store.get(res, ns, t).ok()
-                        });
-                    f.sandbox_spec(p, t.as_ref())
-                }
-                (_, None) => f.sandbox_spec(&json!({}), None),
+            let spec = match template {
+                Some(p) => f.sandbox_spec(p, self.pool_template(p, ns).as_ref()),
+                None => f.sandbox_spec(&json!({}), None),
             };
             let obj = json!({
                 "metadata": {"name": name, "ownerReferences": owner},

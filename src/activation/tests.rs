@@ -90,7 +90,11 @@ async fn hundred_concurrent_acquires_make_one_claim() {
     let lease = r.activator.try_acquire_ready(&k).expect("fast path");
     assert_eq!(lease.activation, ActivationKind::None);
     assert_eq!(lease.waited, Duration::ZERO);
-    assert_eq!(lease.session_hash(), k.short_hash(), "cached hash is the key's");
+    assert_eq!(
+        lease.session_hash(),
+        k.short_hash(),
+        "cached hash is the key's"
+    );
 }
 
 #[tokio::test(start_paused = true, flavor = "current_thread")]
