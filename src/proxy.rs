@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use http::header::{HeaderName, SET_COOKIE};
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use prometheus::IntGauge;
@@ -20,6 +21,7 @@ use crate::session::{ExtractedSession, SessionExtractor, SessionOrigin};
 use crate::shutdown::Shutdown;
 use crate::stats::TrafficStats;
 
+mod affinity;
 mod body;
 mod completion;
 pub mod error;
@@ -34,7 +36,7 @@ pub use completion::{CLIENT_CLOSED, StatusCounters};
 use completion::{Completion, Recorder};
 use error::ProxyError;
 pub use forward::{ClientConn, strip_hop_by_hop};
-use forward::{is_upgrade_request, prepare_request_headers, upstream_uri};
+use forward::{is_upgrade_request, prepare_request_headers};
 pub use listener::serve;
 use relay::Relay;
 pub use tls::{TlsError, acceptor as tls_acceptor};
@@ -159,6 +161,7 @@ impl Proxy {
         let endpoint = lease.endpoint;
         let activation = lease.activation;
         let state_lost = lease.state_lost;
+        let sandbox = lease.sandbox.clone();
         completion.hold_lease(lease);
 
         let upgrade = req.version() <= Version::HTTP_11 && is_upgrade_request(req.headers());
@@ -178,14 +181,23 @@ impl Proxy {
             upgrade,
             self.upstream.is_h2() && !upgrade,
         );
-        let path = session
-            .rewritten
-            .or_else(|| parts.uri.path_and_query().cloned());
-        parts.uri = upstream_uri(self.upstream.authority(endpoint), path);
-        let mut resp = self
-            .upstream
-            .send(Request::from_parts(parts, body), endpoint, upgrade)
-            .await?;
+        // Origin-form for the sandbox; an HTTP/1.1 client's URI usually already is.
+        if session.rewritten.is_some() || parts.uri.scheme().is_some() {
+            let path = session
+                .rewritten
+                .or_else(|| parts.uri.path_and_query().cloned())
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            parts.uri = path.into();
+        }
+        let req = Request::from_parts(parts, body);
+        let mut resp = if upgrade || self.upstream.is_h2() {
+            self.upstream.send(req, endpoint, upgrade).await?
+        } else {
+            let affinity = &conn.affinity;
+            (self.upstream)
+                .send_affine(req, affinity, &session.key, &sandbox, endpoint)
+                .await?
+        };
 
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(resp.headers_mut(), switching);

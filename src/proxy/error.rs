@@ -28,14 +28,14 @@ pub enum ProxyError {
     UpstreamConnect {
         endpoint: SocketAddr,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The sandbox closed or reset the connection before a response head (502).
     #[error("the sandbox at {endpoint} closed the connection before responding")]
     UpstreamReset {
         endpoint: SocketAddr,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The sandbox answered in a way that cannot be relayed (502 `upstream_protocol`).
     #[error("{0}")]

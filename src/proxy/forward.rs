@@ -16,6 +16,8 @@ use http::header::{
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Uri};
 
+use super::affinity::Affinity;
+
 /// `X-Forwarded-For`.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// `X-Forwarded-Proto`.
@@ -26,13 +28,15 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Facts about the client connection that every request on it shares.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ClientConn {
     pub peer: SocketAddr,
     /// The peer IP, formatted once per connection for `X-Forwarded-For`.
     pub peer_ip: HeaderValue,
     /// Served over TLS (`X-Forwarded-Proto: https`, `Secure` cookies).
     pub tls: bool,
+    /// The dedicated upstream connection of the one session this connection carries.
+    pub(super) affinity: Affinity,
 }
 
 impl ClientConn {
@@ -42,6 +46,7 @@ impl ClientConn {
             peer_ip: HeaderValue::from_str(&peer.ip().to_string())
                 .expect("an IP address is a valid header value"),
             tls,
+            affinity: Affinity::default(),
         }
     }
 }
@@ -130,10 +135,14 @@ pub fn prepare_request_headers(
     for name in strip {
         headers.remove(name);
     }
-    // The host the client asked for: `Host` (HTTP/1.1) or `:authority` (HTTP/2).
-    let host = match headers.get(HOST) {
-        Some(h) => Some(h.clone()),
-        None => client_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    // The host the client asked for: `Host` (HTTP/1.1) or `:authority` (HTTP/2). A `Host`
+    // already in the map stays where it is for an HTTP/1.1 sandbox (edited in place).
+    let (host, has_host) = match headers.get(HOST) {
+        Some(h) => (Some(h.clone()), true),
+        None => (
+            client_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+            false,
+        ),
     };
     if headers.contains_key(&X_FORWARDED_FOR) {
         // Earlier hops, possibly over several header lines, then this client.
@@ -156,12 +165,12 @@ pub fn prepare_request_headers(
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
     );
     if let Some(host) = host {
-        headers.insert(&X_FORWARDED_HOST, host.clone());
         if upstream_h2 {
             headers.remove(HOST);
-        } else {
-            headers.insert(HOST, host);
+        } else if !has_host {
+            headers.insert(HOST, host.clone());
         }
+        headers.insert(&X_FORWARDED_HOST, host);
     }
 }
 
