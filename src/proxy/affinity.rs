@@ -10,9 +10,10 @@
 //!   drops the dedicated connection, and from then on every request of that client
 //!   connection goes through the shared pool (as before affinity).
 //! - It is dropped (and a new one opened) when the session's binding changes (a resume
-//!   onto a new endpoint, a reclaim onto a new sandbox), when the sandbox closed it, or
-//!   when it sat idle longer than `proxy.pool_idle_timeout` (the same bound as the pool,
-//!   so the sandbox's keep-alive timeout never races a reuse).
+//!   onto a new endpoint, a reclaim onto a new sandbox) or when the sandbox closed it. Its
+//!   connection task closes it once it has sat idle for `proxy.pool_idle_timeout` (the
+//!   same bound as the pool, so the sandbox's keep-alive timeout never races a reuse and
+//!   an idle client connection holds no sandbox connection open).
 //! - While a request is still using it (a concurrent HTTP/2 request of the same session,
 //!   or a response body still streaming), other requests take the pool rather than wait.
 //!
@@ -21,6 +22,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -35,7 +37,12 @@ pub type Sender = SendRequest<Incoming>;
 
 /// One client connection's upstream affinity slot.
 #[derive(Default)]
-pub struct Affinity(Mutex<Slot>);
+pub struct Affinity {
+    slot: Mutex<Slot>,
+    /// Numbers the dedicated connections this slot opens, so a connection's idle check
+    /// acts only on its own one.
+    opened: AtomicU64,
+}
 
 #[derive(Default)]
 enum Slot {
@@ -47,6 +54,7 @@ enum Slot {
         session: SessionKey,
         sandbox: SandboxId,
         endpoint: SocketAddr,
+        generation: u64,
         sender: Option<Sender>,
         idle_since: Instant,
     },
@@ -58,9 +66,10 @@ enum Slot {
 pub enum Route {
     /// Send on this dedicated connection, then give it back with [`Affinity::put_back`].
     Dedicated(Sender),
-    /// Open a dedicated connection (the slot is reserved for this session), send on it,
-    /// then hand it over with [`Affinity::put_back`].
-    Open,
+    /// Open a dedicated connection (the slot is reserved for this session; the number
+    /// identifies it to [`Affinity::expire`]), send on it, then hand it over with
+    /// [`Affinity::put_back`].
+    Open(u64),
     /// Use the shared pool.
     Pool,
 }
@@ -74,13 +83,10 @@ impl Affinity {
         endpoint: SocketAddr,
         idle_timeout: Duration,
     ) -> Route {
-        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
         match &mut *slot {
             Slot::Mixed => Route::Pool,
-            Slot::Empty => {
-                *slot = reserved(session, sandbox, endpoint);
-                Route::Open
-            }
+            Slot::Empty => self.reserve(&mut slot, session, sandbox, endpoint),
             Slot::Bound { session: bound, .. } if bound != session => {
                 // A second session on this client connection: never share the dedicated
                 // connection with it; the pool is keyed by endpoint, as before affinity.
@@ -103,8 +109,7 @@ impl Affinity {
                 };
                 if rebound || stale {
                     // Dropping the old sender closes its connection once it is idle.
-                    *slot = reserved(session, sandbox, endpoint);
-                    return Route::Open;
+                    return self.reserve(&mut slot, session, sandbox, endpoint);
                 }
                 match sender.take_if(|s| s.is_ready()) {
                     Some(s) => Route::Dedicated(s),
@@ -124,13 +129,14 @@ impl Affinity {
         endpoint: SocketAddr,
         sender: Sender,
     ) {
-        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
         if let Slot::Bound {
             session: bound,
             sandbox: bound_sandbox,
             endpoint: bound_endpoint,
             sender: free @ None,
             idle_since,
+            ..
         } = &mut *slot
             && bound == session
             && bound_sandbox == sandbox
@@ -144,26 +150,68 @@ impl Affinity {
     /// Forgets a dedicated connection that failed (or could not be opened), so the next
     /// request of the session opens a fresh one. A `Mixed` slot stays mixed.
     pub fn forget(&self, session: &SessionKey) {
-        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
         if matches!(&*slot, Slot::Bound { session: bound, sender: None, .. } if bound == session) {
             *slot = Slot::Empty;
         }
     }
-}
 
-fn reserved(session: &SessionKey, sandbox: &SandboxId, endpoint: SocketAddr) -> Slot {
-    Slot::Bound {
-        session: session.clone(),
-        sandbox: sandbox.clone(),
-        endpoint,
-        sender: None,
-        idle_since: Instant::now(),
+    /// The idle check of dedicated connection `generation`: drops it if it is idle (no
+    /// request on it) and was last used `idle_timeout` ago, and returns `None`; `None`
+    /// too if the slot no longer holds it (its sender is gone, so the connection ends by
+    /// itself). Otherwise returns when to check again.
+    pub fn expire(&self, generation: u64, idle_timeout: Duration) -> Option<Instant> {
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        let Slot::Bound {
+            generation: bound,
+            sender,
+            idle_since,
+            ..
+        } = &mut *slot
+        else {
+            return None;
+        };
+        if *bound != generation {
+            return None;
+        }
+        let due = *idle_since + idle_timeout;
+        match sender {
+            Some(s) if s.is_ready() && Instant::now() >= due => {
+                // Dropped after the lock is released: closes the idle connection.
+                let expired = std::mem::take(&mut *slot);
+                drop(slot);
+                drop(expired);
+                None
+            }
+            Some(s) if s.is_ready() => Some(due),
+            // In use: look again one idle period from now.
+            _ => Some(Instant::now() + idle_timeout),
+        }
+    }
+
+    fn reserve(
+        &self,
+        slot: &mut Slot,
+        session: &SessionKey,
+        sandbox: &SandboxId,
+        endpoint: SocketAddr,
+    ) -> Route {
+        let generation = self.opened.fetch_add(1, Ordering::Relaxed);
+        *slot = Slot::Bound {
+            session: session.clone(),
+            sandbox: sandbox.clone(),
+            endpoint,
+            generation,
+            sender: None,
+            idle_since: Instant::now(),
+        };
+        Route::Open(generation)
     }
 }
 
 impl std::fmt::Debug for Affinity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = match &*self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+        let state = match &*self.slot.lock().unwrap_or_else(|e| e.into_inner()) {
             Slot::Empty => "empty",
             Slot::Bound { sender: None, .. } => "bound (in use)",
             Slot::Bound { .. } => "bound",

@@ -7,6 +7,7 @@
 //! in `X-Forwarded-Host` either way.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use http::header::{
@@ -36,7 +37,7 @@ pub struct ClientConn {
     /// Served over TLS (`X-Forwarded-Proto: https`, `Secure` cookies).
     pub tls: bool,
     /// The dedicated upstream connection of the one session this connection carries.
-    pub(super) affinity: Affinity,
+    pub(super) affinity: Arc<Affinity>,
 }
 
 impl ClientConn {
@@ -46,7 +47,7 @@ impl ClientConn {
             peer_ip: HeaderValue::from_str(&peer.ip().to_string())
                 .expect("an IP address is a valid header value"),
             tls,
-            affinity: Affinity::default(),
+            affinity: Arc::default(),
         }
     }
 }

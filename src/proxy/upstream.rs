@@ -7,6 +7,7 @@
 //! handshakes always use the HTTP/1.1 client, whatever `upstream_protocol` says.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -19,6 +20,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::IntCounter;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::affinity::{Affinity, Route, Sender};
 use super::error::ProxyError;
@@ -99,7 +101,7 @@ impl Upstream {
     pub async fn send_affine(
         &self,
         mut req: Request<Incoming>,
-        affinity: &Affinity,
+        affinity: &Arc<Affinity>,
         session: &SessionKey,
         sandbox: &SandboxId,
         endpoint: SocketAddr,
@@ -107,7 +109,7 @@ impl Upstream {
         let sender = match affinity.route(session, sandbox, endpoint, self.idle_timeout) {
             Route::Pool => return self.send(req, endpoint, false).await,
             Route::Dedicated(sender) => sender,
-            Route::Open => match self.open(endpoint).await {
+            Route::Open(generation) => match self.open(endpoint, affinity, generation).await {
                 Ok(sender) => sender,
                 Err(err) => {
                     affinity.forget(session);
@@ -153,8 +155,15 @@ impl Upstream {
     }
 
     /// Opens a dedicated HTTP/1.1 connection to `endpoint` (`TCP_NODELAY`, bounded by
-    /// `proxy.connect_timeout`); its connection task ends when the sender is dropped.
-    async fn open(&self, endpoint: SocketAddr) -> Result<Sender, ProxyError> {
+    /// `proxy.connect_timeout`). Its connection task ends when the sender is dropped, and
+    /// drops it itself (through [`Affinity::expire`]) once it is idle for
+    /// `proxy.pool_idle_timeout`.
+    async fn open(
+        &self,
+        endpoint: SocketAddr,
+        affinity: &Arc<Affinity>,
+        generation: u64,
+    ) -> Result<Sender, ProxyError> {
         let connect_error = |source: Box<dyn std::error::Error + Send + Sync>| {
             self.connect_errors.inc();
             ProxyError::UpstreamConnect { endpoint, source }
@@ -173,9 +182,27 @@ impl Upstream {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| connect_error(e.into()))?;
+        let affinity = Arc::downgrade(affinity);
+        let idle_timeout = self.idle_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%endpoint, error = %e, "dedicated upstream connection ended");
+            tokio::pin!(conn);
+            let mut check = Some(Instant::now() + idle_timeout);
+            loop {
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(%endpoint, error = %e, "dedicated upstream connection ended");
+                        }
+                        return;
+                    }
+                    () = sleep_until_some(check) => {
+                        // Once the client connection is gone, or this connection left its
+                        // slot, its sender is dropped and the connection ends by itself.
+                        check = affinity
+                            .upgrade()
+                            .and_then(|a| a.expire(generation, idle_timeout));
+                    }
+                }
             }
         });
         Ok(sender)
@@ -223,6 +250,14 @@ impl Upstream {
                 })
             }
         }
+    }
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
