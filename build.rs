@@ -44,16 +44,21 @@ fn runs(program: &str, args: &[&str]) -> bool {
 /// root that may create groups: either the unified mount at /sys/fs/cgroup or a hybrid
 /// host's /sys/fs/cgroup/unified.
 fn cgroup_v2_writable() -> bool {
-    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"].iter().any(|root| {
-        let root = Path::new(root);
-        if !root.join("cgroup.controllers").exists() {
-            return false;
-        }
-        let probe = root.join(format!("agent-activator-build-probe-{}", std::process::id()));
-        let ok = std::fs::create_dir(&probe).is_ok() && probe.join("cgroup.freeze").exists();
-        let _ = std::fs::remove_dir(&probe);
-        ok
-    })
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .iter()
+        .any(|root| {
+            let root = Path::new(root);
+            if !root.join("cgroup.controllers").exists() {
+                return false;
+            }
+            let probe = root.join(format!(
+                "agent-activator-build-probe-{}",
+                std::process::id()
+            ));
+            let ok = std::fs::create_dir(&probe).is_ok() && probe.join("cgroup.freeze").exists();
+            let _ = std::fs::remove_dir(&probe);
+            ok
+        })
 }
 
 fn main() {
