@@ -12,10 +12,12 @@ use serde::{Deserialize, Deserializer};
 
 mod duration;
 mod session;
+mod telemetry;
 mod validate;
 
 pub use duration::Dur;
 pub use session::{CreateRate, HmacConfig, HmacKeyConfig, SessionAuth};
+pub use telemetry::{EventsConfig, TelemetryConfig};
 
 /// A configuration problem, always naming the key path (e.g. `session.sources[1].cookie`).
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,7 @@ pub struct Config {
     pub backend: BackendConfig,
     pub autoscaler: AutoscalerConfig,
     pub schedules: Vec<ScheduleConfig>,
+    pub telemetry: TelemetryConfig,
 }
 
 impl Default for Config {
@@ -73,6 +76,7 @@ impl Default for Config {
             backend: BackendConfig::default(),
             autoscaler: AutoscalerConfig::default(),
             schedules: Vec::new(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
