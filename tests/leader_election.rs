@@ -124,28 +124,38 @@ async fn schedule_ticks_in_the_lease_fire_once_across_replicas_and_renewals() {
 }
 
 /// Samples every replica's leadership (what it acts on, not the exported gauge) every
-/// 10 ms until stopped, and returns the samples taken and the first one where two led.
-fn watch_leaders(
-    replicas: Vec<Arc<dyn Leadership>>,
-) -> (
-    Arc<AtomicBool>,
-    tokio::task::JoinHandle<(usize, Option<Vec<bool>>)>,
-) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let stopped = stop.clone();
-    let task = tokio::spawn(async move {
-        let (mut samples, mut overlap) = (0, None);
-        while !stopped.load(Ordering::SeqCst) {
-            let leading: Vec<bool> = replicas.iter().map(|r| r.is_leader()).collect();
-            samples += 1;
-            if overlap.is_none() && leading.iter().filter(|l| **l).count() > 1 {
-                overlap = Some(leading);
+/// 10 ms until [`LeaderSampler::finish`].
+struct LeaderSampler {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Sampled>,
+}
+
+/// Samples taken, and the first sample in which more than one replica led.
+type Sampled = (usize, Option<Vec<bool>>);
+
+impl LeaderSampler {
+    fn start(replicas: Vec<Arc<dyn Leadership>>) -> LeaderSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let (mut samples, mut overlap) = (0, None);
+            while !stopped.load(Ordering::SeqCst) {
+                let leading: Vec<bool> = replicas.iter().map(|r| r.is_leader()).collect();
+                samples += 1;
+                if overlap.is_none() && leading.iter().filter(|l| **l).count() > 1 {
+                    overlap = Some(leading);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        (samples, overlap)
-    });
-    (stop, task)
+            (samples, overlap)
+        });
+        LeaderSampler { stop, task }
+    }
+
+    async fn finish(self) -> Sampled {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.expect("sampler task")
+    }
 }
 
 #[tokio::test]
@@ -175,7 +185,7 @@ async fn two_activators_elect_one_leader_and_fail_over() {
     );
     let leading = [one.cluster().leadership(), two.cluster().leadership()];
     // From here to the end, on every sample, at most one replica leads.
-    let (stop, sampler) = watch_leaders(leading.to_vec());
+    let sampler = LeaderSampler::start(leading.to_vec());
     let elected = tokio::time::timeout(WAIT, async {
         loop {
             if leading.iter().filter(|l| l.is_leader()).count() == 1 {
@@ -220,8 +230,7 @@ async fn two_activators_elect_one_leader_and_fail_over() {
     assert!(follower.cluster().leadership().is_leader());
     let (holder_now, _) = holder(&tb).await;
     assert_eq!(holder_now.as_deref(), Some(survivor.as_str()));
-    stop.store(true, Ordering::SeqCst);
-    let (samples, overlap) = sampler.await.unwrap();
+    let (samples, overlap) = sampler.finish().await;
     assert!(samples > 10, "the sampler ran ({samples} samples)");
     assert_eq!(overlap, None, "two leaders at once in {samples} samples");
     follower.shutdown().await;
