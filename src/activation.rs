@@ -17,6 +17,7 @@
 //! - [`idle`]: the sweeper that pauses/releases idle sessions and reports activity.
 //! - [`events`]: backend events and restart recovery.
 //! - [`admin`]: listings, counts and admin-initiated transitions.
+//! - [`publish`]: transition events for `GET /api/events`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +34,7 @@ mod admin;
 mod entry;
 mod events;
 mod idle;
+mod publish;
 mod queue;
 mod table;
 mod transition;
@@ -216,6 +218,11 @@ impl Activator {
     /// the last idle sweep (so at most `idle.sweep_interval` old; reading it is free).
     pub fn active_sessions(&self) -> usize {
         self.shared.active_sessions()
+    }
+
+    /// The transition event stream (`GET /api/events`).
+    pub fn events(&self) -> &Arc<crate::events::EventBus> {
+        self.shared.events.bus()
     }
 
     /// Requests waiting across all sessions (`activator_queued_requests`).

@@ -11,9 +11,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 
 mod duration;
+mod telemetry;
 mod validate;
 
 pub use duration::Dur;
+pub use telemetry::{EventsConfig, TelemetryConfig};
 
 /// A configuration problem, always naming the key path (e.g. `session.sources[1].cookie`).
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,7 @@ pub struct Config {
     pub backend: BackendConfig,
     pub autoscaler: AutoscalerConfig,
     pub schedules: Vec<ScheduleConfig>,
+    pub telemetry: TelemetryConfig,
 }
 
 impl Default for Config {
@@ -71,6 +74,7 @@ impl Default for Config {
             backend: BackendConfig::default(),
             autoscaler: AutoscalerConfig::default(),
             schedules: Vec::new(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }

@@ -12,6 +12,7 @@
 //!   responses.
 //! - [`admin`]: metrics, health and the session/sandbox API on a separate listener.
 //! - [`metrics`]: every Prometheus metric.
+//! - [`events`]: the transition event stream (bounded ring, non-blocking fan-out).
 //! - [`stats`]: traffic counters and windows that feed the autoscaler.
 //! - [`autoscaler`]: the scaling decision (Knative KPA semantics), its loop and leader
 //!   election.
@@ -28,6 +29,7 @@ pub mod autoscaler;
 pub mod backend;
 pub mod config;
 pub mod demo;
+pub mod events;
 pub mod knative;
 pub mod logging;
 pub mod metrics;

@@ -144,6 +144,7 @@ async fn start_inner(
         max_id_length: config.session.max_id_length,
         retry_after: proxy::error::retry_after_value(config.activation.retry_after.as_duration()),
         autoscaler: scaling.autoscaler().clone(),
+        event_streams: admin::EventStreams::new(&config.telemetry.events),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
     tracing::info!(%proxy_addr, %admin_addr, backend = backend.kind(), tls = config.tls.is_some(), "agent-activator listening");

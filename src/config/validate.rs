@@ -7,6 +7,7 @@ use super::{BackendKind, Config, ConfigError, IdlePolicy, SessionSource};
 impl Config {
     /// Checks values that parse but make no sense together.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.telemetry.validate()?;
         let s = &self.session;
         if s.sources.is_empty() {
             return Err(ConfigError::invalid(
