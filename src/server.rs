@@ -12,6 +12,7 @@ use crate::activation::Activator;
 use crate::admin::{self, AdminState};
 use crate::autoscaler::{Scaling, ScalingDeps};
 use crate::backend::{self, DynBackend};
+use crate::cluster::Cluster;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy, TlsError};
@@ -64,6 +65,8 @@ pub struct RunningServer {
     backend: DynBackend,
     stats: Arc<TrafficStats>,
     scaling: Scaling,
+    cluster: Cluster,
+    schedules: Vec<JoinHandle<()>>,
     shutdown: Shutdown,
     drain_timeout: Duration,
     proxy_task: JoinHandle<()>,
@@ -100,9 +103,11 @@ async fn start_inner(
     let admin_addr = local_addr("admin_listen", &admin_listener, config.admin_listen)?;
 
     let stats = Arc::new(TrafficStats::new());
+    // The one replica identity and kube client; leader election starts here.
+    let cluster = Cluster::start(&config, &metrics).await?;
     let backend = match backend {
         Some(b) => b,
-        None => backend::build(&config, &metrics).await?,
+        None => backend::build(&config, &metrics, &cluster).await?,
     };
     let activator = Activator::new(&config, backend.clone(), metrics.clone());
     match activator.recover().await {
@@ -133,10 +138,17 @@ async fn start_inner(
             activator: activator.clone(),
             backend: backend.clone(),
             metrics: metrics.clone(),
-            proxy_addr,
+            leader: cluster.leadership(),
+            replica: cluster.replica().clone(),
         },
-    )
-    .await?;
+    );
+    let schedules = crate::schedule::start(
+        &config,
+        cluster.ticks(),
+        cluster.leadership(),
+        metrics.clone(),
+        proxy_addr,
+    )?;
     let admin_state = Arc::new(AdminState {
         activator: activator.clone(),
         backend: backend.clone(),
@@ -159,6 +171,8 @@ async fn start_inner(
         backend,
         stats,
         scaling,
+        cluster,
+        schedules,
         shutdown,
         drain_timeout: config.proxy.drain_timeout.as_duration(),
         proxy_task,
@@ -208,6 +222,11 @@ impl RunningServer {
         &self.stats
     }
 
+    /// This replica's identity, kube client and leadership.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
     /// The shutdown phase; `advance(Phase::Draining)` on a clone starts a drain that
     /// [`RunningServer::wait`] then completes.
     pub fn shutdown_handle(&self) -> Shutdown {
@@ -253,7 +272,12 @@ impl RunningServer {
             tracing::warn!(cut, "drain window over; closing what is left");
         }
         self.shutdown.advance(Phase::Closed);
-        self.scaling.stop().await;
+        self.scaling.stop();
+        for s in &self.schedules {
+            s.abort();
+        }
+        // Gives the Lease up so another replica leads at once.
+        self.cluster.stop().await;
         if tokio::time::timeout(BACKEND_SHUTDOWN_BOUND, self.backend.shutdown())
             .await
             .is_err()
