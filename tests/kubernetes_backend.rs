@@ -193,6 +193,64 @@ async fn suspend_waits_for_the_pod_to_be_gone_and_resume_for_a_new_ready_pod() {
 }
 
 #[tokio::test]
+async fn a_claim_nobody_binds_in_time_is_no_capacity_and_is_cleaned_up() {
+    // The controller takes 3 s to act on a claim; the admission budget is 300 ms.
+    let tb = testbed(Duration::from_secs(3)).await;
+    tb.seed_agent_sandbox("default", "default", 1).unwrap();
+    wait_pods(&tb, 1).await;
+    let b = backend(&tb, &config("agent-sandbox", "default", ""));
+    let started = tokio::time::Instant::now();
+    let budget = agent_activator::backend::ClaimBudget {
+        admission_deadline: started + Duration::from_millis(300),
+        deadline: started + WAIT,
+    };
+    let err = b.claim(&key("impatient"), budget).await.unwrap_err();
+    assert!(matches!(err, BackendError::NoCapacity(_)), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // The claim it created is deleted, so the warm sandbox is not taken by nobody.
+    wait_until(&tb, "the abandoned claim is deleted", |tb| {
+        tb.list(AGENT_SANDBOX, "SandboxClaim", "default").is_empty()
+    })
+    .await;
+    assert_eq!(tb.pods().len(), 1);
+}
+
+#[tokio::test]
+async fn an_unanswering_api_server_fails_claims_within_the_budget() {
+    // A listener that never accepts: held for the whole test, so no other process can
+    // take the port meanwhile (binding, releasing and reusing a port races).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let cfg = kube::Config::new(format!("http://127.0.0.1:{port}").parse().unwrap());
+    let client = kube::Client::try_from(cfg).unwrap();
+    let kube = agent_activator::cluster::KubeContext::new(
+        client,
+        "default",
+        agent_activator::cluster::ReplicaId::named("unreachable"),
+    );
+    let b = agent_activator::backend::kubernetes::KubernetesBackend::new(
+        &kube,
+        &config("agent-sandbox", "default", ""),
+    );
+    let started = tokio::time::Instant::now();
+    let err = b
+        .claim(&key("nowhere"), budget(Duration::from_millis(500)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BackendError::ControlPlane(_)), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(silent);
+}
+
+#[tokio::test]
 async fn an_unschedulable_pod_is_no_capacity_not_a_timeout() {
     let tb = testbed(Duration::ZERO).await;
     tb.seed_agent_sandbox("default", "default", 0).unwrap();

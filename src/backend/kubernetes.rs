@@ -27,7 +27,8 @@ use super::{
     BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, RecoveredBinding,
     SandboxBackend, SandboxId, SandboxInfo, SandboxState,
 };
-use crate::config::{Config, ConfigError};
+use crate::cluster::KubeContext;
+use crate::config::Config;
 use crate::session::SessionKey;
 
 pub mod activity;
@@ -35,7 +36,6 @@ pub mod api;
 mod backstop;
 mod cache;
 mod claim;
-mod connect;
 pub mod crd;
 pub mod flavour;
 pub mod pause;
@@ -45,8 +45,6 @@ use activity::{ActivityLog, PAUSING};
 use api::{ApiSet, Decision};
 use backstop::Backstop;
 use cache::{Cache, Kind};
-pub use connect::client_config;
-use connect::replica_id;
 use flavour::Flavour;
 use pause::{PauseStrategy, SpecSuspend};
 
@@ -85,33 +83,20 @@ pub struct KubernetesBackend {
 }
 
 impl KubernetesBackend {
-    /// Builds a client from `backend.kubernetes.kubeconfig`, else the in-cluster service
-    /// account, else `KUBECONFIG` / `~/.kube/config`, and starts the watches.
-    pub async fn connect(config: &Config) -> Result<KubernetesBackend, ConfigError> {
-        let k = &config.backend.kubernetes;
-        let kcfg = client_config(k.kubeconfig.as_deref()).await?;
-        let namespace = k
-            .namespace
-            .clone()
-            .unwrap_or_else(|| kcfg.default_namespace.clone());
-        let client = kube::Client::try_from(kcfg)
-            .map_err(|e| ConfigError::invalid("backend.kubernetes", e.to_string()))?;
-        Ok(KubernetesBackend::new(client, &namespace, config))
-    }
-
-    /// Starts watching claims, sandboxes and activity digests in `namespace` with an
-    /// existing client, and publishing this replica's digest.
-    pub fn new(client: kube::Client, namespace: &str, config: &Config) -> KubernetesBackend {
+    /// Starts watching claims, sandboxes and activity digests in the context's namespace,
+    /// with the cluster's one client, and publishing this replica's digest (named after
+    /// the context's replica identity).
+    pub fn new(kube: &KubeContext, config: &Config) -> KubernetesBackend {
         let k = &config.backend.kubernetes;
         let flavour = Flavour::from_config(k.api);
-        let api = ApiSet::new(client.clone(), namespace, flavour);
+        let api = ApiSet::new(kube.client.clone(), &kube.namespace, flavour);
         let cache = Cache::new(flavour, k.port, k.port_from_annotation);
         let activity = Arc::new(ActivityLog::new(
-            replica_id(),
+            kube.replica.to_string(),
             k.activity_write_interval.as_duration(),
             config.idle.timeout.as_duration(),
         ));
-        let digests: Api<ConfigMap> = Api::namespaced(client, namespace);
+        let digests: Api<ConfigMap> = Api::namespaced(kube.client.clone(), &kube.namespace);
         let digest_name = activity.object_name(&k.claim_prefix);
         let backstop = Arc::new(Backstop::new(k.shutdown_after.as_duration()));
         let watchers = vec![
