@@ -55,6 +55,8 @@ pub struct Config {
     pub backend: BackendConfig,
     pub autoscaler: AutoscalerConfig,
     pub schedules: Vec<ScheduleConfig>,
+    /// The node agent's section (`agent-activator node-agent`); unused by `serve`.
+    pub node_agent: Option<crate::node_agent::NodeAgentConfig>,
 }
 
 impl Default for Config {
@@ -71,6 +73,7 @@ impl Default for Config {
             backend: BackendConfig::default(),
             autoscaler: AutoscalerConfig::default(),
             schedules: Vec::new(),
+            node_agent: None,
         }
     }
 }

@@ -118,6 +118,9 @@ impl Config {
             }
             sched.validate(i, self.session.max_id_length)?;
         }
+        if let Some(agent) = &self.node_agent {
+            agent.validate()?;
+        }
         Ok(())
     }
 
