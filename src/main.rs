@@ -89,6 +89,14 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            if config.is_node_agent_only() {
+                eprintln!(
+                    "{}: backend.endpoints: kind: static needs at least one endpoint \
+                     (this file configures only the node agent: run `node-agent`)",
+                    path.display()
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
             if let Some(addr) = listen {
                 config.listen = addr;
             }

@@ -154,7 +154,10 @@ impl NodeAgent {
         name: &str,
         uid: &str,
     ) -> Result<PodStatus, AgentError> {
-        let _permit = self.permits.try_acquire().map_err(|_| AgentError::Overloaded)?;
+        let _permit = self
+            .permits
+            .try_acquire()
+            .map_err(|_| AgentError::Overloaded)?;
         self.auth.authenticate(authorization).await?;
         cgroup::validate_uid(uid)?;
         self.pods.verify(namespace, name, uid).await?;
@@ -208,7 +211,9 @@ impl NodeAgent {
         } else {
             0.0
         };
-        self.metrics.frozen_pods.set(self.lock_frozen().len() as i64);
+        self.metrics
+            .frozen_pods
+            .set(self.lock_frozen().len() as i64);
         Ok(PodStatus {
             uid: uid.to_owned(),
             state: state.as_str(),
@@ -259,7 +264,10 @@ async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, Co
         None => match kube::Config::incluster() {
             Ok(c) => c,
             Err(_) => kube::Config::infer().await.map_err(|e| {
-                ConfigError::invalid(key, format!("not in a cluster and no usable kubeconfig: {e}"))
+                ConfigError::invalid(
+                    key,
+                    format!("not in a cluster and no usable kubeconfig: {e}"),
+                )
             })?,
         },
     };

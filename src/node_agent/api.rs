@@ -185,13 +185,12 @@ async fn body_uid(body: Incoming) -> Result<String, String> {
     struct FreezeRequest {
         uid: String,
     }
-    let bytes = match tokio::time::timeout(READ_TIMEOUT, Limited::new(body, MAX_BODY).collect())
-        .await
-    {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(_)) => return Err(format!("the body must be JSON of at most {MAX_BODY} bytes")),
-        Err(_) => return Err("the body was not received in time".into()),
-    };
+    let bytes =
+        match tokio::time::timeout(READ_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(_)) => return Err(format!("the body must be JSON of at most {MAX_BODY} bytes")),
+            Err(_) => return Err("the body was not received in time".into()),
+        };
     serde_json::from_slice::<FreezeRequest>(&bytes)
         .map(|r| r.uid)
         .map_err(|_| "the body must be {\"uid\": \"<pod UID>\"}".to_owned())
@@ -199,9 +198,7 @@ async fn body_uid(body: Incoming) -> Result<String, String> {
 
 /// A DNS-1123 subdomain, the shape of a pod name.
 fn is_dns_subdomain(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(is_dns_label)
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 /// Status, code and client-facing message of a failure. Messages name only what the client
@@ -219,11 +216,13 @@ fn present(e: &AgentError) -> (StatusCode, &'static str, String) {
             "forbidden",
             "this client is not allowed to use the node agent".into(),
         ),
-        AgentError::Auth(AuthError::Unavailable(_)) | AgentError::Pod(PodError::Unavailable(_)) => (
-            S::SERVICE_UNAVAILABLE,
-            "apiserver_unavailable",
-            "the API server could not be reached; retry".into(),
-        ),
+        AgentError::Auth(AuthError::Unavailable(_)) | AgentError::Pod(PodError::Unavailable(_)) => {
+            (
+                S::SERVICE_UNAVAILABLE,
+                "apiserver_unavailable",
+                "the API server could not be reached; retry".into(),
+            )
+        }
         AgentError::Pod(p) => {
             let (status, code) = match p {
                 PodError::NamespaceNotAllowed(_) => (S::FORBIDDEN, "namespace_not_allowed"),
@@ -245,10 +244,16 @@ fn present(e: &AgentError) -> (StatusCode, &'static str, String) {
             ),
             CgroupError::Timeout(what) => (
                 S::GATEWAY_TIMEOUT,
-                if *what == "freeze" { "freeze_timeout" } else { "thaw_timeout" },
+                if *what == "freeze" {
+                    "freeze_timeout"
+                } else {
+                    "thaw_timeout"
+                },
                 format!("the kernel did not confirm the {what} in time"),
             ),
-            CgroupError::Ambiguous { .. } | CgroupError::Io { .. } | CgroupError::NoHierarchy(_) => (
+            CgroupError::Ambiguous { .. }
+            | CgroupError::Io { .. }
+            | CgroupError::NoHierarchy(_) => (
                 S::INTERNAL_SERVER_ERROR,
                 "cgroup_error",
                 "the pod's cgroup could not be operated; see the agent's log".into(),

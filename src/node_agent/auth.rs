@@ -104,10 +104,11 @@ impl Authenticator {
             ..TokenReview::default()
         };
         let api: Api<TokenReview> = Api::all(self.client.clone());
-        let answer = tokio::time::timeout(self.timeout, api.create(&PostParams::default(), &review))
-            .await
-            .map_err(|_| AuthError::Unavailable("TokenReview timed out".into()))?
-            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        let answer =
+            tokio::time::timeout(self.timeout, api.create(&PostParams::default(), &review))
+                .await
+                .map_err(|_| AuthError::Unavailable("TokenReview timed out".into()))?
+                .map_err(|e| AuthError::Unavailable(e.to_string()))?;
         let status = answer.status.ok_or(AuthError::Invalid)?;
         if status.authenticated != Some(true) {
             return Err(AuthError::Invalid);

@@ -113,7 +113,10 @@ impl NodeAgentConfig {
             }
         }
         if self.audience.trim().is_empty() {
-            return Err(ConfigError::invalid("node_agent.audience", "must not be empty"));
+            return Err(ConfigError::invalid(
+                "node_agent.audience",
+                "must not be empty",
+            ));
         }
         if let Some(n) = &self.node_name
             && n.trim().is_empty()
@@ -129,7 +132,7 @@ impl NodeAgentConfig {
                 "must be an absolute path",
             ));
         }
-        if self.listen == self.metrics_listen {
+        if self.listen == self.metrics_listen && self.listen.port() != 0 {
             return Err(ConfigError::invalid(
                 "node_agent.metrics_listen",
                 "must differ from node_agent.listen",
@@ -196,7 +199,12 @@ mod tests {
         let mut c = valid();
         assert!(c.validate().is_ok());
         c.namespaces.clear();
-        assert!(c.validate().unwrap_err().to_string().starts_with("node_agent.namespaces:"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("node_agent.namespaces:")
+        );
         let mut c = valid();
         c.allowed_clients.clear();
         let e = c.validate().unwrap_err().to_string();
@@ -207,15 +215,35 @@ mod tests {
     fn bad_values_name_their_key() {
         let mut c = valid();
         c.namespaces.push("Bad_NS".into());
-        assert!(c.validate().unwrap_err().to_string().starts_with("node_agent.namespaces[1]:"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("node_agent.namespaces[1]:")
+        );
         let mut c = valid();
         c.cgroup_root = "relative".into();
-        assert!(c.validate().unwrap_err().to_string().starts_with("node_agent.cgroup_root:"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("node_agent.cgroup_root:")
+        );
         let mut c = valid();
         c.metrics_listen = c.listen;
-        assert!(c.validate().unwrap_err().to_string().starts_with("node_agent.metrics_listen:"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("node_agent.metrics_listen:")
+        );
         let mut c = valid();
         c.freeze_timeout = Dur::secs(0);
-        assert!(c.validate().unwrap_err().to_string().starts_with("node_agent.freeze_timeout:"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("node_agent.freeze_timeout:")
+        );
     }
 }

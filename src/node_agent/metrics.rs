@@ -7,8 +7,7 @@ use prometheus::{
 /// Latency buckets from 100 us to 5 s: a cgroup v2 freeze of an idle pod takes well under a
 /// millisecond, a busy v1 pod can take seconds.
 const BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
 /// Every node-agent metric.
