@@ -51,6 +51,8 @@ pub struct AdminState {
     pub shutdown: Shutdown,
     /// `session.max_id_length`, to validate IDs in paths.
     pub max_id_length: usize,
+    /// `session.auth: hmac`'s signer, for `POST /api/sessions` (minting tokens).
+    pub signer: Option<Arc<crate::session::TokenSigner>>,
     /// `Retry-After` for 503 answers (`activation.retry_after`).
     pub retry_after: HeaderValue,
     /// Scaling signals for `GET /api/stats`.
@@ -61,6 +63,10 @@ pub struct AdminState {
 
 /// Dispatches one admin request.
 pub async fn route(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
+    // The one route that reads a body: it takes the request, so it is matched first.
+    if req.method() == Method::POST && req.uri().path().trim_end_matches('/') == "/api/sessions" {
+        return api::mint(state, req).await;
+    }
     let path = req.uri().path().trim_end_matches('/');
     let query = req.uri().query();
     let segments: Vec<&str> = path.split('/').skip(1).collect();

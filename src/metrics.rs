@@ -48,7 +48,7 @@ pub struct Metrics {
     pub sessions_lost_total: IntCounter,
     /// `activator_warm_pool_ready`: ready, unassigned sandboxes.
     pub warm_pool_ready: IntGauge,
-    /// `activator_upstream_errors_total{kind}`: connect | reset | timeout.
+    /// `activator_upstream_errors_total{kind}`: connect | reset | protocol | timeout.
     pub upstream_errors_total: IntCounterVec,
     /// `activator_stable_concurrency`: time-weighted average in-flight over the stable window.
     pub stable_concurrency: Gauge,

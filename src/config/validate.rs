@@ -40,6 +40,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_session_security()?;
         if s.max_id_length == 0 || s.max_id_length > 4096 {
             return Err(ConfigError::invalid(
                 "session.max_id_length",
