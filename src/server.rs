@@ -96,6 +96,7 @@ async fn start_inner(
     backend: Option<DynBackend>,
 ) -> Result<RunningServer, StartError> {
     let tls = config.tls.as_ref().map(proxy::tls_acceptor).transpose()?;
+    let signer = crate::session::TokenSigner::from_config(&config.session)?;
     let proxy_listener = bind("listen", config.listen).await?;
     let admin_listener = bind("admin_listen", config.admin_listen).await?;
     let proxy_addr = local_addr("listen", &proxy_listener, config.listen)?;
@@ -119,6 +120,7 @@ async fn start_inner(
 
     let proxy = Arc::new(Proxy::new(
         &config,
+        signer.clone(),
         activator.clone(),
         &metrics,
         stats.clone(),
@@ -154,6 +156,7 @@ async fn start_inner(
         stats: stats.clone(),
         shutdown: shutdown.clone(),
         max_id_length: config.session.max_id_length,
+        signer,
         retry_after: proxy::error::retry_after_value(config.activation.retry_after.as_duration()),
         autoscaler: scaling.autoscaler().clone(),
         event_streams: admin::EventStreams::new(&config.telemetry.events),
