@@ -13,6 +13,8 @@
 //! - [`faults`]: error injection (fail next N requests, drop watches).
 //! - [`controller`]: agent-sandbox and OpenKruise controllers step by step (each
 //!   behaviour cites its upstream file and revision), pods as local processes.
+//! - [`token_review`]: TokenReview of tokens the test issues; [`node_pods`]: core Pods
+//!   bound to nodes, for the node agent.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,8 +30,10 @@ pub mod controller;
 pub mod discovery;
 pub mod faults;
 pub mod http;
+pub mod node_pods;
 pub mod selector;
 pub mod store;
+pub mod token_review;
 
 pub use controller::{Controller, ControllerConfig, Flavour, PORT_ANNOTATION, PodInfo, PodView};
 pub use faults::Faults;
@@ -77,6 +81,8 @@ pub struct Testbed {
     pub faults: Arc<Faults>,
     /// Every API request as an RBAC verb on a resource.
     pub audit: Arc<audit::Audit>,
+    /// Tokens TokenReview accepts.
+    pub tokens: Arc<token_review::Tokens>,
     pub controller: Option<Arc<Controller>>,
     addr: SocketAddr,
     stop: watch::Sender<bool>,
@@ -91,11 +97,13 @@ impl Testbed {
         register_defaults(&store);
         let faults = Arc::new(Faults::default());
         let audit = Arc::new(audit::Audit::default());
+        let tokens = Arc::new(token_review::Tokens::default());
         let (stop, stop_rx) = watch::channel(false);
         let shared = Arc::new(http::Shared {
             store: store.clone(),
             faults: faults.clone(),
             audit: audit.clone(),
+            tokens: tokens.clone(),
             bookmark_interval: opts.bookmark_interval,
         });
         tokio::spawn(http::serve(listener, shared, stop_rx.clone()));
@@ -117,6 +125,7 @@ impl Testbed {
             store,
             faults,
             audit,
+            tokens,
             controller,
             addr,
             stop,
@@ -237,4 +246,5 @@ pub fn register_defaults(store: &Store) {
     let mut cm = ResourceType::namespaced("", "v1", "ConfigMap", "configmaps");
     cm.status = false;
     store.register(cm);
+    node_pods::register(store);
 }
