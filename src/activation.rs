@@ -21,6 +21,7 @@
 //! - [`events`]: `EventRouter`, backend events and restart recovery.
 //! - [`admin`]: listings, counts and admin-initiated transitions.
 //! - [`settings`]: the configuration the layer reads, resolved once.
+//! - [`publish`]: transition events for `GET /api/events`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,6 +41,7 @@ mod events;
 mod idle;
 mod lifecycle;
 mod orphans;
+mod publish;
 mod queue;
 mod settings;
 mod table;
@@ -181,6 +183,17 @@ impl Activator {
         acquire::try_ready(&self.transitions, key)
     }
 
+    /// Whether the table holds `key` (in any phase): a request for an unknown key starts
+    /// a new session, which `session.max_sessions`/`create_rate` bound.
+    pub fn knows(&self, key: &SessionKey) -> bool {
+        self.transitions.table.contains(key)
+    }
+
+    /// Sessions in the table, in any phase (`session.max_sessions` counts these).
+    pub fn session_total(&self) -> usize {
+        self.transitions.table.len()
+    }
+
     /// All sessions, for the admin API.
     pub fn sessions(&self) -> Vec<SessionInfo> {
         admin::sessions(&self.transitions)
@@ -233,6 +246,11 @@ impl Activator {
     /// the last idle pass (so at most `idle.sweep_interval` old; reading it is free).
     pub fn active_sessions(&self) -> usize {
         self.idle.active_sessions()
+    }
+
+    /// The transition event stream (`GET /api/events`).
+    pub fn events(&self) -> &Arc<crate::events::EventBus> {
+        self.transitions.events.bus()
     }
 
     /// Requests waiting across all sessions (`activator_queued_requests`).

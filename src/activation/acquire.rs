@@ -92,7 +92,8 @@ fn slow_step(transitions: &Arc<Transitions>, key: &SessionKey, arrived: Instant)
         },
         Reply::Refuse(cause) => {
             let err = transitions.error(cause, &st, None);
-            transitions.commit(&entry, &mut st, step, Payload::default());
+            transitions.publish_rejected(&entry, &err, None);
+            transitions.commit(&entry, &mut st, Event::Request, step, Payload::default());
             transitions.settle(&entry, st);
             discard_if_unused(transitions, &entry);
             SlowStep::Done(Err(err))
@@ -112,12 +113,14 @@ fn enqueue(
         Ok(t) => t,
         Err(e) => {
             drop(st);
+            transitions.publish_rejected(entry, &e, None);
             discard_if_unused(transitions, entry);
             return SlowStep::Done(Err(e));
         }
     };
+    transitions.publish_queued(entry, &st);
     // Nobody awaits the started call: the queued request gets its grant instead.
-    drop(transitions.commit(entry, &mut st, step, Payload::default()));
+    drop(transitions.commit(entry, &mut st, Event::Request, step, Payload::default()));
     drop(st);
     let mut budget = transitions.settings.activation_timeout;
     if new_session {

@@ -64,6 +64,16 @@ impl SessionTable {
         }
     }
 
+    /// Whether `key` has an entry (in any phase).
+    pub(crate) fn contains(&self, key: &SessionKey) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// Entries stored, in any phase.
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
     /// Inserts a recovered entry unless the key is already present.
     pub(crate) fn insert_if_absent(
         &self,

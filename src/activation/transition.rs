@@ -24,6 +24,7 @@ use super::settings::Settings;
 use super::table::SessionTable;
 use crate::backend::{ActivationKind, BackendError, DynBackend};
 use crate::config::Config;
+use crate::events::{EventBus, Publisher};
 use crate::metrics::Metrics;
 
 mod calls;
@@ -42,6 +43,10 @@ pub(crate) struct Payload {
     pub kind: Option<ActivationKind>,
     /// For `Cause::Outcome`: the call's error.
     pub error: Option<ActivationError>,
+    /// How long the ended call took (for the event stream).
+    pub waited: Option<std::time::Duration>,
+    /// Why a release was made (for the event stream).
+    pub reason: Option<&'static str>,
 }
 
 /// What an applied step tells its caller.
@@ -66,6 +71,8 @@ pub(crate) struct Transitions {
     shutting_down: AtomicBool,
     /// Woken whenever a step settles (admin operations wait on it).
     pub(crate) settled: Notify,
+    /// Transitions published on `GET /api/events`.
+    pub(crate) events: Publisher,
 }
 
 impl Transitions {
@@ -80,7 +87,12 @@ impl Transitions {
             config.activation.max_queued_total,
             metrics.queued_requests.clone(),
         ));
+        let events = Publisher::new(
+            Arc::new(EventBus::new(config.telemetry.events.buffer)),
+            &metrics,
+        );
         Arc::new(Transitions {
+            events,
             table: SessionTable::default(),
             backend,
             metrics,
@@ -126,14 +138,16 @@ impl Transitions {
         event: Event,
         payload: Payload,
     ) -> Applied {
-        let step = lifecycle::step(st.phase, event, &self.facts(entry, &st));
+        let facts = self.facts(entry, &st);
+        let event = lifecycle::resolve(event, &facts);
+        let step = lifecycle::step(st.phase, event, &facts);
         let moved = step.phase != st.phase;
         let reply = step.effects.reply;
         let refused = match reply {
             Reply::Refuse(cause) => Some(self.error(cause, &st, None)),
             _ => None,
         };
-        let task = self.commit(entry, &mut st, step, payload);
+        let task = self.commit(entry, &mut st, event, step, payload);
         if moved {
             self.settle(entry, st);
         }
@@ -150,11 +164,14 @@ impl Transitions {
         self: &Arc<Self>,
         entry: &Arc<SessionEntry>,
         st: &mut EntryState,
+        event: Event,
         step: Step,
         mut payload: Payload,
     ) -> Option<CallTask> {
         let fx = step.effects;
         let now = Instant::now();
+        // Published first: the event names the sandbox the session had before the step.
+        self.publish_step(entry, st, event, &step, &payload);
         match fx.binding {
             Some(BindingChange::Adopt) => st.bound = payload.binding.take(),
             Some(BindingChange::SetEndpoint) => {

@@ -93,6 +93,10 @@ impl Transitions {
                 failed(Event::ClaimFailed, ActivationError::Timeout(total))
             }
         };
+        let payload = Payload {
+            waited: Some(started.elapsed()),
+            ..payload
+        };
         self.apply(&entry, entry.lock(), event, payload);
         result
     }
@@ -146,6 +150,10 @@ impl Transitions {
         } else {
             result
         };
+        let payload = Payload {
+            waited: Some(started.elapsed()),
+            ..payload
+        };
         self.apply(&entry, st, event, payload);
         result
     }
@@ -155,6 +163,7 @@ impl Transitions {
         entry: Arc<SessionEntry>,
         sandbox: Option<SandboxId>,
     ) -> Result<(), ActivationError> {
+        let started = Instant::now();
         let timeout = self.settings.activation_timeout;
         let outcome = match &sandbox {
             Some(sandbox) => tokio::time::timeout(timeout, self.backend.pause(sandbox))
@@ -193,7 +202,11 @@ impl Transitions {
             (label, result)
         };
         self.metrics.pauses_total.with_label_values(&[label]).inc();
-        self.apply(&entry, st, event, Payload::default());
+        let payload = Payload {
+            waited: Some(started.elapsed()),
+            ..Payload::default()
+        };
+        self.apply(&entry, st, event, payload);
         result
     }
 
@@ -207,7 +220,11 @@ impl Transitions {
             Some(sandbox) => self.release_in_backend(&entry.key, sandbox, reason).await,
             None => Ok(()),
         };
-        self.apply(&entry, entry.lock(), Event::ReleaseDone, Payload::default());
+        let payload = Payload {
+            reason: Some(reason),
+            ..Payload::default()
+        };
+        self.apply(&entry, entry.lock(), Event::ReleaseDone, payload);
         result
     }
 
