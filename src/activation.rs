@@ -204,6 +204,12 @@ impl Activator {
         admin::session(&self.transitions, key)
     }
 
+    /// The sessions whose short hash (as listings show it) is `hash`: normally one, none
+    /// if unknown, several only on a hash-prefix collision.
+    pub fn keys_by_hash(&self, hash: &str) -> Vec<SessionKey> {
+        admin::keys_by_hash(&self.transitions, hash)
+    }
+
     /// Releases a session now (admin `DELETE`), even with requests in flight (they finish
     /// against the old sandbox). `Ok(false)`: unknown session. Waits (bounded by
     /// `activation.timeout`) for a running transition to end first.

@@ -63,6 +63,17 @@ pub(crate) fn session_counts(transitions: &Transitions) -> Vec<(&'static str, i6
     counts
 }
 
+/// The keys of the sessions whose short hash is `hash` (a scan: admin use only).
+pub(crate) fn keys_by_hash(transitions: &Transitions, hash: &str) -> Vec<SessionKey> {
+    transitions
+        .table
+        .snapshot()
+        .into_iter()
+        .filter(|e| &*e.short_hash == hash)
+        .map(|e| e.key.clone())
+        .collect()
+}
+
 /// Steps the session's settled state on `event`, waiting for running transitions to end.
 pub(crate) async fn admin_op(
     transitions: &Arc<Transitions>,
