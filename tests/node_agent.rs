@@ -536,6 +536,12 @@ fn deploy_component_renders_with_least_privilege() {
         role["rules"],
         serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}])
     );
+    let np = find("NetworkPolicy", "agent-activator-node-agent");
+    assert_eq!(np["spec"]["ingress"][0]["ports"][0]["port"], 9470);
+    assert_eq!(
+        np["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "agent-activator"
+    );
     let rb = find("RoleBinding", "agent-activator-node-agent");
     assert_eq!(rb["subjects"][0]["namespace"], "agent-activator-system");
 
