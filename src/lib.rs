@@ -23,6 +23,8 @@
 //! - [`server`]: wires everything into a running server (`server::start`).
 //! - [`logging`]: tracing setup and the access log.
 //! - [`demo`]: the stateful demo sandbox (`agent-activator demo-sandbox`).
+//! - [`node_agent`]: the node agent (`agent-activator node-agent`) that freezes sandbox
+//!   pods' cgroups in place on Kubernetes nodes.
 
 pub mod activation;
 pub mod admin;
@@ -35,6 +37,7 @@ pub mod events;
 pub mod knative;
 pub mod logging;
 pub mod metrics;
+pub mod node_agent;
 pub mod proxy;
 pub mod schedule;
 pub mod server;
