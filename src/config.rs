@@ -60,6 +60,8 @@ pub struct Config {
     pub autoscaler: AutoscalerConfig,
     pub schedules: Vec<ScheduleConfig>,
     pub telemetry: TelemetryConfig,
+    /// The node agent's section (`agent-activator node-agent`); unused by `serve`.
+    pub node_agent: Option<crate::node_agent::NodeAgentConfig>,
 }
 
 impl Default for Config {
@@ -77,6 +79,7 @@ impl Default for Config {
             autoscaler: AutoscalerConfig::default(),
             schedules: Vec::new(),
             telemetry: TelemetryConfig::default(),
+            node_agent: None,
         }
     }
 }
@@ -490,6 +493,10 @@ pub struct AutoscalerConfig {
     pub target_utilization_percentage: f64,
     /// Averaging window of the stable mode.
     pub stable_window: Dur,
+    /// How the one-second buckets of a window are averaged: `linear` (plain mean) or
+    /// `weighted-exponential` (newer buckets weigh more; Knative's
+    /// `metric-aggregation-algorithm`).
+    pub metric_aggregation: MetricAggregation,
     /// Panic window as a percentage of the stable window.
     pub panic_window_percentage: f64,
     /// Panic when the panic-window desired count reaches this percentage of ready sandboxes.
@@ -535,6 +542,7 @@ impl Default for AutoscalerConfig {
             target: 1.0,
             target_utilization_percentage: 70.0,
             stable_window: Dur::secs(60),
+            metric_aggregation: MetricAggregation::Linear,
             panic_window_percentage: 10.0,
             panic_threshold_percentage: 200.0,
             tick_interval: Dur::secs(2),
@@ -551,6 +559,18 @@ impl Default for AutoscalerConfig {
             lease_duration: Dur::secs(15),
         }
     }
+}
+
+/// `autoscaler.metric_aggregation`: how a window's buckets are averaged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MetricAggregation {
+    /// The plain mean of the window's buckets.
+    #[default]
+    Linear,
+    /// Knative's exponentially weighted average: the newest bucket weighs most, weights
+    /// decay so that the whole window carries 99.99 % of the weight.
+    WeightedExponential,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

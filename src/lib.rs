@@ -24,6 +24,8 @@
 //! - [`logging`]: tracing setup and the access log.
 //! - [`telemetry`]: OpenTelemetry spans, W3C trace context, OTLP export.
 //! - [`demo`]: the stateful demo sandbox (`agent-activator demo-sandbox`).
+//! - [`node_agent`]: the node agent (`agent-activator node-agent`) that freezes sandbox
+//!   pods' cgroups in place on Kubernetes nodes.
 
 pub mod activation;
 pub mod admin;
@@ -36,6 +38,7 @@ pub mod events;
 pub mod knative;
 pub mod logging;
 pub mod metrics;
+pub mod node_agent;
 pub mod proxy;
 pub mod schedule;
 pub mod server;
