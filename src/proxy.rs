@@ -15,11 +15,16 @@ use hyper::body::Incoming;
 use prometheus::IntGauge;
 
 use crate::activation::Activator;
+use crate::backend::ActivationKind;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::session::{ExtractedSession, SessionExtractor, SessionOrigin};
+use crate::session::{
+    ExtractedSession, SessionAdmission, SessionExtractor, SessionForwarding, SessionOrigin,
+    TokenSigner,
+};
 use crate::shutdown::Shutdown;
 use crate::stats::TrafficStats;
+use crate::telemetry::Telemetry;
 
 mod affinity;
 mod body;
@@ -46,7 +51,8 @@ use upstream::Upstream;
 pub static X_ACTIVATOR_ACTIVATION: HeaderName = HeaderName::from_static("x-activator-activation");
 /// `X-Activator-State-Lost: true`: the session's previous sandbox died; this one is fresh.
 pub static X_ACTIVATOR_STATE_LOST: HeaderName = HeaderName::from_static("x-activator-state-lost");
-/// `X-Session-ID`: the minted session ID, on responses when `on_missing: create` made one.
+/// `X-Session-ID`: on responses when `on_missing: create` made a session, what the client
+/// presents from then on (the ID, or its token with `session.auth: hmac`).
 pub static X_SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
 
 /// Everything a request needs, shared by every connection.
@@ -57,36 +63,31 @@ pub struct Proxy {
     recorder: Arc<Recorder>,
     strip: Box<[HeaderName]>,
     retry_after: HeaderValue,
-    /// Minted sessions are forwarded to the sandbox in this header (the first `header`
-    /// source, else `X-Session-ID`), so it sees the same thing as on later requests.
-    session_header: HeaderName,
+    /// What the sandbox sees of the session (`session.forward_header`, hidden tokens) and
+    /// which of its `Set-Cookie` lines are dropped.
+    forwarding: SessionForwarding,
+    /// `session.max_sessions` and `session.create_rate`, asked only for new sessions.
+    admission: SessionAdmission,
     websockets_open: IntGauge,
     shutdown: Shutdown,
+    /// OpenTelemetry spans (off unless `telemetry.otlp.endpoint` is set).
+    telemetry: Arc<Telemetry>,
 }
 
 impl Proxy {
-    /// Builds the proxy from a validated config.
+    /// Builds the proxy from a validated config; `signer` is `session.auth: hmac`'s
+    /// (see [`TokenSigner::from_config`]).
     pub fn new(
         config: &Config,
+        signer: Option<Arc<TokenSigner>>,
         activator: Arc<Activator>,
         metrics: &Metrics,
         stats: Arc<TrafficStats>,
         shutdown: Shutdown,
     ) -> Proxy {
         let tls = config.tls.is_some();
-        let session_header = config
-            .session
-            .sources
-            .iter()
-            .find_map(|s| match s {
-                crate::config::SessionSource::Header(h) => {
-                    HeaderName::from_bytes(h.as_bytes()).ok()
-                }
-                _ => None,
-            })
-            .unwrap_or_else(|| X_SESSION_ID.clone());
         Proxy {
-            extractor: SessionExtractor::new(&config.session, tls),
+            extractor: SessionExtractor::new(&config.session, signer, tls),
             activator,
             upstream: Upstream::new(&config.proxy, metrics),
             recorder: Arc::new(Recorder::new(
@@ -102,10 +103,18 @@ impl Proxy {
                 .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
                 .collect(),
             retry_after: error::retry_after_value(config.activation.retry_after.as_duration()),
-            session_header,
+            forwarding: SessionForwarding::new(&config.session),
+            admission: SessionAdmission::new(&config.session),
             websockets_open: metrics.websockets_open.clone(),
             shutdown,
+            telemetry: Arc::new(Telemetry::disabled()),
         }
+    }
+
+    /// Traces requests with `telemetry` (see [`crate::telemetry`]).
+    pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Proxy {
+        self.telemetry = telemetry;
+        self
     }
 
     /// Proxies one request. Never fails: every failure is a response.
@@ -115,6 +124,9 @@ impl Proxy {
         conn: &ClientConn,
     ) -> Response<ResponseBody> {
         let mut completion = Completion::begin(&self.recorder, req.method(), req.uri());
+        if self.telemetry.enabled() {
+            completion.set_trace(self.telemetry.start_request(req.method(), req.headers()));
+        }
         let resp = match self.extractor.extract(req.uri(), req.headers()) {
             Err(err) => self.failure(err.into()),
             Ok(session) => {
@@ -127,9 +139,14 @@ impl Proxy {
                 // A minted ID is handed out even on failure, so a retry (503 carries
                 // Retry-After) finds the claim that kept running for it.
                 if let Some(key) = minted {
+                    let value = self.extractor.client_value(&key);
                     let headers = resp.headers_mut();
-                    headers.append(SET_COOKIE, self.extractor.set_cookie(&key));
-                    headers.insert(&X_SESSION_ID, session_value(&key));
+                    if let Some(cookie) = self.extractor.set_cookie(&value) {
+                        headers.append(SET_COOKIE, cookie);
+                    }
+                    if let Ok(v) = HeaderValue::from_str(&value) {
+                        headers.insert(&X_SESSION_ID, v);
+                    }
                 }
                 resp
             }
@@ -157,8 +174,36 @@ impl Proxy {
         conn: &ClientConn,
         completion: &mut Completion,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let lease = self.activator.acquire(&session.key).await?;
+        let lease = match self.activator.try_acquire_ready(&session.key) {
+            Some(lease) => lease,
+            None => {
+                // A session the table does not hold yet is a new one: bounded.
+                if !self.activator.knows(&session.key) {
+                    self.admission
+                        .admit(conn.peer.ip(), self.activator.session_total())?;
+                }
+                let waiting = tokio::time::Instant::now();
+                match self.activator.acquire(&session.key).await {
+                    Ok(lease) => lease,
+                    Err(e) => {
+                        let err = ProxyError::from(e);
+                        if let Some(trace) = completion.trace() {
+                            trace.activation("wait", err.code(), waiting.elapsed(), None);
+                        }
+                        return Err(err);
+                    }
+                }
+            }
+        };
+        if let Some(trace) = completion.trace() {
+            trace.set_session(lease.session_hash());
+            if lease.activation != ActivationKind::None {
+                let sandbox = Some(lease.sandbox.as_str());
+                trace.activation(lease.activation.as_str(), "ok", lease.waited, sandbox);
+            }
+        }
         let endpoint = lease.endpoint;
+        let traced_sandbox = completion.trace().map(|_| lease.sandbox.clone());
         let activation = lease.activation;
         let state_lost = lease.state_lost;
         let sandbox = lease.sandbox.clone();
@@ -167,12 +212,6 @@ impl Proxy {
         let upgrade = req.version() <= Version::HTTP_11 && is_upgrade_request(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let minted = session.origin == SessionOrigin::Minted;
-        if minted {
-            parts
-                .headers
-                .insert(self.session_header.clone(), session_value(&session.key));
-        }
         prepare_request_headers(
             &mut parts.headers,
             parts.uri.authority(),
@@ -181,26 +220,41 @@ impl Proxy {
             upgrade,
             self.upstream.is_h2() && !upgrade,
         );
-        // Origin-form for the sandbox; an HTTP/1.1 client's URI usually already is.
-        if session.rewritten.is_some() || parts.uri.scheme().is_some() {
-            let path = session
-                .rewritten
-                .or_else(|| parts.uri.path_and_query().cloned())
-                .unwrap_or_else(|| PathAndQuery::from_static("/"));
-            parts.uri = path.into();
-        }
+        self.forwarding
+            .prepare_request(&mut parts.headers, &session.key);
+        let path = session
+            .rewritten
+            .or_else(|| parts.uri.path_and_query().cloned());
+        let path = self.forwarding.strip_query(path.as_ref()).or(path);
+        // Origin-form for the sandbox (the pool adds scheme and authority itself).
+        parts.uri = path
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))
+            .into();
+        let span = completion
+            .trace()
+            .zip(traced_sandbox)
+            .map(|(t, sandbox)| t.forward(&mut parts.headers, sandbox.as_str(), parts.uri.path()));
         let req = Request::from_parts(parts, body);
-        let mut resp = if upgrade || self.upstream.is_h2() {
-            self.upstream.send(req, endpoint, upgrade).await?
+        let sent = if upgrade || self.upstream.is_h2() {
+            self.upstream.send(req, endpoint, upgrade).await
         } else {
             let affinity = &conn.affinity;
             (self.upstream)
                 .send_affine(req, affinity, &session.key, &sandbox, endpoint)
-                .await?
+                .await
         };
+        if let Some(span) = span {
+            span.finish(
+                sent.as_ref()
+                    .map(|r| r.status().as_u16())
+                    .map_err(|e| e.code()),
+            );
+        }
+        let mut resp = sent?;
 
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(resp.headers_mut(), switching);
+        self.forwarding.filter_response(resp.headers_mut());
         let headers = resp.headers_mut();
         headers.insert(
             &X_ACTIVATOR_ACTIVATION,
@@ -228,10 +282,6 @@ impl Proxy {
         .spawn(self.shutdown.clone());
         Ok(resp.map(|_| ProxyBody::empty()))
     }
-}
-
-fn session_value(key: &crate::session::SessionKey) -> HeaderValue {
-    HeaderValue::from_str(key.as_str()).expect("a valid session id is a valid header value")
 }
 
 /// Displays an error with its `source()` chain, for logs.

@@ -12,11 +12,13 @@ use crate::activation::Activator;
 use crate::admin::{self, AdminState};
 use crate::autoscaler::{Scaling, ScalingDeps};
 use crate::backend::{self, DynBackend};
+use crate::cluster::Cluster;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy, TlsError};
 use crate::shutdown::{Phase, Shutdown};
 use crate::stats::TrafficStats;
+use crate::telemetry::Telemetry;
 
 /// Upper bound on `SandboxBackend::shutdown` (killing child processes and the like).
 const BACKEND_SHUTDOWN_BOUND: Duration = Duration::from_secs(30);
@@ -64,10 +66,13 @@ pub struct RunningServer {
     backend: DynBackend,
     stats: Arc<TrafficStats>,
     scaling: Scaling,
+    cluster: Cluster,
+    schedules: Vec<JoinHandle<()>>,
     shutdown: Shutdown,
     drain_timeout: Duration,
     proxy_task: JoinHandle<()>,
     admin_task: JoinHandle<()>,
+    telemetry: Arc<Telemetry>,
 }
 
 /// Binds both listeners, builds the backend named by `backend.kind` and the activator,
@@ -93,15 +98,18 @@ async fn start_inner(
     backend: Option<DynBackend>,
 ) -> Result<RunningServer, StartError> {
     let tls = config.tls.as_ref().map(proxy::tls_acceptor).transpose()?;
+    let signer = crate::session::TokenSigner::from_config(&config.session)?;
     let proxy_listener = bind("listen", config.listen).await?;
     let admin_listener = bind("admin_listen", config.admin_listen).await?;
     let proxy_addr = local_addr("listen", &proxy_listener, config.listen)?;
     let admin_addr = local_addr("admin_listen", &admin_listener, config.admin_listen)?;
 
     let stats = Arc::new(TrafficStats::new());
+    // The one replica identity and kube client; leader election starts here.
+    let cluster = Cluster::start(&config, &metrics).await?;
     let backend = match backend {
         Some(b) => b,
-        None => backend::build(&config, &metrics).await?,
+        None => backend::build(&config, &metrics, &cluster).await?,
     };
     let activator = Activator::new(&config, backend.clone(), metrics.clone());
     match activator.recover().await {
@@ -112,13 +120,25 @@ async fn start_inner(
     activator.spawn_background();
     let shutdown = Shutdown::new();
 
-    let proxy = Arc::new(Proxy::new(
-        &config,
-        activator.clone(),
-        &metrics,
-        stats.clone(),
-        shutdown.clone(),
-    ));
+    let telemetry = Arc::new(Telemetry::new(&config.telemetry, backend.kind())?);
+    if telemetry.enabled() {
+        tracing::info!(
+            endpoint = config.telemetry.otlp.endpoint.as_deref().unwrap_or(""),
+            sample_ratio = config.telemetry.sample_ratio,
+            "exporting traces over OTLP/HTTP"
+        );
+    }
+    let proxy = Arc::new(
+        Proxy::new(
+            &config,
+            signer.clone(),
+            activator.clone(),
+            &metrics,
+            stats.clone(),
+            shutdown.clone(),
+        )
+        .with_telemetry(telemetry.clone()),
+    );
     let proxy_config = config.proxy.clone();
     let proxy_shutdown = shutdown.clone();
     let proxy_task = tokio::spawn(async move {
@@ -131,10 +151,17 @@ async fn start_inner(
             activator: activator.clone(),
             backend: backend.clone(),
             metrics: metrics.clone(),
-            proxy_addr,
+            leader: cluster.leadership(),
+            replica: cluster.replica().clone(),
         },
-    )
-    .await?;
+    );
+    let schedules = crate::schedule::start(
+        &config,
+        cluster.ticks(),
+        cluster.leadership(),
+        metrics.clone(),
+        proxy_addr,
+    )?;
     let admin_state = Arc::new(AdminState {
         activator: activator.clone(),
         backend: backend.clone(),
@@ -142,8 +169,10 @@ async fn start_inner(
         stats: stats.clone(),
         shutdown: shutdown.clone(),
         max_id_length: config.session.max_id_length,
+        signer,
         retry_after: proxy::error::retry_after_value(config.activation.retry_after.as_duration()),
         autoscaler: scaling.autoscaler().clone(),
+        event_streams: admin::EventStreams::new(&config.telemetry.events),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
     tracing::info!(%proxy_addr, %admin_addr, backend = backend.kind(), tls = config.tls.is_some(), "agent-activator listening");
@@ -155,10 +184,13 @@ async fn start_inner(
         backend,
         stats,
         scaling,
+        cluster,
+        schedules,
         shutdown,
         drain_timeout: config.proxy.drain_timeout.as_duration(),
         proxy_task,
         admin_task,
+        telemetry,
     })
 }
 
@@ -202,6 +234,11 @@ impl RunningServer {
 
     pub fn stats(&self) -> &Arc<TrafficStats> {
         &self.stats
+    }
+
+    /// This replica's identity, kube client and leadership.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
     }
 
     /// The shutdown phase; `advance(Phase::Draining)` on a clone starts a drain that
@@ -249,7 +286,12 @@ impl RunningServer {
             tracing::warn!(cut, "drain window over; closing what is left");
         }
         self.shutdown.advance(Phase::Closed);
-        self.scaling.stop().await;
+        self.scaling.stop();
+        for s in &self.schedules {
+            s.abort();
+        }
+        // Gives the Lease up so another replica leads at once.
+        self.cluster.stop().await;
         if tokio::time::timeout(BACKEND_SHUTDOWN_BOUND, self.backend.shutdown())
             .await
             .is_err()
@@ -258,6 +300,8 @@ impl RunningServer {
         }
         let _ = self.proxy_task.await;
         let _ = self.admin_task.await;
+        // Spans of the drained requests are exported before the process ends.
+        self.telemetry.shutdown().await;
         DrainOutcome { complete, cut }
     }
 }
