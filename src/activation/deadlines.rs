@@ -79,10 +79,4 @@ impl Deadlines {
         let next = set.keys().next().map(|(at, _)| *at);
         (due, next)
     }
-
-    /// Sessions scheduled.
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.lock().len()
-    }
 }
