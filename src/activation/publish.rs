@@ -138,5 +138,6 @@ pub(crate) fn reject_reason(err: &ActivationError) -> &'static str {
         ActivationError::Backend(BackendError::Unsupported(_)) => "unsupported",
         ActivationError::Backend(BackendError::StartFailed(_)) => "sandbox_start_failed",
         ActivationError::Backend(BackendError::ControlPlane(_)) => "control_plane",
+        ActivationError::Backend(BackendError::Conflict(_)) => "claim_conflict",
     }
 }
