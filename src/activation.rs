@@ -166,6 +166,17 @@ impl Activator {
         self.shared.try_ready(key)
     }
 
+    /// Whether the table holds `key` (in any phase): a request for an unknown key starts
+    /// a new session, which `session.max_sessions`/`create_rate` bound.
+    pub fn knows(&self, key: &SessionKey) -> bool {
+        self.shared.table.contains_key(key)
+    }
+
+    /// Sessions in the table, in any phase (`session.max_sessions` counts these).
+    pub fn session_total(&self) -> usize {
+        self.shared.table.len()
+    }
+
     /// All sessions, for the admin API.
     pub fn sessions(&self) -> Vec<SessionInfo> {
         self.shared.sessions()
@@ -174,6 +185,12 @@ impl Activator {
     /// One session, for the admin API.
     pub fn session(&self, key: &SessionKey) -> Option<SessionInfo> {
         self.shared.session(key)
+    }
+
+    /// The sessions whose short hash (as listings show it) is `hash`: normally one, none
+    /// if unknown, several only on a hash-prefix collision.
+    pub fn keys_by_hash(&self, hash: &str) -> Vec<SessionKey> {
+        self.shared.keys_by_hash(hash)
     }
 
     /// Releases a session now (admin `DELETE`), even with requests in flight (they finish

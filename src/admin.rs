@@ -29,6 +29,7 @@ use crate::stats::TrafficStats;
 
 mod api;
 mod body;
+mod dashboard;
 mod stream;
 
 use api::Action;
@@ -50,6 +51,8 @@ pub struct AdminState {
     pub shutdown: Shutdown,
     /// `session.max_id_length`, to validate IDs in paths.
     pub max_id_length: usize,
+    /// `session.auth: hmac`'s signer, for `POST /api/sessions` (minting tokens).
+    pub signer: Option<Arc<crate::session::TokenSigner>>,
     /// `Retry-After` for 503 answers (`activation.retry_after`).
     pub retry_after: HeaderValue,
     /// Scaling signals for `GET /api/stats`.
@@ -60,20 +63,29 @@ pub struct AdminState {
 
 /// Dispatches one admin request.
 pub async fn route(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
+    // The one route that reads a body: it takes the request, so it is matched first.
+    if req.method() == Method::POST && req.uri().path().trim_end_matches('/') == "/api/sessions" {
+        return api::mint(state, req).await;
+    }
     let path = req.uri().path().trim_end_matches('/');
+    let query = req.uri().query();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     match (req.method(), segments.as_slice()) {
+        (&Method::GET, []) => dashboard::page(),
+        (&Method::GET, ["api", "overview"]) => dashboard::overview(state),
         (&Method::GET, ["metrics"]) => metrics(state),
         (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
         (&Method::GET, ["readyz"]) => readyz(state),
-        (&Method::GET, ["api", "sessions"]) => api::sessions(state),
+        (&Method::GET, ["api", "sessions"]) => api::sessions(state, query),
         (&Method::GET, ["api", "sessions", id]) => api::session(state, id),
-        (&Method::DELETE, ["api", "sessions", id]) => api::act(state, id, Action::Release).await,
+        (&Method::DELETE, ["api", "sessions", id]) => {
+            api::act(state, id, query, Action::Release).await
+        }
         (&Method::POST, ["api", "sessions", id, "pause"]) => {
-            api::act(state, id, Action::Pause).await
+            api::act(state, id, query, Action::Pause).await
         }
         (&Method::POST, ["api", "sessions", id, "resume"]) => {
-            api::act(state, id, Action::Resume).await
+            api::act(state, id, query, Action::Resume).await
         }
         (&Method::GET, ["api", "sandboxes"]) => api::sandboxes(state),
         (&Method::GET, ["api", "stats"]) => json(&state.autoscaler.stats_json()),
@@ -81,7 +93,11 @@ pub async fn route(state: &AdminState, req: Request<Incoming>) -> AdminResponse 
         (
             _,
             ["metrics" | "healthz" | "readyz"]
-            | ["api", "sessions" | "sandboxes" | "stats" | "events", ..],
+            | [
+                "api",
+                "sessions" | "sandboxes" | "stats" | "events" | "overview",
+                ..,
+            ],
         ) => error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",

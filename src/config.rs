@@ -11,10 +11,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 
 mod duration;
+mod session;
 mod telemetry;
 mod validate;
 
 pub use duration::Dur;
+pub use session::{CreateRate, HmacConfig, HmacKeyConfig, SessionAuth};
 pub use telemetry::{EventsConfig, TelemetryConfig};
 
 /// A configuration problem, always naming the key path (e.g. `session.sources[1].cookie`).
@@ -58,6 +60,8 @@ pub struct Config {
     pub autoscaler: AutoscalerConfig,
     pub schedules: Vec<ScheduleConfig>,
     pub telemetry: TelemetryConfig,
+    /// The node agent's section (`agent-activator node-agent`); unused by `serve`.
+    pub node_agent: Option<crate::node_agent::NodeAgentConfig>,
 }
 
 impl Default for Config {
@@ -75,6 +79,7 @@ impl Default for Config {
             autoscaler: AutoscalerConfig::default(),
             schedules: Vec::new(),
             telemetry: TelemetryConfig::default(),
+            node_agent: None,
         }
     }
 }
@@ -189,6 +194,17 @@ pub struct SessionConfig {
     pub max_sessions_per_sandbox: u32,
     /// How long a new session may wait for a free sandbox before 503.
     pub admission_timeout: Dur,
+    /// `none`: the session ID is a bearer secret; `hmac`: clients present signed tokens.
+    pub auth: SessionAuth,
+    /// Keys and lifetime of signed tokens (`auth: hmac`).
+    pub hmac: HmacConfig,
+    /// Request header the sandbox reads the routed session ID from; client copies are
+    /// replaced.
+    pub forward_header: String,
+    /// Most sessions in the table at once; a new session beyond it gets 503 `session_limit`.
+    pub max_sessions: usize,
+    /// New sessions per client IP (token bucket); unset = unlimited.
+    pub create_rate: Option<CreateRate>,
 }
 
 impl Default for SessionConfig {
@@ -200,6 +216,11 @@ impl Default for SessionConfig {
             max_id_length: 128,
             max_sessions_per_sandbox: 1,
             admission_timeout: Dur::secs(30),
+            auth: SessionAuth::None,
+            hmac: HmacConfig::default(),
+            forward_header: "X-Session-ID".into(),
+            max_sessions: 100_000,
+            create_rate: None,
         }
     }
 }
@@ -489,6 +510,10 @@ pub struct AutoscalerConfig {
     pub target_utilization_percentage: f64,
     /// Averaging window of the stable mode.
     pub stable_window: Dur,
+    /// How the one-second buckets of a window are averaged: `linear` (plain mean) or
+    /// `weighted-exponential` (newer buckets weigh more; Knative's
+    /// `metric-aggregation-algorithm`).
+    pub metric_aggregation: MetricAggregation,
     /// Panic window as a percentage of the stable window.
     pub panic_window_percentage: f64,
     /// Panic when the panic-window desired count reaches this percentage of ready sandboxes.
@@ -534,6 +559,7 @@ impl Default for AutoscalerConfig {
             target: 1.0,
             target_utilization_percentage: 70.0,
             stable_window: Dur::secs(60),
+            metric_aggregation: MetricAggregation::Linear,
             panic_window_percentage: 10.0,
             panic_threshold_percentage: 200.0,
             tick_interval: Dur::secs(2),
@@ -550,6 +576,18 @@ impl Default for AutoscalerConfig {
             lease_duration: Dur::secs(15),
         }
     }
+}
+
+/// `autoscaler.metric_aggregation`: how a window's buckets are averaged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MetricAggregation {
+    /// The plain mean of the window's buckets.
+    #[default]
+    Linear,
+    /// Knative's exponentially weighted average: the newest bucket weighs most, weights
+    /// decay so that the whole window carries 99.99 % of the weight.
+    WeightedExponential,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

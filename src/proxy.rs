@@ -16,7 +16,10 @@ use prometheus::IntGauge;
 use crate::activation::Activator;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::session::{ExtractedSession, SessionExtractor, SessionOrigin};
+use crate::session::{
+    ExtractedSession, SessionAdmission, SessionExtractor, SessionForwarding, SessionOrigin,
+    TokenSigner,
+};
 use crate::shutdown::Shutdown;
 use crate::stats::TrafficStats;
 
@@ -44,7 +47,8 @@ use upstream::Upstream;
 pub static X_ACTIVATOR_ACTIVATION: HeaderName = HeaderName::from_static("x-activator-activation");
 /// `X-Activator-State-Lost: true`: the session's previous sandbox died; this one is fresh.
 pub static X_ACTIVATOR_STATE_LOST: HeaderName = HeaderName::from_static("x-activator-state-lost");
-/// `X-Session-ID`: the minted session ID, on responses when `on_missing: create` made one.
+/// `X-Session-ID`: on responses when `on_missing: create` made a session, what the client
+/// presents from then on (the ID, or its token with `session.auth: hmac`).
 pub static X_SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
 
 /// Everything a request needs, shared by every connection.
@@ -55,36 +59,29 @@ pub struct Proxy {
     recorder: Arc<Recorder>,
     strip: Box<[HeaderName]>,
     retry_after: HeaderValue,
-    /// Minted sessions are forwarded to the sandbox in this header (the first `header`
-    /// source, else `X-Session-ID`), so it sees the same thing as on later requests.
-    session_header: HeaderName,
+    /// What the sandbox sees of the session (`session.forward_header`, hidden tokens) and
+    /// which of its `Set-Cookie` lines are dropped.
+    forwarding: SessionForwarding,
+    /// `session.max_sessions` and `session.create_rate`, asked only for new sessions.
+    admission: SessionAdmission,
     websockets_open: IntGauge,
     shutdown: Shutdown,
 }
 
 impl Proxy {
-    /// Builds the proxy from a validated config.
+    /// Builds the proxy from a validated config; `signer` is `session.auth: hmac`'s
+    /// (see [`TokenSigner::from_config`]).
     pub fn new(
         config: &Config,
+        signer: Option<Arc<TokenSigner>>,
         activator: Arc<Activator>,
         metrics: &Metrics,
         stats: Arc<TrafficStats>,
         shutdown: Shutdown,
     ) -> Proxy {
         let tls = config.tls.is_some();
-        let session_header = config
-            .session
-            .sources
-            .iter()
-            .find_map(|s| match s {
-                crate::config::SessionSource::Header(h) => {
-                    HeaderName::from_bytes(h.as_bytes()).ok()
-                }
-                _ => None,
-            })
-            .unwrap_or_else(|| X_SESSION_ID.clone());
         Proxy {
-            extractor: SessionExtractor::new(&config.session, tls),
+            extractor: SessionExtractor::new(&config.session, signer, tls),
             activator,
             upstream: Upstream::new(&config.proxy, metrics),
             recorder: Arc::new(Recorder::new(
@@ -100,7 +97,8 @@ impl Proxy {
                 .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
                 .collect(),
             retry_after: error::retry_after_value(config.activation.retry_after.as_duration()),
-            session_header,
+            forwarding: SessionForwarding::new(&config.session),
+            admission: SessionAdmission::new(&config.session),
             websockets_open: metrics.websockets_open.clone(),
             shutdown,
         }
@@ -125,9 +123,14 @@ impl Proxy {
                 // A minted ID is handed out even on failure, so a retry (503 carries
                 // Retry-After) finds the claim that kept running for it.
                 if let Some(key) = minted {
+                    let value = self.extractor.client_value(&key);
                     let headers = resp.headers_mut();
-                    headers.append(SET_COOKIE, self.extractor.set_cookie(&key));
-                    headers.insert(&X_SESSION_ID, session_value(&key));
+                    if let Some(cookie) = self.extractor.set_cookie(&value) {
+                        headers.append(SET_COOKIE, cookie);
+                    }
+                    if let Ok(v) = HeaderValue::from_str(&value) {
+                        headers.insert(&X_SESSION_ID, v);
+                    }
                 }
                 resp
             }
@@ -155,7 +158,17 @@ impl Proxy {
         conn: &ClientConn,
         completion: &mut Completion,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let lease = self.activator.acquire(&session.key).await?;
+        let lease = match self.activator.try_acquire_ready(&session.key) {
+            Some(lease) => lease,
+            None => {
+                // A session the table does not hold yet is a new one: bounded.
+                if !self.activator.knows(&session.key) {
+                    self.admission
+                        .admit(conn.peer.ip(), self.activator.session_total())?;
+                }
+                self.activator.acquire(&session.key).await?
+            }
+        };
         let endpoint = lease.endpoint;
         let activation = lease.activation;
         let state_lost = lease.state_lost;
@@ -164,12 +177,6 @@ impl Proxy {
         let upgrade = req.version() <= Version::HTTP_11 && is_upgrade_request(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let minted = session.origin == SessionOrigin::Minted;
-        if minted {
-            parts
-                .headers
-                .insert(self.session_header.clone(), session_value(&session.key));
-        }
         prepare_request_headers(
             &mut parts.headers,
             parts.uri.authority(),
@@ -178,9 +185,12 @@ impl Proxy {
             upgrade,
             self.upstream.is_h2() && !upgrade,
         );
+        self.forwarding
+            .prepare_request(&mut parts.headers, &session.key);
         let path = session
             .rewritten
             .or_else(|| parts.uri.path_and_query().cloned());
+        let path = self.forwarding.strip_query(path.as_ref()).or(path);
         parts.uri = upstream_uri(self.upstream.authority(endpoint), path);
         let mut resp = self
             .upstream
@@ -189,6 +199,7 @@ impl Proxy {
 
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(resp.headers_mut(), switching);
+        self.forwarding.filter_response(resp.headers_mut());
         let headers = resp.headers_mut();
         headers.insert(
             &X_ACTIVATOR_ACTIVATION,
@@ -216,10 +227,6 @@ impl Proxy {
         .spawn(self.shutdown.clone());
         Ok(resp.map(|_| ProxyBody::empty()))
     }
-}
-
-fn session_value(key: &crate::session::SessionKey) -> HeaderValue {
-    HeaderValue::from_str(key.as_str()).expect("a valid session id is a valid header value")
 }
 
 /// Displays an error with its `source()` chain, for logs.

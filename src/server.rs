@@ -12,6 +12,7 @@ use crate::activation::Activator;
 use crate::admin::{self, AdminState};
 use crate::autoscaler::{Scaling, ScalingDeps};
 use crate::backend::{self, DynBackend};
+use crate::cluster::Cluster;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy, TlsError};
@@ -64,6 +65,8 @@ pub struct RunningServer {
     backend: DynBackend,
     stats: Arc<TrafficStats>,
     scaling: Scaling,
+    cluster: Cluster,
+    schedules: Vec<JoinHandle<()>>,
     shutdown: Shutdown,
     drain_timeout: Duration,
     proxy_task: JoinHandle<()>,
@@ -93,15 +96,18 @@ async fn start_inner(
     backend: Option<DynBackend>,
 ) -> Result<RunningServer, StartError> {
     let tls = config.tls.as_ref().map(proxy::tls_acceptor).transpose()?;
+    let signer = crate::session::TokenSigner::from_config(&config.session)?;
     let proxy_listener = bind("listen", config.listen).await?;
     let admin_listener = bind("admin_listen", config.admin_listen).await?;
     let proxy_addr = local_addr("listen", &proxy_listener, config.listen)?;
     let admin_addr = local_addr("admin_listen", &admin_listener, config.admin_listen)?;
 
     let stats = Arc::new(TrafficStats::new());
+    // The one replica identity and kube client; leader election starts here.
+    let cluster = Cluster::start(&config, &metrics).await?;
     let backend = match backend {
         Some(b) => b,
-        None => backend::build(&config, &metrics).await?,
+        None => backend::build(&config, &metrics, &cluster).await?,
     };
     let activator = Activator::new(&config, backend.clone(), metrics.clone());
     match activator.recover().await {
@@ -114,6 +120,7 @@ async fn start_inner(
 
     let proxy = Arc::new(Proxy::new(
         &config,
+        signer.clone(),
         activator.clone(),
         &metrics,
         stats.clone(),
@@ -131,10 +138,17 @@ async fn start_inner(
             activator: activator.clone(),
             backend: backend.clone(),
             metrics: metrics.clone(),
-            proxy_addr,
+            leader: cluster.leadership(),
+            replica: cluster.replica().clone(),
         },
-    )
-    .await?;
+    );
+    let schedules = crate::schedule::start(
+        &config,
+        cluster.ticks(),
+        cluster.leadership(),
+        metrics.clone(),
+        proxy_addr,
+    )?;
     let admin_state = Arc::new(AdminState {
         activator: activator.clone(),
         backend: backend.clone(),
@@ -142,6 +156,7 @@ async fn start_inner(
         stats: stats.clone(),
         shutdown: shutdown.clone(),
         max_id_length: config.session.max_id_length,
+        signer,
         retry_after: proxy::error::retry_after_value(config.activation.retry_after.as_duration()),
         autoscaler: scaling.autoscaler().clone(),
         event_streams: admin::EventStreams::new(&config.telemetry.events),
@@ -156,6 +171,8 @@ async fn start_inner(
         backend,
         stats,
         scaling,
+        cluster,
+        schedules,
         shutdown,
         drain_timeout: config.proxy.drain_timeout.as_duration(),
         proxy_task,
@@ -205,6 +222,11 @@ impl RunningServer {
         &self.stats
     }
 
+    /// This replica's identity, kube client and leadership.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
     /// The shutdown phase; `advance(Phase::Draining)` on a clone starts a drain that
     /// [`RunningServer::wait`] then completes.
     pub fn shutdown_handle(&self) -> Shutdown {
@@ -250,7 +272,12 @@ impl RunningServer {
             tracing::warn!(cut, "drain window over; closing what is left");
         }
         self.shutdown.advance(Phase::Closed);
-        self.scaling.stop().await;
+        self.scaling.stop();
+        for s in &self.schedules {
+            s.abort();
+        }
+        // Gives the Lease up so another replica leads at once.
+        self.cluster.stop().await;
         if tokio::time::timeout(BACKEND_SHUTDOWN_BOUND, self.backend.shutdown())
             .await
             .is_err()

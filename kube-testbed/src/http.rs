@@ -24,6 +24,7 @@ type Body = BoxBody<Bytes, Infallible>;
 pub(crate) struct Shared {
     pub store: Arc<Store>,
     pub faults: Arc<Faults>,
+    pub tokens: Arc<crate::token_review::Tokens>,
     /// How often an idle watch that asked for bookmarks gets one.
     pub bookmark_interval: Duration,
 }
@@ -197,6 +198,13 @@ fn route(
             )));
         }
         _ => {}
+    }
+    if let (&Method::POST, ["apis", "authentication.k8s.io", "v1", "tokenreviews"]) = (method, segs)
+    {
+        return shared
+            .tokens
+            .review(&parse_json(body)?)
+            .map(Routed::Created);
     }
     let t = target(store, segs)?;
     let ns = t.namespace.unwrap_or("");

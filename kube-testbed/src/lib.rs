@@ -12,6 +12,8 @@
 //! - [`http`]: the REST routes; [`discovery`]: discovery documents and `/scale`.
 //! - [`faults`]: error injection (fail next N requests, drop watches).
 //! - [`controller`]: warm pools, claim binding, suspend/resume, pod processes.
+//! - [`token_review`]: TokenReview of tokens the test issues; [`node_pods`]: core Pods
+//!   bound to nodes, for the node agent.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,8 +28,10 @@ pub mod controller;
 pub mod discovery;
 pub mod faults;
 pub mod http;
+pub mod node_pods;
 pub mod selector;
 pub mod store;
+pub mod token_review;
 
 pub use controller::{Controller, ControllerConfig, Flavour, PORT_ANNOTATION, PodInfo};
 pub use faults::Faults;
@@ -62,6 +66,8 @@ impl Default for TestbedOptions {
 pub struct Testbed {
     pub store: Arc<Store>,
     pub faults: Arc<Faults>,
+    /// Tokens TokenReview accepts.
+    pub tokens: Arc<token_review::Tokens>,
     pub controller: Option<Arc<Controller>>,
     addr: SocketAddr,
     stop: watch::Sender<bool>,
@@ -75,10 +81,12 @@ impl Testbed {
         let store = Arc::new(Store::new());
         register_defaults(&store);
         let faults = Arc::new(Faults::default());
+        let tokens = Arc::new(token_review::Tokens::default());
         let (stop, stop_rx) = watch::channel(false);
         let shared = Arc::new(http::Shared {
             store: store.clone(),
             faults: faults.clone(),
+            tokens: tokens.clone(),
             bookmark_interval: opts.bookmark_interval,
         });
         tokio::spawn(http::serve(listener, shared, stop_rx.clone()));
@@ -96,6 +104,7 @@ impl Testbed {
         Ok(Testbed {
             store,
             faults,
+            tokens,
             controller,
             addr,
             stop,
@@ -211,4 +220,5 @@ pub fn register_defaults(store: &Store) {
     let mut lease = ResourceType::namespaced("coordination.k8s.io", "v1", "Lease", "leases");
     lease.status = false;
     store.register(lease);
+    node_pods::register(store);
 }

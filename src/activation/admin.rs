@@ -73,6 +73,15 @@ impl Shared {
         counts
     }
 
+    /// The keys of the sessions whose short hash is `hash` (a scan: admin use only).
+    pub(crate) fn keys_by_hash(&self, hash: &str) -> Vec<SessionKey> {
+        self.table
+            .iter()
+            .filter(|r| &*r.value().short_hash == hash)
+            .map(|r| r.key().clone())
+            .collect()
+    }
+
     /// As counted by the last idle sweep (at most `idle.sweep_interval` old).
     pub(crate) fn active_sessions(&self) -> usize {
         self.active_counted

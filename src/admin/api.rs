@@ -9,9 +9,49 @@ use crate::backend::BackendError;
 use crate::proxy::error::{ProxyError, error_response};
 use crate::session::SessionKey;
 
-/// `GET /api/sessions`.
-pub fn sessions(state: &AdminState) -> AdminResponse {
-    json(&json!({ "sessions": state.activator.sessions() }))
+/// Longest page of `GET /api/sessions?limit=`.
+const MAX_PAGE: usize = 1000;
+
+/// `GET /api/sessions`; `?offset=N&limit=M` returns one page (sorted by session) and the
+/// total, so a dashboard does not pull 100,000 rows every second.
+pub fn sessions(state: &AdminState, query: Option<&str>) -> AdminResponse {
+    let (offset, limit) = match page(query) {
+        Ok(p) => p,
+        Err(msg) => return error_response(StatusCode::BAD_REQUEST, "invalid_query", &msg),
+    };
+    let all = state.activator.sessions();
+    let total = all.len();
+    let rows: Vec<_> = match limit {
+        Some(limit) => all.into_iter().skip(offset).take(limit).collect(),
+        None => all.into_iter().skip(offset).collect(),
+    };
+    json(&json!({ "sessions": rows, "total": total, "offset": offset }))
+}
+
+fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then_some(v)
+    })
+}
+
+fn page(query: Option<&str>) -> Result<(usize, Option<usize>), String> {
+    let number = |name: &str| -> Result<Option<usize>, String> {
+        query_param(query, name)
+            .map(|v| {
+                v.parse::<usize>()
+                    .map_err(|_| format!("{name} must be a non-negative integer, got {v:?}"))
+            })
+            .transpose()
+    };
+    let offset = number("offset")?.unwrap_or(0);
+    let limit = number("limit")?;
+    if let Some(l) = limit
+        && (l == 0 || l > MAX_PAGE)
+    {
+        return Err(format!("limit must be between 1 and {MAX_PAGE}"));
+    }
+    Ok((offset, limit))
 }
 
 /// `GET /api/sandboxes`.
@@ -52,9 +92,15 @@ impl Action {
     }
 }
 
-/// Runs `action` on the session `id`.
-pub async fn act(state: &AdminState, id: &str, action: Action) -> AdminResponse {
-    let key = match parse(state, id) {
+/// Runs `action` on the session `id` (its raw ID, or with `?by=hash` the short hash the
+/// listings show, which is what the dashboard knows).
+pub async fn act(
+    state: &AdminState,
+    id: &str,
+    query: Option<&str>,
+    action: Action,
+) -> AdminResponse {
+    let key = match resolve(state, id, query) {
         Ok(k) => k,
         Err(resp) => return *resp,
     };
@@ -65,6 +111,38 @@ pub async fn act(state: &AdminState, id: &str, action: Action) -> AdminResponse 
         Action::Resume => a.resume(&key).await,
     };
     outcome(state, &key, action.done(), result)
+}
+
+/// The key named in the path, by raw ID or (`?by=hash`) by short hash.
+fn resolve(
+    state: &AdminState,
+    id: &str,
+    query: Option<&str>,
+) -> Result<SessionKey, Box<AdminResponse>> {
+    match query_param(query, "by") {
+        None | Some("id") => parse(state, id),
+        Some("hash") => {
+            let mut keys = state.activator.keys_by_hash(id);
+            match keys.len() {
+                1 => Ok(keys.remove(0)),
+                0 => Err(Box::new(error_response(
+                    StatusCode::NOT_FOUND,
+                    "unknown_session",
+                    &format!("no session with hash {id}"),
+                ))),
+                n => Err(Box::new(error_response(
+                    StatusCode::CONFLICT,
+                    "ambiguous_hash",
+                    &format!("{n} sessions share the hash {id}; use the raw ID"),
+                ))),
+            }
+        }
+        Some(other) => Err(Box::new(error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            &format!("by must be id or hash, got {other:?}"),
+        ))),
+    }
 }
 
 /// The key named in the path, or the 400 to answer with (boxed: responses are large).
@@ -109,4 +187,69 @@ fn outcome(
         ),
         Err(e) => ProxyError::from(e).into_response(retry_after),
     }
+}
+
+/// Largest `POST /api/sessions` body read.
+const MINT_BODY_LIMIT: usize = 4096;
+/// Bound on reading that body.
+const MINT_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `POST /api/sessions`: mints a token for the ID in `{"session": ID}`, or for a random
+/// ID when the body is empty; answers `{"session": ID, "token": TOKEN, "expires_at": UNIX}`.
+/// With `session.auth: none` the token is the ID itself (and `expires_at` is null). Creates
+/// no session: the first request presenting the token does.
+pub async fn mint(state: &AdminState, req: http::Request<hyper::body::Incoming>) -> AdminResponse {
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(req.into_body(), MINT_BODY_LIMIT);
+    let body = match tokio::time::timeout(MINT_BODY_TIMEOUT, limited.collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => {
+            return error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                &format!("the body must be at most {MINT_BODY_LIMIT} bytes"),
+            );
+        }
+        Err(_) => {
+            return error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the request body did not arrive in time",
+            );
+        }
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct MintRequest {
+        session: Option<String>,
+    }
+    let key = if body.trim_ascii().is_empty() {
+        SessionKey::random()
+    } else {
+        let parsed: MintRequest = match serde_json::from_slice(&body) {
+            Ok(p) => p,
+            Err(e) => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    &format!("expected {{\"session\": ID}} or an empty body: {e}"),
+                );
+            }
+        };
+        match parsed.session {
+            None => SessionKey::random(),
+            Some(id) => match parse(state, &id) {
+                Ok(k) => k,
+                Err(resp) => return *resp,
+            },
+        }
+    };
+    let (token, expires_at) = match &state.signer {
+        Some(signer) => {
+            let expires = crate::session::now_unix().saturating_add(signer.ttl_secs());
+            (signer.mint_at(&key, expires), Some(expires))
+        }
+        None => (key.as_str().to_owned(), None),
+    };
+    json(&json!({ "session": key.as_str(), "token": token, "expires_at": expires_at }))
 }

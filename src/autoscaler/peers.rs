@@ -11,6 +11,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::cluster::ReplicaId;
 use crate::stats::StatsSnapshot;
 
 /// Largest `/api/stats` body accepted from a peer.
@@ -20,24 +21,25 @@ const MAX_BODY: usize = 64 * 1024;
 pub struct PeerCollector {
     peers: Vec<String>,
     timeout: Duration,
-    own_id: String,
+    own_id: ReplicaId,
     client: Client<HttpConnector, Empty<Bytes>>,
 }
 
 impl PeerCollector {
     /// `peers` are `host:port` admin addresses; every address a name resolves to counts.
-    pub fn new(peers: Vec<String>, timeout: Duration) -> PeerCollector {
-        let id: [u8; 8] = rand::random();
+    /// `own_id` is this replica's, so its own snapshot (reached through the headless
+    /// Service like any other) is left out.
+    pub fn new(peers: Vec<String>, timeout: Duration, own_id: ReplicaId) -> PeerCollector {
         PeerCollector {
             peers,
             timeout,
-            own_id: hex::encode(id),
+            own_id,
             client: Client::builder(TokioExecutor::new()).build_http(),
         }
     }
 
     /// This process's replica ID.
-    pub fn own_id(&self) -> &str {
+    pub fn own_id(&self) -> &ReplicaId {
         &self.own_id
     }
 
@@ -53,7 +55,7 @@ impl PeerCollector {
         fetched
             .into_iter()
             .flatten()
-            .filter(|s| s.replica_id != self.own_id)
+            .filter(|s| s.replica_id != self.own_id.as_str())
             .collect()
     }
 

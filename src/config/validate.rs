@@ -40,6 +40,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_session_security()?;
         if s.max_id_length == 0 || s.max_id_length > 4096 {
             return Err(ConfigError::invalid(
                 "session.max_id_length",
@@ -119,14 +120,26 @@ impl Config {
             }
             sched.validate(i, self.session.max_id_length)?;
         }
+        if let Some(agent) = &self.node_agent {
+            agent.validate()?;
+        }
         Ok(())
+    }
+
+    /// Whether this file configures only the node agent: a `node_agent` section and the
+    /// default static backend without endpoints. `serve` refuses such a file.
+    pub fn is_node_agent_only(&self) -> bool {
+        self.node_agent.is_some()
+            && self.backend.kind == BackendKind::Static
+            && self.backend.endpoints.is_empty()
     }
 
     fn validate_backend(&self) -> Result<(), ConfigError> {
         let b = &self.backend;
         match b.kind {
             BackendKind::Static => {
-                if b.endpoints.is_empty() {
+                // A file with only a `node_agent` section configures the node agent alone.
+                if b.endpoints.is_empty() && !self.is_node_agent_only() {
                     return Err(ConfigError::invalid(
                         "backend.endpoints",
                         "kind: static needs at least one endpoint",
