@@ -17,7 +17,7 @@ mod validate;
 
 pub use duration::Dur;
 pub use session::{CreateRate, HmacConfig, HmacKeyConfig, SessionAuth};
-pub use telemetry::{EventsConfig, TelemetryConfig};
+pub use telemetry::{EventsConfig, OtlpConfig, TelemetryConfig};
 
 /// A configuration problem, always naming the key path (e.g. `session.sources[1].cookie`).
 #[derive(Debug, thiserror::Error)]

@@ -18,6 +18,7 @@ use crate::config::SessionIdLogging;
 use crate::metrics::Metrics;
 use crate::session::SessionKey;
 use crate::stats::TrafficStats;
+use crate::telemetry::RequestTrace;
 
 /// Recorded when the client goes away before a response was produced (nginx's 499).
 pub const CLIENT_CLOSED: u16 = 499;
@@ -94,6 +95,8 @@ struct Open {
     status: u16,
     lease: Option<Lease>,
     access: Option<AccessEntry>,
+    /// The request's span when it is traced (`telemetry`); ended at completion.
+    trace: Option<RequestTrace>,
 }
 
 /// One request's end-of-life bookkeeping; runs once, on drop.
@@ -118,6 +121,7 @@ impl Completion {
             status: CLIENT_CLOSED,
             lease: None,
             access,
+            trace: None,
         }))
     }
 
@@ -130,6 +134,18 @@ impl Completion {
                 entry.path = path.clone();
             }
         }
+    }
+
+    /// Attaches the request's span (ended, with the status, when the request is over).
+    pub fn set_trace(&mut self, trace: Option<RequestTrace>) {
+        if let Some(open) = self.0.as_mut() {
+            open.trace = trace;
+        }
+    }
+
+    /// The request's span, if it is traced.
+    pub fn trace(&self) -> Option<&RequestTrace> {
+        self.0.as_ref().and_then(|o| o.trace.as_ref())
     }
 
     /// Keeps the lease until the request is over.
@@ -173,6 +189,7 @@ impl Completion {
                 cached_hash: open.lease.as_ref().map(Lease::session_hash),
                 full: r.session_ids == SessionIdLogging::Full,
             };
+            let trace_id = open.trace.as_ref().map(RequestTrace::trace_id);
             tracing::info!(
                 target: "access",
                 method = %entry.method,
@@ -182,7 +199,11 @@ impl Completion {
                 session = %session,
                 sandbox,
                 activation,
+                trace_id = trace_id.as_deref().unwrap_or("-"),
             );
+        }
+        if let Some(trace) = open.trace {
+            trace.finish(open.status);
         }
         // The lease drops here, after the request is recorded.
     }
