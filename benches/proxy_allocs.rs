@@ -150,10 +150,8 @@ fn measure(name: &str, addr: SocketAddr, n: u64) {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let request = format!(
-        "GET /v1/chat?q=1 HTTP/1.1\r\nhost: app.example\r\nuser-agent: bench\r\n\
-         accept: */*\r\nx-session-id: bench-session\r\n\r\n"
-    );
+    let request: &str = "GET /v1/chat?q=1 HTTP/1.1\r\nhost: app.example\r\nuser-agent: bench\r\n\
+         accept: */*\r\nx-session-id: bench-session\r\n\r\n";
     let mut buf = vec![0u8; 16 * 1024];
     // Warm up: binds the session, opens upstream connections, fills caches and pools.
     run(&mut stream, request.as_bytes(), &mut buf, 2_000);
