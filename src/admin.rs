@@ -27,8 +27,10 @@ use crate::shutdown::{Phase, Shutdown};
 use crate::stats::TrafficStats;
 
 mod api;
+mod auth;
 
 use api::Action;
+pub use auth::{AdminAuth, read_token};
 
 /// An admin response.
 pub type AdminResponse = Response<Full<Bytes>>;
@@ -46,6 +48,8 @@ pub struct AdminState {
     pub retry_after: HeaderValue,
     /// Scaling signals for `GET /api/stats`.
     pub autoscaler: Arc<Autoscaler>,
+    /// `admin.auth`: checked before routing.
+    pub auth: AdminAuth,
 }
 
 /// Dispatches one admin request.
@@ -172,7 +176,12 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             let closed = state.shutdown.clone();
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req).await) }
+                async move {
+                    if let Some(refused) = state.auth.check(&req) {
+                        return Ok::<_, Infallible>(refused);
+                    }
+                    Ok::<_, Infallible>(route(&state, req).await)
+                }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::select! {
