@@ -14,7 +14,7 @@ fn extractor(sources: &str, on_missing: &str) -> SessionExtractor {
          session: {{on_missing: {on_missing}, sources: {sources}}}"
     );
     let config = Config::from_yaml(&yaml).expect("bench config");
-    SessionExtractor::new(&config.session, false)
+    SessionExtractor::new(&config.session, None, false)
 }
 
 const ID: &str = "3f6c1c0e9a2b4d7e8f901234abcdef56";

@@ -17,6 +17,7 @@
 //! - [`idle`]: the sweeper that pauses/releases idle sessions and reports activity.
 //! - [`events`]: backend events and restart recovery.
 //! - [`admin`]: listings, counts and admin-initiated transitions.
+//! - [`publish`]: transition events for `GET /api/events`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +34,7 @@ mod admin;
 mod entry;
 mod events;
 mod idle;
+mod publish;
 mod queue;
 mod table;
 mod transition;
@@ -164,6 +166,17 @@ impl Activator {
         self.shared.try_ready(key)
     }
 
+    /// Whether the table holds `key` (in any phase): a request for an unknown key starts
+    /// a new session, which `session.max_sessions`/`create_rate` bound.
+    pub fn knows(&self, key: &SessionKey) -> bool {
+        self.shared.table.contains_key(key)
+    }
+
+    /// Sessions in the table, in any phase (`session.max_sessions` counts these).
+    pub fn session_total(&self) -> usize {
+        self.shared.table.len()
+    }
+
     /// All sessions, for the admin API.
     pub fn sessions(&self) -> Vec<SessionInfo> {
         self.shared.sessions()
@@ -216,6 +229,11 @@ impl Activator {
     /// the last idle sweep (so at most `idle.sweep_interval` old; reading it is free).
     pub fn active_sessions(&self) -> usize {
         self.shared.active_sessions()
+    }
+
+    /// The transition event stream (`GET /api/events`).
+    pub fn events(&self) -> &Arc<crate::events::EventBus> {
+        self.shared.events.bus()
     }
 
     /// Requests waiting across all sessions (`activator_queued_requests`).

@@ -1,4 +1,5 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz` and the JSON API under `/api/`.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, the JSON API under `/api/`, the
+//! event stream (`/api/events`) and the dashboard (`/`).
 //!
 //! Separate from the proxy port so it can be firewalled and keeps answering (metrics,
 //! readiness 503) while the proxy drains. Routing is one `match` in [`route`]: a new
@@ -10,11 +11,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use nix::sys::socket::{setsockopt, sockopt};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
@@ -28,12 +29,19 @@ use crate::stats::TrafficStats;
 
 mod api;
 mod auth;
+mod body;
+mod stream;
 
 use api::Action;
 pub use auth::{AdminAuth, read_token};
+pub use body::AdminBody;
+pub use stream::{ConnectionCut, EventStreams};
+
+/// `SO_SNDBUF` of admin connections (the kernel doubles it for bookkeeping).
+const ADMIN_SEND_BUFFER: usize = 64 * 1024;
 
 /// An admin response.
-pub type AdminResponse = Response<Full<Bytes>>;
+pub type AdminResponse = Response<AdminBody>;
 
 /// What admin handlers can see.
 pub struct AdminState {
@@ -44,16 +52,24 @@ pub struct AdminState {
     pub shutdown: Shutdown,
     /// `session.max_id_length`, to validate IDs in paths.
     pub max_id_length: usize,
+    /// `session.auth: hmac`'s signer, for `POST /api/sessions` (minting tokens).
+    pub signer: Option<Arc<crate::session::TokenSigner>>,
     /// `Retry-After` for 503 answers (`activation.retry_after`).
     pub retry_after: HeaderValue,
     /// Scaling signals for `GET /api/stats`.
     pub autoscaler: Arc<Autoscaler>,
+    /// `GET /api/events` settings and open streams.
+    pub event_streams: EventStreams,
     /// `admin.auth`: checked before routing.
     pub auth: AdminAuth,
 }
 
 /// Dispatches one admin request.
 pub async fn route(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
+    // The one route that reads a body: it takes the request, so it is matched first.
+    if req.method() == Method::POST && req.uri().path().trim_end_matches('/') == "/api/sessions" {
+        return api::mint(state, req).await;
+    }
     let path = req.uri().path().trim_end_matches('/');
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     match (req.method(), segments.as_slice()) {
@@ -71,9 +87,11 @@ pub async fn route(state: &AdminState, req: Request<Incoming>) -> AdminResponse 
         }
         (&Method::GET, ["api", "sandboxes"]) => api::sandboxes(state),
         (&Method::GET, ["api", "stats"]) => json(&state.autoscaler.stats_json()),
+        (&Method::GET, ["api", "events"]) => stream::events(state, &req),
         (
             _,
-            ["metrics" | "healthz" | "readyz"] | ["api", "sessions" | "sandboxes" | "stats", ..],
+            ["metrics" | "healthz" | "readyz"]
+            | ["api", "sessions" | "sandboxes" | "stats" | "events", ..],
         ) => error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -104,7 +122,7 @@ fn metrics(state: &AdminState) -> AdminResponse {
             m.warm_pool_ready.set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
-    let mut resp = Response::new(Full::new(Bytes::from(m.encode())));
+    let mut resp = Response::new(AdminBody::from(Bytes::from(m.encode())));
     resp.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -125,7 +143,7 @@ fn readyz(state: &AdminState) -> AdminResponse {
 }
 
 fn text(status: StatusCode, body: &'static str) -> AdminResponse {
-    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let mut resp = Response::new(AdminBody::from(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         CONTENT_TYPE,
@@ -138,7 +156,7 @@ fn text(status: StatusCode, body: &'static str) -> AdminResponse {
 pub fn json<T: Serialize>(value: &T) -> AdminResponse {
     match serde_json::to_vec(value) {
         Ok(body) => {
-            let mut resp = Response::new(Full::new(Bytes::from(body)));
+            let mut resp = Response::new(AdminBody::from(Bytes::from(body)));
             resp.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             resp
@@ -170,12 +188,22 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             },
             _ = shutdown.reached(Phase::Closed) => break,
         };
+        // A bounded send buffer (kernel autotuning would grow it to megabytes): an event
+        // subscriber that stops reading pins at most this much kernel memory, and its
+        // stall shows within ~100 KiB of events rather than thousands of them.
+        if let Err(e) = setsockopt(&stream, sockopt::SndBuf, &ADMIN_SEND_BUFFER) {
+            tracing::debug!(error = %e, "cannot bound the admin connection's send buffer");
+        }
         let state = state.clone();
         let builder = builder.clone();
         tokio::spawn(async move {
             let closed = state.shutdown.clone();
-            let service = service_fn(move |req| {
+            // Lets a handler close this connection (an event subscriber that fell behind).
+            let cut = ConnectionCut(Arc::new(tokio::sync::Notify::new()));
+            let cut_here = cut.0.clone();
+            let service = service_fn(move |mut req: Request<Incoming>| {
                 let state = state.clone();
+                req.extensions_mut().insert(cut.clone());
                 async move {
                     if let Some(refused) = state.auth.check(&req) {
                         return Ok::<_, Infallible>(refused);
@@ -187,6 +215,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             tokio::select! {
                 _ = conn => {}
                 _ = closed.reached(Phase::Closed) => {}
+                _ = cut_here.notified() => {}
             }
         });
     }

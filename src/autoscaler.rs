@@ -1,9 +1,8 @@
 //! The Agent Pod Autoscaler: a pure [`decide`] with Knative KPA semantics, and the loop
 //! that feeds it every `tick_interval` and applies its output through the backend.
 //!
-//! Only the leading replica decides ([`Leadership`]): a Kubernetes Lease with the
-//! Kubernetes backend ([`lease::LeaseElector`]), otherwise the single process
-//! ([`SoleReplica`]). The leader sums its own stats with every peer's `GET /api/stats`
+//! Only the leading replica decides ([`Leadership`], from [`crate::cluster`]): a Kubernetes
+//! Lease with the Kubernetes backend, otherwise the single process. The leader sums its own stats with every peer's `GET /api/stats`
 //! (Knative's autoscaler scraping activators). Followers export
 //! `activator_desired_sandboxes 0`, so `max()` over replicas is the decision.
 
@@ -14,34 +13,18 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::backend::{DynBackend, SandboxState};
+use crate::cluster::{Leadership, ReplicaId};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::stats::StatsSampler;
 
 mod decide;
-pub mod lease;
 mod peers;
 mod scaling;
 
 pub use decide::{Decision, Inputs, ScalerState, decide, pool_target};
 pub use peers::PeerCollector;
-pub use scaling::{SCHEDULE_STATE_FILE, Scaling, ScalingDeps};
-
-/// Who may decide (and fire schedules). Implementations answer from memory, never block.
-pub trait Leadership: Send + Sync + 'static {
-    /// True while this replica holds leadership and may act on it.
-    fn is_leader(&self) -> bool;
-}
-
-/// The only replica: always the leader.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SoleReplica;
-
-impl Leadership for SoleReplica {
-    fn is_leader(&self) -> bool {
-        true
-    }
-}
+pub use scaling::{Scaling, ScalingDeps};
 
 /// The running autoscaler: decision state plus what it needs to observe and act.
 pub struct Autoscaler {
@@ -81,6 +64,7 @@ impl Autoscaler {
         backend: DynBackend,
         metrics: Arc<Metrics>,
         leader: Arc<dyn Leadership>,
+        replica: ReplicaId,
     ) -> Arc<Autoscaler> {
         // Replicas share one admin token (one Secret), so the leader presents its own.
         let token = config
@@ -92,6 +76,7 @@ impl Autoscaler {
         let peers = PeerCollector::new(
             config.autoscaler.peers.clone(),
             config.autoscaler.peer_timeout.as_duration(),
+            replica,
             token,
         );
         Arc::new(Autoscaler {
@@ -106,14 +91,14 @@ impl Autoscaler {
     }
 
     /// This replica's identity in `/api/stats` (peers skip themselves by it).
-    pub fn replica_id(&self) -> &str {
+    pub fn replica_id(&self) -> &ReplicaId {
         self.peers.own_id()
     }
 
     /// `GET /api/stats`: this replica's signals right now.
     pub fn stats_json(&self) -> serde_json::Value {
         let mut snapshot = self.sampler.current();
-        snapshot.replica_id = self.peers.own_id().to_owned();
+        snapshot.replica_id = self.peers.own_id().to_string();
         serde_json::to_value(snapshot).unwrap_or(serde_json::Value::Null)
     }
 

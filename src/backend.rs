@@ -264,10 +264,12 @@ pub trait SandboxBackend: Send + Sync + 'static {
 /// A shared, type-erased backend.
 pub type DynBackend = Arc<dyn SandboxBackend>;
 
-/// Builds the backend named by `backend.kind`. Problems name the offending key.
+/// Builds the backend named by `backend.kind`. Problems name the offending key. The
+/// Kubernetes backend uses the cluster's one kube client and replica identity.
 pub async fn build(
     config: &crate::config::Config,
     metrics: &Arc<crate::metrics::Metrics>,
+    cluster: &crate::cluster::Cluster,
 ) -> Result<DynBackend, crate::config::ConfigError> {
     use crate::config::BackendKind;
     match config.backend.kind {
@@ -276,8 +278,14 @@ pub async fn build(
             config.session.max_sessions_per_sandbox,
         )?)),
         BackendKind::Process => Ok(process::build(config, metrics).await?),
-        BackendKind::Kubernetes => Ok(Arc::new(
-            kubernetes::KubernetesBackend::connect(config).await?,
-        )),
+        BackendKind::Kubernetes => {
+            let kube = cluster.kube().ok_or_else(|| {
+                crate::config::ConfigError::invalid(
+                    "backend.kind",
+                    "kubernetes, but the cluster has no kube client",
+                )
+            })?;
+            Ok(Arc::new(kubernetes::KubernetesBackend::new(kube, config)))
+        }
     }
 }

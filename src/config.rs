@@ -11,9 +11,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 
 mod duration;
+mod session;
+mod telemetry;
 mod validate;
 
 pub use duration::Dur;
+pub use session::{CreateRate, HmacConfig, HmacKeyConfig, SessionAuth};
+pub use telemetry::{EventsConfig, TelemetryConfig};
 
 /// A configuration problem, always naming the key path (e.g. `session.sources[1].cookie`).
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +60,7 @@ pub struct Config {
     pub backend: BackendConfig,
     pub autoscaler: AutoscalerConfig,
     pub schedules: Vec<ScheduleConfig>,
+    pub telemetry: TelemetryConfig,
 }
 
 impl Default for Config {
@@ -73,6 +78,7 @@ impl Default for Config {
             backend: BackendConfig::default(),
             autoscaler: AutoscalerConfig::default(),
             schedules: Vec::new(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
@@ -264,6 +270,17 @@ pub struct SessionConfig {
     pub max_sessions_per_sandbox: u32,
     /// How long a new session may wait for a free sandbox before 503.
     pub admission_timeout: Dur,
+    /// `none`: the session ID is a bearer secret; `hmac`: clients present signed tokens.
+    pub auth: SessionAuth,
+    /// Keys and lifetime of signed tokens (`auth: hmac`).
+    pub hmac: HmacConfig,
+    /// Request header the sandbox reads the routed session ID from; client copies are
+    /// replaced.
+    pub forward_header: String,
+    /// Most sessions in the table at once; a new session beyond it gets 503 `session_limit`.
+    pub max_sessions: usize,
+    /// New sessions per client IP (token bucket); unset = unlimited.
+    pub create_rate: Option<CreateRate>,
 }
 
 impl Default for SessionConfig {
@@ -275,6 +292,11 @@ impl Default for SessionConfig {
             max_id_length: 128,
             max_sessions_per_sandbox: 1,
             admission_timeout: Dur::secs(30),
+            auth: SessionAuth::None,
+            hmac: HmacConfig::default(),
+            forward_header: "X-Session-ID".into(),
+            max_sessions: 100_000,
+            create_rate: None,
         }
     }
 }

@@ -12,9 +12,11 @@
 //!   responses.
 //! - [`admin`]: metrics, health and the session/sandbox API on a separate listener.
 //! - [`metrics`]: every Prometheus metric.
+//! - [`events`]: the transition event stream (bounded ring, non-blocking fan-out).
 //! - [`stats`]: traffic counters and windows that feed the autoscaler.
-//! - [`autoscaler`]: the scaling decision (Knative KPA semantics), its loop and leader
-//!   election.
+//! - [`autoscaler`]: the scaling decision (Knative KPA semantics) and its loop.
+//! - [`cluster`]: this replica among the others: its one identity, the one kube client,
+//!   leader election, and where schedule ticks are recorded.
 //! - [`knative`]: a Knative Service manifest (annotations, container) as the configuration.
 //! - [`schedule`]: cron-scheduled wake-up requests, each tick fired once.
 //! - [`shutdown`]: signal handling and graceful drain.
@@ -26,8 +28,10 @@ pub mod activation;
 pub mod admin;
 pub mod autoscaler;
 pub mod backend;
+pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod events;
 pub mod knative;
 pub mod logging;
 pub mod metrics;

@@ -48,7 +48,7 @@ pub struct Metrics {
     pub sessions_lost_total: IntCounter,
     /// `activator_warm_pool_ready`: ready, unassigned sandboxes.
     pub warm_pool_ready: IntGauge,
-    /// `activator_upstream_errors_total{kind}`: connect | reset | timeout.
+    /// `activator_upstream_errors_total{kind}`: connect | reset | protocol | timeout.
     pub upstream_errors_total: IntCounterVec,
     /// `activator_stable_concurrency`: time-weighted average in-flight over the stable window.
     pub stable_concurrency: Gauge,
@@ -72,6 +72,14 @@ pub struct Metrics {
     pub autoscaler_leader: IntGauge,
     /// `activator_schedule_runs_total{result}`: ok | error | skipped.
     pub schedule_runs_total: IntCounterVec,
+    /// `activator_events_total{kind}`: transitions published on the event stream.
+    pub events_total: IntCounterVec,
+    /// `activator_event_subscribers`: open `GET /api/events` streams.
+    pub event_subscribers: IntGauge,
+    /// `activator_event_subscribers_dropped_total{reason}`: streams cut for being too
+    /// slow (`lagged`: fell a whole ring behind; `stalled`: took no data for
+    /// `telemetry.events.stall_timeout`).
+    pub event_subscribers_dropped: IntCounterVec,
     /// `activator_client_connections`: client connections open now (upgraded ones too).
     pub client_connections: IntGauge,
     /// `activator_client_connections_refused_total`: closed at accept by `proxy.max_connections`.
@@ -238,6 +246,27 @@ impl Metrics {
                 &["result"],
             )
             .expect("valid metric"),
+            events_total: IntCounterVec::new(
+                Opts::new(
+                    "activator_events_total",
+                    "Session and sandbox transitions published on the event stream.",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
+            event_subscribers: IntGauge::new(
+                "activator_event_subscribers",
+                "Open GET /api/events streams.",
+            )
+            .expect("valid metric"),
+            event_subscribers_dropped: IntCounterVec::new(
+                Opts::new(
+                    "activator_event_subscribers_dropped_total",
+                    "Event streams disconnected for not keeping up.",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
             client_connections: IntGauge::new(
                 "activator_client_connections",
                 "Client connections open now, upgraded (WebSocket) ones included.",
@@ -290,6 +319,9 @@ impl Metrics {
             Box::new(self.warm_pool_target.clone()),
             Box::new(self.autoscaler_leader.clone()),
             Box::new(self.schedule_runs_total.clone()),
+            Box::new(self.events_total.clone()),
+            Box::new(self.event_subscribers.clone()),
+            Box::new(self.event_subscribers_dropped.clone()),
             Box::new(self.client_connections.clone()),
             Box::new(self.client_connections_refused_total.clone()),
             Box::new(self.client_connections_closed_total.clone()),

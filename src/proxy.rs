@@ -17,7 +17,10 @@ use prometheus::{IntCounter, IntGauge};
 use crate::activation::Activator;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::session::{ExtractedSession, SessionExtractor, SessionOrigin};
+use crate::session::{
+    ExtractedSession, SessionAdmission, SessionExtractor, SessionForwarding, SessionOrigin,
+    TokenSigner,
+};
 use crate::shutdown::Shutdown;
 use crate::stats::TrafficStats;
 
@@ -50,7 +53,8 @@ use upstream::Upstream;
 pub static X_ACTIVATOR_ACTIVATION: HeaderName = HeaderName::from_static("x-activator-activation");
 /// `X-Activator-State-Lost: true`: the session's previous sandbox died; this one is fresh.
 pub static X_ACTIVATOR_STATE_LOST: HeaderName = HeaderName::from_static("x-activator-state-lost");
-/// `X-Session-ID`: the minted session ID, on responses when `on_missing: create` made one.
+/// `X-Session-ID`: on responses when `on_missing: create` made a session, what the client
+/// presents from then on (the ID, or its token with `session.auth: hmac`).
 pub static X_SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
 
 /// Everything a request needs, shared by every connection.
@@ -61,9 +65,11 @@ pub struct Proxy {
     recorder: Arc<Recorder>,
     strip: Box<[HeaderName]>,
     retry_after: HeaderValue,
-    /// Minted sessions are forwarded to the sandbox in this header (the first `header`
-    /// source, else `X-Session-ID`), so it sees the same thing as on later requests.
-    session_header: HeaderName,
+    /// What the sandbox sees of the session (`session.forward_header`, hidden tokens) and
+    /// which of its `Set-Cookie` lines are dropped.
+    forwarding: SessionForwarding,
+    /// `session.max_sessions` and `session.create_rate`, asked only for new sessions.
+    admission: SessionAdmission,
     websockets_open: IntGauge,
     shutdown: Shutdown,
     trusted: TrustedProxies,
@@ -76,28 +82,19 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Builds the proxy from a validated config.
+    /// Builds the proxy from a validated config; `signer` is `session.auth: hmac`'s
+    /// (see [`TokenSigner::from_config`]).
     pub fn new(
         config: &Config,
+        signer: Option<Arc<TokenSigner>>,
         activator: Arc<Activator>,
         metrics: &Metrics,
         stats: Arc<TrafficStats>,
         shutdown: Shutdown,
     ) -> Proxy {
         let tls = config.tls.is_some();
-        let session_header = config
-            .session
-            .sources
-            .iter()
-            .find_map(|s| match s {
-                crate::config::SessionSource::Header(h) => {
-                    HeaderName::from_bytes(h.as_bytes()).ok()
-                }
-                _ => None,
-            })
-            .unwrap_or_else(|| X_SESSION_ID.clone());
         Proxy {
-            extractor: SessionExtractor::new(&config.session, tls),
+            extractor: SessionExtractor::new(&config.session, signer, tls),
             activator,
             upstream: Upstream::new(&config.proxy, metrics),
             recorder: Arc::new(Recorder::new(
@@ -113,7 +110,8 @@ impl Proxy {
                 .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
                 .collect(),
             retry_after: error::retry_after_value(config.activation.retry_after.as_duration()),
-            session_header,
+            forwarding: SessionForwarding::new(&config.session),
+            admission: SessionAdmission::new(&config.session),
             websockets_open: metrics.websockets_open.clone(),
             shutdown,
             trusted: TrustedProxies::new(&config.proxy.trusted_proxies),
@@ -188,10 +186,14 @@ impl Proxy {
                 // A minted ID is handed out even on failure, so a retry (503 carries
                 // Retry-After) finds the claim that kept running for it.
                 if let Some(key) = minted {
+                    let value = self.extractor.client_value(&key);
                     let headers = resp.headers_mut();
-                    let cookie = self.extractor.set_cookie(&key);
-                    headers.append(SET_COOKIE, if https { secure(cookie) } else { cookie });
-                    headers.insert(&X_SESSION_ID, session_value(&key));
+                    if let Some(cookie) = self.extractor.set_cookie(&value) {
+                        headers.append(SET_COOKIE, if https { secure(cookie) } else { cookie });
+                    }
+                    if let Ok(v) = HeaderValue::from_str(&value) {
+                        headers.insert(&X_SESSION_ID, v);
+                    }
                 }
                 resp
             }
@@ -223,7 +225,19 @@ impl Proxy {
         conn: &ClientConn,
         completion: &mut Completion,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let lease = self.activator.acquire(&session.key).await?;
+        let lease = match self.activator.try_acquire_ready(&session.key) {
+            Some(lease) => lease,
+            None => {
+                // A session the table does not hold yet is a new one: bounded.
+                if !self.activator.knows(&session.key) {
+                    // Behind trusted proxies the limit keys on the real client.
+                    let client = self.client_ip(conn, req.headers());
+                    self.admission
+                        .admit(client, self.activator.session_total())?;
+                }
+                self.activator.acquire(&session.key).await?
+            }
+        };
         let endpoint = lease.endpoint;
         let activation = lease.activation;
         let state_lost = lease.state_lost;
@@ -237,12 +251,6 @@ impl Proxy {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let body = RequestBody::new(body, self.body_timeout, self.max_body_bytes);
-        let minted = session.origin == SessionOrigin::Minted;
-        if minted {
-            parts
-                .headers
-                .insert(self.session_header.clone(), session_value(&session.key));
-        }
         prepare_request_headers(
             &mut parts.headers,
             parts.uri.authority(),
@@ -251,9 +259,12 @@ impl Proxy {
             upgrade,
             self.upstream.is_h2() && !upgrade,
         );
+        self.forwarding
+            .prepare_request(&mut parts.headers, &session.key);
         let path = session
             .rewritten
             .or_else(|| parts.uri.path_and_query().cloned());
+        let path = self.forwarding.strip_query(path.as_ref()).or(path);
         parts.uri = upstream_uri(self.upstream.authority(endpoint), path);
         let mut resp = self
             .upstream
@@ -263,6 +274,7 @@ impl Proxy {
 
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(resp.headers_mut(), switching);
+        self.forwarding.filter_response(resp.headers_mut());
         let headers = resp.headers_mut();
         headers.insert(
             &X_ACTIVATOR_ACTIVATION,
@@ -303,10 +315,6 @@ fn secure(cookie: HeaderValue) -> HeaderValue {
     let mut v = cookie.as_bytes().to_vec();
     v.extend_from_slice(b"; Secure");
     HeaderValue::from_bytes(&v).unwrap_or(cookie)
-}
-
-fn session_value(key: &crate::session::SessionKey) -> HeaderValue {
-    HeaderValue::from_str(key.as_str()).expect("a valid session id is a valid header value")
 }
 
 /// Displays an error with its `source()` chain, for logs.

@@ -3,12 +3,14 @@
 //!
 //! Exactly-once per tick rests on two things: only the replica that leads
 //! ([`Leadership`]) fires, and before firing it records the tick in a [`TickStore`]
-//! (a state file locally, the autoscaler's Lease on Kubernetes). A tick already recorded
+//! (a state file locally, the leader-election Lease on Kubernetes; both from
+//! [`crate::cluster`]). A tick already recorded
 //! (by a previous run of this process or by a former leader) is skipped. Recording comes
 //! first, so a crash between record and request loses that one tick rather than sending
 //! it twice: at most once, never twice. Ticks missed while no replica ran are not
 //! replayed.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,16 +20,45 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::autoscaler::Leadership;
-use crate::config::{ConfigError, ScheduleConfig};
+use crate::cluster::{Leadership, TickStore};
+use crate::config::{Config, ConfigError, ScheduleConfig, SessionSource};
 use crate::metrics::Metrics;
 use crate::session::SessionKey;
 
 mod sender;
-mod store;
 
 pub use sender::{HttpWakeupSender, WakeupSender};
-pub use store::{FileTickStore, FiredTicks, TickStore, TickStoreError, claim_in};
+
+/// Starts the `schedules:` of `config`, sending through the proxy listener at
+/// `proxy_addr`; abort the handles to stop. None configured: no tasks.
+pub fn start(
+    config: &Config,
+    store: Arc<dyn TickStore>,
+    leader: Arc<dyn Leadership>,
+    metrics: Arc<Metrics>,
+    proxy_addr: SocketAddr,
+) -> Result<Vec<JoinHandle<()>>, ConfigError> {
+    if config.schedules.is_empty() {
+        return Ok(Vec::new());
+    }
+    let schedules = config
+        .schedules
+        .iter()
+        .enumerate()
+        .map(|(i, s)| s.parse(i, config.session.max_id_length))
+        .collect::<Result<Vec<_>, _>>()?;
+    let source = config
+        .session
+        .sources
+        .first()
+        .cloned()
+        .unwrap_or_else(|| SessionSource::Header("X-Session-ID".into()));
+    let timeout =
+        config.proxy.request_timeout.as_duration() + config.activation.timeout.as_duration();
+    let sender = Arc::new(HttpWakeupSender::new(proxy_addr, source, timeout));
+    let scheduler = Scheduler::new(schedules, store, leader, sender, metrics, WallClock::System);
+    Ok(scheduler.spawn())
+}
 
 /// A validated `schedules[i]` entry.
 #[derive(Debug, Clone)]

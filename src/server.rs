@@ -12,6 +12,7 @@ use crate::activation::Activator;
 use crate::admin::{self, AdminAuth, AdminState};
 use crate::autoscaler::{Scaling, ScalingDeps};
 use crate::backend::{self, DynBackend};
+use crate::cluster::Cluster;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy, TlsError};
@@ -64,6 +65,8 @@ pub struct RunningServer {
     backend: DynBackend,
     stats: Arc<TrafficStats>,
     scaling: Scaling,
+    cluster: Cluster,
+    schedules: Vec<JoinHandle<()>>,
     shutdown: Shutdown,
     drain_timeout: Duration,
     drain_delay: Duration,
@@ -96,15 +99,18 @@ async fn start_inner(
     let tls = config.tls.as_ref().map(proxy::tls_acceptor).transpose()?;
     let admin_auth = AdminAuth::new(&config.admin)
         .map_err(|m| ConfigError::invalid("admin.auth.bearer_token_file", m))?;
+    let signer = crate::session::TokenSigner::from_config(&config.session)?;
     let proxy_listener = bind("listen", config.listen).await?;
     let admin_listener = bind("admin_listen", config.admin_listen).await?;
     let proxy_addr = local_addr("listen", &proxy_listener, config.listen)?;
     let admin_addr = local_addr("admin_listen", &admin_listener, config.admin_listen)?;
 
     let stats = Arc::new(TrafficStats::new());
+    // The one replica identity and kube client; leader election starts here.
+    let cluster = Cluster::start(&config, &metrics).await?;
     let backend = match backend {
         Some(b) => b,
-        None => backend::build(&config, &metrics).await?,
+        None => backend::build(&config, &metrics, &cluster).await?,
     };
     let activator = Activator::new(&config, backend.clone(), metrics.clone());
     match activator.recover().await {
@@ -117,6 +123,7 @@ async fn start_inner(
 
     let proxy = Arc::new(Proxy::new(
         &config,
+        signer.clone(),
         activator.clone(),
         &metrics,
         stats.clone(),
@@ -143,10 +150,17 @@ async fn start_inner(
             activator: activator.clone(),
             backend: backend.clone(),
             metrics: metrics.clone(),
-            proxy_addr,
+            leader: cluster.leadership(),
+            replica: cluster.replica().clone(),
         },
-    )
-    .await?;
+    );
+    let schedules = crate::schedule::start(
+        &config,
+        cluster.ticks(),
+        cluster.leadership(),
+        metrics.clone(),
+        proxy_addr,
+    )?;
     let admin_state = Arc::new(AdminState {
         activator: activator.clone(),
         backend: backend.clone(),
@@ -154,8 +168,10 @@ async fn start_inner(
         stats: stats.clone(),
         shutdown: shutdown.clone(),
         max_id_length: config.session.max_id_length,
+        signer,
         retry_after: proxy::error::retry_after_value(config.activation.retry_after.as_duration()),
         autoscaler: scaling.autoscaler().clone(),
+        event_streams: admin::EventStreams::new(&config.telemetry.events),
         auth: admin_auth,
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
@@ -168,6 +184,8 @@ async fn start_inner(
         backend,
         stats,
         scaling,
+        cluster,
+        schedules,
         shutdown,
         drain_timeout: config.proxy.drain_timeout.as_duration(),
         drain_delay: config.proxy.drain_delay.as_duration(),
@@ -216,6 +234,11 @@ impl RunningServer {
 
     pub fn stats(&self) -> &Arc<TrafficStats> {
         &self.stats
+    }
+
+    /// This replica's identity, kube client and leadership.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
     }
 
     /// The shutdown phase; `advance(Phase::Draining)` on a clone starts a drain that
@@ -271,7 +294,12 @@ impl RunningServer {
             tracing::warn!(cut, "drain window over; closing what is left");
         }
         self.shutdown.advance(Phase::Closed);
-        self.scaling.stop().await;
+        self.scaling.stop();
+        for s in &self.schedules {
+            s.abort();
+        }
+        // Gives the Lease up so another replica leads at once.
+        self.cluster.stop().await;
         if tokio::time::timeout(BACKEND_SHUTDOWN_BOUND, self.backend.shutdown())
             .await
             .is_err()

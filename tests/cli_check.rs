@@ -38,8 +38,9 @@ fn unknown_key_exits_64_naming_it() {
     let (code, out) =
         check("backend:\n  kind: static\n  endpoints: [\"127.0.0.1:9001\"]\n  endpoint: x\n");
     assert_eq!(code, 64, "{out}");
-    assert!(out.contains("backend"), "{out}");
-    assert!(out.contains("endpoint"), "{out}");
+    // The exact key path, not a substring that the valid key `endpoints` also contains.
+    assert!(out.contains(": backend.endpoint: "), "{out}");
+    assert!(out.contains("unknown field `endpoint`"), "{out}");
 }
 
 #[test]

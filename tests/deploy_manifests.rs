@@ -11,22 +11,24 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// In CI a missing validator fails the test; locally it skips with the reason.
-fn validator_missing(reason: &str) {
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("CI=true and the manifest validator is unavailable: {reason}");
-    }
-    eprintln!("SKIPPED deploy manifest validation: {reason} (pip install kubernetes-validate)");
+/// The validator is a prerequisite (`build.rs` marks the test ignored where it is missing,
+/// except under `CI=true`): if the test runs, a missing validator fails it.
+fn validator_missing(reason: &str) -> ! {
+    panic!("the manifest validator is unavailable: {reason} (pip install kubernetes-validate)");
 }
 
 #[test]
+#[cfg_attr(
+    missing_kubernetes_validate,
+    ignore = "kubernetes-validate not installed (pip install kubernetes-validate); build.rs probe"
+)]
 fn every_manifest_validates_offline() {
     let out = match Command::new("python3")
         .arg(root().join("deploy/validate.py"))
         .output()
     {
         Ok(o) => o,
-        Err(e) => return validator_missing(&format!("cannot run python3: {e}")),
+        Err(e) => validator_missing(&format!("cannot run python3: {e}")),
     };
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);

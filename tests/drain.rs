@@ -143,7 +143,14 @@ async fn binary_drains_and_exits_zero_on_sigterm() {
     let by_path = c.get("/s/path-raw-id/hello?q=1", &[]).await;
     assert_eq!(by_path.status, 200);
     let slow = tokio::spawn(async move { c.get_session("/slow?ms=700", "sigterm-raw-id").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // SIGTERM only once the slow request is in the proxy: the second session is pinned to the
+    // other sandbox, so its connection there is the proof (no fixed sleep).
+    support::wait_until("the slow request to reach its sandbox", || {
+        up.accepted.load(std::sync::atomic::Ordering::SeqCst)
+            + up2.accepted.load(std::sync::atomic::Ordering::SeqCst)
+            >= 2
+    })
+    .await;
     let pid = child.id().unwrap().to_string();
     let kill = std::process::Command::new("kill")
         .args(["-TERM", &pid])

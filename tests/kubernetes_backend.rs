@@ -123,9 +123,13 @@ async fn an_unreachable_api_server_fails_claims_within_the_budget() {
         .port();
     let cfg = kube::Config::new(format!("http://127.0.0.1:{port}").parse().unwrap());
     let client = kube::Client::try_from(cfg).unwrap();
-    let b = agent_activator::backend::kubernetes::KubernetesBackend::new(
+    let kube = agent_activator::cluster::KubeContext::new(
         client,
         "default",
+        agent_activator::cluster::ReplicaId::named("unreachable"),
+    );
+    let b = agent_activator::backend::kubernetes::KubernetesBackend::new(
+        &kube,
         &config("agent-sandbox", "default", ""),
     );
     let started = tokio::time::Instant::now();

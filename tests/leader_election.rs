@@ -4,11 +4,13 @@
 #[path = "support/kube.rs"]
 mod kube_support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use agent_activator::autoscaler::Leadership;
-use agent_activator::autoscaler::lease::{LeaseElector, LeaseTickStore, TICKS_ANNOTATION};
-use agent_activator::schedule::TickStore;
+use agent_activator::cluster::{
+    Leadership, LeaseElector, LeaseTickStore, ReplicaId, TICKS_ANNOTATION, TickStore,
+};
 use agent_activator::server;
 use chrono::{TimeZone, Utc};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -30,7 +32,7 @@ fn leases(tb: &Testbed) -> Api<Lease> {
 }
 
 fn elector(tb: &Testbed, identity: &str, lease: Duration) -> std::sync::Arc<LeaseElector> {
-    LeaseElector::new(leases(tb), LEASE, identity, lease)
+    LeaseElector::new(leases(tb), LEASE, &ReplicaId::named(identity), lease)
 }
 
 async fn holder(tb: &Testbed) -> (Option<String>, i32) {
@@ -61,6 +63,10 @@ async fn one_leader_and_a_lost_leader_is_replaced_without_overlap() {
     let took_over = tokio::time::timeout(WAIT, async {
         loop {
             let now_leads = follower.try_acquire_or_renew().await.unwrap();
+            assert!(
+                !(leader.is_leader() && follower.is_leader()),
+                "both replicas lead at once"
+            );
             if now_leads {
                 return;
             }
@@ -117,6 +123,41 @@ async fn schedule_ticks_in_the_lease_fire_once_across_replicas_and_renewals() {
     assert!(x.unwrap() ^ y.unwrap());
 }
 
+/// Samples every replica's leadership (what it acts on, not the exported gauge) every
+/// 10 ms until [`LeaderSampler::finish`].
+struct LeaderSampler {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Sampled>,
+}
+
+/// Samples taken, and the first sample in which more than one replica led.
+type Sampled = (usize, Option<Vec<bool>>);
+
+impl LeaderSampler {
+    fn start(replicas: Vec<Arc<dyn Leadership>>) -> LeaderSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let (mut samples, mut overlap) = (0, None);
+            while !stopped.load(Ordering::SeqCst) {
+                let leading: Vec<bool> = replicas.iter().map(|r| r.is_leader()).collect();
+                samples += 1;
+                if overlap.is_none() && leading.iter().filter(|l| **l).count() > 1 {
+                    overlap = Some(leading);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (samples, overlap)
+        });
+        LeaderSampler { stop, task }
+    }
+
+    async fn finish(self) -> Sampled {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.expect("sampler task")
+    }
+}
+
 #[tokio::test]
 async fn two_activators_elect_one_leader_and_fail_over() {
     let tb = bare_testbed().await;
@@ -137,34 +178,45 @@ async fn two_activators_elect_one_leader_and_fail_over() {
     };
     let one = start().await.expect("first activator");
     let two = start().await.expect("second activator");
-    let leaders = || {
-        [
-            one.metrics().autoscaler_leader.get(),
-            two.metrics().autoscaler_leader.get(),
-        ]
-    };
+    assert_ne!(
+        one.cluster().replica(),
+        two.cluster().replica(),
+        "each process has its own identity"
+    );
+    let leading = [one.cluster().leadership(), two.cluster().leadership()];
+    // From here to the end, on every sample, at most one replica leads.
+    let sampler = LeaderSampler::start(leading.to_vec());
     let elected = tokio::time::timeout(WAIT, async {
         loop {
-            if leaders().iter().sum::<i64>() == 1 {
+            if leading.iter().filter(|l| l.is_leader()).count() == 1 {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await;
-    assert!(
-        elected.is_ok(),
-        "one leader within {WAIT:?}: {:?}",
-        leaders()
-    );
-    let first_was_leader = leaders()[0] == 1;
+    assert!(elected.is_ok(), "one leader within {WAIT:?}");
+    let first_was_leader = leading[0].is_leader();
     let (leader, follower) = if first_was_leader {
         (one, two)
     } else {
         (two, one)
     };
+    // The Lease names the leader by its replica identity.
+    let (holder_now, _) = holder(&tb).await;
+    assert_eq!(
+        holder_now.as_deref(),
+        Some(leader.cluster().replica().as_str())
+    );
+    let survivor = follower.cluster().replica().clone();
+    let old_gauge = leader.metrics().clone();
     // The leader shuts down and releases the Lease; the other takes over.
     leader.shutdown().await;
+    assert_eq!(
+        old_gauge.autoscaler_leader.get(),
+        0,
+        "a stopped replica leads nothing"
+    );
     let failed_over = tokio::time::timeout(WAIT, async {
         loop {
             if follower.metrics().autoscaler_leader.get() == 1 {
@@ -175,6 +227,12 @@ async fn two_activators_elect_one_leader_and_fail_over() {
     })
     .await;
     assert!(failed_over.is_ok(), "the survivor leads within {WAIT:?}");
+    assert!(follower.cluster().leadership().is_leader());
+    let (holder_now, _) = holder(&tb).await;
+    assert_eq!(holder_now.as_deref(), Some(survivor.as_str()));
+    let (samples, overlap) = sampler.finish().await;
+    assert!(samples > 10, "the sampler ran ({samples} samples)");
+    assert_eq!(overlap, None, "two leaders at once in {samples} samples");
     follower.shutdown().await;
     let _ = std::fs::remove_file(kubeconfig);
 }

@@ -75,7 +75,11 @@ async fn an_idle_session_freezes_and_its_next_request_resumes_it_with_state() {
     .await;
     let admin = HttpClient::http1(server.admin_addr());
     let listed = admin.get("/api/sandboxes", &[]).await.json();
-    assert!(listed.to_string().contains("\"paused\""), "{listed}");
+    let row = listed["sandboxes"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["pid"] == pid))
+        .unwrap_or_else(|| panic!("no row for pid {pid}: {listed}"));
+    assert_eq!(row["state"], "paused", "{listed}");
 
     let resumed = post(&c, "/counter", "alice").await;
     assert_eq!(resumed.header("x-activator-activation"), Some("resume"));

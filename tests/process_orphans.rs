@@ -23,12 +23,6 @@ fn in_sandbox_cgroup(pid: u32) -> bool {
         .is_ok_and(|c| c.contains("/agent-activator/"))
 }
 
-/// A free port on 127.0.0.1 (bound, then released).
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 struct Activator {
     child: Child,
     admin: SocketAddr,
@@ -37,22 +31,22 @@ struct Activator {
 /// Runs `agent-activator serve` with a warm pool of 2 sandboxes, each of which starts a
 /// `sleep` grandchild in its process group (a grandchild gets no parent-death signal).
 async fn serve(dir: &Path) -> Activator {
-    let admin = free_port();
     let yaml = format!(
-        "listen: {}\nadmin_listen: {admin}\nbackend:\n  kind: process\n  command: [\"sh\", \"-c\", \"sleep 300 & exec \\\"$0\\\" demo-sandbox --port \\\"$1\\\"\", \"{{self}}\", \"{{port}}\"]\n  workdir_root: \"{}\"\n  warm_pool: 2\n  stop_grace: 2s\nautoscaler:\n  enabled: false\n",
-        free_port(),
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nlog: {{format: json}}\nbackend:\n  kind: process\n  command: [\"sh\", \"-c\", \"sleep 300 & exec \\\"$0\\\" demo-sandbox --port \\\"$1\\\"\", \"{{self}}\", \"{{port}}\"]\n  workdir_root: \"{}\"\n  warm_pool: 2\n  stop_grace: 2s\nautoscaler:\n  enabled: false\n",
         dir.join("work").display()
     );
     let path = dir.join("activator.yaml");
     std::fs::write(&path, yaml).unwrap();
-    let child = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&path)
+        .env_remove("RUST_LOG")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    let (_, admin) = support::listening_addrs(child.stderr.take().unwrap()).await;
     Activator { child, admin }
 }
 

@@ -122,7 +122,7 @@ async fn error_statuses_have_json_bodies() {
     let dead = closed_port().await;
     let server = start(&format!(
         "{}proxy: {{request_timeout: 300ms}}\nactivation: {{retry_after: 2s}}\n",
-        static_backend(&[up.addr, dead])
+        static_backend(&[up.addr, dead.addr])
     ))
     .await;
     let c = HttpClient::http1(server.proxy_addr());
@@ -206,8 +206,7 @@ async fn capacity_errors() {
 }
 
 /// A backend whose claims fail the way the session name says: `hang-*` never finishes,
-/// `cp-*` control-plane error, `fail-*` start failure, `busy-*` busy, anything else
-/// binds to `endpoint`.
+/// `cp-*` control-plane error, `fail-*` start failure, anything else binds to `endpoint`.
 struct ScriptedBackend {
     endpoint: std::net::SocketAddr,
     events: tokio::sync::broadcast::Sender<BackendEvent>,

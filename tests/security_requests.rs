@@ -76,7 +76,9 @@ async fn allowed_websocket_upgrade_still_relays() {
         .unwrap()
         .unwrap();
     assert_eq!(echoed, Message::text("hi"));
-    server.shutdown().await;
+    drop(ws);
+    let outcome = tokio::time::timeout(WAIT, server.shutdown()).await.unwrap();
+    assert!(outcome.complete);
 }
 
 #[tokio::test]
@@ -173,12 +175,16 @@ async fn a_failing_sandboxs_stderr_never_reaches_the_client() {
 #[tokio::test]
 async fn upstream_errors_name_no_internal_address() {
     let dead = support::closed_port().await;
-    let server = start(&static_backend(&[dead])).await;
+    let server = start(&static_backend(&[dead.addr])).await;
     let c = HttpClient::http1(server.proxy_addr());
     let r = c.get_session("/", "gone").await;
     assert_eq!(r.status, 502);
     assert_eq!(r.error_code(), "upstream_connect");
-    assert!(!r.text().contains(&dead.port().to_string()), "{}", r.text());
+    assert!(
+        !r.text().contains(&dead.addr.port().to_string()),
+        "{}",
+        r.text()
+    );
     server.shutdown().await;
 }
 

@@ -147,7 +147,7 @@ fn static_activator(sandboxes: &[&DemoSandbox], per_sandbox: u32) -> support::Ac
         .map(|s| format!("    - {}\n", s.addr()))
         .collect();
     support::Activator::start(&format!(
-        "log:\n  level: warn\nsession:\n  max_sessions_per_sandbox: {per_sandbox}\n\
+        "session:\n  max_sessions_per_sandbox: {per_sandbox}\n\
          idle:\n  timeout: 1h\n  policy: keep\nbackend:\n  kind: static\n  endpoints:\n{endpoints}"
     ))
 }
@@ -221,7 +221,7 @@ fn process_activator(max_sandboxes: u32) -> support::Activator {
     let workdir = support::temp_file("sandboxes/.keep", "");
     let workdir = workdir.parent().unwrap();
     support::Activator::start(&format!(
-        "log:\n  level: warn\nidle:\n  timeout: 1s\n  policy: pause\n  sweep_interval: 100ms\n\
+        "idle:\n  timeout: 1s\n  policy: pause\n  sweep_interval: 100ms\n\
          activation:\n  timeout: 20s\nsession:\n  admission_timeout: 20s\n\
          backend:\n  kind: process\n  command: [\"{}\", \"demo-sandbox\", \"--port\", \"{{port}}\"]\n  \
          ready_path: /healthz\n  warm_pool: 2\n  max_sandboxes: {max_sandboxes}\n  stop_grace: 1s\n  \

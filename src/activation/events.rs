@@ -17,6 +17,7 @@ use super::ActivationError;
 use super::entry::{Bound, Phase, SessionEntry};
 use super::table::Shared;
 use crate::backend::{BackendEvent, RecoveredBinding, SandboxId};
+use crate::events::EventKind;
 use crate::session::SessionKey;
 
 /// Recovered bindings whose raw session ID is unknown, by hash prefix.
@@ -150,6 +151,9 @@ impl Shared {
                     if let Some(b) = st.bound.as_mut() {
                         b.endpoint = None;
                     }
+                    self.publish(EventKind::Frozen, &entry, Some(&sandbox), |d| {
+                        d.reason("peer")
+                    });
                 }
                 (BackendEvent::Resumed { endpoint, .. }, Phase::Paused | Phase::Ready) => {
                     if let Some(b) = st.bound.as_mut() {
@@ -158,6 +162,9 @@ impl Shared {
                     if st.phase == Phase::Paused {
                         st.phase = Phase::Ready;
                         entry.touch(Instant::now());
+                        self.publish(EventKind::Resumed, &entry, Some(&sandbox), |d| {
+                            d.reason("peer")
+                        });
                     }
                 }
                 (BackendEvent::Lost { reason, .. }, Phase::Pausing | Phase::Resuming) => {

@@ -19,6 +19,7 @@ use super::queue::{ActivationQueue, WaitTicket};
 use super::{ActivationError, Lease};
 use crate::backend::{ActivationKind, DynBackend};
 use crate::config::{Config, IdlePolicy, OnSandboxLoss, SessionIdLogging};
+use crate::events::{EventBus, EventKind, Publisher};
 use crate::metrics::Metrics;
 use crate::session::SessionKey;
 
@@ -77,6 +78,8 @@ pub(crate) struct Shared {
     /// Active sessions as counted by the last idle sweep (read by the stats sampler and
     /// the autoscaler every second, so they never scan the table themselves).
     pub active_counted: AtomicUsize,
+    /// Transitions published on `GET /api/events`.
+    pub events: Publisher,
 }
 
 impl Shared {
@@ -87,6 +90,10 @@ impl Shared {
             config.activation.max_queued_total,
             metrics.queued_requests.clone(),
         ));
+        let events = Publisher::new(
+            Arc::new(EventBus::new(config.telemetry.events.buffer)),
+            &metrics,
+        );
         Arc::new(Shared {
             table: DashMap::new(),
             backend,
@@ -98,6 +105,7 @@ impl Shared {
             settled: Notify::new(),
             orphans: Orphans::default(),
             active_counted: AtomicUsize::new(0),
+            events,
         })
     }
 
@@ -170,12 +178,14 @@ impl Shared {
             }
             Phase::Lost => {
                 // Reported once; the next request for this ID starts a new session.
+                self.publish_rejected(&entry, &ActivationError::SandboxLost, None);
                 st.phase = Phase::Gone;
                 self.settle(&entry, st);
                 return SlowStep::Done(Err(ActivationError::SandboxLost));
             }
             Phase::Unbound | Phase::Paused if self.is_shutting_down() => {
                 drop(st);
+                self.publish_rejected(&entry, &ActivationError::ShuttingDown, None);
                 self.discard_if_unused(&entry);
                 return SlowStep::Done(Err(ActivationError::ShuttingDown));
             }
@@ -189,10 +199,19 @@ impl Shared {
             Ok(t) => t,
             Err(e) => {
                 drop(st);
+                self.publish_rejected(&entry, &e, None);
                 self.discard_if_unused(&entry);
                 return SlowStep::Done(Err(e));
             }
         };
+        let waits_for = match st.phase {
+            Phase::Unbound | Phase::Activating => "claim",
+            Phase::Paused | Phase::Resuming => "resume",
+            Phase::Pausing => "pausing",
+            _ => "releasing",
+        };
+        let sandbox = st.bound.as_ref().map(|b| &b.sandbox);
+        self.publish(EventKind::Queued, &entry, sandbox, |d| d.reason(waits_for));
         match st.phase {
             Phase::Unbound => self.start_claim(&entry, &mut st),
             Phase::Paused => drop(self.start_resume(&entry, &mut st)),

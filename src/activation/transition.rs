@@ -18,6 +18,7 @@ use super::ActivationError;
 use super::entry::{Bound, EntryState, Phase, SessionEntry};
 use super::table::Shared;
 use crate::backend::{ActivationKind, BackendError, ClaimBudget};
+use crate::events::EventKind;
 
 /// The `result` label of `activator_activations_total` for a backend error.
 fn result_label(e: &BackendError) -> &'static str {
@@ -87,6 +88,9 @@ impl Shared {
         match outcome {
             Some(Ok(binding)) => {
                 self.count_activation(binding.kind, "ok", started);
+                self.publish(EventKind::Claimed, &entry, Some(&binding.sandbox), |d| {
+                    d.activation(binding.kind.as_str()).wait(started.elapsed())
+                });
                 st.bound = Some(Bound {
                     sandbox: binding.sandbox,
                     endpoint: Some(binding.endpoint),
@@ -98,12 +102,16 @@ impl Shared {
             Some(Err(e)) => {
                 self.count_activation(ActivationKind::Claim, result_label(&e), started);
                 tracing::info!(session = %entry.key, error = %e, "claim failed");
-                self.claim_failed(&mut st, ActivationError::Backend(e));
+                let err = ActivationError::Backend(e);
+                self.publish_rejected(&entry, &err, Some(started.elapsed()));
+                self.claim_failed(&mut st, err);
             }
             None => {
                 self.count_activation(ActivationKind::Claim, "timeout", started);
                 tracing::warn!(session = %entry.key, "claim did not finish within its grace period");
-                self.claim_failed(&mut st, ActivationError::Timeout(total));
+                let err = ActivationError::Timeout(total);
+                self.publish_rejected(&entry, &err, Some(started.elapsed()));
+                self.claim_failed(&mut st, err);
             }
         }
         self.settle(&entry, st);
@@ -158,6 +166,14 @@ impl Shared {
         let result = match outcome {
             Some(Ok(endpoint)) => {
                 self.count_activation(ActivationKind::Resume, "ok", started);
+                let cause = if st.waiters.is_empty() {
+                    "admin"
+                } else {
+                    "request"
+                };
+                self.publish(EventKind::Resumed, &entry, Some(&sandbox), |d| {
+                    d.activation("resume").wait(started.elapsed()).reason(cause)
+                });
                 st.bound = Some(Bound {
                     sandbox,
                     endpoint: Some(endpoint),
@@ -177,6 +193,7 @@ impl Shared {
                 self.count_activation(ActivationKind::Resume, result_label(&e), started);
                 tracing::warn!(session = %entry.key, %sandbox, error = %e, "resume failed");
                 let err = ActivationError::Backend(e);
+                self.publish_rejected(&entry, &err, Some(started.elapsed()));
                 self.queue.fail_all(&mut st, &err);
                 // Still paused as far as we know: the next request tries again.
                 st.phase = Phase::Paused;
@@ -185,6 +202,7 @@ impl Shared {
             None => {
                 self.count_activation(ActivationKind::Resume, "timeout", started);
                 let err = ActivationError::Timeout(budget);
+                self.publish_rejected(&entry, &err, Some(started.elapsed()));
                 self.queue.fail_all(&mut st, &err);
                 st.phase = Phase::Paused;
                 Err(err)
@@ -218,6 +236,7 @@ impl Shared {
         entry: Arc<SessionEntry>,
         sandbox: crate::backend::SandboxId,
     ) -> Result<(), ActivationError> {
+        let started = Instant::now();
         let outcome = tokio::time::timeout(
             self.settings.activation_timeout,
             self.backend.pause(&sandbox),
@@ -243,6 +262,9 @@ impl Shared {
                 if let Some(b) = st.bound.as_mut() {
                     b.endpoint = None;
                 }
+                self.publish(EventKind::Paused, &entry, Some(&sandbox), |d| {
+                    d.wait(started.elapsed())
+                });
                 if !st.waiters.is_empty() {
                     // Requests arrived while pausing: resume right away.
                     if self.is_shutting_down() {
@@ -304,6 +326,9 @@ impl Shared {
             None => Ok(()),
         };
         let mut st = entry.lock();
+        self.publish(EventKind::Released, &entry, sandbox.as_ref(), |d| {
+            d.reason(reason)
+        });
         st.bound = None;
         if st.waiters.is_empty() {
             st.phase = Phase::Gone;
@@ -356,6 +381,8 @@ impl Shared {
     pub(crate) fn mark_lost(self: &Arc<Self>, entry: &Arc<SessionEntry>, st: &mut EntryState) {
         self.metrics.sessions_lost_total.inc();
         tracing::warn!(session = %entry.key, "sandbox lost");
+        let lost = st.bound.as_ref().map(|b| &b.sandbox);
+        self.publish(EventKind::Lost, entry, lost, |d| d);
         if let Some(old) = st.bound.take() {
             // Tell the backend the session no longer holds it (frees slots and claims).
             let this = Arc::clone(self);

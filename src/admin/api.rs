@@ -110,3 +110,68 @@ fn outcome(
         Err(e) => ProxyError::from(e).into_response(retry_after),
     }
 }
+
+/// Largest `POST /api/sessions` body read.
+const MINT_BODY_LIMIT: usize = 4096;
+/// Bound on reading that body.
+const MINT_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `POST /api/sessions`: mints a token for the ID in `{"session": ID}`, or for a random
+/// ID when the body is empty; answers `{"session": ID, "token": TOKEN, "expires_at": UNIX}`.
+/// With `session.auth: none` the token is the ID itself (and `expires_at` is null). Creates
+/// no session: the first request presenting the token does.
+pub async fn mint(state: &AdminState, req: http::Request<hyper::body::Incoming>) -> AdminResponse {
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(req.into_body(), MINT_BODY_LIMIT);
+    let body = match tokio::time::timeout(MINT_BODY_TIMEOUT, limited.collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => {
+            return error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                &format!("the body must be at most {MINT_BODY_LIMIT} bytes"),
+            );
+        }
+        Err(_) => {
+            return error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the request body did not arrive in time",
+            );
+        }
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct MintRequest {
+        session: Option<String>,
+    }
+    let key = if body.trim_ascii().is_empty() {
+        SessionKey::random()
+    } else {
+        let parsed: MintRequest = match serde_json::from_slice(&body) {
+            Ok(p) => p,
+            Err(e) => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    &format!("expected {{\"session\": ID}} or an empty body: {e}"),
+                );
+            }
+        };
+        match parsed.session {
+            None => SessionKey::random(),
+            Some(id) => match parse(state, &id) {
+                Ok(k) => k,
+                Err(resp) => return *resp,
+            },
+        }
+    };
+    let (token, expires_at) = match &state.signer {
+        Some(signer) => {
+            let expires = crate::session::now_unix().saturating_add(signer.ttl_secs());
+            (signer.mint_at(&key, expires), Some(expires))
+        }
+        None => (key.as_str().to_owned(), None),
+    };
+    json(&json!({ "session": key.as_str(), "token": token, "expires_at": expires_at }))
+}

@@ -11,6 +11,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::cluster::ReplicaId;
 use crate::stats::StatsSnapshot;
 
 /// Largest `/api/stats` body accepted from a peer.
@@ -20,7 +21,7 @@ const MAX_BODY: usize = 64 * 1024;
 pub struct PeerCollector {
     peers: Vec<String>,
     timeout: Duration,
-    own_id: String,
+    own_id: ReplicaId,
     client: Client<HttpConnector, Empty<Bytes>>,
     /// `Authorization: Bearer ...` for peers whose admin port needs `admin.auth`.
     authorization: Option<http::HeaderValue>,
@@ -28,13 +29,19 @@ pub struct PeerCollector {
 
 impl PeerCollector {
     /// `peers` are `host:port` admin addresses; every address a name resolves to counts.
-    /// `token` is the shared `admin.auth` bearer token, if any.
-    pub fn new(peers: Vec<String>, timeout: Duration, token: Option<String>) -> PeerCollector {
-        let id: [u8; 8] = rand::random();
+    /// `own_id` is this replica's, so its own snapshot (reached through the headless
+    /// Service like any other) is left out. `token` is the shared `admin.auth` bearer
+    /// token, if any.
+    pub fn new(
+        peers: Vec<String>,
+        timeout: Duration,
+        own_id: ReplicaId,
+        token: Option<String>,
+    ) -> PeerCollector {
         PeerCollector {
             peers,
             timeout,
-            own_id: hex::encode(id),
+            own_id,
             client: Client::builder(TokioExecutor::new()).build_http(),
             authorization: token.and_then(|t| {
                 let mut v = http::HeaderValue::from_str(&format!("Bearer {t}")).ok()?;
@@ -45,7 +52,7 @@ impl PeerCollector {
     }
 
     /// This process's replica ID.
-    pub fn own_id(&self) -> &str {
+    pub fn own_id(&self) -> &ReplicaId {
         &self.own_id
     }
 
@@ -61,7 +68,7 @@ impl PeerCollector {
         fetched
             .into_iter()
             .flatten()
-            .filter(|s| s.replica_id != self.own_id)
+            .filter(|s| s.replica_id != self.own_id.as_str())
             .collect()
     }
 

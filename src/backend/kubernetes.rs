@@ -23,13 +23,13 @@ use super::{
     ActivationKind, BackendError, BackendEvent, Binding, Capabilities, ClaimBudget,
     RecoveredBinding, SandboxBackend, SandboxId, SandboxInfo, SandboxState,
 };
-use crate::config::{Config, ConfigError};
+use crate::cluster::KubeContext;
+use crate::config::Config;
 use crate::session::SessionKey;
 
 pub mod activity;
 pub mod api;
 mod cache;
-mod connect;
 pub mod crd;
 pub mod flavour;
 pub mod pause;
@@ -38,8 +38,6 @@ mod retry;
 use activity::{ActivityLog, LAST_ACTIVITY, PAUSING};
 use api::{ApiSet, Decision};
 use cache::{Cache, Kind};
-pub use connect::client_config;
-use connect::replica_id;
 use flavour::Flavour;
 use pause::{PauseStrategy, SpecSuspend};
 use retry::Failure;
@@ -71,25 +69,12 @@ pub struct KubernetesBackend {
 }
 
 impl KubernetesBackend {
-    /// Builds a client from `backend.kubernetes.kubeconfig`, else the in-cluster service
-    /// account, else `KUBECONFIG` / `~/.kube/config`, and starts the watches.
-    pub async fn connect(config: &Config) -> Result<KubernetesBackend, ConfigError> {
-        let k = &config.backend.kubernetes;
-        let kcfg = client_config(k.kubeconfig.as_deref()).await?;
-        let namespace = k
-            .namespace
-            .clone()
-            .unwrap_or_else(|| kcfg.default_namespace.clone());
-        let client = kube::Client::try_from(kcfg)
-            .map_err(|e| ConfigError::invalid("backend.kubernetes", e.to_string()))?;
-        Ok(KubernetesBackend::new(client, &namespace, config))
-    }
-
-    /// Starts watching claims and sandboxes in `namespace` with an existing client.
-    pub fn new(client: kube::Client, namespace: &str, config: &Config) -> KubernetesBackend {
+    /// Starts watching claims and sandboxes in the context's namespace, with the cluster's
+    /// one client; activity stamps carry the context's replica identity.
+    pub fn new(kube: &KubeContext, config: &Config) -> KubernetesBackend {
         let k = &config.backend.kubernetes;
         let flavour = Flavour::from_config(k.api);
-        let api = ApiSet::new(client, namespace, flavour);
+        let api = ApiSet::new(kube.client.clone(), &kube.namespace, flavour);
         let cache = Cache::new(flavour, k.port);
         let watchers = vec![
             tokio::spawn(cache.clone().run_watch(
@@ -107,7 +92,7 @@ impl KubernetesBackend {
             api,
             cache,
             activity: Arc::new(ActivityLog::new(
-                replica_id(),
+                kube.replica.to_string(),
                 k.activity_write_interval.as_duration(),
                 config.idle.timeout.as_duration(),
             )),

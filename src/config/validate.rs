@@ -7,6 +7,7 @@ use super::{BackendKind, Config, ConfigError, IdlePolicy, SessionSource};
 impl Config {
     /// Checks values that parse but make no sense together.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.telemetry.validate()?;
         let s = &self.session;
         if s.sources.is_empty() {
             return Err(ConfigError::invalid(
@@ -39,6 +40,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_session_security()?;
         if s.max_id_length == 0 || s.max_id_length > 4096 {
             return Err(ConfigError::invalid(
                 "session.max_id_length",

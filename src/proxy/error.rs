@@ -16,7 +16,7 @@ use http::{HeaderValue, Response, StatusCode};
 use super::body::RequestBodyError;
 use crate::activation::ActivationError;
 use crate::backend::BackendError;
-use crate::session::ExtractError;
+use crate::session::{AdmissionError, ExtractError};
 
 /// Why a request was not (fully) proxied.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +24,9 @@ pub enum ProxyError {
     /// No usable session ID (400).
     #[error(transparent)]
     Session(#[from] ExtractError),
+    /// A new session was refused: table cap (503) or per-client creation rate (429).
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
     /// No sandbox could be made ready (502/503/504, see [`ProxyError::status`]).
     #[error(transparent)]
     Activation(#[from] ActivationError),
@@ -129,6 +132,18 @@ impl ProxyError {
             ProxyError::Session(ExtractError::Invalid { .. }) => {
                 present(S::BAD_REQUEST, "invalid_session", false)
             }
+            ProxyError::Session(ExtractError::Token { .. }) => {
+                present(S::UNAUTHORIZED, "invalid_session_token", false)
+            }
+            ProxyError::Session(ExtractError::Conflicting { .. }) => {
+                present(S::BAD_REQUEST, "conflicting_session", false)
+            }
+            ProxyError::Admission(AdmissionError::SessionLimit(_)) => {
+                present(S::SERVICE_UNAVAILABLE, "session_limit", true)
+            }
+            ProxyError::Admission(AdmissionError::RateLimited { .. }) => {
+                present(S::TOO_MANY_REQUESTS, "rate_limited", true)
+            }
             ProxyError::Activation(e) => match e {
                 ActivationError::QueueFull(_) => {
                     present(S::SERVICE_UNAVAILABLE, "queue_full", true)
@@ -185,12 +200,26 @@ impl ProxyError {
         }
     }
 
-    /// The response for this failure; `retry_after` is sent with every 503.
+    /// The response for this failure; `retry_after` is sent with every 503 (a 429 carries
+    /// the time until the client's next token instead).
     pub fn into_response<B: From<Bytes>>(self, retry_after: &HeaderValue) -> Response<B> {
         let p = self.presentation();
         let mut resp = error_response(p.status, p.code, &self.client_message());
-        if p.retry {
+        if let ProxyError::Admission(AdmissionError::RateLimited { retry_after }) = &self {
+            // Rounded up: a client that waits exactly this long finds a token.
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        } else if p.retry {
             resp.headers_mut().insert(RETRY_AFTER, retry_after.clone());
+        }
+        if p.status == StatusCode::UNAUTHORIZED {
+            // RFC 9110 15.5.2: a 401 names the scheme; the token travels wherever the
+            // session sources say, not in Authorization, hence a private scheme name.
+            resp.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Session-Token"),
+            );
         }
         resp
     }
@@ -216,6 +245,8 @@ fn client_message(code: &str) -> &'static str {
     match code {
         "missing_session" => "the request carries no session ID",
         "invalid_session" => "the session ID is not valid",
+        "session_limit" => "the activator serves as many sessions as it may; retry later",
+        "rate_limited" => "too many new sessions from this client; retry later",
         "queue_full" => "too many requests are waiting for this session's sandbox; retry later",
         "shutting_down" => "the activator is shutting down; retry",
         "activation_timeout" => "the session's sandbox did not become ready in time",

@@ -40,6 +40,7 @@ pub struct Upstream {
     authorities: DashMap<SocketAddr, Authority>,
     connect_errors: IntCounter,
     reset_errors: IntCounter,
+    protocol_errors: IntCounter,
     timeout_errors: IntCounter,
 }
 
@@ -61,6 +62,7 @@ impl Upstream {
             authorities: DashMap::new(),
             connect_errors: errors.with_label_values(&["connect"]),
             reset_errors: errors.with_label_values(&["reset"]),
+            protocol_errors: errors.with_label_values(&["protocol"]),
             timeout_errors: errors.with_label_values(&["timeout"]),
         }
     }
@@ -104,6 +106,13 @@ impl Upstream {
                 self.connect_errors.inc();
                 Err(ProxyError::UpstreamConnect { endpoint, source })
             }
+            Ok(Err(source)) if is_unparsable(&source) => {
+                self.protocol_errors.inc();
+                tracing::warn!(%endpoint, error = %source, "sandbox response is not valid HTTP");
+                Err(ProxyError::UpstreamProtocol(
+                    "the sandbox's response is not valid HTTP",
+                ))
+            }
             Ok(Err(source)) => {
                 self.reset_errors.inc();
                 Err(ProxyError::UpstreamReset { endpoint, source })
@@ -117,6 +126,21 @@ impl Upstream {
             }
         }
     }
+}
+
+/// True when the sandbox answered bytes that are not an HTTP response (hyper's parse errors
+/// anywhere in the chain), as opposed to closing or resetting the connection.
+fn is_unparsable(error: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(e) = source {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 fn build_client(config: &ProxyConfig, h2: bool) -> HttpClient {

@@ -8,7 +8,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use http::StatusCode;
 
 use super::*;
-use crate::autoscaler::SoleReplica;
+use crate::cluster::{FileTickStore, FiredTicks, SoleReplica, TickStoreError, claim_in};
 use crate::config::Config;
 
 fn entry(cron: &str) -> ScheduleConfig {

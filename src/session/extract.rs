@@ -11,7 +11,7 @@ use http::header::{COOKIE, HeaderName};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Uri};
 
-use super::{InvalidSessionId, SessionKey};
+use super::{InvalidSessionId, SessionKey, TokenError, TokenSigner};
 use crate::config::{OnMissing, SessionConfig, SessionSource};
 
 /// Where a request's session ID came from.
@@ -43,11 +43,12 @@ impl SessionOrigin {
 pub struct ExtractedSession {
     pub key: SessionKey,
     pub origin: SessionOrigin,
-    /// For `path_prefix`: the path (and query) to forward, with `/s/{id}` removed.
+    /// When a configured path prefix is in the path: the path (and query) to forward,
+    /// with `/s/{id}` removed (whichever source decided).
     pub rewritten: Option<PathAndQuery>,
 }
 
-/// Why a request has no usable session (400 for the client).
+/// Why a request has no usable session (400 or 401 for the client).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExtractError {
     /// No source carried an ID and `on_missing` is `reject` (400 `missing_session`).
@@ -59,6 +60,20 @@ pub enum ExtractError {
         origin: &'static str,
         #[source]
         reason: InvalidSessionId,
+    },
+    /// `auth: hmac` and the token is missing, malformed, forged or expired (401
+    /// `invalid_session_token`).
+    #[error("{reason} (in the {origin})")]
+    Token {
+        origin: &'static str,
+        #[source]
+        reason: TokenError,
+    },
+    /// Two sources carried different sessions (400 `conflicting_session`).
+    #[error("the {first} and the {second} name different sessions")]
+    Conflicting {
+        first: &'static str,
+        second: &'static str,
     },
 }
 
@@ -76,14 +91,21 @@ pub struct SessionExtractor {
     max_len: usize,
     cookie_name: Box<str>,
     secure_cookie: bool,
+    /// `auth: hmac`: sources carry tokens, verified here.
+    signer: Option<Arc<TokenSigner>>,
     /// Names the sources for the `missing_session` message.
     describe: Arc<str>,
 }
 
 impl SessionExtractor {
-    /// Builds the extractor; `tls` adds `Secure` to minted cookies. The config must have
-    /// passed `Config::validate` (header names are valid there).
-    pub fn new(config: &SessionConfig, tls: bool) -> SessionExtractor {
+    /// Builds the extractor; `tls` adds `Secure` to minted cookies; `signer` (from
+    /// [`TokenSigner::from_config`]) makes every source carry a signed token. The config
+    /// must have passed `Config::validate` (header names are valid there).
+    pub fn new(
+        config: &SessionConfig,
+        signer: Option<Arc<TokenSigner>>,
+        tls: bool,
+    ) -> SessionExtractor {
         let sources = config
             .sources
             .iter()
@@ -120,83 +142,132 @@ impl SessionExtractor {
             max_len: config.max_id_length,
             cookie_name: config.effective_cookie_name().into(),
             secure_cookie: tls,
+            signer,
             describe,
         }
     }
 
     /// Finds, validates (or mints) the session of a request. The first source that is
-    /// present decides: an invalid ID there is an error, not a reason to look further.
+    /// present decides; every other present source must name the same session (else
+    /// `Conflicting`), and an invalid value in any present source is an error. A
+    /// configured path prefix present in the path is removed from the forwarded path
+    /// whichever source decided.
     pub fn extract(
         &self,
         uri: &Uri,
         headers: &HeaderMap,
     ) -> Result<ExtractedSession, ExtractError> {
+        let mut decided: Option<(SessionKey, SessionOrigin, &[u8])> = None;
+        let mut rewritten = None;
         for source in self.sources.iter() {
             let found = match source {
                 Source::Header(name) => headers
                     .get(name)
-                    .map(|v| (v.as_bytes(), SessionOrigin::Header, None)),
+                    .map(|v| (v.as_bytes(), SessionOrigin::Header)),
                 Source::Cookie(name) => {
-                    cookie_value(headers, name).map(|v| (v, SessionOrigin::Cookie, None))
+                    cookie_value(headers, name).map(|v| (v, SessionOrigin::Cookie))
                 }
-                Source::PathPrefix(prefix) => path_session(uri, prefix)
-                    .map(|(id, rest)| (id.as_bytes(), SessionOrigin::PathPrefix, Some(rest))),
+                Source::PathPrefix(prefix) => path_session(uri, prefix).map(|(id, rest)| {
+                    if rewritten.is_none() {
+                        rewritten = Some(rewrite_path(rest, uri.query()));
+                    }
+                    (id.as_bytes(), SessionOrigin::PathPrefix)
+                }),
                 Source::Query(name) => uri
                     .query()
                     .and_then(|q| query_value(q, name))
-                    .map(|v| (v.as_bytes(), SessionOrigin::Query, None)),
+                    .map(|v| (v.as_bytes(), SessionOrigin::Query)),
             };
-            let Some((raw, origin, rest)) = found else {
+            let Some((raw, origin)) = found else {
                 continue;
             };
-            return self.accept(raw, origin, rest, uri);
+            match &decided {
+                None => decided = Some((self.identify(raw, origin)?, origin, raw)),
+                // The same bytes name the same session: no second verification.
+                Some((_, _, first_raw)) if *first_raw == raw => {}
+                Some((first, first_origin, _)) => {
+                    let key = self.identify(raw, origin)?;
+                    if key != *first {
+                        return Err(ExtractError::Conflicting {
+                            first: first_origin.as_str(),
+                            second: origin.as_str(),
+                        });
+                    }
+                }
+            }
+        }
+        if let Some((key, origin, _)) = decided {
+            return Ok(ExtractedSession {
+                key,
+                origin,
+                rewritten,
+            });
         }
         match self.on_missing {
+            OnMissing::Reject if self.signer.is_some() => Err(ExtractError::Token {
+                origin: "request",
+                reason: TokenError::Missing,
+            }),
             OnMissing::Reject => Err(ExtractError::Missing(self.describe.clone())),
             OnMissing::Create => Ok(ExtractedSession {
                 key: SessionKey::random(),
                 origin: SessionOrigin::Minted,
-                rewritten: None,
+                rewritten,
             }),
         }
     }
 
-    fn accept(
-        &self,
-        raw: &[u8],
-        origin: SessionOrigin,
-        rest: Option<&str>,
-        uri: &Uri,
-    ) -> Result<ExtractedSession, ExtractError> {
+    /// The session a source's raw value names: a validated ID, or with `auth: hmac` the ID
+    /// inside a verified token.
+    fn identify(&self, raw: &[u8], origin: SessionOrigin) -> Result<SessionKey, ExtractError> {
+        if let Some(signer) = &self.signer {
+            return signer.verify(raw).map_err(|reason| ExtractError::Token {
+                origin: origin.as_str(),
+                reason,
+            });
+        }
         let invalid = |reason| ExtractError::Invalid {
             origin: origin.as_str(),
             reason,
         };
         let text = std::str::from_utf8(raw)
             .map_err(|e| invalid(InvalidSessionId::BadChar(char::from(raw[e.valid_up_to()]))))?;
-        let key = SessionKey::parse(text, self.max_len).map_err(invalid)?;
-        let rewritten = rest.map(|rest| rewrite_path(rest, uri.query()));
-        Ok(ExtractedSession {
-            key,
-            origin,
-            rewritten,
-        })
+        SessionKey::parse(text, self.max_len).map_err(invalid)
     }
 
-    /// The `Set-Cookie` value that hands a minted session to the client.
-    pub fn set_cookie(&self, key: &SessionKey) -> HeaderValue {
+    /// What a client presents for `key`: its token with `auth: hmac`, else the ID itself.
+    pub fn client_value(&self, key: &SessionKey) -> String {
+        match &self.signer {
+            Some(signer) => signer.mint(key),
+            None => key.as_str().to_owned(),
+        }
+    }
+
+    /// The `Set-Cookie` value that hands a minted session (`value` from
+    /// [`SessionExtractor::client_value`]) to the client; with `auth: hmac` it expires
+    /// with the token. `None` only if the value is not header-safe (never for values this
+    /// extractor made; checked rather than assumed so no input can panic here).
+    pub fn set_cookie(&self, value: &str) -> Option<HeaderValue> {
         let secure = if self.secure_cookie { "; Secure" } else { "" };
+        let max_age = match &self.signer {
+            Some(s) => format!("; Max-Age={}", s.ttl_secs()),
+            None => String::new(),
+        };
         let text = format!(
-            "{}={}; Path=/; HttpOnly; SameSite=Lax{secure}",
+            "{}={value}; Path=/; HttpOnly; SameSite=Lax{max_age}{secure}",
             self.cookie_name,
-            key.as_str()
         );
-        HeaderValue::from_str(&text).expect("cookie name and session id are header-safe")
+        HeaderValue::from_str(&text).ok()
     }
 
     /// The cookie name minted sessions are stored under.
     pub fn cookie_name(&self) -> &str {
         &self.cookie_name
+    }
+
+    /// The token signer (`auth: hmac`).
+    pub fn signer(&self) -> Option<&Arc<TokenSigner>> {
+        self.signer.as_ref()
     }
 }
 

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use agent_activator::backend::ClaimBudget;
 use agent_activator::backend::kubernetes::KubernetesBackend;
+use agent_activator::cluster::{KubeContext, ReplicaId};
 use agent_activator::config::Config;
 use agent_activator::session::SessionKey;
 
@@ -55,8 +56,14 @@ pub fn config(api: &str, pool: &str, extra: &str) -> Config {
     c
 }
 
+/// The cluster context a backend gets: the testbed client, namespace `default`, and a
+/// fresh replica identity (each call is another replica).
+pub fn kube_context(tb: &Testbed) -> KubeContext {
+    KubeContext::new(client(tb), "default", ReplicaId::with_host(Some("test")))
+}
+
 pub fn backend(tb: &Testbed, config: &Config) -> KubernetesBackend {
-    KubernetesBackend::new(client(tb), "default", config)
+    KubernetesBackend::new(&kube_context(tb), config)
 }
 
 pub fn key(s: &str) -> SessionKey {

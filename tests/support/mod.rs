@@ -315,12 +315,46 @@ fn websocket_echo(req: &mut Request<Incoming>) -> Response<UpBody> {
     resp
 }
 
-/// A port with nothing listening on it (bound, then released).
-pub async fn closed_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    drop(l);
-    addr
+/// An address where nothing listens, held for as long as the value lives: the socket is
+/// bound (so no other test can be given the port) but never listens, so a connect is
+/// refused. Binding, releasing and hoping nobody takes the port races parallel tests.
+pub struct ClosedPort {
+    pub addr: SocketAddr,
+    _bound: tokio::net::TcpSocket,
+}
+
+pub async fn closed_port() -> ClosedPort {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    ClosedPort {
+        addr: sock.local_addr().unwrap(),
+        _bound: sock,
+    }
+}
+
+/// Reads an activator process's JSON log (`log.format: json`) from its stderr until the
+/// "agent-activator listening" line, and returns the proxy and admin addresses it bound
+/// (start it with `listen`/`admin_listen` on port 0: no port is guessed in advance). The
+/// rest of stderr is drained in the background so the child never blocks on a full pipe.
+pub async fn listening_addrs(stderr: tokio::process::ChildStderr) -> (SocketAddr, SocketAddr) {
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let addrs = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let line = lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("the activator exited before listening");
+            let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if let (Some(p), Some(a)) = (json["proxy_addr"].as_str(), json["admin_addr"].as_str()) {
+                return (p.parse().unwrap(), a.parse().unwrap());
+            }
+        }
+    })
+    .await
+    .expect("the activator logged its listening line within 30 s");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    addrs
 }
 
 // === demo sandbox process ===

@@ -25,7 +25,8 @@ fn workspace_root() -> PathBuf {
 }
 
 /// The `agent-activator` binary: `$AGENT_ACTIVATOR_BIN`, else `target/debug/` of the
-/// workspace (or `$CARGO_TARGET_DIR`), built with cargo once if it is not there.
+/// workspace (or `$CARGO_TARGET_DIR`), always brought up to date with `cargo build` first
+/// (a no-op when fresh): a stale binary left from an older checkout would test old code.
 pub fn activator_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -36,10 +37,10 @@ pub fn activator_bin() -> PathBuf {
             .map(PathBuf::from)
             .unwrap_or_else(|| workspace_root().join("target"));
         let bin = target.join("debug").join("agent-activator");
-        if !bin.exists() {
+        {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut child = Command::new(cargo)
-                .args(["build", "--bin", "agent-activator"])
+                .args(["build", "--quiet", "--bin", "agent-activator"])
                 .current_dir(workspace_root())
                 .spawn()
                 .expect("spawn cargo build");
@@ -155,8 +156,8 @@ impl DemoSandbox {
     }
 }
 
-/// `agent-activator serve` on free loopback ports with the YAML `body` (everything but
-/// `listen` and `admin_listen`); killed on drop.
+/// `agent-activator serve` on loopback ports the kernel picks, with the YAML `body`
+/// (everything but `listen`, `admin_listen` and `log`); killed on drop.
 pub struct Activator {
     child: Child,
     pub addr: SocketAddr,
@@ -164,34 +165,47 @@ pub struct Activator {
 }
 
 impl Activator {
-    /// Starts the activator and waits up to 30 s for both listeners.
+    /// Starts the activator on port 0 for both listeners and reads the addresses it bound
+    /// from its JSON "listening" log line (at most 30 s): no port is guessed in advance, so
+    /// parallel tests cannot race for one. Later log lines are drained by a thread.
     pub fn start(body: &str) -> Activator {
-        let (addr, admin) = (free_addr(), free_addr());
         let config = temp_file(
             "activator.yaml",
-            &format!("listen: {addr}\nadmin_listen: {admin}\n{body}"),
+            &format!(
+                "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n\
+                 log: {{format: json, level: info, access_log: false}}\n{body}"
+            ),
         );
-        let child = Command::new(activator_bin())
+        let mut child = Command::new(activator_bin())
             .args(["serve", "-c", config.to_str().unwrap()])
+            .env_remove("RUST_LOG")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn agent-activator serve");
-        let mut act = Activator { child, addr, admin };
-        for a in [addr, admin] {
-            let up = (0..300).any(|_| {
-                if TcpStream::connect_timeout(&a, Duration::from_millis(100)).is_ok() {
-                    return true;
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let json: Value = serde_json::from_str(&line).unwrap_or_default();
+                if let (Some(p), Some(a)) =
+                    (json["proxy_addr"].as_str(), json["admin_addr"].as_str())
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send((p.parse().unwrap(), a.parse().unwrap()));
                 }
-                std::thread::sleep(Duration::from_millis(100));
-                false
-            });
-            if !up {
-                let exited = act.child.try_wait().ok().flatten();
-                panic!("agent-activator not listening on {a} after 30 s (exit: {exited:?})");
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok((addr, admin)) => Activator { child, addr, admin },
+            Err(_) => {
+                let _ = child.kill();
+                let exited = child.wait().ok();
+                panic!("agent-activator did not report listening within 30 s (exit: {exited:?})");
             }
         }
-        act
     }
 
     pub fn url(&self) -> String {
@@ -218,13 +232,6 @@ impl Drop for Activator {
             let _ = self.child.wait();
         }
     }
-}
-
-/// A loopback address with a port that was free a moment ago.
-pub fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
 }
 
 /// A blocking HTTP/1.1 GET with `Connection: close`, bounded by 10 s; returns the JSON body.

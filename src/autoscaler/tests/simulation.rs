@@ -7,7 +7,8 @@ use std::time::Duration;
 use tokio::time::{Instant, advance};
 
 use super::fleet::FakeFleet;
-use crate::autoscaler::{Autoscaler, Leadership, SoleReplica, Step};
+use crate::autoscaler::{Autoscaler, Step};
+use crate::cluster::{Leadership, ReplicaId, SoleReplica};
 use crate::config::{AutoscalerConfig, Config, Dur, ScalingMetric};
 use crate::metrics::Metrics;
 use crate::stats::{SessionCounts, StatsSampler, TrafficStats};
@@ -54,6 +55,7 @@ fn rig_with(config: Config, leader: Arc<dyn Leadership>) -> Rig {
         fleet.clone(),
         metrics.clone(),
         leader,
+        ReplicaId::named("replica-under-test"),
     );
     Rig {
         waiting,
@@ -223,7 +225,8 @@ async fn apply_false_only_exports() {
     assert!(r.fleet.targets().is_empty());
     let json = r.scaler.stats_json();
     assert_eq!(json["in_flight"], 1);
-    assert_eq!(json["replica_id"], r.scaler.replica_id());
+    assert_eq!(json["replica_id"], "replica-under-test");
+    assert_eq!(r.scaler.replica_id().as_str(), "replica-under-test");
 }
 
 #[tokio::test(start_paused = true)]

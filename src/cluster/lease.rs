@@ -1,5 +1,4 @@
-//! Leader election on a `coordination.k8s.io/v1` Lease, and the schedules' fired ticks
-//! kept in an annotation on the same Lease.
+//! `LeaseElector`: leader election on a `coordination.k8s.io/v1` Lease.
 //!
 //! The algorithm is client-go's: the holder renews every `lease_duration / 3`; another
 //! replica takes over only after it has seen the record unchanged for a whole
@@ -12,22 +11,16 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::Leadership;
-use crate::schedule::{FiredTicks, TickStore, TickStoreError, claim_in};
-
-/// Annotation on the Lease holding the schedules' last fired ticks (JSON name -> RFC 3339).
-pub const TICKS_ANNOTATION: &str = "agent-activator.dev/schedule-ticks";
+use super::{Leadership, ReplicaId};
 
 /// Attempts of one read-modify-replace cycle when another writer got in between.
-const CONFLICT_ATTEMPTS: usize = 3;
+pub(super) const CONFLICT_ATTEMPTS: usize = 3;
 
 /// A failed Lease operation.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +31,7 @@ pub struct LeaseError {
     source: kube::Error,
 }
 
-fn is_conflict(e: &kube::Error) -> bool {
+pub(super) fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
 }
 
@@ -61,12 +54,18 @@ pub struct LeaseElector {
 }
 
 impl LeaseElector {
-    /// An elector for Lease `name` in the namespace of `api`, as `identity` (the pod name).
-    pub fn new(api: Api<Lease>, name: &str, identity: &str, lease_duration: Duration) -> Arc<Self> {
+    /// An elector for Lease `name` in the namespace of `api`, as `identity` (this
+    /// replica's [`ReplicaId`]).
+    pub fn new(
+        api: Api<Lease>,
+        name: &str,
+        identity: &ReplicaId,
+        lease_duration: Duration,
+    ) -> Arc<Self> {
         Arc::new(LeaseElector {
             api,
             name: name.to_owned(),
-            identity: identity.to_owned(),
+            identity: identity.to_string(),
             lease_duration,
             leader_until: Mutex::new(None),
             observed: Mutex::new(None),
@@ -127,7 +126,7 @@ impl LeaseElector {
             };
             return match self.api.create(&PostParams::default(), &lease).await {
                 Ok(_) => {
-                    tracing::info!(lease = %self.name, "acquired the autoscaler lease");
+                    tracing::info!(lease = %self.name, "acquired the leader lease");
                     self.set_leader_until(Some(now + self.renew_deadline()));
                     Ok(true)
                 }
@@ -174,7 +173,7 @@ impl LeaseElector {
         {
             Ok(_) => {
                 if !mine {
-                    tracing::info!(lease = %self.name, "took over the autoscaler lease");
+                    tracing::info!(lease = %self.name, "took over the leader lease");
                 }
                 self.set_leader_until(Some(now + self.renew_deadline()));
                 Ok(true)
@@ -231,72 +230,4 @@ impl Leadership for LeaseElector {
         let until = *self.leader_until.lock().unwrap_or_else(|p| p.into_inner());
         until.is_some_and(|t| Instant::now() < t)
     }
-}
-
-/// Fired ticks in [`TICKS_ANNOTATION`] on the election Lease: shared by every replica and
-/// kept across restarts.
-pub struct LeaseTickStore {
-    api: Api<Lease>,
-    name: String,
-}
-
-impl LeaseTickStore {
-    pub fn new(api: Api<Lease>, name: &str) -> LeaseTickStore {
-        LeaseTickStore {
-            api,
-            name: name.to_owned(),
-        }
-    }
-
-    async fn attempt(&self, schedule: &str, tick: DateTime<Utc>) -> Result<bool, kube::Error> {
-        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
-            // The elector creates the Lease; without it nobody leads yet.
-            return Ok(false);
-        };
-        let annotations = lease
-            .metadata
-            .annotations
-            .get_or_insert_with(Default::default);
-        let mut fired: FiredTicks = annotations
-            .get(TICKS_ANNOTATION)
-            .and_then(|s| serde_json::from_str(s).ok())
-            .unwrap_or_default();
-        if !claim_in(&mut fired, schedule, tick) {
-            return Ok(false);
-        }
-        let json = serde_json::to_string(&fired).unwrap_or_else(|_| "{}".into());
-        annotations.insert(TICKS_ANNOTATION.to_owned(), json);
-        self.api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await?;
-        Ok(true)
-    }
-}
-
-#[async_trait]
-impl TickStore for LeaseTickStore {
-    async fn claim(&self, schedule: &str, tick: DateTime<Utc>) -> Result<bool, TickStoreError> {
-        for _ in 0..CONFLICT_ATTEMPTS {
-            match self.attempt(schedule, tick).await {
-                Ok(claimed) => return Ok(claimed),
-                Err(e) if is_conflict(&e) => continue,
-                Err(e) => return Err(TickStoreError::Lease(e.to_string())),
-            }
-        }
-        Err(TickStoreError::Lease(format!(
-            "{}: still conflicting after {CONFLICT_ATTEMPTS} attempts",
-            self.name
-        )))
-    }
-}
-
-/// A Kubernetes client per `backend.kubernetes.kubeconfig` (unset: in-cluster, then
-/// `KUBECONFIG` / `~/.kube/config`).
-pub async fn client(
-    kubeconfig: Option<&std::path::Path>,
-) -> Result<kube::Client, crate::config::ConfigError> {
-    use crate::config::ConfigError;
-    let config = crate::backend::kubernetes::client_config(kubeconfig).await?;
-    kube::Client::try_from(config)
-        .map_err(|e| ConfigError::invalid("backend.kubernetes.kubeconfig", e.to_string()))
 }

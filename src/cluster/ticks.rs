@@ -1,4 +1,5 @@
-//! `TickStore`: where the last fired tick of each schedule is recorded.
+//! `TickStore`: where the last fired tick of each schedule is recorded, in a local file or
+//! in an annotation on the leader-election Lease.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -6,6 +7,16 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, PostParams};
+
+use super::lease::{CONFLICT_ATTEMPTS, is_conflict};
+
+/// Annotation on the Lease holding the schedules' last fired ticks (JSON name -> RFC 3339).
+pub const TICKS_ANNOTATION: &str = "agent-activator.dev/schedule-ticks";
+
+/// File under `backend.workdir_root` that records fired schedule ticks without Kubernetes.
+pub const SCHEDULE_STATE_FILE: &str = "schedule-state.json";
 
 /// Why a tick could not be recorded (the tick is then not fired).
 #[derive(Debug, thiserror::Error)]
@@ -105,5 +116,63 @@ impl TickStore for FileTickStore {
         })
         .await
         .map_err(|e| file_error(&self.path, e))?
+    }
+}
+
+/// Fired ticks in [`TICKS_ANNOTATION`] on the election Lease: shared by every replica and
+/// kept across restarts. Every write is a `replace` carrying the `resourceVersion` read, so
+/// two replicas racing for one tick cannot both record it.
+pub struct LeaseTickStore {
+    api: Api<Lease>,
+    name: String,
+}
+
+impl LeaseTickStore {
+    pub fn new(api: Api<Lease>, name: &str) -> LeaseTickStore {
+        LeaseTickStore {
+            api,
+            name: name.to_owned(),
+        }
+    }
+
+    async fn attempt(&self, schedule: &str, tick: DateTime<Utc>) -> Result<bool, kube::Error> {
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            // The elector creates the Lease; without it nobody leads yet.
+            return Ok(false);
+        };
+        let annotations = lease
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default);
+        let mut fired: FiredTicks = annotations
+            .get(TICKS_ANNOTATION)
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default();
+        if !claim_in(&mut fired, schedule, tick) {
+            return Ok(false);
+        }
+        let json = serde_json::to_string(&fired).unwrap_or_else(|_| "{}".into());
+        annotations.insert(TICKS_ANNOTATION.to_owned(), json);
+        self.api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await?;
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl TickStore for LeaseTickStore {
+    async fn claim(&self, schedule: &str, tick: DateTime<Utc>) -> Result<bool, TickStoreError> {
+        for _ in 0..CONFLICT_ATTEMPTS {
+            match self.attempt(schedule, tick).await {
+                Ok(claimed) => return Ok(claimed),
+                Err(e) if is_conflict(&e) => continue,
+                Err(e) => return Err(TickStoreError::Lease(e.to_string())),
+            }
+        }
+        Err(TickStoreError::Lease(format!(
+            "{}: still conflicting after {CONFLICT_ATTEMPTS} attempts",
+            self.name
+        )))
     }
 }

@@ -1,0 +1,81 @@
+//! Probes the machine for what some integration tests need, so a test whose prerequisite is
+//! missing is reported by the runner as *ignored, with the reason*, never as passed.
+//!
+//! Each missing prerequisite sets a cfg `missing_<name>`; a test that needs it carries
+//! `#[cfg_attr(missing_<name>, ignore = "<reason>")]`. Under `CI=true` nothing is marked
+//! missing: every test runs, and one whose prerequisite is absent fails (`.ci/run` installs
+//! them). The probes only read the machine; they run again when `CI` changes or when a
+//! directory that installing a tool or mounting a hierarchy touches changes.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// (cfg name, is it present?) for every prerequisite the suite knows.
+fn probes() -> Vec<(&'static str, bool)> {
+    vec![
+        ("promtool", runs("promtool", &["--version"])),
+        ("kubectl", runs("kubectl", &["version", "--client"])),
+        ("chromium", runs("chromium", &["--version"])),
+        (
+            "kubernetes_validate",
+            runs("python3", &["-c", "import kubernetes_validate, yaml"]),
+        ),
+        // The unified hierarchy, writable (root): the cgroup v2 freezer tests.
+        ("cgroup_v2", cgroup_v2_writable()),
+        // A mounted v1 freezer hierarchy.
+        (
+            "cgroup_v1_freezer",
+            Path::new("/sys/fs/cgroup/freezer/cgroup.procs").exists(),
+        ),
+    ]
+}
+
+fn runs(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// cgroup v2 with the freezer (`cgroup.freeze` exists in non-root groups from Linux 5.2) and a
+/// root that may create groups: either the unified mount at /sys/fs/cgroup or a hybrid
+/// host's /sys/fs/cgroup/unified.
+fn cgroup_v2_writable() -> bool {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .iter()
+        .any(|root| {
+            let root = Path::new(root);
+            if !root.join("cgroup.controllers").exists() {
+                return false;
+            }
+            let probe = root.join(format!(
+                "agent-activator-build-probe-{}",
+                std::process::id()
+            ));
+            let ok = std::fs::create_dir(&probe).is_ok() && probe.join("cgroup.freeze").exists();
+            let _ = std::fs::remove_dir(&probe);
+            ok
+        })
+}
+
+fn main() {
+    println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-env-changed=CI");
+    // Installing a Debian or PyPI package changes one of these directories' mtime.
+    for dir in ["/usr/bin", "/usr/local/bin", "/sys/fs/cgroup"] {
+        if Path::new(dir).exists() {
+            println!("cargo::rerun-if-changed={dir}");
+        }
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    for (name, present) in probes() {
+        println!("cargo::rustc-check-cfg=cfg(missing_{name})");
+        if !present && !ci {
+            println!("cargo::rustc-cfg=missing_{name}");
+            println!("cargo::warning=tests needing {name} are reported as ignored: not found");
+        }
+    }
+}

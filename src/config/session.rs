@@ -1,0 +1,230 @@
+//! `session.*` trust and bounds keys (`auth`, `hmac`, `forward_header`, `max_sessions`,
+//! `create_rate`) and the checks that keep every session string header-safe.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::{Config, ConfigError, Dur, SessionSource};
+
+/// `session.auth`: what a client must present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionAuth {
+    /// The raw session ID: whoever knows it reaches the session (a bearer secret).
+    #[default]
+    None,
+    /// A token minted by the activator, `<id>.<expiry>.<key id>.<hmac-sha256>`.
+    Hmac,
+}
+
+/// `session.hmac.*`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HmacConfig {
+    /// Signing keys: the first signs new tokens, all verify (rotation).
+    pub keys: Vec<HmacKeyConfig>,
+    /// Lifetime of a minted token.
+    pub ttl: Dur,
+}
+
+impl Default for HmacConfig {
+    fn default() -> Self {
+        HmacConfig {
+            keys: Vec::new(),
+            ttl: Dur::secs(24 * 3600),
+        }
+    }
+}
+
+/// One entry of `session.hmac.keys`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HmacKeyConfig {
+    /// Written into every token it signs: 1..=32 characters of `[A-Za-z0-9_-]`.
+    pub id: String,
+    /// File holding the secret (at least 32 bytes; surrounding whitespace is ignored).
+    pub secret_file: PathBuf,
+}
+
+/// `session.create_rate`: a token bucket per client IP (IPv6: per /64).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRate {
+    /// Sustained new sessions per second.
+    pub per_second: f64,
+    /// New sessions allowed at once after a quiet period.
+    pub burst: u32,
+}
+
+/// Headers the activator itself owns or that are hop-by-hop: never a forward header.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "cookie",
+    "set-cookie",
+    "connection",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+    "proxy-connection",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+];
+
+impl Config {
+    /// Checks `session.*` strings that reach headers, and the trust and bound keys.
+    pub(super) fn validate_session_security(&self) -> Result<(), ConfigError> {
+        let s = &self.session;
+        for (i, src) in s.sources.iter().enumerate() {
+            match src {
+                SessionSource::Cookie(name) => {
+                    check_cookie_name(name).map_err(|m| {
+                        ConfigError::invalid(format!("session.sources[{i}].cookie"), m)
+                    })?;
+                }
+                SessionSource::PathPrefix(p) => {
+                    if !p.bytes().all(is_path_byte) {
+                        return Err(ConfigError::invalid(
+                            format!("session.sources[{i}].path_prefix"),
+                            "only unreserved path characters (A-Z a-z 0-9 - . _ ~ / and \
+                             sub-delims) are allowed",
+                        ));
+                    }
+                }
+                SessionSource::Query(q) => {
+                    if !q.bytes().all(is_path_byte) || q.contains(['&', '=', '/']) {
+                        return Err(ConfigError::invalid(
+                            format!("session.sources[{i}].query"),
+                            "must be a plain parameter name (no & = / or control characters)",
+                        ));
+                    }
+                }
+                SessionSource::Header(_) => {}
+            }
+        }
+        if let Some(name) = &s.cookie_name {
+            check_cookie_name(name).map_err(|m| ConfigError::invalid("session.cookie_name", m))?;
+        }
+        match http::HeaderName::from_bytes(s.forward_header.as_bytes()) {
+            Err(_) => {
+                return Err(ConfigError::invalid(
+                    "session.forward_header",
+                    "not a valid header name",
+                ));
+            }
+            Ok(h) if RESERVED_HEADERS.contains(&h.as_str()) => {
+                return Err(ConfigError::invalid(
+                    "session.forward_header",
+                    format!("{h} is managed by the proxy; choose another header"),
+                ));
+            }
+            Ok(_) => {}
+        }
+        if s.max_sessions == 0 {
+            return Err(ConfigError::invalid(
+                "session.max_sessions",
+                "must be at least 1",
+            ));
+        }
+        if let Some(r) = s.create_rate {
+            if !(r.per_second.is_finite() && r.per_second > 0.0) {
+                return Err(ConfigError::invalid(
+                    "session.create_rate.per_second",
+                    "must be a number > 0",
+                ));
+            }
+            if r.burst == 0 {
+                return Err(ConfigError::invalid(
+                    "session.create_rate.burst",
+                    "must be at least 1",
+                ));
+            }
+        }
+        if s.auth == super::SessionAuth::Hmac {
+            if s.hmac.keys.is_empty() {
+                return Err(ConfigError::invalid(
+                    "session.hmac.keys",
+                    "auth: hmac needs at least one {id, secret_file}",
+                ));
+            }
+            for (i, k) in s.hmac.keys.iter().enumerate() {
+                crate::session::check_key_id(&k.id)
+                    .map_err(|m| ConfigError::invalid(format!("session.hmac.keys[{i}].id"), m))?;
+            }
+            if s.hmac.ttl.is_zero() {
+                return Err(ConfigError::invalid(
+                    "session.hmac.ttl",
+                    "must be greater than 0s",
+                ));
+            }
+            // Reads the secret files: `check` fails on a missing or short one.
+            crate::session::TokenSigner::from_config(s)?;
+        }
+        Ok(())
+    }
+}
+
+/// RFC 6265 4.1.1 `cookie-name` (an RFC 7230 token): visible ASCII minus separators.
+fn check_cookie_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.bytes().all(|b| {
+            b.is_ascii_graphic()
+                && !matches!(
+                    b,
+                    b'(' | b')'
+                        | b'<'
+                        | b'>'
+                        | b'@'
+                        | b','
+                        | b';'
+                        | b':'
+                        | b'\\'
+                        | b'"'
+                        | b'/'
+                        | b'['
+                        | b']'
+                        | b'?'
+                        | b'='
+                        | b'{'
+                        | b'}'
+                )
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a cookie name (visible ASCII without separators ()<>@,;:\\\"/[]?={{}})"
+        ))
+    }
+}
+
+/// RFC 3986 `pchar` without `%` (prefixes are compared unescaped) plus `/`.
+fn is_path_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+                | b':'
+                | b'@'
+                | b'/'
+        )
+}
