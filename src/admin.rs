@@ -30,6 +30,7 @@ use crate::stats::TrafficStats;
 mod api;
 mod auth;
 mod body;
+mod dashboard;
 mod stream;
 
 use api::Action;
@@ -71,19 +72,24 @@ pub async fn route(state: &AdminState, req: Request<Incoming>) -> AdminResponse 
         return api::mint(state, req).await;
     }
     let path = req.uri().path().trim_end_matches('/');
+    let query = req.uri().query();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     match (req.method(), segments.as_slice()) {
+        (&Method::GET, []) => dashboard::page(),
+        (&Method::GET, ["api", "overview"]) => dashboard::overview(state),
         (&Method::GET, ["metrics"]) => metrics(state),
         (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
         (&Method::GET, ["readyz"]) => readyz(state),
-        (&Method::GET, ["api", "sessions"]) => api::sessions(state),
+        (&Method::GET, ["api", "sessions"]) => api::sessions(state, query),
         (&Method::GET, ["api", "sessions", id]) => api::session(state, id),
-        (&Method::DELETE, ["api", "sessions", id]) => api::act(state, id, Action::Release).await,
+        (&Method::DELETE, ["api", "sessions", id]) => {
+            api::act(state, id, query, Action::Release).await
+        }
         (&Method::POST, ["api", "sessions", id, "pause"]) => {
-            api::act(state, id, Action::Pause).await
+            api::act(state, id, query, Action::Pause).await
         }
         (&Method::POST, ["api", "sessions", id, "resume"]) => {
-            api::act(state, id, Action::Resume).await
+            api::act(state, id, query, Action::Resume).await
         }
         (&Method::GET, ["api", "sandboxes"]) => api::sandboxes(state),
         (&Method::GET, ["api", "stats"]) => json(&state.autoscaler.stats_json()),
@@ -91,7 +97,11 @@ pub async fn route(state: &AdminState, req: Request<Incoming>) -> AdminResponse 
         (
             _,
             ["metrics" | "healthz" | "readyz"]
-            | ["api", "sessions" | "sandboxes" | "stats" | "events", ..],
+            | [
+                "api",
+                "sessions" | "sandboxes" | "stats" | "events" | "overview",
+                ..,
+            ],
         ) => error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",

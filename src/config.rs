@@ -17,7 +17,7 @@ mod validate;
 
 pub use duration::Dur;
 pub use session::{CreateRate, HmacConfig, HmacKeyConfig, SessionAuth};
-pub use telemetry::{EventsConfig, TelemetryConfig};
+pub use telemetry::{EventsConfig, OtlpConfig, TelemetryConfig};
 
 /// A configuration problem, always naming the key path (e.g. `session.sources[1].cookie`).
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +61,8 @@ pub struct Config {
     pub autoscaler: AutoscalerConfig,
     pub schedules: Vec<ScheduleConfig>,
     pub telemetry: TelemetryConfig,
+    /// The node agent's section (`agent-activator node-agent`); unused by `serve`.
+    pub node_agent: Option<crate::node_agent::NodeAgentConfig>,
 }
 
 impl Default for Config {
@@ -79,6 +81,7 @@ impl Default for Config {
             autoscaler: AutoscalerConfig::default(),
             schedules: Vec::new(),
             telemetry: TelemetryConfig::default(),
+            node_agent: None,
         }
     }
 }
@@ -524,8 +527,19 @@ pub struct KubernetesConfig {
     pub claim_prefix: String,
     /// Write the raw session ID into an annotation on the claim (off by default).
     pub write_session_id: bool,
-    /// Shortest interval between two last-activity annotation writes for one session.
+    /// How often this replica republishes its activity digest (the sessions it served
+    /// within `idle.timeout`), which other replicas read before pausing a sandbox. A
+    /// session new to this replica is published at once (at most once a second).
     pub activity_write_interval: Dur,
+    /// Honour the `agent-activator.dev/port` annotation on Sandboxes instead of dialling
+    /// `podIP:port`. Off by default: whoever can annotate a Sandbox could steer traffic.
+    /// Only for kube-testbed, whose pods pick their own ports.
+    pub port_from_annotation: bool,
+    /// Leak backstop: claims are created to expire this long after the session's last
+    /// traffic (agent-sandbox `spec.lifecycle.shutdownTime` + `shutdownPolicy: Delete`,
+    /// OpenKruise `spec.shutdownTime`), pushed forward while the session lives, so the
+    /// cluster ends abandoned sandboxes even if every activator is gone.
+    pub shutdown_after: Dur,
     /// Kubernetes Lease used for autoscaler leader election.
     pub lease_name: String,
 }
@@ -541,6 +555,8 @@ impl Default for KubernetesConfig {
             claim_prefix: "sess-".into(),
             write_session_id: false,
             activity_write_interval: Dur::secs(10),
+            port_from_annotation: false,
+            shutdown_after: Dur::secs(48 * 3600),
             lease_name: "agent-activator-autoscaler".into(),
         }
     }
@@ -569,6 +585,10 @@ pub struct AutoscalerConfig {
     pub target_utilization_percentage: f64,
     /// Averaging window of the stable mode.
     pub stable_window: Dur,
+    /// How the one-second buckets of a window are averaged: `linear` (plain mean) or
+    /// `weighted-exponential` (newer buckets weigh more; Knative's
+    /// `metric-aggregation-algorithm`).
+    pub metric_aggregation: MetricAggregation,
     /// Panic window as a percentage of the stable window.
     pub panic_window_percentage: f64,
     /// Panic when the panic-window desired count reaches this percentage of ready sandboxes.
@@ -614,6 +634,7 @@ impl Default for AutoscalerConfig {
             target: 1.0,
             target_utilization_percentage: 70.0,
             stable_window: Dur::secs(60),
+            metric_aggregation: MetricAggregation::Linear,
             panic_window_percentage: 10.0,
             panic_threshold_percentage: 200.0,
             tick_interval: Dur::secs(2),
@@ -630,6 +651,18 @@ impl Default for AutoscalerConfig {
             lease_duration: Dur::secs(15),
         }
     }
+}
+
+/// `autoscaler.metric_aggregation`: how a window's buckets are averaged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MetricAggregation {
+    /// The plain mean of the window's buckets.
+    #[default]
+    Linear,
+    /// Knative's exponentially weighted average: the newest bucket weighs most, weights
+    /// decay so that the whole window carries 99.99 % of the weight.
+    WeightedExponential,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

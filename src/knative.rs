@@ -19,6 +19,7 @@ use crate::config::{Config, ConfigError, deserialize_with_path};
 
 mod annotations;
 mod container;
+mod go_duration;
 
 /// The overlay annotation: native configuration YAML merged under the mapped keys.
 pub const OVERLAY_ANNOTATION: &str = "agent-activator.dev/config";

@@ -22,7 +22,10 @@
 //! - [`shutdown`]: signal handling and graceful drain.
 //! - [`server`]: wires everything into a running server (`server::start`).
 //! - [`logging`]: tracing setup and the access log.
+//! - [`telemetry`]: OpenTelemetry spans, W3C trace context, OTLP export.
 //! - [`demo`]: the stateful demo sandbox (`agent-activator demo-sandbox`).
+//! - [`node_agent`]: the node agent (`agent-activator node-agent`) that freezes sandbox
+//!   pods' cgroups in place on Kubernetes nodes.
 
 pub mod activation;
 pub mod admin;
@@ -35,9 +38,11 @@ pub mod events;
 pub mod knative;
 pub mod logging;
 pub mod metrics;
+pub mod node_agent;
 pub mod proxy;
 pub mod schedule;
 pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod stats;
+pub mod telemetry;

@@ -1,4 +1,4 @@
-//! The `agent-activator` binary: `serve` and `check`.
+//! The `agent-activator` binary: `serve`, `check`, `node-agent` and `demo-sandbox`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +37,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Run the node agent: freezes and thaws sandbox pods' cgroups on this node
+    /// (the `node_agent` section of the configuration).
+    NodeAgent {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Run the stateful demo sandbox (what `config/local.yaml` starts per session).
     DemoSandbox(agent_activator::demo::DemoOptions),
 }
@@ -60,6 +66,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::NodeAgent { config: path } => node_agent(&path),
         Command::Check { config } => match Config::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
@@ -82,6 +89,14 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            if config.is_node_agent_only() {
+                eprintln!(
+                    "{}: backend.endpoints: kind: static needs at least one endpoint \
+                     (this file configures only the node agent: run `node-agent`)",
+                    path.display()
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
             if let Some(addr) = listen {
                 config.listen = addr;
             }
@@ -122,4 +137,44 @@ fn serve(config: Config) -> ExitCode {
         tracing::info!(complete = outcome.complete, cut = outcome.cut, "stopped");
         ExitCode::SUCCESS
     })
+}
+
+fn node_agent(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(agent) = config.node_agent else {
+        eprintln!(
+            "{}: node_agent: the section is required by `node-agent`",
+            path.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    logging::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(agent_activator::node_agent::run(agent, shutdown::signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(agent_activator::node_agent::StartError::Config(e)) => {
+            eprintln!("{}: {e}", path.display());
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("node-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

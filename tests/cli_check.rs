@@ -61,3 +61,14 @@ fn missing_file_exits_64() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
+
+#[test]
+fn control_character_in_cookie_name_exits_64() {
+    // It used to pass `check` and then panic every request that minted a session.
+    let (code, out) = check(
+        "backend:\n  kind: static\n  endpoints: [\"127.0.0.1:9001\"]\n\
+         session:\n  on_missing: create\n  cookie_name: \"sid\\u0007\"\n",
+    );
+    assert_eq!(code, 64, "{out}");
+    assert!(out.contains("session.cookie_name: "), "{out}");
+}

@@ -41,17 +41,65 @@ async fn check_accepts_both_examples_and_names_a_bad_annotation() {
         assert!(stdout.trim_end().ends_with(": ok"), "{stdout}");
     }
     let text = std::fs::read_to_string(example("knative-agent.yaml")).unwrap();
-    let broken = text.replace("warm-pool: \"3\"", "warm-pool: \"three\"");
+    let metric = "        autoscaling.knative.dev/metric: session\n";
+    assert!(
+        text.contains(metric),
+        "the example keeps its metric annotation"
+    );
+    let with = |extra: &str| text.replace(metric, &format!("{metric}{extra}"));
+    // (edited manifest, the exact error line `check` must print)
+    let cases = [
+        (
+            text.replace("warm-pool: \"3\"", "warm-pool: \"three\""),
+            "serving.knative.dev/warm-pool: \"three\" is not a whole number >= 0",
+        ),
+        // Upstream bounds (knative/serving 98e5ef90aa70 pkg/apis/autoscaling).
+        (
+            with("        autoscaling.knative.dev/window: 5s\n"),
+            "autoscaling.knative.dev/window: \"5s\" is out of bounds: must be between 6s and 3600s",
+        ),
+        (
+            with("        autoscaling.knative.dev/scaleDownDelay: 2h\n"),
+            "autoscaling.knative.dev/scaleDownDelay: \"2h\" is out of bounds: must be between 0s and 3600s",
+        ),
+        (
+            with("        autoscaling.knative.dev/target: \"0.001\"\n"),
+            "autoscaling.knative.dev/target: target 0.001 should be at least 0.01",
+        ),
+        (
+            with("        autoscaling.knative.dev/metricAggregationAlgorithm: median\n"),
+            "autoscaling.knative.dev/metricAggregationAlgorithm: \"median\" is not linear, \
+             weighted-exponential or weightedExponential",
+        ),
+    ];
+    for (manifest, expected) in cases {
+        let unique: u64 = rand::random();
+        let path = std::env::temp_dir().join(format!("aa-knative-{unique:x}.yaml"));
+        std::fs::write(&path, manifest).unwrap();
+        let out = check(&path).await;
+        let _ = std::fs::remove_file(&path);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{expected}: {stderr}");
+        assert!(stderr.contains(expected), "want {expected:?} in: {stderr}");
+    }
+    // The aliases and the aggregation algorithm are accepted by the real binary.
     let unique: u64 = rand::random();
     let path = std::env::temp_dir().join(format!("aa-knative-{unique:x}.yaml"));
-    std::fs::write(&path, broken).unwrap();
+    std::fs::write(
+        &path,
+        with(
+            "        autoscaling.knative.dev/window: 1.5m\n        \
+             autoscaling.knative.dev/minScale: \"1\"\n        \
+             autoscaling.knative.dev/metricAggregationAlgorithm: weightedExponential\n",
+        ),
+    )
+    .unwrap();
     let out = check(&path).await;
     let _ = std::fs::remove_file(&path);
-    assert_eq!(out.status.code(), Some(64));
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("serving.knative.dev/warm-pool: \"three\""),
-        "{stderr}"
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 

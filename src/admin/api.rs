@@ -9,9 +9,49 @@ use crate::backend::BackendError;
 use crate::proxy::error::{ProxyError, error_response};
 use crate::session::SessionKey;
 
-/// `GET /api/sessions`.
-pub fn sessions(state: &AdminState) -> AdminResponse {
-    json(&json!({ "sessions": state.activator.sessions() }))
+/// Longest page of `GET /api/sessions?limit=`.
+const MAX_PAGE: usize = 1000;
+
+/// `GET /api/sessions`; `?offset=N&limit=M` returns one page (sorted by session) and the
+/// total, so a dashboard does not pull 100,000 rows every second.
+pub fn sessions(state: &AdminState, query: Option<&str>) -> AdminResponse {
+    let (offset, limit) = match page(query) {
+        Ok(p) => p,
+        Err(msg) => return error_response(StatusCode::BAD_REQUEST, "invalid_query", &msg),
+    };
+    let all = state.activator.sessions();
+    let total = all.len();
+    let rows: Vec<_> = match limit {
+        Some(limit) => all.into_iter().skip(offset).take(limit).collect(),
+        None => all.into_iter().skip(offset).collect(),
+    };
+    json(&json!({ "sessions": rows, "total": total, "offset": offset }))
+}
+
+fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then_some(v)
+    })
+}
+
+fn page(query: Option<&str>) -> Result<(usize, Option<usize>), String> {
+    let number = |name: &str| -> Result<Option<usize>, String> {
+        query_param(query, name)
+            .map(|v| {
+                v.parse::<usize>()
+                    .map_err(|_| format!("{name} must be a non-negative integer, got {v:?}"))
+            })
+            .transpose()
+    };
+    let offset = number("offset")?.unwrap_or(0);
+    let limit = number("limit")?;
+    if let Some(l) = limit
+        && (l == 0 || l > MAX_PAGE)
+    {
+        return Err(format!("limit must be between 1 and {MAX_PAGE}"));
+    }
+    Ok((offset, limit))
 }
 
 /// `GET /api/sandboxes`.
@@ -52,9 +92,15 @@ impl Action {
     }
 }
 
-/// Runs `action` on the session `id`.
-pub async fn act(state: &AdminState, id: &str, action: Action) -> AdminResponse {
-    let key = match parse(state, id) {
+/// Runs `action` on the session `id` (its raw ID, or with `?by=hash` the short hash the
+/// listings show, which is what the dashboard knows).
+pub async fn act(
+    state: &AdminState,
+    id: &str,
+    query: Option<&str>,
+    action: Action,
+) -> AdminResponse {
+    let key = match resolve(state, id, query) {
         Ok(k) => k,
         Err(resp) => return *resp,
     };
@@ -65,6 +111,38 @@ pub async fn act(state: &AdminState, id: &str, action: Action) -> AdminResponse 
         Action::Resume => a.resume(&key).await,
     };
     outcome(state, &key, action.done(), result)
+}
+
+/// The key named in the path, by raw ID or (`?by=hash`) by short hash.
+fn resolve(
+    state: &AdminState,
+    id: &str,
+    query: Option<&str>,
+) -> Result<SessionKey, Box<AdminResponse>> {
+    match query_param(query, "by") {
+        None | Some("id") => parse(state, id),
+        Some("hash") => {
+            let mut keys = state.activator.keys_by_hash(id);
+            match keys.len() {
+                1 => Ok(keys.remove(0)),
+                0 => Err(Box::new(error_response(
+                    StatusCode::NOT_FOUND,
+                    "unknown_session",
+                    &format!("no session with hash {id}"),
+                ))),
+                n => Err(Box::new(error_response(
+                    StatusCode::CONFLICT,
+                    "ambiguous_hash",
+                    &format!("{n} sessions share the hash {id}; use the raw ID"),
+                ))),
+            }
+        }
+        Some(other) => Err(Box::new(error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            &format!("by must be id or hash, got {other:?}"),
+        ))),
+    }
 }
 
 /// The key named in the path, or the 400 to answer with (boxed: responses are large).

@@ -228,3 +228,84 @@ fn is_path_byte(b: u8) -> bool {
                 | b'/'
         )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Config;
+
+    const STATIC: &str = "backend: {kind: static, endpoints: ['127.0.0.1:1']}\n";
+
+    fn err(session: &str) -> String {
+        Config::from_yaml(&format!("{STATIC}session:\n{session}"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn header_bound_strings_are_checked() {
+        // A control character in the cookie name used to pass and then panic every
+        // minting request.
+        let e = err("  cookie_name: \"a\\u0001b\"\n  on_missing: create\n");
+        assert!(e.starts_with("session.cookie_name:"), "{e}");
+        let e = err("  cookie_name: \"a b\"\n");
+        assert!(e.starts_with("session.cookie_name:"), "{e}");
+        let e = err("  sources: [{cookie: \"sid;x\"}]\n");
+        assert!(e.starts_with("session.sources[0].cookie:"), "{e}");
+        let e = err("  sources: [{path_prefix: \"/s\\n/\"}]\n");
+        assert!(e.starts_with("session.sources[0].path_prefix:"), "{e}");
+        let e = err("  sources: [{query: \"a&b\"}]\n");
+        assert!(e.starts_with("session.sources[0].query:"), "{e}");
+        let e = err("  forward_header: \"X Bad\"\n");
+        assert!(e.starts_with("session.forward_header:"), "{e}");
+        let e = err("  forward_header: Cookie\n");
+        assert!(e.starts_with("session.forward_header:"), "{e}");
+    }
+
+    #[test]
+    fn bounds_and_defaults() {
+        let c = Config::from_yaml(STATIC).unwrap();
+        assert_eq!(c.session.max_sessions, 100_000);
+        assert_eq!(c.session.forward_header, "X-Session-ID");
+        assert!(c.session.create_rate.is_none());
+        assert!(err("  max_sessions: 0\n").starts_with("session.max_sessions:"));
+        let e = err("  create_rate: {per_second: 0, burst: 1}\n");
+        assert!(e.starts_with("session.create_rate.per_second:"), "{e}");
+        let e = err("  create_rate: {per_second: 1, burst: 0}\n");
+        assert!(e.starts_with("session.create_rate.burst:"), "{e}");
+    }
+
+    #[test]
+    fn hmac_keys_are_read_and_checked() {
+        let e = err("  auth: hmac\n");
+        assert!(e.starts_with("session.hmac.keys:"), "{e}");
+        let e = err("  auth: hmac\n  hmac: {keys: [{id: \"a.b\", secret_file: /nonexistent}]}\n");
+        assert!(e.starts_with("session.hmac.keys[0].id:"), "{e}");
+        let e = err("  auth: hmac\n  hmac: {keys: [{id: k1, secret_file: /nonexistent/key}]}\n");
+        assert!(
+            e.starts_with("session.hmac.keys[0].secret_file: cannot read"),
+            "{e}"
+        );
+        let dir = std::env::temp_dir().join(format!("aa-hmac-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let short = dir.join("short");
+        std::fs::write(&short, "tooshort\n").unwrap();
+        let e = err(&format!(
+            "  auth: hmac\n  hmac: {{keys: [{{id: k1, secret_file: '{}'}}]}}\n",
+            short.display()
+        ));
+        assert!(e.contains("at least 32"), "{e}");
+        let good = dir.join("good");
+        std::fs::write(&good, "0123456789abcdef0123456789abcdef").unwrap();
+        let e = err(&format!(
+            "  auth: hmac\n  hmac: {{keys: [{{id: k1, secret_file: '{0}'}}, {{id: k1, secret_file: '{0}'}}]}}\n",
+            good.display()
+        ));
+        assert!(e.contains("used twice"), "{e}");
+        let ok = Config::from_yaml(&format!(
+            "{STATIC}session:\n  auth: hmac\n  hmac: {{keys: [{{id: k1, secret_file: '{}'}}]}}\n",
+            good.display()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(ok.is_ok(), "{:?}", ok.err());
+    }
+}

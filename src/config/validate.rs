@@ -122,6 +122,9 @@ impl Config {
             }
             sched.validate(i, self.session.max_id_length)?;
         }
+        if let Some(agent) = &self.node_agent {
+            agent.validate()?;
+        }
         Ok(())
     }
 
@@ -226,11 +229,20 @@ impl Config {
         Ok(())
     }
 
+    /// Whether this file configures only the node agent: a `node_agent` section and the
+    /// default static backend without endpoints. `serve` refuses such a file.
+    pub fn is_node_agent_only(&self) -> bool {
+        self.node_agent.is_some()
+            && self.backend.kind == BackendKind::Static
+            && self.backend.endpoints.is_empty()
+    }
+
     fn validate_backend(&self) -> Result<(), ConfigError> {
         let b = &self.backend;
         match b.kind {
             BackendKind::Static => {
-                if b.endpoints.is_empty() {
+                // A file with only a `node_agent` section configures the node agent alone.
+                if b.endpoints.is_empty() && !self.is_node_agent_only() {
                     return Err(ConfigError::invalid(
                         "backend.endpoints",
                         "kind: static needs at least one endpoint",
@@ -295,8 +307,18 @@ impl Config {
                 {
                     return Err(ConfigError::invalid(
                         "backend.kubernetes.activity_write_interval",
-                        "must be shorter than idle.timeout, or a busy replica's stamp \
+                        "must be shorter than idle.timeout, or a busy replica's digest \
                          could look idle to the others",
+                    ));
+                }
+                let after = b.kubernetes.shutdown_after.as_duration();
+                if after < std::time::Duration::from_secs(2)
+                    || after <= self.idle.session_ttl.as_duration()
+                {
+                    return Err(ConfigError::invalid(
+                        "backend.kubernetes.shutdown_after",
+                        "must be at least 2s and longer than idle.session_ttl, or the \
+                         cluster would end sessions the activator still keeps",
                     ));
                 }
                 if b.kubernetes.claim_prefix.len() > 30

@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use serde_yaml_ng::Value;
 
-use super::{NativeTree, OVERLAY_ANNOTATION, field};
-use crate::config::{ConfigError, Dur};
+use super::{NativeTree, OVERLAY_ANNOTATION, field, go_duration};
+use crate::config::ConfigError;
 
 const AUTOSCALING: &str = "autoscaling.knative.dev/";
 const SERVING: &str = "serving.knative.dev/";
@@ -54,75 +54,254 @@ pub fn collect(doc: &Value) -> Result<BTreeMap<String, String>, ConfigError> {
     Ok(out)
 }
 
-/// How an annotation's value is parsed before it becomes a native value.
+/// How an annotation's value is checked before it becomes a native value. Every bound is
+/// upstream's (knative/serving 98e5ef90aa70, pkg/apis/autoscaling/register.go for the
+/// constants, pkg/apis/autoscaling/annotation_validation.go for the checks).
 #[derive(Clone, Copy)]
 enum Kind {
-    /// A whole number >= 0.
+    /// A whole number in `0..=i32::MAX` (`getIntGE0`: min-scale, max-scale; and
+    /// `validateInitialScale`).
     Count,
-    /// A number > 0.
-    Positive,
-    /// A percentage in `(lo, hi]`.
+    /// A whole number >= 2 (`validateMinMaxScale`: "activation-scale=%d must be greater
+    /// than 1").
+    ActivationScale,
+    /// A number >= `TargetMin` = 0.01 (`validateFloats`).
+    Target,
+    /// A percentage in `[lo, hi]`, both inclusive (`validateFloats`).
     Percent(f64, f64),
-    /// A duration (`30s`, `1m30s`, `0`).
-    Duration,
+    /// A Go duration in `[WindowMin, WindowMax]` = 6s..1h in whole seconds
+    /// (`validateWindow`: `d.Truncate(time.Second) != d` is an error).
+    Window,
+    /// A Go duration in `[0, WindowMax]` = 0..1h in whole seconds
+    /// (`validateScaleDownDelay`).
+    Delay,
+    /// A Go duration in `[0, WindowMax]` = 0..1h (`validateLastPodRetention`).
+    Retention,
+    /// `linear`, `weighted-exponential` or `weightedExponential` (`validateAlgorithm`;
+    /// register.go `MetricAggregationAlgorithm*`), stored in its kebab-case spelling.
+    Aggregation,
 }
 
-/// `autoscaling.knative.dev/<key>` -> native `autoscaler.<field>` with its value kind.
-/// Camel-case keys are Knative's legacy spellings.
-const AUTOSCALER_KEYS: &[(&str, &str, Kind)] = &[
-    ("target", "target", Kind::Positive),
-    (
+/// One `autoscaling.knative.dev/` annotation mapped onto `autoscaler.<native>`.
+struct AutoscalerKey {
+    /// The key after the prefix.
+    name: &'static str,
+    /// Upstream's legacy camelCase spelling (register.go, the `kmap.KeyPriority` lists),
+    /// accepted as the same annotation.
+    alias: Option<&'static str>,
+    native: &'static str,
+    kind: Kind,
+}
+
+const fn key(
+    name: &'static str,
+    alias: Option<&'static str>,
+    native: &'static str,
+    kind: Kind,
+) -> AutoscalerKey {
+    AutoscalerKey {
+        name,
+        alias,
+        native,
+        kind,
+    }
+}
+
+/// Upstream's `WindowMax`, also the ceiling of the delay and retention annotations.
+const WINDOW_MAX_SECS: i128 = 3600;
+/// Upstream's `WindowMin`.
+const WINDOW_MIN_SECS: i128 = 6;
+const NANOS: i128 = 1_000_000_000;
+
+/// Every mapped `autoscaling.knative.dev/*` annotation. `class`, `metric` and
+/// `target-burst-capacity` are handled on their own in [`apply`].
+const AUTOSCALER_KEYS: &[AutoscalerKey] = &[
+    key("target", None, "target", Kind::Target),
+    key(
         "target-utilization-percentage",
+        Some("targetUtilizationPercentage"),
         "target_utilization_percentage",
-        Kind::Percent(0.0, 100.0),
+        // "TargetUtilization is a percentage in the 1 <= TU <= 100 range."
+        Kind::Percent(1.0, 100.0),
     ),
-    ("min-scale", "min_scale", Kind::Count),
-    ("minScale", "min_scale", Kind::Count),
-    ("max-scale", "max_scale", Kind::Count),
-    ("maxScale", "max_scale", Kind::Count),
-    ("initial-scale", "initial_scale", Kind::Count),
-    ("initialScale", "initial_scale", Kind::Count),
-    ("activation-scale", "activation_scale", Kind::Count),
-    ("scale-down-delay", "scale_down_delay", Kind::Duration),
-    ("window", "stable_window", Kind::Duration),
-    (
+    key("min-scale", Some("minScale"), "min_scale", Kind::Count),
+    key("max-scale", Some("maxScale"), "max_scale", Kind::Count),
+    key(
+        "initial-scale",
+        Some("initialScale"),
+        "initial_scale",
+        Kind::Count,
+    ),
+    key(
+        "activation-scale",
+        None,
+        "activation_scale",
+        Kind::ActivationScale,
+    ),
+    key(
+        "scale-down-delay",
+        Some("scaleDownDelay"),
+        "scale_down_delay",
+        Kind::Delay,
+    ),
+    key("window", None, "stable_window", Kind::Window),
+    key(
         "panic-window-percentage",
+        Some("panicWindowPercentage"),
         "panic_window_percentage",
-        Kind::Percent(0.0, 100.0),
+        // PanicWindowPercentageMin = 1.0, PanicWindowPercentageMax = 100.0
+        Kind::Percent(1.0, 100.0),
     ),
-    (
+    key(
         "panic-threshold-percentage",
+        Some("panicThresholdPercentage"),
         "panic_threshold_percentage",
-        Kind::Percent(109.999, 1000.0),
+        // PanicThresholdPercentageMin = 110.0, PanicThresholdPercentageMax = 1000.0
+        Kind::Percent(110.0, 1000.0),
     ),
-    (
+    key(
         "scale-to-zero-pod-retention-period",
+        Some("scaleToZeroPodRetentionPeriod"),
         "scale_to_zero_grace",
-        Kind::Duration,
+        Kind::Retention,
+    ),
+    key(
+        "metric-aggregation-algorithm",
+        Some("metricAggregationAlgorithm"),
+        "metric_aggregation",
+        Kind::Aggregation,
     ),
 ];
 
+/// The mapped key named `name` (canonical or alias).
+fn autoscaler_key(name: &str) -> Option<&'static AutoscalerKey> {
+    AUTOSCALER_KEYS
+        .iter()
+        .find(|k| k.name == name || k.alias == Some(name))
+}
+
+/// A Go duration within `[lo, hi]` seconds, in whole seconds when `whole_seconds`, as a
+/// native duration string.
+fn go_duration(
+    annotation: &str,
+    raw: &str,
+    (lo, hi): (i128, i128),
+    whole_seconds: bool,
+) -> Result<Value, ConfigError> {
+    let Some(nanos) = go_duration::parse_nanos(raw) else {
+        return Err(ConfigError::invalid(
+            annotation,
+            format!("{raw:?} is not a Go duration such as 30s, 1m30s or 1.5h"),
+        ));
+    };
+    if nanos < lo * NANOS || nanos > hi * NANOS {
+        return Err(ConfigError::invalid(
+            annotation,
+            format!("{raw:?} is out of bounds: must be between {lo}s and {hi}s"),
+        ));
+    }
+    if whole_seconds && nanos % NANOS != 0 {
+        return Err(ConfigError::invalid(
+            annotation,
+            format!("{raw:?}: must be specified with at most second precision"),
+        ));
+    }
+    let d = std::time::Duration::from_nanos(nanos as u64);
+    Ok(Value::from(humantime::format_duration(d).to_string()))
+}
+
 fn parse(annotation: &str, raw: &str, kind: Kind) -> Result<Value, ConfigError> {
     let bad = |what: &str| ConfigError::invalid(annotation, format!("{raw:?} is not {what}"));
-    let raw = raw.trim();
+    // Upstream parses with strconv / time.ParseDuration, which reject surrounding spaces.
     match kind {
-        Kind::Count => raw
-            .parse::<u32>()
-            .map(Value::from)
-            .map_err(|_| bad("a whole number >= 0")),
-        Kind::Positive => match raw.parse::<f64>() {
-            Ok(v) if v.is_finite() && v > 0.0 => Ok(Value::from(v)),
-            _ => Err(bad("a number > 0")),
+        Kind::Count => match raw.parse::<i64>() {
+            Ok(v) if (0..=i64::from(i32::MAX)).contains(&v) => Ok(Value::from(v)),
+            Ok(v) if v > 0 => Err(ConfigError::invalid(
+                annotation,
+                format!(
+                    "{raw:?} is out of bounds: must be between 0 and {}",
+                    i32::MAX
+                ),
+            )),
+            _ => Err(bad("a whole number >= 0")),
+        },
+        Kind::ActivationScale => match raw.parse::<i32>() {
+            Ok(v) if v >= 2 => Ok(Value::from(v)),
+            Ok(_) => Err(ConfigError::invalid(
+                annotation,
+                format!("{raw:?}: activation-scale must be greater than 1"),
+            )),
+            Err(_) => Err(bad("a whole number")),
+        },
+        Kind::Target => match raw.parse::<f64>() {
+            Ok(v) if v.is_finite() && v >= 0.01 => Ok(Value::from(v)),
+            Ok(_) => Err(ConfigError::invalid(
+                annotation,
+                format!("target {raw} should be at least 0.01"),
+            )),
+            Err(_) => Err(bad("a number")),
         },
         Kind::Percent(lo, hi) => match raw.parse::<f64>() {
-            Ok(v) if v > lo && v <= hi => Ok(Value::from(v)),
-            _ => Err(bad(&format!("a percentage in ({}, {hi}]", lo.round()))),
+            Ok(v) if (lo..=hi).contains(&v) => Ok(Value::from(v)),
+            Ok(_) => Err(ConfigError::invalid(
+                annotation,
+                format!("{raw:?} is out of bounds: must be between {lo} and {hi}"),
+            )),
+            Err(_) => Err(bad("a number")),
         },
-        Kind::Duration => raw
-            .parse::<Dur>()
-            .map(|_| Value::from(raw))
-            .map_err(|_| bad("a duration such as 30s or 1m30s")),
+        Kind::Window => go_duration(annotation, raw, (WINDOW_MIN_SECS, WINDOW_MAX_SECS), true),
+        Kind::Delay => go_duration(annotation, raw, (0, WINDOW_MAX_SECS), true),
+        Kind::Retention => go_duration(annotation, raw, (0, WINDOW_MAX_SECS), false),
+        Kind::Aggregation => match raw {
+            "linear" => Ok(Value::from("linear")),
+            "weighted-exponential" | "weightedExponential" => {
+                Ok(Value::from("weighted-exponential"))
+            }
+            _ => Err(bad("linear, weighted-exponential or weightedExponential")),
+        },
     }
+}
+
+/// Upstream's cross-checks (`validateMinMaxScale`): max-scale (non-zero) not below
+/// min-scale, and activation-scale between them. Each names the annotations involved.
+fn check_scales(annotations: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    let find = |name: &str| {
+        let k = autoscaler_key(name)?;
+        [Some(k.name), k.alias].into_iter().flatten().find_map(|n| {
+            let full = format!("{AUTOSCALING}{n}");
+            let v = annotations.get(&full)?.parse::<i64>().ok()?;
+            Some((full, v))
+        })
+    };
+    let min = find("min-scale");
+    let max = find("max-scale").filter(|(_, v)| *v != 0);
+    if let (Some((min_key, min)), Some((max_key, max))) = (&min, &max)
+        && max < min
+    {
+        return Err(ConfigError::invalid(
+            max_key.as_str(),
+            format!("max-scale={max} is less than min-scale={min} ({min_key})"),
+        ));
+    }
+    if let Some((act_key, act)) = find("activation-scale") {
+        if let Some((_, min)) = &min
+            && *min > act
+        {
+            return Err(ConfigError::invalid(
+                act_key,
+                format!("min-scale={min} is greater than activation-scale={act}"),
+            ));
+        }
+        if let Some((_, max)) = &max
+            && *max < act
+        {
+            return Err(ConfigError::invalid(
+                act_key,
+                format!("max-scale={max} is less than activation-scale={act}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Maps every annotation onto `tree`. Unknown `autoscaling.knative.dev/*` keys are
@@ -132,6 +311,7 @@ pub fn apply(
     annotations: &BTreeMap<String, String>,
     tree: &mut NativeTree,
 ) -> Result<bool, ConfigError> {
+    check_scales(annotations)?;
     // A Knative Service is scaled by its autoscaler unless the class hands it to an HPA.
     let mut apply = true;
     for (key, raw) in annotations {
@@ -163,8 +343,9 @@ pub fn apply(
                     tree.set(&["autoscaler", "metric"], Value::from(metric), key)?;
                 }
                 // Knative uses it to keep its activator in the path; agent-activator is
-                // always in the path, as with -1. The value is still checked.
-                "target-burst-capacity" => match raw.trim().parse::<f64>() {
+                // always in the path, as with -1. The value is still checked as upstream
+                // does (`validateFloats`: < 0 and != -1 is an error).
+                "target-burst-capacity" | "targetBurstCapacity" => match raw.parse::<f64>() {
                     Ok(v) if v >= 0.0 || v == -1.0 => {}
                     _ => {
                         return Err(ConfigError::invalid(
@@ -174,15 +355,13 @@ pub fn apply(
                     }
                 },
                 _ => {
-                    let Some((_, native, kind)) =
-                        AUTOSCALER_KEYS.iter().find(|(k, _, _)| *k == name)
-                    else {
+                    let Some(k) = autoscaler_key(name) else {
                         return Err(ConfigError::invalid(
                             key,
                             "unknown autoscaling annotation (see docs/configuration.md)",
                         ));
                     };
-                    tree.set(&["autoscaler", native], parse(key, raw, *kind)?, key)?;
+                    tree.set(&["autoscaler", k.native], parse(key, raw, k.kind)?, key)?;
                 }
             }
         } else if let Some(name) = key.strip_prefix(SERVING) {

@@ -108,7 +108,7 @@ fn hpa_class_exports_without_applying() {
 fn invalid_values_name_the_annotation() {
     for (annotation, value, expect) in [
         ("autoscaling.knative.dev/min-scale", "lots", "whole number"),
-        ("autoscaling.knative.dev/target", "0", "number > 0"),
+        ("autoscaling.knative.dev/target", "0", "at least 0.01"),
         (
             "autoscaling.knative.dev/metric",
             "cpu",
@@ -119,11 +119,11 @@ fn invalid_values_name_the_annotation() {
             "mine",
             "apa.autoscaling.knative.dev",
         ),
-        ("autoscaling.knative.dev/window", "a while", "duration"),
+        ("autoscaling.knative.dev/window", "a while", "Go duration"),
         (
             "autoscaling.knative.dev/panic-threshold-percentage",
             "100",
-            "percentage",
+            "between 110 and 1000",
         ),
         ("autoscaling.knative.dev/target-burst-capacity", "-5", "-1"),
         ("serving.knative.dev/warm-pool", "-1", "whole number"),
@@ -163,14 +163,132 @@ fn errors_found_by_validation_name_the_annotation() {
         "        autoscaling.knative.dev/min-scale: \"5\"\n        autoscaling.knative.dev/max-scale: \"2\"\n",
         "",
     ));
-    assert!(
-        e.starts_with("autoscaling.knative.dev/min-scale: autoscaler.min_scale"),
-        "{e}"
+    assert_eq!(
+        e,
+        "autoscaling.knative.dev/max-scale: max-scale=2 is less than min-scale=5 \
+         (autoscaling.knative.dev/min-scale)"
     );
-    let e = err(&service("        autoscaling.knative.dev/window: 2s\n", ""));
-    assert!(
-        e.starts_with("autoscaling.knative.dev/window: autoscaler.stable_window"),
-        "{e}"
+}
+
+/// Each bound of knative/serving 98e5ef90aa70 pkg/apis/autoscaling (register.go,
+/// annotation_validation.go): the edge is accepted, one step beyond is refused, and the
+/// error names the annotation as written (alias included).
+#[test]
+fn upstream_bounds_accept_the_edges_and_refuse_beyond() {
+    let accepted = [
+        ("window", "6s"),
+        ("window", "1h"),
+        ("window", "1.5m"),
+        ("scale-down-delay", "0s"),
+        ("scale-down-delay", "1h"),
+        ("scaleDownDelay", "90s"),
+        ("scale-to-zero-pod-retention-period", "1h"),
+        ("scale-to-zero-pod-retention-period", "1500ms"),
+        ("target", "0.01"),
+        ("target-utilization-percentage", "1"),
+        ("targetUtilizationPercentage", "100"),
+        ("panic-window-percentage", "1"),
+        ("panicWindowPercentage", "100"),
+        ("panic-threshold-percentage", "110"),
+        ("panicThresholdPercentage", "1000"),
+        ("minScale", "0"),
+        ("maxScale", "2147483647"),
+        ("initialScale", "0"),
+        ("activation-scale", "2"),
+        ("targetBurstCapacity", "-1"),
+        ("metric-aggregation-algorithm", "linear"),
+        ("metricAggregationAlgorithm", "weightedExponential"),
+    ];
+    for (name, value) in accepted {
+        let yaml = service(
+            &format!("        autoscaling.knative.dev/{name}: \"{value}\"\n"),
+            "",
+        );
+        if let Err(e) = Config::from_yaml(&yaml) {
+            panic!("{name}: {value:?} refused: {e}");
+        }
+    }
+    let refused = [
+        ("window", "5s", "between 6s and 3600s"),
+        ("window", "1h1s", "between 6s and 3600s"),
+        ("window", "6500ms", "second precision"),
+        ("window", "60", "Go duration"),
+        ("scale-down-delay", "-1s", "between 0s and 3600s"),
+        ("scaleDownDelay", "61m", "between 0s and 3600s"),
+        ("scale-down-delay", "1.5s", "second precision"),
+        (
+            "scaleToZeroPodRetentionPeriod",
+            "2h",
+            "between 0s and 3600s",
+        ),
+        ("target", "0.009", "at least 0.01"),
+        ("target-utilization-percentage", "0.5", "between 1 and 100"),
+        ("targetUtilizationPercentage", "101", "between 1 and 100"),
+        ("panic-window-percentage", "0.9", "between 1 and 100"),
+        ("panicThresholdPercentage", "109", "between 110 and 1000"),
+        ("panic-threshold-percentage", "1001", "between 110 and 1000"),
+        ("minScale", "-1", "whole number"),
+        ("max-scale", "2147483648", "between 0 and 2147483647"),
+        ("activation-scale", "1", "greater than 1"),
+        (
+            "metric-aggregation-algorithm",
+            "median",
+            "weighted-exponential",
+        ),
+        ("targetBurstCapacity", "-2", "-1"),
+    ];
+    for (name, value, expect) in refused {
+        let annotation = format!("autoscaling.knative.dev/{name}");
+        let e = err(&service(
+            &format!("        {annotation}: \"{value}\"\n"),
+            "",
+        ));
+        assert!(
+            e.starts_with(&format!("{annotation}: ")),
+            "{name}={value}: {e}"
+        );
+        assert!(e.contains(expect), "{name}={value}: {e}");
+    }
+}
+
+#[test]
+fn aliases_map_like_their_canonical_keys_and_must_agree() {
+    let c = Config::from_yaml(&service(
+        "        autoscaling.knative.dev/minScale: \"2\"\n        autoscaling.knative.dev/maxScale: \"7\"\n        autoscaling.knative.dev/scaleDownDelay: 1m30s\n        autoscaling.knative.dev/window: 1.5m\n        autoscaling.knative.dev/metricAggregationAlgorithm: weightedExponential\n",
+        "",
+    ))
+    .unwrap();
+    let a = &c.autoscaler;
+    assert_eq!((a.min_scale, a.max_scale), (2, 7));
+    assert_eq!(a.scale_down_delay.as_duration(), Duration::from_secs(90));
+    assert_eq!(a.stable_window.as_duration(), Duration::from_secs(90));
+    assert_eq!(
+        a.metric_aggregation,
+        crate::config::MetricAggregation::WeightedExponential
+    );
+    // Both spellings of one annotation with different values: refused, naming both.
+    let e = err(&service(
+        "        autoscaling.knative.dev/min-scale: \"1\"\n        autoscaling.knative.dev/minScale: \"2\"\n",
+        "",
+    ));
+    assert!(e.contains("autoscaling.knative.dev/min-scale"), "{e}");
+    assert!(e.contains("autoscaling.knative.dev/minScale"), "{e}");
+    // activation-scale must lie between min-scale and max-scale.
+    let e = err(&service(
+        "        autoscaling.knative.dev/min-scale: \"3\"\n        autoscaling.knative.dev/activation-scale: \"2\"\n",
+        "",
+    ));
+    assert_eq!(
+        e,
+        "autoscaling.knative.dev/activation-scale: min-scale=3 is greater than activation-scale=2"
+    );
+    let e = err(&service(
+        "        autoscaling.knative.dev/maxScale: \"4\"\n        autoscaling.knative.dev/activation-scale: \"5\"\n",
+        "",
+    ));
+    assert_eq!(
+        e,
+        "autoscaling.knative.dev/activation-scale: max-scale=4 is less than activation-scale=5"
     );
 }
 

@@ -57,7 +57,8 @@ impl StatsSampler {
         let window = StatsWindow::new(
             config.stable_window.as_duration(),
             config.panic_window_percentage,
-        );
+        )
+        .with_aggregation(config.metric_aggregation);
         let state = SamplerState {
             last_integral: stats.concurrency_micros(now),
             last_requests: stats.requests(),

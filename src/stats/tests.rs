@@ -58,6 +58,26 @@ fn window_averages_over_filled_part_then_whole_window() {
     assert!(close(w.panic().rps, 11.0));
 }
 
+#[test]
+fn weighted_exponential_window_follows_knative_weights() {
+    use crate::config::MetricAggregation;
+    // knative/serving 98e5ef90aa70 pkg/autoscaler/aggregation/bucketing.go: for n buckets
+    // c = 1 - (1 - 0.9999)^(1/n), bucket i (newest first) weighs c (1 - c)^i.
+    let mut w = StatsWindow::new(Duration::from_secs(10), 20.0)
+        .with_aggregation(MetricAggregation::WeightedExponential);
+    for _ in 0..10 {
+        w.record(window_bucket(5.0, 5.0));
+    }
+    // A full window of 5s carries 99.99 % of the weight.
+    assert!(close(w.stable().concurrency, 4.9995), "{:?}", w.stable());
+    w.record(window_bucket(0.0, 0.0));
+    // The newest bucket (0) weighs c = 0.6019: the average falls to 1.990, where the
+    // plain mean would still be 4.5.
+    assert!(close(w.stable().concurrency, 1.990_036), "{:?}", w.stable());
+    // Panic window: 2 buckets, c = 0.99: 0 x 0.99 + 5 x 0.99 x 0.01.
+    assert!(close(w.panic().rps, 0.0495), "{:?}", w.panic());
+}
+
 fn window_bucket(concurrency: f64, rps: f64) -> window::Bucket {
     window::Bucket { concurrency, rps }
 }

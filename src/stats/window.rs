@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::MetricAggregation;
+
 /// One closed bucket: what happened during (about) one second.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Bucket {
@@ -20,6 +22,19 @@ pub struct StatsWindow {
     buckets: VecDeque<Bucket>,
     stable_len: usize,
     panic_len: usize,
+    aggregation: MetricAggregation,
+}
+
+/// Sum of the weights over a whole window (knative/serving 98e5ef90aa70
+/// pkg/autoscaler/aggregation/bucketing.go, `weightPrecision`).
+const WEIGHT_PRECISION: f64 = 0.9999;
+/// Smallest decay per bucket, so very long windows do not degrade to a plain mean
+/// (same file, `minExponent`).
+const MIN_EXPONENT: f64 = 0.2;
+
+/// Decay per bucket for a window of `n` buckets (same file, `computeSmoothingCoeff`).
+fn smoothing_coeff(n: usize) -> f64 {
+    (1.0 - (1.0 - WEIGHT_PRECISION).powf(1.0 / n as f64)).max(MIN_EXPONENT)
 }
 
 impl StatsWindow {
@@ -33,7 +48,14 @@ impl StatsWindow {
             buckets: VecDeque::with_capacity(stable_len),
             stable_len,
             panic_len,
+            aggregation: MetricAggregation::Linear,
         }
+    }
+
+    /// Averages with `aggregation` instead of the plain mean.
+    pub fn with_aggregation(mut self, aggregation: MetricAggregation) -> StatsWindow {
+        self.aggregation = aggregation;
+        self
     }
 
     /// Buckets in the stable window.
@@ -54,9 +76,35 @@ impl StatsWindow {
         self.buckets.push_back(bucket);
     }
 
-    /// Averages over the newest `n` buckets. Before the window has filled up, the average
-    /// is over the buckets seen so far (Knative does the same after a restart).
+    /// Averages over the newest `n` buckets (see [`MetricAggregation`]).
     fn average(&self, n: usize) -> Bucket {
+        match self.aggregation {
+            MetricAggregation::Linear => self.mean(n),
+            MetricAggregation::WeightedExponential => self.weighted(n),
+        }
+    }
+
+    /// Knative's `WeightedFloat64Buckets.WindowAverage`: newest first, bucket `i` weighs
+    /// `c (1 - c)^i` with `c` = [`smoothing_coeff`] of the window's length. Not normalised:
+    /// buckets not yet seen count as zero, as Knative's zero-initialised ring does.
+    fn weighted(&self, n: usize) -> Bucket {
+        let c = smoothing_coeff(n);
+        let mut weight = c;
+        let (mut conc, mut rps) = (0.0, 0.0);
+        for b in self.buckets.iter().rev().take(n) {
+            conc += b.concurrency * weight;
+            rps += b.rps * weight;
+            weight *= 1.0 - c;
+        }
+        Bucket {
+            concurrency: conc,
+            rps,
+        }
+    }
+
+    /// The plain mean of the newest `n` buckets. Before the window has filled up, the
+    /// mean is over the buckets seen so far (Knative does the same after a restart).
+    fn mean(&self, n: usize) -> Bucket {
         let n = n.min(self.buckets.len());
         if n == 0 {
             return Bucket {
