@@ -25,15 +25,15 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use tokio::time::Instant;
 
+use super::body::RequestBody;
 use crate::backend::SandboxId;
 use crate::session::SessionKey;
 
 /// The dedicated upstream sender type (request bodies are the client's, streamed).
-pub type Sender = SendRequest<Incoming>;
+pub type Sender = SendRequest<RequestBody>;
 
 /// One client connection's upstream affinity slot.
 #[derive(Default)]

@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::affinity::{Affinity, Route, Sender};
+use super::body::RequestBody;
 use super::error::ProxyError;
 use super::forward::{endpoint_authority, upstream_uri};
 use crate::backend::SandboxId;
@@ -34,7 +35,7 @@ use crate::session::SessionKey;
 /// Kubernetes backends keep minting new addresses).
 const AUTHORITY_CACHE_MAX: usize = 4096;
 
-type HttpClient = Client<HttpConnector, Incoming>;
+type HttpClient = Client<HttpConnector, RequestBody>;
 
 /// Clients to sandboxes plus per-kind error counters.
 pub struct Upstream {
@@ -102,7 +103,7 @@ impl Upstream {
     /// (connecting included). `req` carries an origin-form URI.
     pub async fn send_affine(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         affinity: &Arc<Affinity>,
         session: &SessionKey,
         sandbox: &SandboxId,
@@ -223,7 +224,7 @@ impl Upstream {
     /// it lasts.
     pub async fn send(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         endpoint: SocketAddr,
         upgrade: bool,
     ) -> Result<Response<Incoming>, ProxyError> {
@@ -297,6 +298,13 @@ fn build_client(config: &ProxyConfig, h2: bool) -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(config.connect_timeout.as_duration()));
     connector.set_nodelay(true);
+    let keepalive = config.tcp_keepalive.as_duration();
+    if !keepalive.is_zero() {
+        // Same probe schedule as client sockets (see proxy::listener).
+        connector.set_keepalive(Some(keepalive));
+        connector.set_keepalive_interval(Some((keepalive / 3).max(Duration::from_secs(1))));
+        connector.set_keepalive_retries(Some(3));
+    }
     connector.enforce_http(true);
     let mut builder = Client::builder(TokioExecutor::new());
     builder
