@@ -432,3 +432,204 @@ fn check_validates_the_node_agent_section() {
     assert_eq!(code, Some(64));
     assert!(err.contains("run `node-agent`"), "{err}");
 }
+
+/// A prerequisite tool is missing: fail under `CI=true`, else report the skip.
+fn missing(test: &str, what: &str) -> bool {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: CI=true but {what}");
+    }
+    eprintln!("{test}: SKIPPED: {what}");
+    true
+}
+
+/// deploy/ with the optional node-agent component enabled renders, validates against the
+/// Kubernetes schemas, and grants and mounts exactly what the agent needs.
+#[test]
+fn deploy_component_renders_with_least_privilege() {
+    let test = "deploy_component_renders_with_least_privilege";
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("node-agent-deploy-{}", std::process::id())));
+    let copy = std::process::Command::new("cp")
+        .args(["-r"])
+        .arg(&src)
+        .arg(&dir.0)
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    let kz = dir.0.join("kustomization.yaml");
+    let text = std::fs::read_to_string(&kz).unwrap();
+    assert!(
+        text.contains("# components:\n#   - node-agent\n"),
+        "the component is offered, off by default"
+    );
+    std::fs::write(
+        &kz,
+        text.replace(
+            "# components:\n#   - node-agent\n",
+            "components:\n  - node-agent\n",
+        ),
+    )
+    .unwrap();
+    let out = match std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&dir.0)
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            missing(test, &format!("kubectl is not runnable ({e})"));
+            return;
+        }
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8(out.stdout).unwrap();
+    let docs: Vec<serde_json::Value> = rendered
+        .split("\n---\n")
+        .map(|d| serde_yaml_ng::from_str(d).unwrap())
+        .collect();
+    let find = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{kind}/{name} not rendered"))
+    };
+
+    let ds = find("DaemonSet", "agent-activator-node-agent");
+    assert_eq!(ds["metadata"]["namespace"], "agent-activator-system");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_ne!(pod["hostNetwork"], true);
+    assert_ne!(pod["hostPID"], true);
+    let host_paths: Vec<&serde_json::Value> = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.get("hostPath"))
+        .collect();
+    assert_eq!(
+        host_paths.len(),
+        1,
+        "only the cgroup tree comes from the host"
+    );
+    assert_eq!(host_paths[0]["path"], "/sys/fs/cgroup");
+    let c = &pod["containers"][0];
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(
+        c["securityContext"]["capabilities"]["drop"],
+        serde_json::json!(["ALL"])
+    );
+    assert_ne!(c["securityContext"]["privileged"], true);
+
+    // RBAC: exactly TokenReview create, and pod get in the sandbox namespace.
+    let cr = find("ClusterRole", "agent-activator-node-agent-tokenreview");
+    assert_eq!(
+        cr["rules"],
+        serde_json::json!([{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}])
+    );
+    let role = find("Role", "agent-activator-node-agent");
+    assert_eq!(role["metadata"]["namespace"], NS);
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}])
+    );
+    let np = find("NetworkPolicy", "agent-activator-node-agent");
+    assert_eq!(np["spec"]["ingress"][0]["ports"][0]["port"], 9470);
+    assert_eq!(
+        np["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "agent-activator"
+    );
+    let rb = find("RoleBinding", "agent-activator-node-agent");
+    assert_eq!(rb["subjects"][0]["namespace"], "agent-activator-system");
+
+    // The shipped agent config parses, points at the mounted tree and admits the activator,
+    // whose projected token carries the agent's audience.
+    let cm = find("ConfigMap", "agent-activator-node-agent");
+    let config =
+        agent_activator::config::Config::from_yaml(cm["data"]["node-agent.yaml"].as_str().unwrap())
+            .unwrap_or_else(|e| panic!("{e}"));
+    let agent = config.node_agent.expect("node_agent section");
+    let mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "cgroup")
+        .unwrap();
+    assert_eq!(
+        mount["mountPath"].as_str().unwrap(),
+        agent.cgroup_root.to_str().unwrap()
+    );
+    assert_eq!(agent.namespaces, vec![NS.to_owned()]);
+    assert_eq!(
+        agent.allowed_clients,
+        vec![format!("system:serviceaccount:{NS}:{CLIENT_SA}")]
+    );
+    let deployment = find("Deployment", "agent-activator");
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["serviceAccountName"],
+        CLIENT_SA
+    );
+    let projected = deployment["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "node-agent-token")
+        .expect("projected token volume");
+    assert_eq!(
+        projected["projected"]["sources"][0]["serviceAccountToken"]["audience"].as_str(),
+        Some(agent.audience.as_str())
+    );
+
+    // Built-in kinds against the Kubernetes schemas (strict), as deploy/validate.py does.
+    let script = r#"
+import sys, yaml
+try:
+    import kubernetes_validate
+except ImportError as e:
+    print(f"missing validator: {e}", file=sys.stderr); sys.exit(2)
+v = kubernetes_validate.latest_version(); bad = 0; n = 0
+for d in yaml.safe_load_all(sys.stdin):
+    if not d or d["kind"] in ("ServiceMonitor", "HTTPRoute", "SandboxTemplate", "SandboxWarmPool"):
+        continue
+    n += 1
+    try:
+        kubernetes_validate.validate(d, v, strict=True)
+    except Exception as e:
+        bad += 1; print(f'{d["kind"]}/{d["metadata"]["name"]}: {e}')
+print(f"checked {n}")
+sys.exit(1 if bad else 0)
+"#;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(rendered.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match out.status.code() {
+        Some(0) => assert!(text.contains("checked"), "{text}"),
+        Some(2) => {
+            missing(
+                test,
+                "kubernetes-validate is not installed (pip install kubernetes-validate)",
+            );
+        }
+        _ => panic!("rendered manifests are invalid:\n{text}"),
+    }
+}
