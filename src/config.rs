@@ -17,7 +17,7 @@ mod validate;
 
 pub use duration::Dur;
 pub use session::{CreateRate, HmacConfig, HmacKeyConfig, SessionAuth};
-pub use telemetry::{EventsConfig, TelemetryConfig};
+pub use telemetry::{EventsConfig, OtlpConfig, TelemetryConfig};
 
 /// A configuration problem, always naming the key path (e.g. `session.sources[1].cookie`).
 #[derive(Debug, thiserror::Error)]
@@ -455,8 +455,19 @@ pub struct KubernetesConfig {
     pub max_claims: u32,
     /// Write the raw session ID into an annotation on the claim (off by default).
     pub write_session_id: bool,
-    /// Shortest interval between two last-activity annotation writes for one session.
+    /// How often this replica republishes its activity digest (the sessions it served
+    /// within `idle.timeout`), which other replicas read before pausing a sandbox. A
+    /// session new to this replica is published at once (at most once a second).
     pub activity_write_interval: Dur,
+    /// Honour the `agent-activator.dev/port` annotation on Sandboxes instead of dialling
+    /// `podIP:port`. Off by default: whoever can annotate a Sandbox could steer traffic.
+    /// Only for kube-testbed, whose pods pick their own ports.
+    pub port_from_annotation: bool,
+    /// Leak backstop: claims are created to expire this long after the session's last
+    /// traffic (agent-sandbox `spec.lifecycle.shutdownTime` + `shutdownPolicy: Delete`,
+    /// OpenKruise `spec.shutdownTime`), pushed forward while the session lives, so the
+    /// cluster ends abandoned sandboxes even if every activator is gone.
+    pub shutdown_after: Dur,
     /// Kubernetes Lease used for autoscaler leader election.
     pub lease_name: String,
 }
@@ -473,6 +484,8 @@ impl Default for KubernetesConfig {
             max_claims: 1000,
             write_session_id: false,
             activity_write_interval: Dur::secs(10),
+            port_from_annotation: false,
+            shutdown_after: Dur::secs(48 * 3600),
             lease_name: "agent-activator-autoscaler".into(),
         }
     }

@@ -149,6 +149,12 @@ async fn handle(
         h.push_back(format!("{} {}", req.method(), req.uri().path()));
     }
     let query = req.uri().query().unwrap_or("").to_owned();
+    // Shown back so tests (and curious users) see the trace context the activator passed.
+    let traceparent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let resp = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/state") => state_json(&st),
@@ -180,6 +186,7 @@ async fn handle(
                 "session": session,
                 "pid": st.pid,
                 "port": st.port,
+                "traceparent": traceparent,
             }),
         ),
     };

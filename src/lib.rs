@@ -22,6 +22,7 @@
 //! - [`shutdown`]: signal handling and graceful drain.
 //! - [`server`]: wires everything into a running server (`server::start`).
 //! - [`logging`]: tracing setup and the access log.
+//! - [`telemetry`]: OpenTelemetry spans, W3C trace context, OTLP export.
 //! - [`demo`]: the stateful demo sandbox (`agent-activator demo-sandbox`).
 //! - [`node_agent`]: the node agent (`agent-activator node-agent`) that freezes sandbox
 //!   pods' cgroups in place on Kubernetes nodes.
@@ -44,3 +45,4 @@ pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod stats;
+pub mod telemetry;

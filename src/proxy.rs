@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use prometheus::IntGauge;
 
 use crate::activation::Activator;
+use crate::backend::ActivationKind;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::session::{
@@ -22,6 +23,7 @@ use crate::session::{
 };
 use crate::shutdown::Shutdown;
 use crate::stats::TrafficStats;
+use crate::telemetry::Telemetry;
 
 mod body;
 mod completion;
@@ -66,6 +68,8 @@ pub struct Proxy {
     admission: SessionAdmission,
     websockets_open: IntGauge,
     shutdown: Shutdown,
+    /// OpenTelemetry spans (off unless `telemetry.otlp.endpoint` is set).
+    telemetry: Arc<Telemetry>,
 }
 
 impl Proxy {
@@ -101,7 +105,14 @@ impl Proxy {
             admission: SessionAdmission::new(&config.session),
             websockets_open: metrics.websockets_open.clone(),
             shutdown,
+            telemetry: Arc::new(Telemetry::disabled()),
         }
+    }
+
+    /// Traces requests with `telemetry` (see [`crate::telemetry`]).
+    pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Proxy {
+        self.telemetry = telemetry;
+        self
     }
 
     /// Proxies one request. Never fails: every failure is a response.
@@ -111,6 +122,9 @@ impl Proxy {
         conn: &ClientConn,
     ) -> Response<ResponseBody> {
         let mut completion = Completion::begin(&self.recorder, req.method(), req.uri());
+        if self.telemetry.enabled() {
+            completion.set_trace(self.telemetry.start_request(req.method(), req.headers()));
+        }
         let resp = match self.extractor.extract(req.uri(), req.headers()) {
             Err(err) => self.failure(err.into()),
             Ok(session) => {
@@ -166,10 +180,28 @@ impl Proxy {
                     self.admission
                         .admit(conn.peer.ip(), self.activator.session_total())?;
                 }
-                self.activator.acquire(&session.key).await?
+                let waiting = tokio::time::Instant::now();
+                match self.activator.acquire(&session.key).await {
+                    Ok(lease) => lease,
+                    Err(e) => {
+                        let err = ProxyError::from(e);
+                        if let Some(trace) = completion.trace() {
+                            trace.activation("wait", err.code(), waiting.elapsed(), None);
+                        }
+                        return Err(err);
+                    }
+                }
             }
         };
+        if let Some(trace) = completion.trace() {
+            trace.set_session(lease.session_hash());
+            if lease.activation != ActivationKind::None {
+                let sandbox = Some(lease.sandbox.as_str());
+                trace.activation(lease.activation.as_str(), "ok", lease.waited, sandbox);
+            }
+        }
         let endpoint = lease.endpoint;
+        let traced_sandbox = completion.trace().map(|_| lease.sandbox.clone());
         let activation = lease.activation;
         let state_lost = lease.state_lost;
         completion.hold_lease(lease);
@@ -192,10 +224,22 @@ impl Proxy {
             .or_else(|| parts.uri.path_and_query().cloned());
         let path = self.forwarding.strip_query(path.as_ref()).or(path);
         parts.uri = upstream_uri(self.upstream.authority(endpoint), path);
-        let mut resp = self
+        let span = completion
+            .trace()
+            .zip(traced_sandbox)
+            .map(|(t, sandbox)| t.forward(&mut parts.headers, sandbox.as_str(), parts.uri.path()));
+        let sent = self
             .upstream
             .send(Request::from_parts(parts, body), endpoint, upgrade)
-            .await?;
+            .await;
+        if let Some(span) = span {
+            span.finish(
+                sent.as_ref()
+                    .map(|r| r.status().as_u16())
+                    .map_err(|e| e.code()),
+            );
+        }
+        let mut resp = sent?;
 
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(resp.headers_mut(), switching);

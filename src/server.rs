@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy, TlsError};
 use crate::shutdown::{Phase, Shutdown};
 use crate::stats::TrafficStats;
+use crate::telemetry::Telemetry;
 
 /// Upper bound on `SandboxBackend::shutdown` (killing child processes and the like).
 const BACKEND_SHUTDOWN_BOUND: Duration = Duration::from_secs(30);
@@ -71,6 +72,7 @@ pub struct RunningServer {
     drain_timeout: Duration,
     proxy_task: JoinHandle<()>,
     admin_task: JoinHandle<()>,
+    telemetry: Arc<Telemetry>,
 }
 
 /// Binds both listeners, builds the backend named by `backend.kind` and the activator,
@@ -118,14 +120,25 @@ async fn start_inner(
     activator.spawn_background();
     let shutdown = Shutdown::new();
 
-    let proxy = Arc::new(Proxy::new(
-        &config,
-        signer.clone(),
-        activator.clone(),
-        &metrics,
-        stats.clone(),
-        shutdown.clone(),
-    ));
+    let telemetry = Arc::new(Telemetry::new(&config.telemetry, backend.kind())?);
+    if telemetry.enabled() {
+        tracing::info!(
+            endpoint = config.telemetry.otlp.endpoint.as_deref().unwrap_or(""),
+            sample_ratio = config.telemetry.sample_ratio,
+            "exporting traces over OTLP/HTTP"
+        );
+    }
+    let proxy = Arc::new(
+        Proxy::new(
+            &config,
+            signer.clone(),
+            activator.clone(),
+            &metrics,
+            stats.clone(),
+            shutdown.clone(),
+        )
+        .with_telemetry(telemetry.clone()),
+    );
     let proxy_config = config.proxy.clone();
     let proxy_shutdown = shutdown.clone();
     let proxy_task = tokio::spawn(async move {
@@ -177,6 +190,7 @@ async fn start_inner(
         drain_timeout: config.proxy.drain_timeout.as_duration(),
         proxy_task,
         admin_task,
+        telemetry,
     })
 }
 
@@ -286,6 +300,8 @@ impl RunningServer {
         }
         let _ = self.proxy_task.await;
         let _ = self.admin_task.await;
+        // Spans of the drained requests are exported before the process ends.
+        self.telemetry.shutdown().await;
         DrainOutcome { complete, cut }
     }
 }

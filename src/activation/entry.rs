@@ -15,68 +15,9 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::ActivationError;
+use super::lifecycle::SessionPhase;
 use crate::backend::{ActivationKind, SandboxId};
 use crate::session::SessionKey;
-
-/// Where a session is in its lifecycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
-    /// In the table without a sandbox and without an activation running: a brand-new entry,
-    /// or (with `on_sandbox_loss: reclaim`) a session whose sandbox died.
-    Unbound,
-    /// A claim is running.
-    Activating,
-    /// Bound and ready: the fast path serves it.
-    Ready,
-    /// A pause is running; arriving requests queue and trigger a resume afterwards.
-    Pausing,
-    Paused,
-    /// A resume is running.
-    Resuming,
-    /// A release is running; queued requests get a fresh claim afterwards.
-    Releasing,
-    /// The sandbox died (`on_sandbox_loss: fail`); the next request gets `SandboxLost`.
-    Lost,
-    /// Removed from the table; a request holding this entry looks the key up again.
-    Gone,
-}
-
-impl Phase {
-    /// The `state` label and the admin API's `state` field.
-    pub(crate) fn label(self) -> &'static str {
-        match self {
-            Phase::Unbound => "unbound",
-            Phase::Activating => "activating",
-            Phase::Ready => "active",
-            Phase::Pausing => "pausing",
-            Phase::Paused => "paused",
-            Phase::Resuming => "resuming",
-            Phase::Releasing => "releasing",
-            Phase::Lost => "lost",
-            Phase::Gone => "gone",
-        }
-    }
-
-    /// Every label a listed entry can have (`Gone` entries are never listed).
-    pub(crate) const LABELS: [&'static str; 8] = [
-        "unbound",
-        "activating",
-        "active",
-        "pausing",
-        "paused",
-        "resuming",
-        "releasing",
-        "lost",
-    ];
-
-    /// A claim, resume, pause or release is running for the entry.
-    pub(crate) fn is_transition(self) -> bool {
-        matches!(
-            self,
-            Phase::Activating | Phase::Pausing | Phase::Resuming | Phase::Releasing
-        )
-    }
-}
 
 /// The sandbox a session is pinned to.
 #[derive(Debug, Clone)]
@@ -103,7 +44,7 @@ pub(crate) struct Waiter {
 
 /// The mutable part of an entry, guarded by [`SessionEntry::lock`].
 pub(crate) struct EntryState {
-    pub phase: Phase,
+    pub phase: SessionPhase,
     pub bound: Option<Bound>,
     /// Requests waiting for the running transition, in arrival order.
     pub waiters: VecDeque<Waiter>,
@@ -132,7 +73,11 @@ pub(crate) struct SessionEntry {
 }
 
 impl SessionEntry {
-    pub(crate) fn new(key: SessionKey, phase: Phase, bound: Option<Bound>) -> Arc<SessionEntry> {
+    pub(crate) fn new(
+        key: SessionKey,
+        phase: SessionPhase,
+        bound: Option<Bound>,
+    ) -> Arc<SessionEntry> {
         let now = Instant::now();
         Arc::new(SessionEntry {
             short_hash: key.short_hash().into_boxed_str(),

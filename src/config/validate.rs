@@ -204,8 +204,18 @@ impl Config {
                 {
                     return Err(ConfigError::invalid(
                         "backend.kubernetes.activity_write_interval",
-                        "must be shorter than idle.timeout, or a busy replica's stamp \
+                        "must be shorter than idle.timeout, or a busy replica's digest \
                          could look idle to the others",
+                    ));
+                }
+                let after = b.kubernetes.shutdown_after.as_duration();
+                if after < std::time::Duration::from_secs(2)
+                    || after <= self.idle.session_ttl.as_duration()
+                {
+                    return Err(ConfigError::invalid(
+                        "backend.kubernetes.shutdown_after",
+                        "must be at least 2s and longer than idle.session_ttl, or the \
+                         cluster would end sessions the activator still keeps",
                     ));
                 }
                 if b.kubernetes.claim_prefix.len() > 30

@@ -1,6 +1,6 @@
 //! `Completion`: what happens when a request is over (its response body ended, its
 //! upgraded stream closed, or the client went away): metrics, traffic stats, the access
-//! log line, and dropping the activation [`Lease`].
+//! log line, and dropping the activation [`Permit`].
 //!
 //! It is created when a request arrives and travels with the response body, so
 //! `activator_requests_in_flight` counts a request until its last byte, as the autoscaler
@@ -13,11 +13,12 @@ use http::{Method, Uri};
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
 use tokio::time::Instant;
 
-use crate::activation::Lease;
+use crate::activation::Permit;
 use crate::config::SessionIdLogging;
 use crate::metrics::Metrics;
 use crate::session::SessionKey;
 use crate::stats::TrafficStats;
+use crate::telemetry::RequestTrace;
 
 /// Recorded when the client goes away before a response was produced (nginx's 499).
 pub const CLIENT_CLOSED: u16 = 499;
@@ -92,8 +93,10 @@ struct Open {
     recorder: Arc<Recorder>,
     start: Instant,
     status: u16,
-    lease: Option<Lease>,
+    lease: Option<Permit>,
     access: Option<AccessEntry>,
+    /// The request's span when it is traced (`telemetry`); ended at completion.
+    trace: Option<RequestTrace>,
 }
 
 /// One request's end-of-life bookkeeping; runs once, on drop.
@@ -118,6 +121,7 @@ impl Completion {
             status: CLIENT_CLOSED,
             lease: None,
             access,
+            trace: None,
         }))
     }
 
@@ -132,8 +136,20 @@ impl Completion {
         }
     }
 
+    /// Attaches the request's span (ended, with the status, when the request is over).
+    pub fn set_trace(&mut self, trace: Option<RequestTrace>) {
+        if let Some(open) = self.0.as_mut() {
+            open.trace = trace;
+        }
+    }
+
+    /// The request's span, if it is traced.
+    pub fn trace(&self) -> Option<&RequestTrace> {
+        self.0.as_ref().and_then(|o| o.trace.as_ref())
+    }
+
     /// Keeps the lease until the request is over.
-    pub fn hold_lease(&mut self, lease: Lease) {
+    pub fn hold_lease(&mut self, lease: Permit) {
         if let Some(open) = self.0.as_mut() {
             open.lease = Some(lease);
         }
@@ -170,9 +186,10 @@ impl Completion {
             };
             let session = SessionField {
                 key: entry.session.as_ref(),
-                cached_hash: open.lease.as_ref().map(Lease::session_hash),
+                cached_hash: open.lease.as_ref().map(Permit::session_hash),
                 full: r.session_ids == SessionIdLogging::Full,
             };
+            let trace_id = open.trace.as_ref().map(RequestTrace::trace_id);
             tracing::info!(
                 target: "access",
                 method = %entry.method,
@@ -182,7 +199,11 @@ impl Completion {
                 session = %session,
                 sandbox,
                 activation,
+                trace_id = trace_id.as_deref().unwrap_or("-"),
             );
+        }
+        if let Some(trace) = open.trace {
+            trace.finish(open.status);
         }
         // The lease drops here, after the request is recorded.
     }

@@ -171,6 +171,7 @@ fn backend_presentation(e: &BackendError) -> Presentation {
         BackendError::Unsupported(_) => present(S::NOT_IMPLEMENTED, "unsupported", false),
         BackendError::StartFailed(_) => present(S::BAD_GATEWAY, "sandbox_start_failed", false),
         BackendError::ControlPlane(_) => present(S::SERVICE_UNAVAILABLE, "control_plane", true),
+        BackendError::Conflict(_) => present(S::SERVICE_UNAVAILABLE, "claim_conflict", false),
     }
 }
 
