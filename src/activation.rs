@@ -17,7 +17,8 @@
 //! - [`entry`]: one table row: phase, binding, wait queue, lock-free in-flight count.
 //! - [`acquire`]: the fast and slow acquire paths.
 //! - [`queue`]: per-session and global queue bounds, waiter fan-out.
-//! - [`idle`]: `IdleScheduler`, which steps idle sessions and reports activity.
+//! - [`idle`]: `IdleScheduler`, which steps sessions whose deadline came and reports activity.
+//! - [`deadlines`]: `Deadlines`, settled sessions ordered by when they are due.
 //! - [`events`]: `EventRouter`, backend events and restart recovery.
 //! - [`admin`]: listings, counts and admin-initiated transitions.
 //! - [`settings`]: the configuration the layer reads, resolved once.
@@ -36,6 +37,7 @@ use crate::session::SessionKey;
 
 mod acquire;
 mod admin;
+mod deadlines;
 mod entry;
 mod events;
 mod idle;
@@ -140,7 +142,7 @@ pub struct SessionInfo {
 /// Owns the session table and drives every session's lifecycle against the backend.
 pub struct Activator {
     transitions: Arc<Transitions>,
-    idle: Arc<IdleScheduler>,
+    idle: IdleScheduler,
     events: EventRouter,
 }
 
@@ -251,7 +253,7 @@ impl Activator {
     /// Bound sessions with a request in flight or inside their idle window, as counted by
     /// the last idle pass (so at most `idle.sweep_interval` old; reading it is free).
     pub fn active_sessions(&self) -> usize {
-        self.idle.active_sessions()
+        self.transitions.active_sessions()
     }
 
     /// The transition event stream (`GET /api/events`).

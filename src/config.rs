@@ -393,6 +393,12 @@ pub struct BackendConfig {
     pub stop_grace: Dur,
     /// process: how to freeze: `auto`, `cgroup_v2`, `cgroup_v1` or `signal`.
     pub freezer: FreezerKind,
+    /// process: how sandboxes are isolated from the host and each other: `none` (default for
+    /// now), `namespaces` (bubblewrap; a clear error where it cannot run), `auto` (namespaces
+    /// where bubblewrap works, else none with a warning).
+    pub isolation: IsolationKind,
+    /// process: the bubblewrap executable used for namespace isolation.
+    pub bwrap: PathBuf,
     /// kubernetes: API flavour and object names.
     pub kubernetes: KubernetesConfig,
 }
@@ -411,6 +417,8 @@ impl Default for BackendConfig {
             inherit_env: false,
             stop_grace: Dur::secs(5),
             freezer: FreezerKind::Auto,
+            isolation: IsolationKind::None,
+            bwrap: PathBuf::from("bwrap"),
             kubernetes: KubernetesConfig::default(),
         }
     }
@@ -422,6 +430,15 @@ pub enum BackendKind {
     Static,
     Process,
     Kubernetes,
+}
+
+/// `backend.isolation` (process backend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IsolationKind {
+    Auto,
+    Namespaces,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

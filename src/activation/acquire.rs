@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use super::entry::{EntryState, Grant, SessionEntry};
 use super::lifecycle::{self, Event, Reply, SessionPhase};
 use super::queue::WaitTicket;
+use super::table::Found;
 use super::transition::{Payload, Transitions};
 use super::{ActivationError, Permit};
 use crate::backend::ActivationKind;
@@ -27,6 +28,8 @@ pub(crate) fn try_ready(transitions: &Transitions, key: &SessionKey) -> Option<P
         let sandbox = bound.sandbox.clone();
         // Counted under the lock the idle scheduler checks, so no pause can start now.
         let guard = entry.start_request();
+        transitions.set_active(entry, true);
+        transitions.reporter.note(entry);
         drop(st);
         Some(Permit {
             endpoint,
@@ -72,7 +75,10 @@ enum SlowStep {
 /// The request is queued before the step is committed, so a full queue refuses it
 /// without starting anything.
 fn slow_step(transitions: &Arc<Transitions>, key: &SessionKey, arrived: Instant) -> SlowStep {
-    let entry = transitions.table.entry_for(key);
+    let (entry, found) = transitions.table.entry_for(key);
+    if found == Found::Recovered {
+        transitions.register(&entry);
+    }
     let mut st = entry.lock();
     let new_session = matches!(
         st.phase,
@@ -86,7 +92,7 @@ fn slow_step(transitions: &Arc<Transitions>, key: &SessionKey, arrived: Instant)
             transitions.table.forget(&entry);
             SlowStep::Retry
         }
-        Reply::Serve => match ready_permit(&entry, &mut st, arrived) {
+        Reply::Serve => match ready_permit(transitions, &entry, &mut st, arrived) {
             Some(permit) => SlowStep::Done(Ok(permit)),
             None => enqueue(transitions, &entry, st, step, new_session),
         },
@@ -139,11 +145,14 @@ fn discard_if_unused(transitions: &Arc<Transitions>, entry: &Arc<SessionEntry>) 
 
 /// A permit on a ready session found on the slow path (it became ready meanwhile).
 fn ready_permit(
+    transitions: &Transitions,
     entry: &Arc<SessionEntry>,
     st: &mut EntryState,
     arrived: Instant,
 ) -> Option<Permit> {
     let bound = st.bound.as_ref()?;
+    transitions.set_active(entry, true);
+    transitions.reporter.note(entry);
     let endpoint = bound.endpoint?;
     let sandbox = bound.sandbox.clone();
     Some(Permit {

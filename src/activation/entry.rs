@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -54,11 +54,16 @@ pub(crate) struct EntryState {
     pub state_lost_pending: bool,
     /// A `Lost` event arrived while a pause or resume ran: its result is not trusted.
     pub lost_meanwhile: bool,
+    /// When the idle scheduler looks at the entry next (its key in `Deadlines`).
+    pub due: Option<Instant>,
 }
 
 /// One session: its key, its locked state and its lock-free counters.
 pub(crate) struct SessionEntry {
     pub key: SessionKey,
+    /// Unique per entry (process-wide): orders equal deadlines and names the entry in
+    /// the indexes without hashing its key.
+    pub id: u64,
     /// `key.short_hash()`, computed once: the access log and the admin API show it for
     /// every request and listing, and a SHA-256 per request is work a cached value answers.
     pub short_hash: Box<str>,
@@ -68,9 +73,14 @@ pub(crate) struct SessionEntry {
     created: Instant,
     /// Nanoseconds after `created` when the last request ended (or the session got ready).
     last_activity_ns: AtomicU64,
-    /// Nanoseconds after `created` of the last `record_activity` call to the backend.
-    last_reported_ns: AtomicU64,
+    /// Counted in the active-sessions figure (`Transitions::set_active`).
+    pub(crate) counted_active: AtomicBool,
+    /// Waiting in the activity reporter's list (`idle::Reporter`).
+    pub(crate) report_pending: AtomicBool,
 }
+
+/// The next `SessionEntry::id`.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl SessionEntry {
     pub(crate) fn new(
@@ -82,6 +92,7 @@ impl SessionEntry {
         Arc::new(SessionEntry {
             short_hash: key.short_hash().into_boxed_str(),
             key,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             state: Mutex::new(EntryState {
                 phase,
                 bound,
@@ -89,11 +100,13 @@ impl SessionEntry {
                 since: now,
                 state_lost_pending: false,
                 lost_meanwhile: false,
+                due: None,
             }),
             in_flight: AtomicU64::new(0),
             created: now,
             last_activity_ns: AtomicU64::new(0),
-            last_reported_ns: AtomicU64::new(0),
+            counted_active: AtomicBool::new(false),
+            report_pending: AtomicBool::new(false),
         })
     }
 
@@ -130,12 +143,10 @@ impl SessionEntry {
 
     /// Restarts the idle clock without it counting as traffic to report: a refused pause
     /// is not activity, and reporting it (an activity stamp on a shared store) would make
-    /// two idle replicas refuse each other's pauses forever.
+    /// two idle replicas refuse each other's pauses forever. (Only the request path marks
+    /// a session for the activity reporter.)
     pub(crate) fn defer_idle(&self, now: Instant) {
-        let ns = self.nanos_since_created(now);
-        self.last_activity_ns.fetch_max(ns, Ordering::Release);
-        self.last_reported_ns
-            .fetch_max(ns.max(1), Ordering::Release);
+        self.touch(now);
     }
 
     /// How long the session has had no request in flight (zero while one is).
@@ -145,21 +156,6 @@ impl SessionEntry {
         }
         let last = self.last_activity_ns.load(Ordering::Acquire);
         Duration::from_nanos(self.nanos_since_created(now).saturating_sub(last))
-    }
-
-    /// True at most once per `interval` while the session sees traffic: time to tell the
-    /// backend (`record_activity`). Traffic means a request in flight or one that ended
-    /// since the last report.
-    pub(crate) fn activity_to_report(&self, now: Instant, interval: Duration) -> bool {
-        let reported = self.last_reported_ns.load(Ordering::Acquire);
-        let busy = self.in_flight() > 0 || self.last_activity_ns.load(Ordering::Acquire) > reported;
-        let now_ns = self.nanos_since_created(now);
-        let due = now_ns.saturating_sub(reported) >= interval.as_nanos() as u64 || reported == 0;
-        busy && due
-            && self
-                .last_reported_ns
-                .compare_exchange(reported, now_ns.max(1), Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
     }
 }
 

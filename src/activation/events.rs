@@ -48,7 +48,13 @@ impl EventRouter {
         let table = &transitions.table;
         for binding in found {
             match binding.session.clone() {
-                Some(key) => table.insert_if_absent(key.clone(), || binding.into_entry(key)),
+                Some(key) => {
+                    if let Some(entry) =
+                        table.insert_if_absent(key.clone(), || binding.into_entry(key))
+                    {
+                        transitions.register(&entry);
+                    }
+                }
                 None => table.orphans.insert(binding),
             }
         }
@@ -93,14 +99,9 @@ pub(crate) fn route(transitions: &Arc<Transitions>, event: BackendEvent) {
     }
 }
 
-/// Entries whose binding names `sandbox` (a scan: events are rare next to requests).
+/// Entries whose binding names `sandbox`: one lookup in the table's sandbox index.
 fn entries_on(transitions: &Transitions, sandbox: &SandboxId) -> Vec<Arc<SessionEntry>> {
-    transitions
-        .table
-        .snapshot()
-        .into_iter()
-        .filter(|e| e.lock().bound.as_ref().map(|b| &b.sandbox) == Some(sandbox))
-        .collect()
+    transitions.table.on_sandbox(sandbox)
 }
 
 /// Feeds backend events to the activator until either side goes away.

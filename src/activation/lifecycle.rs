@@ -39,7 +39,6 @@ pub(crate) enum SessionPhase {
 
 impl SessionPhase {
     /// Every phase, in declaration order.
-    #[cfg(test)]
     pub(crate) const ALL: [SessionPhase; 9] = [
         SessionPhase::Unbound,
         SessionPhase::Activating,
@@ -66,18 +65,6 @@ impl SessionPhase {
             SessionPhase::Gone => "gone",
         }
     }
-
-    /// Every label a listed entry can have (`Gone` entries are never listed).
-    pub(crate) const LABELS: [&'static str; 8] = [
-        "unbound",
-        "activating",
-        "active",
-        "pausing",
-        "paused",
-        "resuming",
-        "releasing",
-        "lost",
-    ];
 
     /// A claim, resume, pause or release is running for the entry.
     pub(crate) fn is_transition(self) -> bool {

@@ -1,10 +1,16 @@
-//! `SessionTable`: `SessionKey -> Arc<SessionEntry>` in a `DashMap`, plus recovered orphans.
+//! `SessionTable`: `SessionKey -> Arc<SessionEntry>` in a `DashMap`, its indexes and gauges.
+//!
+//! Besides the map: sessions by sandbox (so a backend event touches only its own
+//! entries), live counts per phase (so `/metrics` is O(1) in sessions), and recovered
+//! orphans. The executor (`Transitions::commit`) keeps the index and counts current.
 //!
 //! Lock order: a table shard lock may be held while an entry is locked (the fast path
 //! does), never the reverse — code that removes an entry drops the entry's lock first
 //! (see `Transitions::settle`).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
@@ -12,7 +18,19 @@ use dashmap::mapref::entry::Entry;
 use super::entry::SessionEntry;
 use super::lifecycle::SessionPhase;
 use super::orphans::Orphans;
+use crate::backend::SandboxId;
 use crate::session::SessionKey;
+
+/// What `SessionTable::entry_for` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Found {
+    /// The key had an entry.
+    Existing,
+    /// A new `Unbound` entry.
+    Fresh,
+    /// A binding recovered by hash became the key's entry.
+    Recovered,
+}
 
 /// Every session the activator knows, one entry per key.
 #[derive(Default)]
@@ -20,6 +38,10 @@ pub(crate) struct SessionTable {
     map: DashMap<SessionKey, Arc<SessionEntry>>,
     /// Recovered bindings waiting for a request whose ID hashes to them.
     pub(crate) orphans: Orphans,
+    /// Entries per phase (`Gone` is not counted), indexed like `SessionPhase::ALL`.
+    counts: [AtomicI64; 9],
+    /// Entries by the sandbox they are bound to. Lock order: entry, then this.
+    by_sandbox: Mutex<HashMap<SandboxId, Vec<Arc<SessionEntry>>>>,
 }
 
 impl SessionTable {
@@ -41,9 +63,9 @@ impl SessionTable {
     }
 
     /// The entry for `key`, inserting an `Unbound` one (or one recovered by hash) if absent.
-    pub(crate) fn entry_for(&self, key: &SessionKey) -> Arc<SessionEntry> {
+    pub(crate) fn entry_for(&self, key: &SessionKey) -> (Arc<SessionEntry>, Found) {
         if let Some(entry) = self.get(key) {
-            return entry;
+            return (entry, Found::Existing);
         }
         // Computed before taking the shard's write lock: hashing is not free.
         let recovered = self.orphans.take(key);
@@ -52,16 +74,74 @@ impl SessionTable {
                 if let Some(r) = recovered {
                     self.orphans.put_back(r);
                 }
-                Arc::clone(row.get())
+                (Arc::clone(row.get()), Found::Existing)
             }
             Entry::Vacant(slot) => {
-                let fresh = match recovered {
-                    Some(r) => r.into_entry(key.clone()),
-                    None => SessionEntry::new(key.clone(), SessionPhase::Unbound, None),
+                let (fresh, found) = match recovered {
+                    Some(r) => (r.into_entry(key.clone()), Found::Recovered),
+                    None => (
+                        SessionEntry::new(key.clone(), SessionPhase::Unbound, None),
+                        Found::Fresh,
+                    ),
                 };
-                Arc::clone(slot.insert(fresh).value())
+                self.inserted(&fresh);
+                (Arc::clone(slot.insert(fresh).value()), found)
             }
         }
+    }
+
+    /// Counts and indexes a new entry (before anyone else can see it).
+    fn inserted(&self, entry: &Arc<SessionEntry>) {
+        let st = entry.lock();
+        self.count(st.phase, 1);
+        if let Some(b) = &st.bound {
+            self.index(&b.sandbox, entry);
+        }
+    }
+
+    fn count(&self, phase: SessionPhase, delta: i64) {
+        if phase != SessionPhase::Gone {
+            self.counts[phase as usize].fetch_add(delta, Ordering::Relaxed);
+        }
+    }
+
+    /// An entry moved from `from` to `to` (called by the executor, entry locked).
+    pub(crate) fn moved(&self, from: SessionPhase, to: SessionPhase) {
+        self.count(from, -1);
+        self.count(to, 1);
+    }
+
+    /// Entries in `phase`, without scanning.
+    pub(crate) fn count_of(&self, phase: SessionPhase) -> i64 {
+        self.counts[phase as usize].load(Ordering::Relaxed).max(0)
+    }
+
+    fn sandboxes(&self) -> MutexGuard<'_, HashMap<SandboxId, Vec<Arc<SessionEntry>>>> {
+        self.by_sandbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that `entry` is bound to `sandbox` (entry locked).
+    pub(crate) fn index(&self, sandbox: &SandboxId, entry: &Arc<SessionEntry>) {
+        self.sandboxes()
+            .entry(sandbox.clone())
+            .or_default()
+            .push(Arc::clone(entry));
+    }
+
+    /// Records that `entry` is no longer bound to `sandbox` (entry locked).
+    pub(crate) fn unindex(&self, sandbox: &SandboxId, entry: &Arc<SessionEntry>) {
+        let mut map = self.sandboxes();
+        if let Some(list) = map.get_mut(sandbox) {
+            list.retain(|e| !Arc::ptr_eq(e, entry));
+            if list.is_empty() {
+                map.remove(sandbox);
+            }
+        }
+    }
+
+    /// The entries bound to `sandbox`: a hash lookup, whatever the table size.
+    pub(crate) fn on_sandbox(&self, sandbox: &SandboxId) -> Vec<Arc<SessionEntry>> {
+        self.sandboxes().get(sandbox).cloned().unwrap_or_default()
     }
 
     /// Whether `key` has an entry (in any phase).
@@ -74,13 +154,20 @@ impl SessionTable {
         self.map.len()
     }
 
-    /// Inserts a recovered entry unless the key is already present.
+    /// Inserts a recovered entry unless the key is already present; returns it if it was.
     pub(crate) fn insert_if_absent(
         &self,
         key: SessionKey,
         make: impl FnOnce() -> Arc<SessionEntry>,
-    ) {
-        self.map.entry(key).or_insert_with(make);
+    ) -> Option<Arc<SessionEntry>> {
+        match self.map.entry(key) {
+            Entry::Occupied(_) => None,
+            Entry::Vacant(slot) => {
+                let entry = make();
+                self.inserted(&entry);
+                Some(Arc::clone(slot.insert(entry).value()))
+            }
+        }
     }
 
     /// Removes `entry` if it is still the one stored under its key.

@@ -11,6 +11,7 @@ use crate::metrics::Metrics;
 use crate::session::SessionKey;
 
 mod admin;
+mod deadlines;
 mod idle;
 mod loss;
 use tokio::time::sleep;

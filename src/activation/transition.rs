@@ -15,14 +15,16 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::ActivationError;
+use super::deadlines::Deadlines;
 use super::entry::{Bound, EntryState, SessionEntry};
+use super::idle::Reporter;
 use super::lifecycle::{
     self, BindingChange, Call, Cause, Event, Facts, IdleClock, Reply, SessionPhase, Step, Waiters,
 };
 use super::queue::ActivationQueue;
 use super::settings::Settings;
 use super::table::SessionTable;
-use crate::backend::{ActivationKind, BackendError, DynBackend};
+use crate::backend::{ActivationKind, BackendError, DynBackend, SandboxId};
 use crate::config::Config;
 use crate::events::{EventBus, Publisher};
 use crate::metrics::Metrics;
@@ -73,6 +75,12 @@ pub(crate) struct Transitions {
     pub(crate) settled: Notify,
     /// Transitions published on `GET /api/events`.
     pub(crate) events: Publisher,
+    /// Settled sessions by the instant the idle scheduler looks at them next.
+    pub(crate) deadlines: Arc<Deadlines>,
+    /// Sessions with traffic to report to the backend.
+    pub(crate) reporter: Reporter,
+    /// `Ready` sessions with a request in flight or inside their idle window.
+    active: AtomicUsize,
 }
 
 impl Transitions {
@@ -93,6 +101,9 @@ impl Transitions {
         );
         Arc::new(Transitions {
             events,
+            deadlines: Arc::default(),
+            reporter: Reporter::default(),
+            active: AtomicUsize::new(0),
             table: SessionTable::default(),
             backend,
             metrics,
@@ -170,6 +181,8 @@ impl Transitions {
     ) -> Option<CallTask> {
         let fx = step.effects;
         let now = Instant::now();
+        let from = st.phase;
+        let before = st.bound.as_ref().map(|b| b.sandbox.clone());
         // Published first: the event names the sandbox the session had before the step.
         self.publish_step(entry, st, event, &step, &payload);
         match fx.binding {
@@ -212,7 +225,10 @@ impl Transitions {
             st.lost_meanwhile = true;
         }
         match fx.clock {
-            Some(IdleClock::Touch) => entry.touch(now),
+            Some(IdleClock::Touch) => {
+                entry.touch(now);
+                self.reporter.note(entry);
+            }
             Some(IdleClock::Defer) => entry.defer_idle(now),
             None => {}
         }
@@ -227,7 +243,95 @@ impl Transitions {
             }
             None => {}
         }
-        fx.call.map(|call| self.spawn(entry, st, call))
+        let task = fx.call.map(|call| self.spawn(entry, st, call));
+        self.bookkeep(entry, st, from, before, now);
+        task
+    }
+
+    /// Keeps the table's indexes, the phase counts, the deadlines and the active count
+    /// true after a step (entry locked).
+    fn bookkeep(
+        &self,
+        entry: &Arc<SessionEntry>,
+        st: &mut EntryState,
+        from: SessionPhase,
+        before: Option<SandboxId>,
+        now: Instant,
+    ) {
+        let after = st.bound.as_ref().map(|b| &b.sandbox);
+        if before.as_ref() != after {
+            if let Some(b) = &before {
+                self.table.unindex(b, entry);
+            }
+            if let Some(a) = after {
+                self.table.index(a, entry);
+            }
+        }
+        let changed = from != st.phase;
+        if changed {
+            self.table.moved(from, st.phase);
+            self.set_active(entry, st.phase == SessionPhase::Ready);
+        }
+        self.keep_scheduled(entry, st, changed, now);
+    }
+
+    /// Every settled session has a deadline: `Ready` when its idle window would end,
+    /// `Paused`/`Lost`/`Unbound` when `idle.session_ttl` runs out; others have none.
+    fn keep_scheduled(
+        &self,
+        entry: &Arc<SessionEntry>,
+        st: &mut EntryState,
+        changed: bool,
+        now: Instant,
+    ) {
+        let wait = match st.phase {
+            SessionPhase::Ready => Some(self.settings.idle_timeout),
+            SessionPhase::Paused | SessionPhase::Lost | SessionPhase::Unbound => {
+                Some(self.settings.session_ttl)
+            }
+            _ => None,
+        };
+        match wait {
+            Some(w) if changed || st.due.is_none() => {
+                // A configured wait too long for the clock means "never" in practice.
+                let at = now
+                    .checked_add(w)
+                    .unwrap_or_else(|| now + std::time::Duration::from_secs(100 * 365 * 86_400));
+                self.deadlines.schedule(entry, st, at);
+            }
+            Some(_) => {}
+            None => self.deadlines.unschedule(entry, st),
+        }
+    }
+
+    /// Takes a recovered entry into the deadlines and the active count.
+    pub(crate) fn register(&self, entry: &Arc<SessionEntry>) {
+        let mut st = entry.lock();
+        if st.phase == SessionPhase::Ready {
+            self.set_active(entry, true);
+        }
+        self.keep_scheduled(entry, &mut st, false, Instant::now());
+    }
+
+    /// Counts `entry` in (or out of) the active sessions; exact, whatever the order of
+    /// calls. Call with the entry locked.
+    #[inline]
+    pub(crate) fn set_active(&self, entry: &SessionEntry, on: bool) {
+        if entry.counted_active.load(Ordering::Relaxed) != on
+            && entry.counted_active.swap(on, Ordering::AcqRel) != on
+        {
+            if on {
+                self.active.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.active.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// `Ready` sessions with a request in flight or inside their idle window (kept
+    /// incrementally: reading it is free).
+    pub(crate) fn active_sessions(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
     }
 
     /// The error a refused request or failed waiter gets for `cause`.
