@@ -16,7 +16,7 @@ use prometheus::IntGauge;
 use crate::activation::Activator;
 use crate::backend::ActivationKind;
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{ActivationExemplars, Metrics};
 use crate::session::{
     ExtractedSession, SessionAdmission, SessionExtractor, SessionForwarding, SessionOrigin,
     TokenSigner,
@@ -70,6 +70,8 @@ pub struct Proxy {
     shutdown: Shutdown,
     /// OpenTelemetry spans (off unless `telemetry.otlp.endpoint` is set).
     telemetry: Arc<Telemetry>,
+    /// Where traced activations leave their trace ID for `/metrics` (OpenMetrics).
+    exemplars: Arc<ActivationExemplars>,
 }
 
 impl Proxy {
@@ -106,6 +108,7 @@ impl Proxy {
             websockets_open: metrics.websockets_open.clone(),
             shutdown,
             telemetry: Arc::new(Telemetry::disabled()),
+            exemplars: metrics.activation_exemplars.clone(),
         }
     }
 
@@ -198,6 +201,11 @@ impl Proxy {
             if lease.activation != ActivationKind::None {
                 let sandbox = Some(lease.sandbox.as_str());
                 trace.activation(lease.activation.as_str(), "ok", lease.waited, sandbox);
+                self.exemplars.record(
+                    lease.activation.as_str(),
+                    lease.waited.as_secs_f64(),
+                    trace.trace_id(),
+                );
             }
         }
         let endpoint = lease.endpoint;
