@@ -16,6 +16,24 @@ fn probes() -> Vec<(&'static str, bool)> {
         ("promtool", runs("promtool", &["--version"])),
         ("kubectl", runs("kubectl", &["version", "--client"])),
         ("chromium", runs("chromium", &["--version"])),
+        // bubblewrap able to create the namespaces a process sandbox uses.
+        (
+            "bwrap",
+            runs(
+                "bwrap",
+                &[
+                    "--unshare-pid",
+                    "--unshare-ipc",
+                    "--unshare-uts",
+                    "--ro-bind",
+                    "/",
+                    "/",
+                    "--proc",
+                    "/proc",
+                    "true",
+                ],
+            ),
+        ),
         (
             "kubernetes_validate",
             runs("python3", &["-c", "import kubernetes_validate, yaml"]),

@@ -1,8 +1,8 @@
-//! Session-table fast path: `acquire` on a ready session plus dropping the lease.
+//! Session-table fast path: `acquire` on a ready session plus dropping the permit.
 //!
 //! Run: `cargo bench --bench table`. The table is filled through the real slow path
 //! (static backend, one endpoint shared by every session), then the measured loop is the
-//! proxy's per-request cost: `Activator::acquire` (ready -> no await) and `Lease` drop.
+//! proxy's per-request cost: `Activator::acquire` (ready -> no await) and `Permit` drop.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -6,8 +6,13 @@
 - CRD-typed kinds (Sandbox*, ServiceMonitor, HTTPRoute): the openAPIV3Schema of the CRD
   shipped in deploy/crds/, strict (unknown fields are errors unless the schema preserves
   them). The CRDs themselves are validated as CustomResourceDefinitions first.
-- Pod templates embedded in SandboxTemplates are validated as Pods.
+- Pod templates embedded in SandboxTemplates are validated as Pods, and their
+  `networkPolicy` (upstream's restricted subset: ingress and egress only) as the rules of a
+  NetworkPolicy.
 - kustomization.yaml lists exactly the manifest files present.
+
+`validate.py --rendered FILE` (or `-` for stdin) validates the output of
+`kubectl kustomize deploy/` instead: every rendered object, by the same rules.
 
 Exit 0 when everything is valid; 1 with one line per problem otherwise; 2 when the
 validator itself is not installed (`pip install kubernetes-validate`).
@@ -74,9 +79,77 @@ def group_of(api_version):
     return api_version.split("/")[0] if "/" in api_version else ""
 
 
-def main():
-    version = kubernetes_validate.latest_version()
-    problems = []
+def validate_doc(doc, source, crds, version, problems):
+    """Appends one line per problem of `doc` (read from `source`) to `problems`."""
+    kind = doc.get("kind", "?")
+    name = (doc.get("metadata") or {}).get("name", "?")
+    where = f"{source}: {kind}/{name}"
+    api_version = doc.get("apiVersion", "")
+    key = (group_of(api_version), api_version.split("/")[-1], kind)
+    if key not in crds:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{where}: {describe(e)}")
+        return
+    if not name or name == "?":
+        problems.append(f"{where}: metadata.name is required")
+    validator = jsonschema.Draft7Validator(crds[key])
+    for err in validator.iter_errors(doc):
+        at = ".".join(str(p) for p in err.absolute_path) or "(root)"
+        problems.append(f"{where}: {at}: {err.message}")
+    if kind != "SandboxTemplate":
+        return
+    spec = doc.get("spec") or {}
+    tpl = spec.get("podTemplate") or {}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": dict(tpl.get("metadata") or {}, name=name),
+        "spec": tpl.get("spec"),
+    }
+    try:
+        kubernetes_validate.validate(pod, version, strict=True)
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"{where}: spec.podTemplate as a Pod: {describe(e)}")
+    policy = spec.get("networkPolicy")
+    if policy is None:
+        return
+    # agent-sandbox 2fd412d55eca extensions/api/v1beta1/sandboxtemplate_types.go:
+    # NetworkPolicySpec has ingress and egress only; the controller sets podSelector and
+    # policyTypes (extensions/controllers/sandboxtemplate_controller.go).
+    extra = sorted(set(policy) - {"ingress", "egress"})
+    if extra:
+        problems.append(f"{where}: spec.networkPolicy: unknown fields {extra}")
+    np = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": f"{name}-network-policy"},
+        "spec": {
+            "podSelector": {},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": policy.get("ingress") or [],
+            "egress": policy.get("egress") or [],
+        },
+    }
+    try:
+        kubernetes_validate.validate(np, version, strict=True)
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"{where}: spec.networkPolicy as a NetworkPolicy: {describe(e)}")
+
+
+def rendered(source, crds, version, problems):
+    """Validates a multi-document stream (`kubectl kustomize` output). Returns the count."""
+    text = sys.stdin.read() if source == "-" else open(source).read()
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    if not docs:
+        problems.append(f"{source}: no objects rendered")
+    for doc in docs:
+        validate_doc(doc, "rendered", crds, version, problems)
+    return len(docs)
+
+
+def load_crds(version, problems):
     crds = {}
     for path in sorted(glob.glob(os.path.join(HERE, "crds", "*.yaml"))):
         for doc in load(path):
@@ -90,6 +163,21 @@ def main():
             for v in spec["versions"]:
                 key = (spec["group"], v["name"], spec["names"]["kind"])
                 crds[key] = strict(v["schema"]["openAPIV3Schema"])
+    return crds
+
+
+def main():
+    version = kubernetes_validate.latest_version()
+    problems = []
+    crds = load_crds(version, problems)
+    if len(sys.argv) == 3 and sys.argv[1] == "--rendered":
+        checked = rendered(sys.argv[2], crds, version, problems)
+        for p in problems:
+            print(p)
+        if problems:
+            return 1
+        print(f"ok: {checked} rendered objects valid (Kubernetes {version})")
+        return 0
 
     manifests = sorted(
         p
@@ -108,35 +196,7 @@ def main():
     for path in manifests:
         for doc in load(path):
             checked += 1
-            kind = doc.get("kind", "?")
-            name = (doc.get("metadata") or {}).get("name", "?")
-            where = f"{os.path.basename(path)}: {kind}/{name}"
-            api_version = doc.get("apiVersion", "")
-            key = (group_of(api_version), api_version.split("/")[-1], kind)
-            if key in crds:
-                if not name or name == "?":
-                    problems.append(f"{where}: metadata.name is required")
-                validator = jsonschema.Draft7Validator(crds[key])
-                for err in validator.iter_errors(doc):
-                    at = ".".join(str(p) for p in err.absolute_path) or "(root)"
-                    problems.append(f"{where}: {at}: {err.message}")
-                if kind == "SandboxTemplate":
-                    tpl = doc["spec"]["podTemplate"]
-                    pod = {
-                        "apiVersion": "v1",
-                        "kind": "Pod",
-                        "metadata": dict(tpl.get("metadata") or {}, name=name),
-                        "spec": tpl["spec"],
-                    }
-                    try:
-                        kubernetes_validate.validate(pod, version, strict=True)
-                    except Exception as e:  # noqa: BLE001
-                        problems.append(f"{where}: spec.podTemplate as a Pod: {describe(e)}")
-            else:
-                try:
-                    kubernetes_validate.validate(doc, version, strict=True)
-                except Exception as e:  # noqa: BLE001
-                    problems.append(f"{where}: {describe(e)}")
+            validate_doc(doc, os.path.basename(path), crds, version, problems)
 
     for p in problems:
         print(p)

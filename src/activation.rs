@@ -2,21 +2,26 @@
 //!
 //! CONTRACT (the proxy and admin API rely on these signatures):
 //! - [`Activator::acquire`] is the only call on the request path. Fast path: the session is
-//!   bound and ready -> a [`Lease`] without awaiting (one table lookup, one short lock).
+//!   bound and ready -> a [`Permit`] without awaiting (one table lookup, one short lock).
 //!   Slow path: the request joins the session's FIFO wait queue while exactly one claim or
 //!   resume runs in a spawned task (a client that goes away does not cancel it).
-//! - A [`Lease`] counts the request as in flight for its session until dropped; the proxy
+//! - A [`Permit`] counts the request as in flight for its session until dropped; the proxy
 //!   keeps it alive until the response body (or upgraded stream) ends, so idle pausing
 //!   never hits live traffic.
 //!
 //! # Layout
+//! - [`lifecycle`]: the pure state machine `(SessionPhase, Event) -> (SessionPhase, Effects)`.
+//! - [`transition`]: `Transitions`, the one executor of lifecycle steps, and the backend
+//!   calls (claim, resume, pause, release) it spawns; the activator's private context.
+//! - [`table`]: `SessionTable`, the session map; [`orphans`]: bindings recovered by hash.
 //! - [`entry`]: one table row: phase, binding, wait queue, lock-free in-flight count.
-//! - [`table`]: the session table, the fast and slow acquire paths.
+//! - [`acquire`]: the fast and slow acquire paths.
 //! - [`queue`]: per-session and global queue bounds, waiter fan-out.
-//! - [`transition`]: the claim, resume, pause and release tasks and loss handling.
-//! - [`idle`]: the sweeper that pauses/releases idle sessions and reports activity.
-//! - [`events`]: backend events and restart recovery.
+//! - [`idle`]: `IdleScheduler`, which steps sessions whose deadline came and reports activity.
+//! - [`deadlines`]: `Deadlines`, settled sessions ordered by when they are due.
+//! - [`events`]: `EventRouter`, backend events and restart recovery.
 //! - [`admin`]: listings, counts and admin-initiated transitions.
+//! - [`settings`]: the configuration the layer reads, resolved once.
 //! - [`publish`]: transition events for `GET /api/events`.
 
 use std::net::SocketAddr;
@@ -30,12 +35,17 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::session::SessionKey;
 
+mod acquire;
 mod admin;
+mod deadlines;
 mod entry;
 mod events;
 mod idle;
+mod lifecycle;
+mod orphans;
 mod publish;
 mod queue;
+mod settings;
 mod table;
 mod transition;
 
@@ -45,7 +55,10 @@ mod fake_backend;
 mod tests;
 
 use entry::{Grant, InFlightGuard};
-use table::Shared;
+use events::EventRouter;
+use idle::IdleScheduler;
+use lifecycle::Event;
+use transition::Transitions;
 
 /// Why a request could not get a sandbox; mapped to a response in `proxy::error`.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -69,7 +82,7 @@ pub enum ActivationError {
 
 /// Permission to forward one request to a session's sandbox. Dropping it ends the
 /// request's in-flight count and stamps the session's last activity.
-pub struct Lease {
+pub struct Permit {
     pub endpoint: SocketAddr,
     pub sandbox: SandboxId,
     /// What this request waited for.
@@ -81,9 +94,9 @@ pub struct Lease {
     _guard: InFlightGuard,
 }
 
-impl Lease {
-    fn from_grant(grant: Grant, waited: Duration) -> Lease {
-        Lease {
+impl Permit {
+    fn from_grant(grant: Grant, waited: Duration) -> Permit {
+        Permit {
             endpoint: grant.endpoint,
             sandbox: grant.sandbox,
             activation: grant.kind,
@@ -99,9 +112,9 @@ impl Lease {
     }
 }
 
-impl std::fmt::Debug for Lease {
+impl std::fmt::Debug for Permit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease")
+        f.debug_struct("Permit")
             .field("endpoint", &self.endpoint)
             .field("sandbox", &self.sandbox)
             .field("activation", &self.activation)
@@ -128,76 +141,82 @@ pub struct SessionInfo {
 
 /// Owns the session table and drives every session's lifecycle against the backend.
 pub struct Activator {
-    shared: Arc<Shared>,
+    transitions: Arc<Transitions>,
+    idle: IdleScheduler,
+    events: EventRouter,
 }
 
 impl Activator {
-    /// Builds the activator; call [`Activator::spawn_background`] to start idle sweeping and
-    /// backend event handling.
+    /// Builds the activator; call [`Activator::spawn_background`] to start idle scheduling
+    /// and backend event handling.
     pub fn new(config: &Config, backend: DynBackend, metrics: Arc<Metrics>) -> Arc<Activator> {
+        let transitions = Transitions::new(config, backend, metrics);
         Arc::new(Activator {
-            shared: Shared::new(config, backend, metrics),
+            idle: IdleScheduler::new(&transitions),
+            events: EventRouter::new(&transitions),
+            transitions,
         })
     }
 
-    /// Starts the idle sweeper and the backend-event listener. They stop by themselves
+    /// Starts the idle scheduler and the backend-event listener. They stop by themselves
     /// once the activator is dropped.
     pub fn spawn_background(self: &Arc<Self>) {
-        self.shared.spawn_background();
+        self.idle.spawn();
+        self.events.spawn();
     }
 
     /// Re-populates the table from the backend's own store (Kubernetes claims) after a
     /// restart. Call once before serving. Returns how many bindings were found; those
     /// known only by hash attach when a request whose ID hashes to them arrives.
     pub async fn recover(&self) -> Result<usize, ActivationError> {
-        self.shared.recover().await
+        self.events.recover().await
     }
 
     /// Gets a ready sandbox for `key`, claiming or resuming one if needed.
-    pub async fn acquire(&self, key: &SessionKey) -> Result<Lease, ActivationError> {
-        if let Some(lease) = self.shared.try_ready(key) {
-            return Ok(lease);
+    pub async fn acquire(&self, key: &SessionKey) -> Result<Permit, ActivationError> {
+        if let Some(permit) = acquire::try_ready(&self.transitions, key) {
+            return Ok(permit);
         }
-        self.shared.acquire_slow(key).await
+        acquire::acquire_slow(&self.transitions, key).await
     }
 
-    /// The fast path alone: a lease if `key` is bound and ready, without waiting.
-    pub fn try_acquire_ready(&self, key: &SessionKey) -> Option<Lease> {
-        self.shared.try_ready(key)
+    /// The fast path alone: a permit if `key` is bound and ready, without waiting.
+    pub fn try_acquire_ready(&self, key: &SessionKey) -> Option<Permit> {
+        acquire::try_ready(&self.transitions, key)
     }
 
     /// Whether the table holds `key` (in any phase): a request for an unknown key starts
     /// a new session, which `session.max_sessions`/`create_rate` bound.
     pub fn knows(&self, key: &SessionKey) -> bool {
-        self.shared.table.contains_key(key)
+        self.transitions.table.contains(key)
     }
 
     /// Sessions in the table, in any phase (`session.max_sessions` counts these).
     pub fn session_total(&self) -> usize {
-        self.shared.table.len()
+        self.transitions.table.len()
     }
 
     /// All sessions, for the admin API.
     pub fn sessions(&self) -> Vec<SessionInfo> {
-        self.shared.sessions()
+        admin::sessions(&self.transitions)
     }
 
     /// One session, for the admin API.
     pub fn session(&self, key: &SessionKey) -> Option<SessionInfo> {
-        self.shared.session(key)
+        admin::session(&self.transitions, key)
     }
 
     /// The sessions whose short hash (as listings show it) is `hash`: normally one, none
     /// if unknown, several only on a hash-prefix collision.
     pub fn keys_by_hash(&self, hash: &str) -> Vec<SessionKey> {
-        self.shared.keys_by_hash(hash)
+        admin::keys_by_hash(&self.transitions, hash)
     }
 
     /// Releases a session now (admin `DELETE`), even with requests in flight (they finish
     /// against the old sandbox). `Ok(false)`: unknown session. Waits (bounded by
     /// `activation.timeout`) for a running transition to end first.
     pub async fn release(&self, key: &SessionKey) -> Result<bool, ActivationError> {
-        self.shared.admin_release(key).await
+        admin::admin_op(&self.transitions, key, Event::AdminRelease).await
     }
 
     /// Pauses a session now (admin `POST .../pause`). `Ok(false)`: unknown session (or one
@@ -205,45 +224,45 @@ impl Activator {
     /// `Backend(Unsupported)` when the backend cannot pause, `Backend(Busy)` while a request
     /// is in flight (live traffic is never paused), `SandboxLost`.
     pub async fn pause(&self, key: &SessionKey) -> Result<bool, ActivationError> {
-        self.shared.admin_pause(key).await
+        admin::admin_op(&self.transitions, key, Event::AdminPause).await
     }
 
     /// Resumes a session now (admin `POST .../resume`). `Ok(false)`: unknown session (or
     /// one without a sandbox); `Ok(true)`: running (or already was).
     pub async fn resume(&self, key: &SessionKey) -> Result<bool, ActivationError> {
-        self.shared.admin_resume(key).await
+        admin::admin_op(&self.transitions, key, Event::AdminResume).await
     }
 
     /// Refuses new activations (claims and resumes get `ShuttingDown`) and releases
-    /// nothing: ready sessions keep serving during the drain; idle sweeping stops.
+    /// nothing: ready sessions keep serving during the drain; idle pausing stops.
     pub fn begin_shutdown(&self) {
-        self.shared.begin_shutdown();
+        self.transitions.begin_shutdown();
     }
 
     /// Session counts by state (every state, zeros included), for
     /// `activator_sessions{state}` at scrape time.
     pub fn session_counts(&self) -> Vec<(&'static str, i64)> {
-        self.shared.session_counts()
+        admin::session_counts(&self.transitions)
     }
 
     /// New sessions currently waiting for a claim (capacity): autoscaler demand.
     pub fn waiting_sessions(&self) -> usize {
-        self.shared.waiting_sessions()
+        self.transitions.claiming()
     }
 
     /// Bound sessions with a request in flight or inside their idle window, as counted by
-    /// the last idle sweep (so at most `idle.sweep_interval` old; reading it is free).
+    /// the last idle pass (so at most `idle.sweep_interval` old; reading it is free).
     pub fn active_sessions(&self) -> usize {
-        self.shared.active_sessions()
+        self.transitions.active_sessions()
     }
 
     /// The transition event stream (`GET /api/events`).
     pub fn events(&self) -> &Arc<crate::events::EventBus> {
-        self.shared.events.bus()
+        self.transitions.events.bus()
     }
 
     /// Requests waiting across all sessions (`activator_queued_requests`).
     pub fn queued_requests(&self) -> usize {
-        self.shared.queued_requests()
+        self.transitions.queue.total()
     }
 }

@@ -28,11 +28,13 @@ use crate::shutdown::{Phase, Shutdown};
 use crate::stats::TrafficStats;
 
 mod api;
+mod auth;
 mod body;
 mod dashboard;
 mod stream;
 
 use api::Action;
+pub use auth::{AdminAuth, read_token};
 pub use body::AdminBody;
 pub use stream::{ConnectionCut, EventStreams};
 
@@ -59,6 +61,8 @@ pub struct AdminState {
     pub autoscaler: Arc<Autoscaler>,
     /// `GET /api/events` settings and open streams.
     pub event_streams: EventStreams,
+    /// `admin.auth`: checked before routing.
+    pub auth: AdminAuth,
 }
 
 /// Dispatches one admin request.
@@ -225,7 +229,12 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             let service = service_fn(move |mut req: Request<Incoming>| {
                 let state = state.clone();
                 req.extensions_mut().insert(cut.clone());
-                async move { Ok::<_, Infallible>(route(&state, req).await) }
+                async move {
+                    if let Some(refused) = state.auth.check(&req) {
+                        return Ok::<_, Infallible>(refused);
+                    }
+                    Ok::<_, Infallible>(route(&state, req).await)
+                }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::select! {

@@ -66,10 +66,18 @@ impl Autoscaler {
         leader: Arc<dyn Leadership>,
         replica: ReplicaId,
     ) -> Arc<Autoscaler> {
+        // Replicas share one admin token (one Secret), so the leader presents its own.
+        let token = config
+            .admin
+            .auth
+            .bearer_token_file
+            .as_deref()
+            .and_then(|f| crate::admin::read_token(f).ok());
         let peers = PeerCollector::new(
             config.autoscaler.peers.clone(),
             config.autoscaler.peer_timeout.as_duration(),
             replica,
+            token,
         );
         Arc::new(Autoscaler {
             config: config.clone(),

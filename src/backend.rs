@@ -203,6 +203,10 @@ pub enum BackendError {
     /// The control plane (Kubernetes API) failed or is unreachable (503).
     #[error("control plane error: {0}")]
     ControlPlane(String),
+    /// The session's claim exists but is not this activator's (503 `claim_conflict`): it
+    /// is never adopted. Holds the claim's name, for logs only.
+    #[error("the session's sandbox claim belongs to someone else")]
+    Conflict(String),
 }
 
 /// The source of sandboxes. Implementations must be cheap to call concurrently: the

@@ -50,6 +50,7 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Address of the admin listener: metrics, health, session API (`admin_listen`).
     pub admin_listen: SocketAddr,
+    pub admin: AdminConfig,
     pub log: LogConfig,
     pub tls: Option<TlsConfig>,
     pub proxy: ProxyConfig,
@@ -69,6 +70,7 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:8080".parse().expect("literal address"),
             admin_listen: "127.0.0.1:9090".parse().expect("literal address"),
+            admin: AdminConfig::default(),
             log: LogConfig::default(),
             tls: None,
             proxy: ProxyConfig::default(),
@@ -82,6 +84,36 @@ impl Default for Config {
             node_agent: None,
         }
     }
+}
+
+/// `admin.*`: who may use the admin listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub auth: AdminAuthConfig,
+    /// Allow a non-loopback `admin_listen` without `admin.auth` (`check` refuses it otherwise).
+    pub allow_unauthenticated: bool,
+    /// Paths served without a token (exact match), e.g. for Prometheus and kubelet probes.
+    pub public_paths: Vec<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            auth: AdminAuthConfig::default(),
+            allow_unauthenticated: false,
+            public_paths: vec!["/metrics".into(), "/healthz".into(), "/readyz".into()],
+        }
+    }
+}
+
+/// `admin.auth.*`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminAuthConfig {
+    /// File holding the bearer token (surrounding whitespace ignored); every admin request
+    /// outside `admin.public_paths` needs `Authorization: Bearer <token>`.
+    pub bearer_token_file: Option<PathBuf>,
 }
 
 /// `log.*`
@@ -151,8 +183,42 @@ pub struct ProxyConfig {
     pub strip_headers: Vec<String>,
     /// On SIGTERM, how long in-flight requests and open streams may take to finish.
     pub drain_timeout: Dur,
-    /// Client connections idle this long between requests are closed (HTTP/1 keep-alive).
+    /// On SIGTERM, how long the listener keeps accepting while `/readyz` already answers
+    /// 503, so load balancers and Endpoints stop sending before it closes.
+    pub drain_delay: Dur,
+    /// Bound from accepting a connection to its first complete request head: covers the
+    /// TLS handshake, protocol detection and the head, for HTTP/1.1 and HTTP/2 alike;
+    /// on HTTP/1.1 keep-alive it also bounds every later head once its first byte arrived.
     pub client_header_timeout: Dur,
+    /// A client connection with no request in flight (HTTP/1.1 keep-alive, HTTP/2 with
+    /// no open stream) is closed after this long.
+    pub idle_timeout: Dur,
+    /// Longest gap between two reads of a request body (408 `body_timeout` after).
+    pub body_timeout: Dur,
+    /// A relayed WebSocket (upgraded stream) with no byte in either direction for this
+    /// long is closed on both sides.
+    pub tunnel_idle_timeout: Dur,
+    /// Client connections open at once; beyond it new connections are closed at accept.
+    pub max_connections: usize,
+    /// Largest request head (request line + headers) in bytes (431 beyond).
+    pub max_header_bytes: usize,
+    /// Largest request body in bytes (413 beyond); unset = unlimited.
+    pub max_body_bytes: Option<u64>,
+    /// HTTP/2: interval of keepalive PINGs to clients; 0s = none.
+    pub http2_keepalive_interval: Dur,
+    /// HTTP/2: a PING not acknowledged within this closes the connection.
+    pub http2_keepalive_timeout: Dur,
+    /// HTTP/2: concurrent streams one client connection may open.
+    pub http2_max_concurrent_streams: u32,
+    /// TCP keepalive on client and sandbox sockets: idle time before the first probe
+    /// (then every third of it, 3 probes); 0s = off.
+    pub tcp_keepalive: Dur,
+    /// `Upgrade` protocols relayed (case-insensitive); any other is dropped and the
+    /// request forwarded as a plain one.
+    pub allowed_upgrades: Vec<String>,
+    /// Peers (CIDRs or single addresses) whose `X-Forwarded-*`, `Forwarded`,
+    /// `X-Real-IP` and `X-Request-ID` are believed; from anyone else they are replaced.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ProxyConfig {
@@ -165,7 +231,20 @@ impl Default for ProxyConfig {
             upstream_protocol: UpstreamProtocol::Http1,
             strip_headers: Vec::new(),
             drain_timeout: Dur::secs(30),
+            drain_delay: Dur::secs(0),
             client_header_timeout: Dur::secs(30),
+            idle_timeout: Dur::secs(75),
+            body_timeout: Dur::secs(60),
+            tunnel_idle_timeout: Dur::secs(3600),
+            max_connections: 10_000,
+            max_header_bytes: 64 * 1024,
+            max_body_bytes: None,
+            http2_keepalive_interval: Dur::secs(30),
+            http2_keepalive_timeout: Dur::secs(20),
+            http2_max_concurrent_streams: 128,
+            tcp_keepalive: Dur::secs(60),
+            allowed_upgrades: vec!["websocket".into()],
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -390,6 +469,12 @@ pub struct BackendConfig {
     pub stop_grace: Dur,
     /// process: how to freeze: `auto`, `cgroup_v2`, `cgroup_v1` or `signal`.
     pub freezer: FreezerKind,
+    /// process: how sandboxes are isolated from the host and each other: `none` (default for
+    /// now), `namespaces` (bubblewrap; a clear error where it cannot run), `auto` (namespaces
+    /// where bubblewrap works, else none with a warning).
+    pub isolation: IsolationKind,
+    /// process: the bubblewrap executable used for namespace isolation.
+    pub bwrap: PathBuf,
     /// kubernetes: API flavour and object names.
     pub kubernetes: KubernetesConfig,
 }
@@ -407,6 +492,8 @@ impl Default for BackendConfig {
             max_sandboxes: 0,
             stop_grace: Dur::secs(5),
             freezer: FreezerKind::Auto,
+            isolation: IsolationKind::None,
+            bwrap: PathBuf::from("bwrap"),
             kubernetes: KubernetesConfig::default(),
         }
     }
@@ -418,6 +505,15 @@ pub enum BackendKind {
     Static,
     Process,
     Kubernetes,
+}
+
+/// `backend.isolation` (process backend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IsolationKind {
+    Auto,
+    Namespaces,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -448,8 +544,19 @@ pub struct KubernetesConfig {
     pub claim_prefix: String,
     /// Write the raw session ID into an annotation on the claim (off by default).
     pub write_session_id: bool,
-    /// Shortest interval between two last-activity annotation writes for one session.
+    /// How often this replica republishes its activity digest (the sessions it served
+    /// within `idle.timeout`), which other replicas read before pausing a sandbox. A
+    /// session new to this replica is published at once (at most once a second).
     pub activity_write_interval: Dur,
+    /// Honour the `agent-activator.dev/port` annotation on Sandboxes instead of dialling
+    /// `podIP:port`. Off by default: whoever can annotate a Sandbox could steer traffic.
+    /// Only for kube-testbed, whose pods pick their own ports.
+    pub port_from_annotation: bool,
+    /// Leak backstop: claims are created to expire this long after the session's last
+    /// traffic (agent-sandbox `spec.lifecycle.shutdownTime` + `shutdownPolicy: Delete`,
+    /// OpenKruise `spec.shutdownTime`), pushed forward while the session lives, so the
+    /// cluster ends abandoned sandboxes even if every activator is gone.
+    pub shutdown_after: Dur,
     /// Kubernetes Lease used for autoscaler leader election.
     pub lease_name: String,
 }
@@ -465,6 +572,8 @@ impl Default for KubernetesConfig {
             claim_prefix: "sess-".into(),
             write_session_id: false,
             activity_write_interval: Dur::secs(10),
+            port_from_annotation: false,
+            shutdown_after: Dur::secs(48 * 3600),
             lease_name: "agent-activator-autoscaler".into(),
         }
     }

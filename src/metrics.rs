@@ -87,6 +87,13 @@ pub struct Metrics {
     /// Trace IDs attached to `activator_activation_duration_seconds` buckets in the
     /// OpenMetrics exposition.
     pub activation_exemplars: std::sync::Arc<ActivationExemplars>,
+    /// `activator_client_connections`: client connections open now (upgraded ones too).
+    pub client_connections: IntGauge,
+    /// `activator_client_connections_refused_total`: closed at accept by `proxy.max_connections`.
+    pub client_connections_refused_total: IntCounter,
+    /// `activator_client_connections_closed_total{reason}`: closed by the activator:
+    /// header_timeout | idle_timeout | tunnel_idle_timeout | tls_handshake.
+    pub client_connections_closed_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -268,6 +275,24 @@ impl Metrics {
             )
             .expect("valid metric"),
             activation_exemplars: std::sync::Arc::default(),
+            client_connections: IntGauge::new(
+                "activator_client_connections",
+                "Client connections open now, upgraded (WebSocket) ones included.",
+            )
+            .expect("valid metric"),
+            client_connections_refused_total: IntCounter::new(
+                "activator_client_connections_refused_total",
+                "Client connections closed at accept because proxy.max_connections were open.",
+            )
+            .expect("valid metric"),
+            client_connections_closed_total: IntCounterVec::new(
+                Opts::new(
+                    "activator_client_connections_closed_total",
+                    "Client connections the activator closed, by reason.",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
             registry,
         };
         m.register_all();
@@ -305,6 +330,9 @@ impl Metrics {
             Box::new(self.events_total.clone()),
             Box::new(self.event_subscribers.clone()),
             Box::new(self.event_subscribers_dropped.clone()),
+            Box::new(self.client_connections.clone()),
+            Box::new(self.client_connections_refused_total.clone()),
+            Box::new(self.client_connections_closed_total.clone()),
         ];
         for c in collectors {
             self.registry.register(c).expect("metric registered once");

@@ -11,6 +11,7 @@
 //!   namespace, with sandbox labels.
 //! - [`api`]: the HTTP API and the one place errors become responses.
 //! - [`metrics`]: frozen pods and bytes, freeze and thaw latency.
+//! - [`client`]: the caller's side: find the agent on a pod's node, freeze, thaw.
 //!
 //! Every request is authenticated first, then the pod verified, and only then is a cgroup
 //! path derived (from the verified UID) and touched.
@@ -26,6 +27,7 @@ use tokio::time::Instant;
 pub mod api;
 pub mod auth;
 pub mod cgroup;
+pub mod client;
 pub mod config;
 pub mod metrics;
 pub mod pods;

@@ -7,11 +7,12 @@
 //! a response in [`error`]; hyper never sees an `Err`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{HeaderName, SET_COOKIE};
 use http::{HeaderValue, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
-use prometheus::IntGauge;
+use hyper::body::{Body, Incoming};
+use prometheus::{IntCounter, IntGauge};
 
 use crate::activation::Activator;
 use crate::backend::ActivationKind;
@@ -25,16 +26,20 @@ use crate::shutdown::Shutdown;
 use crate::stats::TrafficStats;
 use crate::telemetry::Telemetry;
 
+mod activity;
 mod body;
+mod client_addr;
 mod completion;
 pub mod error;
 mod forward;
 mod listener;
 mod relay;
+mod request_id;
 mod tls;
 mod upstream;
 
-pub use body::{ProxyBody, ResponseBody};
+pub use body::{ProxyBody, RequestBody, RequestBodyError, ResponseBody};
+pub use client_addr::{TrustedProxies, client_ip, parse_cidr};
 pub use completion::{CLIENT_CLOSED, StatusCounters};
 use completion::{Completion, Recorder};
 use error::ProxyError;
@@ -42,6 +47,7 @@ pub use forward::{ClientConn, strip_hop_by_hop};
 use forward::{is_upgrade_request, prepare_request_headers, upstream_uri};
 pub use listener::serve;
 use relay::Relay;
+pub use request_id::X_REQUEST_ID;
 pub use tls::{TlsError, acceptor as tls_acceptor};
 use upstream::Upstream;
 
@@ -72,6 +78,13 @@ pub struct Proxy {
     telemetry: Arc<Telemetry>,
     /// Where traced activations leave their trace ID for `/metrics` (OpenMetrics).
     exemplars: Arc<ActivationExemplars>,
+    trusted: TrustedProxies,
+    /// `proxy.allowed_upgrades`, lower-cased.
+    allowed_upgrades: Box<[String]>,
+    body_timeout: Duration,
+    max_body_bytes: Option<u64>,
+    tunnel_idle_timeout: Duration,
+    tunnels_closed: IntCounter,
 }
 
 impl Proxy {
@@ -109,6 +122,19 @@ impl Proxy {
             shutdown,
             telemetry: Arc::new(Telemetry::disabled()),
             exemplars: metrics.activation_exemplars.clone(),
+            trusted: TrustedProxies::new(&config.proxy.trusted_proxies),
+            allowed_upgrades: config
+                .proxy
+                .allowed_upgrades
+                .iter()
+                .map(|u| u.to_ascii_lowercase())
+                .collect(),
+            body_timeout: config.proxy.body_timeout.as_duration(),
+            max_body_bytes: config.proxy.max_body_bytes,
+            tunnel_idle_timeout: config.proxy.tunnel_idle_timeout.as_duration(),
+            tunnels_closed: metrics
+                .client_connections_closed_total
+                .with_label_values(&["tunnel_idle_timeout"]),
         }
     }
 
@@ -118,24 +144,61 @@ impl Proxy {
         self
     }
 
+    /// Is `ip` one of `proxy.trusted_proxies`?
+    pub fn is_trusted(&self, ip: std::net::IpAddr) -> bool {
+        self.trusted.contains(ip)
+    }
+
+    /// The client address of a request: the peer, or behind trusted proxies the
+    /// rightmost untrusted `X-Forwarded-For` entry. Per-client limits key on it.
+    pub fn client_ip(&self, conn: &ClientConn, headers: &http::HeaderMap) -> std::net::IpAddr {
+        client_addr::client_ip(conn, headers, &self.trusted)
+    }
+
+    /// Does every protocol the client offers in `Upgrade` appear in
+    /// `proxy.allowed_upgrades`? (`h2c` never does: it would become a raw tunnel.)
+    fn upgrade_allowed(&self, headers: &http::HeaderMap) -> bool {
+        let mut offered = headers
+            .get_all(http::header::UPGRADE)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("\u{0}").split(','))
+            .map(|t| t.split('/').next().unwrap_or("").trim())
+            .peekable();
+        offered.peek().is_some()
+            && offered.all(|t| {
+                self.allowed_upgrades
+                    .iter()
+                    .any(|a| a.eq_ignore_ascii_case(t))
+            })
+    }
+
     /// Proxies one request. Never fails: every failure is a response.
     pub async fn handle(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         conn: &ClientConn,
     ) -> Response<ResponseBody> {
         let mut completion = Completion::begin(&self.recorder, req.method(), req.uri());
         if self.telemetry.enabled() {
             completion.set_trace(self.telemetry.start_request(req.method(), req.headers()));
         }
-        let resp = match self.extractor.extract(req.uri(), req.headers()) {
-            Err(err) => self.failure(err.into()),
+        let request_id = request_id::request_id(conn, req.headers());
+        req.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
+        let https = conn.https(req.headers());
+        let declared = req.body().size_hint().lower();
+        let mut resp = match self.extractor.extract(req.uri(), req.headers()) {
+            // A declared length over the cap is refused before any sandbox is woken.
+            _ if self.max_body_bytes.is_some_and(|max| declared > max) => self.failure(
+                ProxyError::BodyTooLarge(self.max_body_bytes.unwrap_or(0)),
+                &request_id,
+            ),
+            Err(err) => self.failure(err.into(), &request_id),
             Ok(session) => {
                 completion.set_session(&session.key, session.rewritten.as_ref());
                 let minted = (session.origin == SessionOrigin::Minted).then(|| session.key.clone());
                 let mut resp = match self.forward(req, session, conn, &mut completion).await {
                     Ok(resp) => resp,
-                    Err(err) => self.failure(err),
+                    Err(err) => self.failure(err, &request_id),
                 };
                 // A minted ID is handed out even on failure, so a retry (503 carries
                 // Retry-After) finds the claim that kept running for it.
@@ -143,7 +206,7 @@ impl Proxy {
                     let value = self.extractor.client_value(&key);
                     let headers = resp.headers_mut();
                     if let Some(cookie) = self.extractor.set_cookie(&value) {
-                        headers.append(SET_COOKIE, cookie);
+                        headers.append(SET_COOKIE, if https { secure(cookie) } else { cookie });
                     }
                     if let Ok(v) = HeaderValue::from_str(&value) {
                         headers.insert(&X_SESSION_ID, v);
@@ -152,18 +215,22 @@ impl Proxy {
                 resp
             }
         };
+        resp.headers_mut().insert(&X_REQUEST_ID, request_id);
         completion.set_status(resp.status().as_u16());
         let (parts, body) = resp.into_parts();
         Response::from_parts(parts, ResponseBody::new(body, completion))
     }
 
-    fn failure(&self, err: ProxyError) -> Response<ProxyBody> {
+    fn failure(&self, err: ProxyError, request_id: &HeaderValue) -> Response<ProxyBody> {
+        // The detail (a sandbox's stderr, an API message) is only logged, under the
+        // request ID the client also gets.
+        let request_id = request_id.to_str().unwrap_or("");
         // Sandbox and upstream faults are worth a warning; capacity and client errors are
         // expected under load and already in the access log.
         if err.status() == StatusCode::BAD_GATEWAY {
-            tracing::warn!(code = err.code(), error = %ErrorChain(&err), "request failed");
+            tracing::warn!(code = err.code(), request_id, error = %ErrorChain(&err), "request failed");
         } else {
-            tracing::debug!(code = err.code(), error = %ErrorChain(&err), "request refused");
+            tracing::debug!(code = err.code(), request_id, error = %ErrorChain(&err), "request refused");
         }
         err.into_response(&self.retry_after)
     }
@@ -180,8 +247,10 @@ impl Proxy {
             None => {
                 // A session the table does not hold yet is a new one: bounded.
                 if !self.activator.knows(&session.key) {
+                    // Behind trusted proxies the limit keys on the real client.
+                    let client = self.client_ip(conn, req.headers());
                     self.admission
-                        .admit(conn.peer.ip(), self.activator.session_total())?;
+                        .admit(client, self.activator.session_total())?;
                 }
                 let waiting = tokio::time::Instant::now();
                 match self.activator.acquire(&session.key).await {
@@ -214,9 +283,14 @@ impl Proxy {
         let state_lost = lease.state_lost;
         completion.hold_lease(lease);
 
-        let upgrade = req.version() <= Version::HTTP_11 && is_upgrade_request(req.headers());
+        // An upgrade outside `proxy.allowed_upgrades` is forwarded as a plain request
+        // (its `Upgrade`/`Connection` headers stripped as hop-by-hop).
+        let upgrade = req.version() <= Version::HTTP_11
+            && is_upgrade_request(req.headers())
+            && self.upgrade_allowed(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
+        let body = RequestBody::new(body, self.body_timeout, self.max_body_bytes);
         prepare_request_headers(
             &mut parts.headers,
             parts.uri.authority(),
@@ -239,7 +313,8 @@ impl Proxy {
         let sent = self
             .upstream
             .send(Request::from_parts(parts, body), endpoint, upgrade)
-            .await;
+            .await
+            .map_err(ProxyError::blame_request_body);
         if let Some(span) = span {
             span.finish(
                 sent.as_ref()
@@ -275,10 +350,23 @@ impl Proxy {
             completion: completion.take(),
             track: self.shutdown.tracker().track(),
             open_gauge: self.websockets_open.clone(),
+            idle_timeout: self.tunnel_idle_timeout,
+            idle_closed: self.tunnels_closed.clone(),
         }
         .spawn(self.shutdown.clone());
         Ok(resp.map(|_| ProxyBody::empty()))
     }
+}
+
+/// Adds `Secure` to a minted cookie when the client is on HTTPS behind a trusted
+/// TLS-terminating proxy (our own TLS already makes the extractor add it).
+fn secure(cookie: HeaderValue) -> HeaderValue {
+    if cookie.as_bytes().ends_with(b"; Secure") {
+        return cookie;
+    }
+    let mut v = cookie.as_bytes().to_vec();
+    v.extend_from_slice(b"; Secure");
+    HeaderValue::from_bytes(&v).unwrap_or(cookie)
 }
 
 /// Displays an error with its `source()` chain, for logs.

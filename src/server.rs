@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::activation::Activator;
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminAuth, AdminState};
 use crate::autoscaler::{Scaling, ScalingDeps};
 use crate::backend::{self, DynBackend};
 use crate::cluster::Cluster;
@@ -70,6 +70,7 @@ pub struct RunningServer {
     schedules: Vec<JoinHandle<()>>,
     shutdown: Shutdown,
     drain_timeout: Duration,
+    drain_delay: Duration,
     proxy_task: JoinHandle<()>,
     admin_task: JoinHandle<()>,
     telemetry: Arc<Telemetry>,
@@ -98,6 +99,8 @@ async fn start_inner(
     backend: Option<DynBackend>,
 ) -> Result<RunningServer, StartError> {
     let tls = config.tls.as_ref().map(proxy::tls_acceptor).transpose()?;
+    let admin_auth = AdminAuth::new(&config.admin)
+        .map_err(|m| ConfigError::invalid("admin.auth.bearer_token_file", m))?;
     let signer = crate::session::TokenSigner::from_config(&config.session)?;
     let proxy_listener = bind("listen", config.listen).await?;
     let admin_listener = bind("admin_listen", config.admin_listen).await?;
@@ -141,8 +144,17 @@ async fn start_inner(
     );
     let proxy_config = config.proxy.clone();
     let proxy_shutdown = shutdown.clone();
+    let proxy_metrics = metrics.clone();
     let proxy_task = tokio::spawn(async move {
-        proxy::serve(proxy_listener, tls, proxy, &proxy_config, proxy_shutdown).await;
+        proxy::serve(
+            proxy_listener,
+            tls,
+            proxy,
+            &proxy_config,
+            &proxy_metrics,
+            proxy_shutdown,
+        )
+        .await;
     });
     let scaling = Scaling::start(
         &config,
@@ -173,6 +185,7 @@ async fn start_inner(
         retry_after: proxy::error::retry_after_value(config.activation.retry_after.as_duration()),
         autoscaler: scaling.autoscaler().clone(),
         event_streams: admin::EventStreams::new(&config.telemetry.events),
+        auth: admin_auth,
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
     tracing::info!(%proxy_addr, %admin_addr, backend = backend.kind(), tls = config.tls.is_some(), "agent-activator listening");
@@ -188,6 +201,7 @@ async fn start_inner(
         schedules,
         shutdown,
         drain_timeout: config.proxy.drain_timeout.as_duration(),
+        drain_delay: config.proxy.drain_delay.as_duration(),
         proxy_task,
         admin_task,
         telemetry,
@@ -247,25 +261,33 @@ impl RunningServer {
         self.shutdown.clone()
     }
 
-    /// Drains now and waits for the drain to finish.
+    /// Starts a shutdown now and waits for it to finish: readiness 503 for
+    /// `proxy.drain_delay` while still serving, then the drain.
     pub async fn shutdown(self) -> DrainOutcome {
-        self.shutdown.advance(Phase::Draining);
+        self.shutdown.advance(Phase::Unready);
+        if self.shutdown.phase() == Phase::Unready && !self.drain_delay.is_zero() {
+            tracing::info!(delay = ?self.drain_delay, "readiness is 503; accepting until the drain delay is over");
+            tokio::select! {
+                _ = tokio::time::sleep(self.drain_delay) => {}
+                _ = self.shutdown.reached(Phase::Draining) => {}
+            }
+        }
         self.finish().await
     }
 
-    /// Waits until a drain is started (by a handle or [`RunningServer::run_until`]) and
-    /// completes it.
+    /// Waits until a shutdown is started (by a handle or [`RunningServer::run_until`])
+    /// and completes it.
     pub async fn wait(self) -> DrainOutcome {
-        self.shutdown.reached(Phase::Draining).await;
-        self.finish().await
+        self.shutdown.reached(Phase::Unready).await;
+        self.shutdown().await
     }
 
-    /// Serves until `signal` resolves (e.g. [`crate::shutdown::signal`]) or a drain is
+    /// Serves until `signal` resolves (e.g. [`crate::shutdown::signal`]) or a shutdown is
     /// started elsewhere, then drains.
     pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> DrainOutcome {
         tokio::select! {
             _ = signal => {}
-            _ = self.shutdown.reached(Phase::Draining) => {}
+            _ = self.shutdown.reached(Phase::Unready) => {}
         }
         self.shutdown().await
     }

@@ -1,8 +1,10 @@
 //! Graceful shutdown: the phase signal every listener watches, the tracker that counts
 //! connections and relayed streams, and the OS signal future (SIGTERM/SIGINT).
 //!
-//! Phases: `Running` -> `Draining` (readiness 503, listeners closed, connections asked to
-//! finish) -> `Closed` (whatever is still open after `proxy.drain_timeout` is cut).
+//! Phases: `Running` -> `Unready` (readiness 503 while everything keeps serving and the
+//! listener keeps accepting, for `proxy.drain_delay`, so endpoints can be updated) ->
+//! `Draining` (listeners closed, connections asked to finish, idle ones closed at once)
+//! -> `Closed` (whatever is still open after `proxy.drain_timeout` is cut).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,6 +15,8 @@ use tokio::sync::{Notify, watch};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Phase {
     Running,
+    /// Readiness is 503; still accepting and serving (`proxy.drain_delay`).
+    Unready,
     /// No new connections; in-flight requests and streams may finish.
     Draining,
     /// The drain window is over: remaining connections and streams are dropped.
@@ -56,9 +60,9 @@ impl Shutdown {
         *self.phase.borrow()
     }
 
-    /// True once draining has begun (readiness turns 503).
+    /// True once shutdown has begun (readiness turns 503), drain delay included.
     pub fn is_draining(&self) -> bool {
-        self.phase() >= Phase::Draining
+        self.phase() >= Phase::Unready
     }
 
     /// Resolves once the phase is at least `phase`.

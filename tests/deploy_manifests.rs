@@ -53,6 +53,39 @@ fn the_shipped_config_is_a_valid_kubernetes_config() {
     assert_eq!(config.admin_listen.port(), 9090);
     let deployment = std::fs::read_to_string(root().join("deploy/deployment.yaml")).unwrap();
     assert!(deployment.contains("/etc/agent-activator/activator.yaml"));
+    // The admin port is reachable in the cluster: it needs the token, mounted from the
+    // Secret at the configured path.
+    let token = config
+        .admin
+        .auth
+        .bearer_token_file
+        .as_ref()
+        .expect("admin auth is on");
+    let d: serde_yaml_ng::Value = serde_yaml_ng::from_str(&deployment).unwrap();
+    let pod = &d["spec"]["template"]["spec"];
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "admin-token")
+        .expect("admin-token is mounted");
+    assert_eq!(
+        token.parent().unwrap().to_str().unwrap(),
+        mount["mountPath"].as_str().unwrap()
+    );
+    let volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "admin-token")
+        .expect("admin-token volume");
+    assert_eq!(volume["secret"]["secretName"], "agent-activator-admin");
+    assert!(!config.admin.allow_unauthenticated);
+    // SIGKILL comes after the drain delay and the drain window, not during them.
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    let needed = config.proxy.drain_delay.as_duration() + config.proxy.drain_timeout.as_duration();
+    assert!(grace > needed.as_secs(), "grace {grace}s <= {needed:?}");
+    assert!(!config.proxy.drain_delay.is_zero());
     // The autoscaler's peers are the headless Service over every replica's admin port.
     let peers: serde_yaml_ng::Value = serde_yaml_ng::from_str(
         &std::fs::read_to_string(root().join("deploy/service-peers.yaml")).unwrap(),

@@ -127,7 +127,16 @@ async fn process_sandboxes_are_shared_up_to_the_limit() {
         a.text(),
         b.text()
     );
-    assert_eq!(a.json()["pid"], b.json()["pid"], "one process for both");
+    let port = |s: &str| {
+        let c = c.clone();
+        let s = s.to_owned();
+        async move { c.get_session("/state", &s).await.json()["port"].clone() }
+    };
+    assert_eq!(
+        port("proc-a").await,
+        port("proc-b").await,
+        "one sandbox for both"
+    );
     assert_eq!(b.json()["counter"], 2, "the same process memory");
     let state = c.get_session("/state", "proc-b").await.json();
     let seen: Vec<&str> = state["sessions_seen"]

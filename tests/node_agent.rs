@@ -60,6 +60,7 @@ impl Layout {
 struct Agent {
     _child: Child,
     api: HttpClient,
+    api_addr: SocketAddr,
     metrics: HttpClient,
     tb: Testbed,
     token: String,
@@ -125,6 +126,7 @@ async fn start_agent(tb: Testbed, root: &TestRoot) -> Agent {
     Agent {
         _child: child,
         api: HttpClient::http1(api.unwrap()),
+        api_addr: api.unwrap(),
         metrics: HttpClient::http1(metrics.unwrap()),
         tb,
         token,
@@ -632,4 +634,105 @@ sys.exit(1 if bad else 0)
         }
         _ => panic!("rendered manifests are invalid:\n{text}"),
     }
+}
+
+/// The activator-side client finds the agent pod on the sandbox's node by label selector
+/// and `spec.nodeName`, presents the token from its file, and gets the agent's answers
+/// and refusals back as values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_finds_the_agent_on_the_pods_node_and_freezes_through_it() {
+    use agent_activator::node_agent::client::{AgentLocator, ClientError, NodeAgentClient, PodRef};
+    let Some(mut root) = TestRoot::or_skip(Hierarchy::V2, "client_finds_the_agent") else {
+        return;
+    };
+    let agent = start_agent(testbed().await, &root).await;
+    let uid = agent.pod("sb-1", NODE, &[SANDBOX_LABEL]);
+    let pid = root.spawn_busy(&Layout::SystemdBurstable.container_dir(&uid));
+    // The agent's own pod, as the DaemonSet would create it on node-a.
+    let agent_ns = "agent-activator-system";
+    let selector = ("app.kubernetes.io/name", "agent-activator-node-agent");
+    node_pods::create(
+        &agent.tb.store,
+        &PodSpec {
+            namespace: agent_ns,
+            name: "node-agent-x1",
+            node: NODE,
+            labels: &[selector],
+            ..PodSpec::default()
+        },
+    )
+    .unwrap();
+    let token_path = agent._dir.0.join("token");
+    std::fs::write(&token_path, format!("{}\n", agent.token)).unwrap();
+    let kube = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::from_yaml(&agent.tb.kubeconfig(NS)).unwrap(),
+            &Default::default(),
+        )
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    let client = NodeAgentClient::new(
+        kube,
+        AgentLocator {
+            namespace: agent_ns.into(),
+            selector: "app.kubernetes.io/name=agent-activator-node-agent".into(),
+            port: agent.api_addr.port(),
+            token_path: token_path.clone(),
+            timeout: Duration::from_secs(5),
+        },
+    );
+    let pod = PodRef {
+        namespace: NS.into(),
+        name: "sb-1".into(),
+        uid: uid.clone(),
+        node: NODE.into(),
+    };
+
+    let frozen = client.freeze(&pod).await.unwrap();
+    assert_eq!(
+        (frozen.state.as_str(), frozen.uid.as_str()),
+        ("frozen", uid.as_str())
+    );
+    assert!(root.kernel_frozen(&Layout::SystemdBurstable.pod_dir(&uid)));
+    assert!(!makes_progress(pid, WINDOW));
+    assert_eq!(client.status(&pod).await.unwrap().state, "frozen");
+    assert_eq!(client.thaw(&pod).await.unwrap().state, "running");
+    assert!(makes_progress(pid, WINDOW));
+
+    // No agent on node-b; a wrong UID comes back as the agent's refusal.
+    let elsewhere = PodRef {
+        node: "node-b".into(),
+        ..pod.clone()
+    };
+    assert!(
+        matches!(client.freeze(&elsewhere).await, Err(ClientError::NoAgent(n)) if n == "node-b")
+    );
+    let wrong = PodRef {
+        uid: "0c4f4d5e-8a43-4a8e-9a0e-6a2b9f0d1c22".into(),
+        ..pod.clone()
+    };
+    match client.freeze(&wrong).await {
+        Err(ClientError::Refused {
+            status: 409, code, ..
+        }) => assert_eq!(code, "uid_mismatch"),
+        other => panic!("expected uid_mismatch, got {other:?}"),
+    }
+    // A token of another client is refused by the agent, not by the client.
+    std::fs::write(
+        &token_path,
+        agent
+            .tb
+            .tokens
+            .issue_service_account(NS, "intruder", &[AUDIENCE]),
+    )
+    .unwrap();
+    match client.freeze(&pod).await {
+        Err(ClientError::Refused {
+            status: 403, code, ..
+        }) => assert_eq!(code, "forbidden"),
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+    assert!(!root.kernel_frozen(&Layout::SystemdBurstable.pod_dir(&uid)));
 }

@@ -42,9 +42,11 @@ fn rand_suffix() -> u64 {
 }
 
 /// A process config running the demo sandbox (ticking every 10 ms) with `extra` YAML.
+/// These tests examine the process tree itself (group members, pids, CPU ticks), so they
+/// run unisolated; tests/process_isolation.rs covers the same lifecycle under bubblewrap.
 fn config(workdir: &std::path::Path, extra: &str) -> Config {
     let yaml = format!(
-        "backend:\n  kind: process\n  command: [\"{BIN}\", \"demo-sandbox\", \"--port\", \"{{port}}\", \"--tick-ms\", \"10\"]\n  workdir_root: \"{}\"\n  stop_grace: 2s\n{extra}",
+        "backend:\n  kind: process\n  command: [\"{BIN}\", \"demo-sandbox\", \"--port\", \"{{port}}\", \"--tick-ms\", \"10\"]\n  workdir_root: \"{}\"\n  stop_grace: 2s\n  isolation: none\n{extra}",
         workdir.display()
     );
     Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"))
@@ -56,7 +58,7 @@ fn config(workdir: &std::path::Path, extra: &str) -> Config {
 /// assertions wait (bounded) for its CPU time to move instead of assuming a fixed rate.
 fn config_with_busy_child(workdir: &std::path::Path, extra: &str) -> Config {
     let yaml = format!(
-        "backend:\n  kind: process\n  command: [\"sh\", \"-c\", \"nice -n 10 sh -c 'while :; do :; done' & exec \\\"$0\\\" demo-sandbox --port \\\"$1\\\" --tick-ms 10\", \"{BIN}\", \"{{port}}\"]\n  workdir_root: \"{}\"\n  stop_grace: 2s\n{extra}",
+        "backend:\n  kind: process\n  command: [\"sh\", \"-c\", \"nice -n 10 sh -c 'while :; do :; done' & exec \\\"$0\\\" demo-sandbox --port \\\"$1\\\" --tick-ms 10\", \"{BIN}\", \"{{port}}\"]\n  workdir_root: \"{}\"\n  stop_grace: 2s\n  isolation: none\n{extra}",
         workdir.display()
     );
     Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"))

@@ -32,7 +32,7 @@ struct Activator {
 /// `sleep` grandchild in its process group (a grandchild gets no parent-death signal).
 async fn serve(dir: &Path) -> Activator {
     let yaml = format!(
-        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nlog: {{format: json}}\nbackend:\n  kind: process\n  command: [\"sh\", \"-c\", \"sleep 300 & exec \\\"$0\\\" demo-sandbox --port \\\"$1\\\"\", \"{{self}}\", \"{{port}}\"]\n  workdir_root: \"{}\"\n  warm_pool: 2\n  stop_grace: 2s\nautoscaler:\n  enabled: false\n",
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nlog: {{format: json}}\nbackend:\n  kind: process\n  command: [\"sh\", \"-c\", \"sleep 300 & exec \\\"$0\\\" demo-sandbox --port \\\"$1\\\"\", \"{{self}}\", \"{{port}}\"]\n  workdir_root: \"{}\"\n  warm_pool: 2\n  stop_grace: 2s\n  isolation: none\nautoscaler:\n  enabled: false\n",
         dir.join("work").display()
     );
     let path = dir.join("activator.yaml");

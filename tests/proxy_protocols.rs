@@ -21,7 +21,9 @@ use support::{EchoUpstream, HttpClient, WAIT, start, static_backend};
 async fn http1_forwarding_hygiene_and_pinning() {
     let ups = support::echo_upstreams(2).await;
     let server = start(&format!(
-        "{}proxy: {{strip_headers: [X-Internal-Route]}}\n",
+        // Loopback is a trusted proxy here, so its X-Forwarded-For is appended to (from
+        // an untrusted peer it is replaced: tests/security_requests.rs).
+        "{}proxy: {{strip_headers: [X-Internal-Route], trusted_proxies: [127.0.0.1]}}\n",
         static_backend(&[ups[0].addr, ups[1].addr])
     ))
     .await;

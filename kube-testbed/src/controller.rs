@@ -1,23 +1,34 @@
-//! The simulated sandbox controller: warm pools, claim binding, suspend/resume, pods.
+//! The simulated sandbox controllers: agent-sandbox and OpenKruise agents, step by step.
 //!
 //! It reconciles straight against the [`Store`] (no HTTP), woken by every write and by a
-//! short tick for delayed binds. Each "pod" is a real `demo-sandbox` process; suspending a
-//! sandbox kills it, resuming starts a new one on a new port, as on a real cluster where
-//! the pod is deleted and recreated with a new IP.
+//! short tick. Each "pod" is a real `demo-sandbox` process on its own loopback address;
+//! suspending a sandbox terminates it and resuming starts a new one on a new address, as
+//! on a real cluster where the pod is deleted and recreated.
+//!
+//! Upstream controllers write several fields in several steps (annotation, then owner,
+//! then status). The simulation makes the same writes in the same order, one step per
+//! object per pass and at least [`ControllerConfig::step_delay`] apart, so clients see the
+//! windows between them. Each behaviour cites the upstream file and revision it follows:
+//! agent-sandbox `2fd412d55eca` in [`agent_sandbox`], openkruise/agents `0b72c83ae0bc` in
+//! [`openkruise`]. Nothing else is simulated.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::selector::Selector;
-use crate::store::Store;
+use crate::store::{ApiError, Store};
 
+pub mod agent_sandbox;
 pub mod flavour;
+pub mod openkruise;
 pub mod pods;
 
 pub use flavour::{Flavour, PORT_ANNOTATION};
@@ -26,17 +37,54 @@ use pods::PodProcess;
 /// How the simulated controller behaves.
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
-    /// The `agent-activator` executable; pods run `BIN demo-sandbox --port 0`.
+    /// The `agent-activator` executable; pods run `BIN demo-sandbox --host IP --port P`.
     pub activator_bin: PathBuf,
-    /// How long a new claim waits before it is bound (simulated controller latency).
+    /// How long a new claim waits before the controller first acts on it.
     pub bind_delay: Duration,
+    /// Least time between two controller writes to one claim (the adoption steps).
+    pub step_delay: Duration,
+    /// How long a pod being deleted keeps running (and keeps its IP in status).
+    pub terminate_delay: Duration,
+    /// The port every pod listens on, like a container port on a cluster. 0: each pod
+    /// picks a free port and the testbed writes it into [`PORT_ANNOTATION`].
+    pub pod_port: u16,
 }
 
-/// One pod the controller knows about. `Starting` holds a generation so a start that
-/// finishes after the sandbox was suspended again is discarded.
+impl ControllerConfig {
+    /// Pods from `activator_bin`, no delays, free ports announced by annotation.
+    pub fn new(activator_bin: PathBuf) -> ControllerConfig {
+        ControllerConfig {
+            activator_bin,
+            bind_delay: Duration::ZERO,
+            step_delay: Duration::ZERO,
+            terminate_delay: Duration::from_millis(50),
+            pod_port: 0,
+        }
+    }
+}
+
+/// One pod the controller knows about.
 enum Pod {
+    /// No node has room ([`Controller::set_capacity`]).
+    Unschedulable,
+    /// Being started; the generation discards a start that finishes after the pod was
+    /// deleted meanwhile.
     Starting(u64),
     Running(PodProcess),
+    /// Being deleted: still running, its IP still reported, until the deadline.
+    Terminating(PodProcess, Instant),
+    /// The process exited by itself (crashed or killed): the pod phase is Failed.
+    Failed,
+}
+
+/// What a status computation sees of a sandbox's pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodView {
+    Absent,
+    Unschedulable,
+    Starting,
+    Running(SocketAddr),
+    Terminating(SocketAddr),
     Failed,
 }
 
@@ -48,6 +96,8 @@ pub struct PodInfo {
     pub flavour: Flavour,
     pub namespace: String,
     pub sandbox: String,
+    /// The pod's own address (`podIP:port`).
+    pub addr: SocketAddr,
     pub port: u16,
     pub pid: Option<u32>,
 }
@@ -57,8 +107,14 @@ pub struct Controller {
     store: Arc<Store>,
     config: ControllerConfig,
     pods: Mutex<HashMap<Key, Pod>>,
-    generation: Mutex<u64>,
+    generation: AtomicU64,
+    /// Most pods scheduled at once (usize::MAX: unlimited).
+    capacity: AtomicUsize,
+    /// When the controller last wrote to a claim, and when it first saw it.
+    steps: Mutex<HashMap<Key, Instant>>,
     first_seen: Mutex<HashMap<Key, Instant>>,
+    /// Wakes the reconcile loop without a store write (a pod started, capacity changed).
+    wake: Notify,
 }
 
 impl Controller {
@@ -67,9 +123,20 @@ impl Controller {
             store,
             config,
             pods: Mutex::new(HashMap::new()),
-            generation: Mutex::new(0),
+            generation: AtomicU64::new(0),
+            capacity: AtomicUsize::new(usize::MAX),
+            steps: Mutex::new(HashMap::new()),
             first_seen: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
         })
+    }
+
+    /// Limits how many pods may be scheduled at once; pods beyond it stay Unschedulable
+    /// until room frees up (`None`: unlimited).
+    pub fn set_capacity(&self, pods: Option<usize>) {
+        self.capacity
+            .store(pods.unwrap_or(usize::MAX), Ordering::SeqCst);
+        self.wake.notify_one();
     }
 
     /// Reconciles on every store write and every 20 ms until `stop` turns true, then
@@ -77,16 +144,28 @@ impl Controller {
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut events = self.store.subscribe();
         loop {
-            for f in Flavour::ALL {
-                self.reconcile(f);
-            }
+            self.reconcile_all();
             tokio::select! {
                 _ = events.recv() => while events.try_recv().is_ok() {},
+                _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
                 _ = stop.wait_for(|s| *s) => break,
             }
         }
         self.pods.lock().expect("pods lock").clear();
+    }
+
+    /// One pass over both flavours.
+    pub fn reconcile_all(self: &Arc<Self>) {
+        for f in Flavour::ALL {
+            let Some(res) = f.resources(&self.store) else {
+                continue;
+            };
+            match f {
+                Flavour::AgentSandbox => agent_sandbox::reconcile(self, res),
+                Flavour::OpenKruise => openkruise::reconcile(self, res),
+            }
+        }
     }
 
     /// Running pods.
@@ -99,7 +178,8 @@ impl Controller {
                     flavour: *f,
                     namespace: ns.clone(),
                     sandbox: name.clone(),
-                    port: p.port,
+                    addr: p.addr,
+                    port: p.addr.port(),
                     pid: p.pid,
                 }),
                 _ => None,
@@ -109,317 +189,255 @@ impl Controller {
         out
     }
 
-    fn reconcile(self: &Arc<Self>, f: Flavour) {
-        let [sbx_ty, claim_ty, pool_ty] = f.types();
-        let (Some((sbx, _)), Some((claim, _)), Some((pool, _))) = (
-            self.store
-                .find(&sbx_ty.group, &sbx_ty.version, &sbx_ty.plural),
-            self.store
-                .find(&claim_ty.group, &claim_ty.version, &claim_ty.plural),
-            self.store
-                .find(&pool_ty.group, &pool_ty.version, &pool_ty.plural),
-        ) else {
-            return;
-        };
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// All objects of resource `res`.
+    pub(crate) fn list(&self, res: usize) -> Vec<Value> {
         let all = Selector::default();
-        let (claims, _) = self.store.list(claim, None, &all, &all);
-        let (sandboxes, _) = self.store.list(sbx, None, &all, &all);
-        self.collect_orphans(f, sbx, &claims, &sandboxes);
-        self.drive_pods(f, sbx, &sandboxes);
-        let (pools, _) = self.store.list(pool, None, &all, &all);
-        for p in &pools {
-            self.fill_pool(f, sbx, pool, p, &sandboxes);
-        }
-        for c in &claims {
-            self.bind_claim(f, sbx, claim, c, &sandboxes, &pools);
-        }
+        self.store.list(res, None, &all, &all).0
     }
 
-    /// Deletes sandboxes whose owning claim is gone (Kubernetes garbage collection).
-    fn collect_orphans(&self, f: Flavour, sbx: usize, claims: &[Value], sandboxes: &[Value]) {
-        for s in sandboxes {
-            let Some(owner) = s["metadata"]["ownerReferences"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|o| o["kind"] == "SandboxClaim")
-            else {
-                continue;
-            };
-            let ns = s["metadata"]["namespace"].as_str().unwrap_or("");
-            let alive = claims
-                .iter()
-                .any(|c| c["metadata"]["namespace"] == ns && c["metadata"]["uid"] == owner["uid"]);
-            if !alive {
-                let name = s["metadata"]["name"].as_str().unwrap_or("");
-                tracing::debug!(?f, ns, name, "deleting orphaned sandbox");
-                let _ = self.store.delete(sbx, ns, name);
-            }
-        }
-    }
-
-    /// Starts pods for sandboxes that want to run, stops the others and forgets pods of
-    /// deleted sandboxes.
-    fn drive_pods(self: &Arc<Self>, f: Flavour, sbx: usize, sandboxes: &[Value]) {
+    /// Creates, runs and deletes pods so each sandbox's pod matches `want_running`, and
+    /// returns what each sandbox's pod looks like now. Pods of deleted sandboxes die.
+    pub(crate) fn drive_pods(
+        self: &Arc<Self>,
+        f: Flavour,
+        sandboxes: &[Value],
+        want_running: impl Fn(&Value) -> bool,
+    ) -> HashMap<Key, PodView> {
+        let now = Instant::now();
+        let capacity = self.capacity.load(Ordering::SeqCst);
         let mut to_start = Vec::new();
-        {
-            let mut pods = self.pods.lock().expect("pods lock");
-            pods.retain(|(pf, ns, name), _| {
-                *pf != f
-                    || sandboxes.iter().any(|s| {
-                        s["metadata"]["namespace"] == ns.as_str()
-                            && s["metadata"]["name"] == name.as_str()
-                    })
-            });
-            for s in sandboxes {
-                let key = key_of(f, s);
-                let want = f.wants_running(s);
-                match (want, pods.contains_key(&key)) {
-                    (true, false) => {
-                        let mut g = self.generation.lock().expect("generation lock");
-                        *g += 1;
-                        pods.insert(key.clone(), Pod::Starting(*g));
-                        to_start.push((key.clone(), *g, s.clone()));
+        let mut views = HashMap::new();
+        let mut pods = self.pods.lock().expect("pods lock");
+        pods.retain(|(pf, ns, name), _| {
+            *pf != f
+                || sandboxes.iter().any(|s| {
+                    s["metadata"]["namespace"] == ns.as_str()
+                        && s["metadata"]["name"] == name.as_str()
+                        && s["metadata"]["deletionTimestamp"].is_null()
+                })
+        });
+        // Pods holding a node slot.
+        let mut scheduled = pods
+            .values()
+            .filter(|p| !matches!(p, Pod::Unschedulable | Pod::Failed))
+            .count();
+        for s in sandboxes {
+            let key = key_of(f, s);
+            if !s["metadata"]["deletionTimestamp"].is_null() {
+                continue;
+            }
+            let want = want_running(s);
+            let pod = pods.remove(&key);
+            let next = match (want, pod) {
+                (true, None) | (true, Some(Pod::Unschedulable)) => {
+                    if scheduled >= capacity {
+                        Some(Pod::Unschedulable)
+                    } else {
+                        scheduled += 1;
+                        let g = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+                        to_start.push((key.clone(), g));
+                        Some(Pod::Starting(g))
                     }
-                    (false, true) => {
-                        pods.remove(&key);
+                }
+                (true, Some(Pod::Running(mut p))) => {
+                    if p.exited() {
+                        Some(Pod::Failed)
+                    } else {
+                        Some(Pod::Running(p))
                     }
-                    _ => {}
                 }
-                if !want {
-                    self.set_stopped(f, sbx, &key, s);
+                (false, Some(Pod::Running(p))) => {
+                    Some(Pod::Terminating(p, now + self.config.terminate_delay))
                 }
+                (_, Some(Pod::Terminating(p, until))) if now < until => {
+                    Some(Pod::Terminating(p, until))
+                }
+                // Terminated: dropping the process kills it.
+                (_, Some(Pod::Terminating(..))) => None,
+                (true, Some(other)) => Some(other),
+                // Not wanted and not running: the pod is deleted.
+                (false, Some(_)) | (false, None) => None,
+            };
+            let view = match &next {
+                None => PodView::Absent,
+                Some(Pod::Unschedulable) => PodView::Unschedulable,
+                Some(Pod::Starting(_)) => PodView::Starting,
+                Some(Pod::Running(p)) => PodView::Running(p.addr),
+                Some(Pod::Terminating(p, _)) => PodView::Terminating(p.addr),
+                Some(Pod::Failed) => PodView::Failed,
+            };
+            views.insert(key.clone(), view);
+            if let Some(p) = next {
+                pods.insert(key, p);
             }
         }
-        for (key, generation, s) in to_start {
-            let was_stopped = !s["status"].is_null() && !f.sandbox_ready(&s);
-            self.set_status(sbx, &key, f.status_starting(&s, was_stopped));
+        drop(pods);
+        for (key, generation) in to_start {
             let this = self.clone();
-            tokio::spawn(async move { this.start_pod(f, sbx, key, generation).await });
+            tokio::spawn(async move { this.start_pod(key, generation).await });
         }
+        views
     }
 
-    async fn start_pod(self: Arc<Self>, f: Flavour, sbx: usize, key: Key, generation: u64) {
-        let result = pods::start(&self.config.activator_bin, &key.2).await;
-        let port = {
-            let mut pods = self.pods.lock().expect("pods lock");
-            match pods.get(&key) {
-                Some(Pod::Starting(g)) if *g == generation => {}
-                // Suspended or deleted meanwhile: dropping the process kills it.
-                _ => return,
-            }
-            match result {
-                Ok(p) => {
-                    let port = p.port;
-                    pods.insert(key.clone(), Pod::Running(p));
-                    Ok(port)
-                }
-                Err(e) => {
-                    pods.insert(key.clone(), Pod::Failed);
-                    Err(e)
-                }
-            }
-        };
-        match port {
-            Ok(port) => {
-                // The port first, then Ready: a reader that sees Ready sees the port.
-                let _ = self.store.update_with(sbx, &key.1, &key.2, None, |old| {
-                    let mut new = old.clone();
-                    new["metadata"]["annotations"][PORT_ANNOTATION] = json!(port.to_string());
-                    Ok(new)
-                });
-                if let Ok(old) = self.store.get(sbx, &key.1, &key.2) {
-                    self.set_status(sbx, &key, f.status_running(&old, &key.2, &key.1));
-                }
+    async fn start_pod(self: Arc<Self>, key: Key, generation: u64) {
+        let result = pods::start(&self.config.activator_bin, &key.2, self.config.pod_port).await;
+        let mut pods = self.pods.lock().expect("pods lock");
+        match pods.get(&key) {
+            Some(Pod::Starting(g)) if *g == generation => {}
+            // Deleted meanwhile: dropping the process kills it.
+            _ => return,
+        }
+        match result {
+            Ok(p) => {
+                pods.insert(key, Pod::Running(p));
             }
             Err(e) => {
-                tracing::warn!(sandbox = key.2, "testbed pod failed: {e}");
-                self.set_status(sbx, &key, f.status_failed(&e.to_string()));
+                tracing::warn!(sandbox = key.2, "testbed pod failed to start: {e}");
+                pods.insert(key, Pod::Failed);
             }
         }
+        drop(pods);
+        // Wake the reconcile loop so the status follows at once.
+        self.wake.notify_one();
     }
 
-    fn set_stopped(&self, f: Flavour, sbx: usize, key: &Key, s: &Value) {
-        self.set_status(sbx, key, f.status_stopped());
-        if s["metadata"]["annotations"].get(PORT_ANNOTATION).is_some() {
-            let _ = self.store.update_with(sbx, &key.1, &key.2, None, |old| {
-                let mut new = old.clone();
-                if let Some(a) = new["metadata"]["annotations"].as_object_mut() {
-                    a.remove(PORT_ANNOTATION);
-                }
-                Ok(new)
-            });
+    /// Keeps [`PORT_ANNOTATION`] equal to the running pod's port (only when pods pick
+    /// their own ports): set before the status says Ready, removed when the pod is gone.
+    pub(crate) fn sync_port_annotation(&self, sbx: usize, key: &Key, s: &Value, pod: PodView) {
+        if self.config.pod_port != 0 {
+            return;
         }
+        let want = match pod {
+            PodView::Running(a) | PodView::Terminating(a) => Some(a.port().to_string()),
+            _ => None,
+        };
+        let have = s["metadata"]["annotations"][PORT_ANNOTATION].as_str();
+        if have == want.as_deref() {
+            return;
+        }
+        let _ = self.store.update_with(sbx, &key.1, &key.2, None, |old| {
+            let mut new = old.clone();
+            match &want {
+                Some(p) => new["metadata"]["annotations"][PORT_ANNOTATION] = json!(p),
+                None => {
+                    if let Some(a) = new["metadata"]["annotations"].as_object_mut() {
+                        a.remove(PORT_ANNOTATION);
+                    }
+                }
+            }
+            Ok(new)
+        });
     }
 
     /// Writes `status` unless it equals the current one (timestamps aside), so the
-    /// controller's own writes do not wake it forever.
-    fn set_status(&self, res: usize, key: &Key, status: Value) {
+    /// controller's own writes do not wake it forever. Keeps the `lastTransitionTime` of
+    /// conditions whose status did not change (as `meta.SetStatusCondition` does).
+    pub(crate) fn set_status(&self, res: usize, key: &Key, status: Value) {
         let _ = self
             .store
             .update_with(res, &key.1, &key.2, Some("status"), |old| {
                 let mut new = old.clone();
                 if without_times(&old["status"]) != without_times(&status) {
-                    new["status"] = status;
+                    new["status"] = keep_transition_times(&old["status"], status);
                 }
                 Ok(new)
             });
     }
 
-    /// Keeps `spec.replicas` unclaimed sandboxes in the pool and publishes its status.
-    /// The SandboxTemplate an agent-sandbox warm pool names in `spec.sandboxTemplateRef`
-    /// (OpenKruise SandboxSets carry their template inline, so they have none).
-    fn pool_template(&self, pool: &Value, ns: &str) -> Option<Value> {
-        let name = pool["spec"]["sandboxTemplateRef"]["name"].as_str()?;
-        let res = self
-            .store
-            .find_kind("extensions.agents.x-k8s.io", "SandboxTemplate")?;
-        self.store.get(res, ns, name).ok()
-    }
-
-    fn fill_pool(
-        &self,
-        f: Flavour,
-        sbx: usize,
-        pool_res: usize,
-        pool: &Value,
-        sandboxes: &[Value],
-    ) {
-        let ns = pool["metadata"]["namespace"].as_str().unwrap_or("");
-        let name = pool["metadata"]["name"].as_str().unwrap_or("");
-        let want = pool["spec"]["replicas"].as_u64().unwrap_or(0) as usize;
-        let mut members: Vec<&Value> = sandboxes
-            .iter()
-            .filter(|s| {
-                s["metadata"]["namespace"] == ns && s["metadata"]["labels"][f.pool_label()] == name
-            })
-            .collect();
-        members.sort_by_key(|s| s["metadata"]["name"].as_str().unwrap_or("").to_owned());
-        if members.len() < want {
-            let template = self.pool_template(pool, ns);
-            for _ in members.len()..want {
-                let obj = json!({
-                    "metadata": {
-                        "generateName": format!("{name}-"),
-                        "labels": {f.pool_label(): name},
-                    },
-                    "spec": f.sandbox_spec(pool, template.as_ref()),
-                });
-                let _ = self.store.create(sbx, ns, obj);
-            }
-        } else if members.len() > want {
-            // Scale down: drop the not-ready ones first, then the newest.
-            members.sort_by_key(|s| f.sandbox_ready(s));
-            for s in &members[..members.len() - want] {
-                let _ = self
-                    .store
-                    .delete(sbx, ns, s["metadata"]["name"].as_str().unwrap_or(""));
-            }
-        }
-        let ready = members.iter().filter(|s| f.sandbox_ready(s)).count();
-        let status = json!({
-            "replicas": members.len().min(want.max(members.len())),
-            "readyReplicas": ready,
-            "selector": format!("{}={name}", f.pool_label()),
-        });
-        self.set_status(pool_res, &(f, ns.to_owned(), name.to_owned()), status);
-    }
-
-    /// Binds an unbound claim after the bind delay (warm sandbox, else cold create) and
-    /// mirrors a bound sandbox's readiness into the claim's status.
-    fn bind_claim(
-        &self,
-        f: Flavour,
-        sbx: usize,
-        claim_res: usize,
-        claim: &Value,
-        sandboxes: &[Value],
-        pools: &[Value],
-    ) {
-        let key = key_of(f, claim);
-        let (ns, name) = (key.1.as_str(), key.2.as_str());
-        if let Some(bound) = f.claim_sandbox(claim) {
-            let s = sandboxes.iter().find(|s| {
-                s["metadata"]["namespace"] == ns && s["metadata"]["name"] == bound.as_str()
-            });
-            self.set_status(claim_res, &key, f.claim_status(&bound, s));
-            return;
-        }
-        let seen = *self
+    /// Whether the controller may make its next write to `key` (a claim): the bind delay
+    /// has passed since it was first seen and the step delay since its last write.
+    pub(crate) fn may_step(&self, key: &Key) -> bool {
+        let now = Instant::now();
+        let first = *self
             .first_seen
             .lock()
             .expect("first_seen lock")
             .entry(key.clone())
-            .or_insert_with(Instant::now);
-        if seen.elapsed() < self.config.bind_delay {
-            return;
+            .or_insert(now);
+        if now.duration_since(first) < self.config.bind_delay {
+            return false;
         }
-        let Some(pool_name) = f.claim_pool(claim) else {
-            return;
+        let steps = self.steps.lock().expect("steps lock");
+        steps
+            .get(key)
+            .is_none_or(|t| now.duration_since(*t) >= self.config.step_delay)
+    }
+
+    /// Records a write to `key` (starts the next step delay).
+    pub(crate) fn stepped(&self, key: &Key) {
+        self.steps
+            .lock()
+            .expect("steps lock")
+            .insert(key.clone(), Instant::now());
+    }
+
+    /// Forgets the step bookkeeping of claims that no longer exist.
+    pub(crate) fn forget_gone(&self, f: Flavour, claims: &[Value]) {
+        let alive = |k: &Key| {
+            k.0 != f
+                || claims.iter().any(|c| {
+                    c["metadata"]["namespace"] == k.1.as_str()
+                        && c["metadata"]["name"] == k.2.as_str()
+                })
         };
-        let owner = json!([{
-            "apiVersion": claim["apiVersion"], "kind": "SandboxClaim",
-            "name": name, "uid": claim["metadata"]["uid"], "controller": true,
-        }]);
-        let warm = sandboxes.iter().find(|s| {
-            s["metadata"]["namespace"] == ns
-                && s["metadata"]["labels"][f.pool_label()] == pool_name.as_str()
-                && f.sandbox_ready(s)
-        });
-        let chosen = if let Some(s) = warm {
-            let sname = s["metadata"]["name"].as_str().unwrap_or("").to_owned();
-            let adopted = self.store.update_with(sbx, ns, &sname, None, |old| {
-                let mut new = old.clone();
-                // Optimistic lock: lose the race if someone else adopted it.
-                new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
-                if let Some(l) = new["metadata"]["labels"].as_object_mut() {
-                    l.remove(f.pool_label());
-                }
-                new["metadata"]["ownerReferences"] = owner.clone();
-                Ok(new)
-            });
-            if adopted.is_err() {
-                return;
-            }
-            sname
-        } else if f.claim_may_create(claim) {
-            let template = pools.iter().find(|p| {
-                p["metadata"]["namespace"] == ns && p["metadata"]["name"] == pool_name.as_str()
-            });
-            let spec = match template {
-                Some(p) => f.sandbox_spec(p, self.pool_template(p, ns).as_ref()),
-                None => f.sandbox_spec(&json!({}), None),
-            };
-            let obj = json!({
-                "metadata": {"name": name, "ownerReferences": owner},
-                "spec": spec,
-            });
-            match self.store.create(sbx, ns, obj) {
-                Ok(_) => {}
-                Err(e) if e.code == 409 => {}
-                Err(_) => return,
-            }
-            name.to_owned()
-        } else {
-            return;
-        };
-        if f == Flavour::AgentSandbox {
-            let _ = self.store.update_with(claim_res, ns, name, None, |old| {
-                let mut new = old.clone();
-                new["metadata"]["annotations"]["agents.x-k8s.io/sandbox-name"] = json!(chosen);
-                Ok(new)
-            });
-        }
-        let s = self.store.get(sbx, ns, &chosen).ok();
-        self.set_status(claim_res, &key, f.claim_status(&chosen, s.as_ref()));
+        self.steps
+            .lock()
+            .expect("steps lock")
+            .retain(|k, _| alive(k));
         self.first_seen
             .lock()
             .expect("first_seen lock")
-            .remove(&key);
+            .retain(|k, _| alive(k));
+    }
+
+    /// Kubernetes garbage collection: deletes objects of `res` whose controller owner
+    /// (of `owner_kind`) no longer exists. (kubernetes/kubernetes
+    /// pkg/controller/garbagecollector; upstream relies on it for claim -> Sandbox.)
+    pub(crate) fn collect_orphans(
+        &self,
+        res: usize,
+        objects: &[Value],
+        owner_kind: &str,
+        owners: &[Value],
+    ) {
+        for s in objects {
+            let Some(owner) = controller_of(s).filter(|o| o["kind"] == owner_kind) else {
+                continue;
+            };
+            let ns = s["metadata"]["namespace"].as_str().unwrap_or("");
+            let alive = owners
+                .iter()
+                .any(|c| c["metadata"]["namespace"] == ns && c["metadata"]["uid"] == owner["uid"]);
+            if !alive {
+                let name = s["metadata"]["name"].as_str().unwrap_or("");
+                let _ = self.store.delete(res, ns, name);
+            }
+        }
     }
 }
 
-fn key_of(f: Flavour, obj: &Value) -> Key {
+/// The controller ownerReference of `obj`, if any.
+pub(crate) fn controller_of(obj: &Value) -> Option<&Value> {
+    obj["metadata"]["ownerReferences"]
+        .as_array()?
+        .iter()
+        .find(|o| o["controller"] == true)
+}
+
+/// A controller ownerReference to `owner` (`controllerutil.SetControllerReference`).
+pub(crate) fn controller_ref(owner: &Value, kind: &str) -> Value {
+    json!({
+        "apiVersion": owner["apiVersion"], "kind": kind,
+        "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"],
+        "controller": true, "blockOwnerDeletion": true,
+    })
+}
+
+pub(crate) fn key_of(f: Flavour, obj: &Value) -> Key {
     (
         f,
         obj["metadata"]["namespace"]
@@ -428,6 +446,21 @@ fn key_of(f: Flavour, obj: &Value) -> Key {
             .to_owned(),
         obj["metadata"]["name"].as_str().unwrap_or("").to_owned(),
     )
+}
+
+/// Optimistic update from a snapshot: 409 if `snapshot`'s resourceVersion is stale, the
+/// way a controller's `Update`/`Patch` with `MergeFromWithOptimisticLock` fails.
+pub(crate) fn update_from(
+    store: &Store,
+    res: usize,
+    snapshot: &Value,
+    f: impl FnOnce(&mut Value),
+) -> Result<Value, ApiError> {
+    let ns = snapshot["metadata"]["namespace"].as_str().unwrap_or("");
+    let name = snapshot["metadata"]["name"].as_str().unwrap_or("");
+    let mut new = snapshot.clone();
+    f(&mut new);
+    store.replace(res, ns, name, new, None)
 }
 
 /// A status without `lastTransitionTime`s, for change detection.
@@ -442,4 +475,56 @@ fn without_times(v: &Value) -> Value {
         Value::Array(a) => Value::Array(a.iter().map(without_times).collect()),
         other => other.clone(),
     }
+}
+
+/// `new` with each condition's `lastTransitionTime` taken from `old` when its status is
+/// unchanged.
+fn keep_transition_times(old: &Value, mut new: Value) -> Value {
+    let old_conds = old["conditions"].as_array().cloned().unwrap_or_default();
+    if let Some(conds) = new["conditions"].as_array_mut() {
+        for c in conds {
+            if let Some(o) = old_conds
+                .iter()
+                .find(|o| o["type"] == c["type"] && o["status"] == c["status"])
+            {
+                c["lastTransitionTime"] = o["lastTransitionTime"].clone();
+            }
+        }
+    }
+    new
+}
+
+/// A `metav1.Condition`.
+pub(crate) fn condition(
+    ty: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: &Value,
+) -> Value {
+    json!({
+        "type": ty,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": now(),
+    })
+}
+
+pub(crate) fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Parses an RFC 3339 time field.
+pub(crate) fn parse_time(v: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
+    let s = v.as_str()?;
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
+/// True when `v` holds a time that has passed.
+pub(crate) fn passed(v: &Value) -> bool {
+    parse_time(v).is_some_and(|t| t <= chrono::Utc::now())
 }

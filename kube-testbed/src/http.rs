@@ -24,6 +24,7 @@ type Body = BoxBody<Bytes, Infallible>;
 pub(crate) struct Shared {
     pub store: Arc<Store>,
     pub faults: Arc<Faults>,
+    pub audit: Arc<crate::audit::Audit>,
     pub tokens: Arc<crate::token_review::Tokens>,
     /// How often an idle watch that asked for bookmarks gets one.
     pub bookmark_interval: Duration,
@@ -111,6 +112,8 @@ async fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
                 .collect()
         })
         .unwrap_or_default();
+    let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+    shared.audit.record(method.as_str(), &path, watching);
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -121,6 +124,7 @@ async fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
         Ok(b) => b.to_bytes(),
         Err(e) => return error(&ApiError::new(400, "BadRequest", e.to_string())),
     };
+    shared.audit.record_body(method.as_str(), &path, &body);
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     match route(shared, &method, &segs, &query, &content_type, &body) {
         Ok(Routed::Json(v)) => ok(&v),

@@ -11,7 +11,8 @@
 //! - [`store`]: resource types, objects, resourceVersions and the watch history.
 //! - [`http`]: the REST routes; [`discovery`]: discovery documents and `/scale`.
 //! - [`faults`]: error injection (fail next N requests, drop watches).
-//! - [`controller`]: warm pools, claim binding, suspend/resume, pod processes.
+//! - [`controller`]: agent-sandbox and OpenKruise controllers step by step (each
+//!   behaviour cites its upstream file and revision), pods as local processes.
 //! - [`token_review`]: TokenReview of tokens the test issues; [`node_pods`]: core Pods
 //!   bound to nodes, for the node agent.
 
@@ -24,6 +25,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub mod audit;
 pub mod controller;
 pub mod discovery;
 pub mod faults;
@@ -33,7 +35,7 @@ pub mod selector;
 pub mod store;
 pub mod token_review;
 
-pub use controller::{Controller, ControllerConfig, Flavour, PORT_ANNOTATION, PodInfo};
+pub use controller::{Controller, ControllerConfig, Flavour, PORT_ANNOTATION, PodInfo, PodView};
 pub use faults::Faults;
 pub use store::{ApiError, ResourceType, Store};
 
@@ -45,8 +47,16 @@ pub struct TestbedOptions {
     /// Run the simulated controller with pods from this `agent-activator` binary.
     /// `None`: API server only (objects just sit there).
     pub activator_bin: Option<PathBuf>,
-    /// Simulated delay before a claim is bound.
+    /// Simulated delay before the controller first acts on a claim.
     pub bind_delay: Duration,
+    /// Least time between two controller writes to one claim (exposes the windows between
+    /// the upstream controllers' adoption steps).
+    pub step_delay: Duration,
+    /// How long a deleted pod keeps running with its IP in status.
+    pub terminate_delay: Duration,
+    /// Port every pod listens on (on its own loopback IP); 0: free ports, announced in
+    /// the `agent-activator.dev/port` annotation.
+    pub pod_port: u16,
     /// Bookmark period of idle watches that asked for bookmarks.
     pub bookmark_interval: Duration,
 }
@@ -56,7 +66,10 @@ impl Default for TestbedOptions {
         TestbedOptions {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             activator_bin: None,
-            bind_delay: Duration::from_millis(0),
+            bind_delay: Duration::ZERO,
+            step_delay: Duration::ZERO,
+            terminate_delay: Duration::from_millis(50),
+            pod_port: 0,
             bookmark_interval: Duration::from_secs(1),
         }
     }
@@ -66,6 +79,8 @@ impl Default for TestbedOptions {
 pub struct Testbed {
     pub store: Arc<Store>,
     pub faults: Arc<Faults>,
+    /// Every API request as an RBAC verb on a resource.
+    pub audit: Arc<audit::Audit>,
     /// Tokens TokenReview accepts.
     pub tokens: Arc<token_review::Tokens>,
     pub controller: Option<Arc<Controller>>,
@@ -81,11 +96,13 @@ impl Testbed {
         let store = Arc::new(Store::new());
         register_defaults(&store);
         let faults = Arc::new(Faults::default());
+        let audit = Arc::new(audit::Audit::default());
         let tokens = Arc::new(token_review::Tokens::default());
         let (stop, stop_rx) = watch::channel(false);
         let shared = Arc::new(http::Shared {
             store: store.clone(),
             faults: faults.clone(),
+            audit: audit.clone(),
             tokens: tokens.clone(),
             bookmark_interval: opts.bookmark_interval,
         });
@@ -96,6 +113,9 @@ impl Testbed {
                 ControllerConfig {
                     activator_bin: bin,
                     bind_delay: opts.bind_delay,
+                    step_delay: opts.step_delay,
+                    terminate_delay: opts.terminate_delay,
+                    pod_port: opts.pod_port,
                 },
             );
             tokio::spawn(c.clone().run(stop_rx));
@@ -104,6 +124,7 @@ impl Testbed {
         Ok(Testbed {
             store,
             faults,
+            audit,
             tokens,
             controller,
             addr,
@@ -202,7 +223,8 @@ impl Drop for Testbed {
     }
 }
 
-/// Registers agent-sandbox, OpenKruise and `coordination.k8s.io/v1` Lease resources.
+/// Registers agent-sandbox, OpenKruise, `coordination.k8s.io/v1` Lease and core `v1`
+/// ConfigMap resources.
 pub fn register_defaults(store: &Store) {
     for f in Flavour::ALL {
         for ty in f.types() {
@@ -220,5 +242,9 @@ pub fn register_defaults(store: &Store) {
     let mut lease = ResourceType::namespaced("coordination.k8s.io", "v1", "Lease", "leases");
     lease.status = false;
     store.register(lease);
+    // The activator's activity digests.
+    let mut cm = ResourceType::namespaced("", "v1", "ConfigMap", "configmaps");
+    cm.status = false;
+    store.register(cm);
     node_pods::register(store);
 }

@@ -50,6 +50,13 @@ enum Command {
         /// Simulated claim binding delay in milliseconds.
         #[arg(long, default_value_t = 50)]
         bind_delay_ms: u64,
+        /// Least milliseconds between two controller writes to one claim.
+        #[arg(long, default_value_t = 0)]
+        step_delay_ms: u64,
+        /// Port every pod listens on (each on its own 127.x.y.z); 0 = free ports announced
+        /// in the agent-activator.dev/port annotation (needs port_from_annotation: true).
+        #[arg(long, default_value_t = 0)]
+        pod_port: u16,
     },
 }
 
@@ -64,11 +71,15 @@ async fn main() -> ExitCode {
         pool,
         warm,
         bind_delay_ms,
+        step_delay_ms,
+        pod_port,
     } = Cli::parse().command;
     let opts = TestbedOptions {
         listen,
         activator_bin: Some(activator_bin),
         bind_delay: Duration::from_millis(bind_delay_ms),
+        step_delay: Duration::from_millis(step_delay_ms),
+        pod_port,
         ..TestbedOptions::default()
     };
     let testbed = match Testbed::start(opts).await {

@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -15,68 +15,9 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::ActivationError;
+use super::lifecycle::SessionPhase;
 use crate::backend::{ActivationKind, SandboxId};
 use crate::session::SessionKey;
-
-/// Where a session is in its lifecycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
-    /// In the table without a sandbox and without an activation running: a brand-new entry,
-    /// or (with `on_sandbox_loss: reclaim`) a session whose sandbox died.
-    Unbound,
-    /// A claim is running.
-    Activating,
-    /// Bound and ready: the fast path serves it.
-    Ready,
-    /// A pause is running; arriving requests queue and trigger a resume afterwards.
-    Pausing,
-    Paused,
-    /// A resume is running.
-    Resuming,
-    /// A release is running; queued requests get a fresh claim afterwards.
-    Releasing,
-    /// The sandbox died (`on_sandbox_loss: fail`); the next request gets `SandboxLost`.
-    Lost,
-    /// Removed from the table; a request holding this entry looks the key up again.
-    Gone,
-}
-
-impl Phase {
-    /// The `state` label and the admin API's `state` field.
-    pub(crate) fn label(self) -> &'static str {
-        match self {
-            Phase::Unbound => "unbound",
-            Phase::Activating => "activating",
-            Phase::Ready => "active",
-            Phase::Pausing => "pausing",
-            Phase::Paused => "paused",
-            Phase::Resuming => "resuming",
-            Phase::Releasing => "releasing",
-            Phase::Lost => "lost",
-            Phase::Gone => "gone",
-        }
-    }
-
-    /// Every label a listed entry can have (`Gone` entries are never listed).
-    pub(crate) const LABELS: [&'static str; 8] = [
-        "unbound",
-        "activating",
-        "active",
-        "pausing",
-        "paused",
-        "resuming",
-        "releasing",
-        "lost",
-    ];
-
-    /// A claim, resume, pause or release is running for the entry.
-    pub(crate) fn is_transition(self) -> bool {
-        matches!(
-            self,
-            Phase::Activating | Phase::Pausing | Phase::Resuming | Phase::Releasing
-        )
-    }
-}
 
 /// The sandbox a session is pinned to.
 #[derive(Debug, Clone)]
@@ -103,7 +44,7 @@ pub(crate) struct Waiter {
 
 /// The mutable part of an entry, guarded by [`SessionEntry::lock`].
 pub(crate) struct EntryState {
-    pub phase: Phase,
+    pub phase: SessionPhase,
     pub bound: Option<Bound>,
     /// Requests waiting for the running transition, in arrival order.
     pub waiters: VecDeque<Waiter>,
@@ -113,11 +54,16 @@ pub(crate) struct EntryState {
     pub state_lost_pending: bool,
     /// A `Lost` event arrived while a pause or resume ran: its result is not trusted.
     pub lost_meanwhile: bool,
+    /// When the idle scheduler looks at the entry next (its key in `Deadlines`).
+    pub due: Option<Instant>,
 }
 
 /// One session: its key, its locked state and its lock-free counters.
 pub(crate) struct SessionEntry {
     pub key: SessionKey,
+    /// Unique per entry (process-wide): orders equal deadlines and names the entry in
+    /// the indexes without hashing its key.
+    pub id: u64,
     /// `key.short_hash()`, computed once: the access log and the admin API show it for
     /// every request and listing, and a SHA-256 per request is work a cached value answers.
     pub short_hash: Box<str>,
@@ -127,16 +73,26 @@ pub(crate) struct SessionEntry {
     created: Instant,
     /// Nanoseconds after `created` when the last request ended (or the session got ready).
     last_activity_ns: AtomicU64,
-    /// Nanoseconds after `created` of the last `record_activity` call to the backend.
-    last_reported_ns: AtomicU64,
+    /// Counted in the active-sessions figure (`Transitions::set_active`).
+    pub(crate) counted_active: AtomicBool,
+    /// Waiting in the activity reporter's list (`idle::Reporter`).
+    pub(crate) report_pending: AtomicBool,
 }
 
+/// The next `SessionEntry::id`.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
 impl SessionEntry {
-    pub(crate) fn new(key: SessionKey, phase: Phase, bound: Option<Bound>) -> Arc<SessionEntry> {
+    pub(crate) fn new(
+        key: SessionKey,
+        phase: SessionPhase,
+        bound: Option<Bound>,
+    ) -> Arc<SessionEntry> {
         let now = Instant::now();
         Arc::new(SessionEntry {
             short_hash: key.short_hash().into_boxed_str(),
             key,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             state: Mutex::new(EntryState {
                 phase,
                 bound,
@@ -144,11 +100,13 @@ impl SessionEntry {
                 since: now,
                 state_lost_pending: false,
                 lost_meanwhile: false,
+                due: None,
             }),
             in_flight: AtomicU64::new(0),
             created: now,
             last_activity_ns: AtomicU64::new(0),
-            last_reported_ns: AtomicU64::new(0),
+            counted_active: AtomicBool::new(false),
+            report_pending: AtomicBool::new(false),
         })
     }
 
@@ -185,12 +143,10 @@ impl SessionEntry {
 
     /// Restarts the idle clock without it counting as traffic to report: a refused pause
     /// is not activity, and reporting it (an activity stamp on a shared store) would make
-    /// two idle replicas refuse each other's pauses forever.
+    /// two idle replicas refuse each other's pauses forever. (Only the request path marks
+    /// a session for the activity reporter.)
     pub(crate) fn defer_idle(&self, now: Instant) {
-        let ns = self.nanos_since_created(now);
-        self.last_activity_ns.fetch_max(ns, Ordering::Release);
-        self.last_reported_ns
-            .fetch_max(ns.max(1), Ordering::Release);
+        self.touch(now);
     }
 
     /// How long the session has had no request in flight (zero while one is).
@@ -200,21 +156,6 @@ impl SessionEntry {
         }
         let last = self.last_activity_ns.load(Ordering::Acquire);
         Duration::from_nanos(self.nanos_since_created(now).saturating_sub(last))
-    }
-
-    /// True at most once per `interval` while the session sees traffic: time to tell the
-    /// backend (`record_activity`). Traffic means a request in flight or one that ended
-    /// since the last report.
-    pub(crate) fn activity_to_report(&self, now: Instant, interval: Duration) -> bool {
-        let reported = self.last_reported_ns.load(Ordering::Acquire);
-        let busy = self.in_flight() > 0 || self.last_activity_ns.load(Ordering::Acquire) > reported;
-        let now_ns = self.nanos_since_created(now);
-        let due = now_ns.saturating_sub(reported) >= interval.as_nanos() as u64 || reported == 0;
-        busy && due
-            && self
-                .last_reported_ns
-                .compare_exchange(reported, now_ns.max(1), Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
     }
 }
 

@@ -1,16 +1,95 @@
-//! What the activation layer tells the event stream (`crate::events`): one call per
+//! What the activation layer tells the event stream (`crate::events`): one event per
 //! transition outcome, each a lock, a push and a broadcast (never a wait).
+//!
+//! [`Transitions::publish_step`] is called by the one executor (`Transitions::commit`) for
+//! every step, so a transition cannot happen without its event.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::ActivationError;
-use super::entry::SessionEntry;
-use super::table::Shared;
+use super::entry::{EntryState, SessionEntry};
+use super::lifecycle::{Event, SessionPhase, Step};
+use super::transition::{Payload, Transitions};
 use crate::backend::SandboxId;
 use crate::events::{EventDraft, EventKind};
 
-impl Shared {
+impl Transitions {
+    /// Publishes what `step` (on `event`, from the locked state `st`) means for the
+    /// stream. Call before the step's effects change the binding.
+    pub(crate) fn publish_step(
+        &self,
+        entry: &SessionEntry,
+        st: &EntryState,
+        event: Event,
+        step: &Step,
+        payload: &Payload,
+    ) {
+        let from = st.phase;
+        if step.phase == from && step.effects.binding.is_none() {
+            // Ignored, queued or refused: the acquire path publishes requests itself.
+            return;
+        }
+        let sandbox = st.bound.as_ref().map(|b| &b.sandbox);
+        if step.effects.count_loss {
+            self.publish(EventKind::Lost, entry, sandbox, |d| d);
+        }
+        let waited = |d: EventDraft| match payload.waited {
+            Some(w) => d.wait(w),
+            None => d,
+        };
+        match event {
+            Event::ClaimOk => {
+                let claimed = payload.binding.as_ref().map(|b| &b.sandbox);
+                let kind = payload.kind.map(|k| k.as_str()).unwrap_or("claim");
+                self.publish(EventKind::Claimed, entry, claimed, |d| {
+                    waited(d.activation(kind))
+                });
+            }
+            Event::ClaimFailed | Event::ResumeFailed => {
+                if let Some(err) = &payload.error {
+                    self.publish_rejected(entry, err, payload.waited);
+                }
+            }
+            Event::ResumeOk => {
+                let cause = if st.waiters.is_empty() {
+                    "admin"
+                } else {
+                    "request"
+                };
+                self.publish(EventKind::Resumed, entry, sandbox, |d| {
+                    waited(d.activation("resume")).reason(cause)
+                });
+            }
+            Event::PauseOk | Event::PauseTimedOut => {
+                self.publish(EventKind::Paused, entry, sandbox, waited);
+            }
+            Event::PausedElsewhere => {
+                self.publish(EventKind::Frozen, entry, sandbox, |d| d.reason("peer"));
+            }
+            Event::ResumedElsewhere if from == SessionPhase::Paused => {
+                self.publish(EventKind::Resumed, entry, sandbox, |d| d.reason("peer"));
+            }
+            Event::ReleaseDone => {
+                let reason = payload.reason.unwrap_or("admin");
+                self.publish(EventKind::Released, entry, sandbox, |d| d.reason(reason));
+            }
+            _ => {}
+        }
+    }
+
+    /// A request joined `st`'s queue (call with the entry locked, before the step).
+    pub(crate) fn publish_queued(&self, entry: &SessionEntry, st: &EntryState) {
+        let waits_for = match st.phase {
+            SessionPhase::Unbound | SessionPhase::Activating => "claim",
+            SessionPhase::Paused | SessionPhase::Resuming => "resume",
+            SessionPhase::Pausing => "pausing",
+            _ => "releasing",
+        };
+        let sandbox = st.bound.as_ref().map(|b| &b.sandbox);
+        self.publish(EventKind::Queued, entry, sandbox, |d| d.reason(waits_for));
+    }
+
     fn draft(&self, kind: EventKind, entry: &SessionEntry) -> EventDraft {
         EventDraft::new(kind, Arc::from(&*entry.short_hash))
     }
@@ -59,5 +138,6 @@ pub(crate) fn reject_reason(err: &ActivationError) -> &'static str {
         ActivationError::Backend(BackendError::Unsupported(_)) => "unsupported",
         ActivationError::Backend(BackendError::StartFailed(_)) => "sandbox_start_failed",
         ActivationError::Backend(BackendError::ControlPlane(_)) => "control_plane",
+        ActivationError::Backend(BackendError::Conflict(_)) => "claim_conflict",
     }
 }

@@ -4,13 +4,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::fake_backend::ScriptedBackend;
-use super::{ActivationError, Activator, Lease};
+use super::{ActivationError, Activator, Permit};
 use crate::backend::{ActivationKind, BackendError, BackendEvent, DynBackend, SandboxId};
 use crate::config::{Config, IdlePolicy, OnSandboxLoss};
 use crate::metrics::Metrics;
 use crate::session::SessionKey;
 
 mod admin;
+mod deadlines;
 mod idle;
 mod loss;
 use tokio::time::sleep;
@@ -265,7 +266,7 @@ async fn a_disconnected_client_does_not_cancel_the_claim() {
     assert!(r.activator.try_acquire_ready(&k).is_some());
 }
 
-async fn ready(r: &Rig, k: &SessionKey) -> Lease {
+async fn ready(r: &Rig, k: &SessionKey) -> Permit {
     r.activator.acquire(k).await.expect("lease")
 }
 

@@ -1,418 +1,398 @@
-//! The claim, resume, pause and release tasks, and what a lost sandbox does to a session.
+//! `Transitions`: executes lifecycle steps: the one place a session's phase changes.
 //!
-//! Each `start_*` runs with the entry locked: it moves the phase to the transition's own
-//! phase (which is what makes the transition single-flight) and spawns the backend call,
-//! so a request that gives up never cancels it. Every backend call is bounded; a claim or
-//! resume that overruns its deadline gets one more `activation.timeout` of grace while
-//! its waiters time out on their own (a late success is kept for later requests, so a
-//! sandbox bound late is never leaked and a session never claims twice concurrently).
+//! [`Transitions::apply`] (and, for the slow path, [`Transitions::commit`]) reads the
+//! entry's facts, asks the pure [`lifecycle::step`] where the session goes, and carries out
+//! its effects with the entry locked: moves the binding, grants or fails the queue, spawns
+//! the backend call. Nothing else assigns `EntryState::phase`. The calls themselves (the
+//! claim, resume, pause and release tasks) are in `transition/calls.rs`.
 
-use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, MutexGuard};
 
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::ActivationError;
-use super::entry::{Bound, EntryState, Phase, SessionEntry};
-use super::table::Shared;
-use crate::backend::{ActivationKind, BackendError, ClaimBudget};
-use crate::events::EventKind;
+use super::deadlines::Deadlines;
+use super::entry::{Bound, EntryState, SessionEntry};
+use super::idle::Reporter;
+use super::lifecycle::{
+    self, BindingChange, Call, Cause, Event, Facts, IdleClock, Reply, SessionPhase, Step, Waiters,
+};
+use super::queue::ActivationQueue;
+use super::settings::Settings;
+use super::table::SessionTable;
+use crate::backend::{ActivationKind, BackendError, DynBackend, SandboxId};
+use crate::config::Config;
+use crate::events::{EventBus, Publisher};
+use crate::metrics::Metrics;
 
-/// The `result` label of `activator_activations_total` for a backend error.
-fn result_label(e: &BackendError) -> &'static str {
-    match e {
-        BackendError::NoCapacity(_) => "no_capacity",
-        BackendError::Timeout(_) => "timeout",
-        BackendError::Lost(_) => "lost",
-        _ => "error",
-    }
+mod calls;
+
+/// A spawned backend call; admin operations await it.
+pub(crate) type CallTask = JoinHandle<Result<(), ActivationError>>;
+
+/// Data a step's effects may need: what the ended backend call returned.
+#[derive(Default)]
+pub(crate) struct Payload {
+    /// For `BindingChange::Adopt`: the claimed sandbox.
+    pub binding: Option<Bound>,
+    /// For `BindingChange::SetEndpoint`.
+    pub endpoint: Option<SocketAddr>,
+    /// What granted waiters waited for.
+    pub kind: Option<ActivationKind>,
+    /// For `Cause::Outcome`: the call's error.
+    pub error: Option<ActivationError>,
+    /// How long the ended call took (for the event stream).
+    pub waited: Option<std::time::Duration>,
+    /// Why a release was made (for the event stream).
+    pub reason: Option<&'static str>,
 }
 
-impl Shared {
-    /// Awaits `fut` until `deadline` plus one `activation.timeout` of grace. Waiters are
-    /// not failed at `deadline` here: each one's own wait ends by then (see
-    /// `Shared::acquire_slow`), while a request arriving later still profits from a late
-    /// result.
-    async fn bounded<T>(&self, fut: impl Future<Output = T>, deadline: Instant) -> Option<T> {
-        tokio::time::timeout_at(deadline + self.settings.activation_timeout, fut)
-            .await
-            .ok()
+/// What an applied step tells its caller.
+pub(crate) struct Applied {
+    pub reply: Reply,
+    /// The backend call the step started, if any.
+    pub task: Option<CallTask>,
+    /// For `Reply::Refuse`: the error, as the entry stood before the step.
+    pub refused: Option<ActivationError>,
+}
+
+/// The session table and everything a transition touches (the activator's private
+/// context): owns the one executor of lifecycle steps.
+pub(crate) struct Transitions {
+    pub(crate) table: SessionTable,
+    pub(crate) backend: DynBackend,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) settings: Settings,
+    pub(crate) queue: Arc<ActivationQueue>,
+    /// Claims running for new sessions.
+    claiming: AtomicUsize,
+    shutting_down: AtomicBool,
+    /// Woken whenever a step settles (admin operations wait on it).
+    pub(crate) settled: Notify,
+    /// Transitions published on `GET /api/events`.
+    pub(crate) events: Publisher,
+    /// Settled sessions by the instant the idle scheduler looks at them next.
+    pub(crate) deadlines: Arc<Deadlines>,
+    /// Sessions with traffic to report to the backend.
+    pub(crate) reporter: Reporter,
+    /// `Ready` sessions with a request in flight or inside their idle window.
+    active: AtomicUsize,
+}
+
+impl Transitions {
+    pub(crate) fn new(
+        config: &Config,
+        backend: DynBackend,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Transitions> {
+        let settings = Settings::new(config, backend.capabilities().pause);
+        let queue = Arc::new(ActivationQueue::new(
+            config.activation.max_queued_per_session,
+            config.activation.max_queued_total,
+            metrics.queued_requests.clone(),
+        ));
+        let events = Publisher::new(
+            Arc::new(EventBus::new(config.telemetry.events.buffer)),
+            &metrics,
+        );
+        Arc::new(Transitions {
+            events,
+            deadlines: Arc::default(),
+            reporter: Reporter::default(),
+            active: AtomicUsize::new(0),
+            table: SessionTable::default(),
+            backend,
+            metrics,
+            settings,
+            queue,
+            claiming: AtomicUsize::new(0),
+            shutting_down: AtomicBool::new(false),
+            settled: Notify::new(),
+        })
     }
 
-    fn count_activation(&self, kind: ActivationKind, result: &str, started: Instant) {
-        self.metrics
-            .activations_total
-            .with_label_values(&[kind.as_str(), result])
-            .inc();
-        if result == "ok" {
-            self.metrics
-                .activation_duration
-                .with_label_values(&[kind.as_str()])
-                .observe(started.elapsed().as_secs_f64());
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+    }
+
+    /// New sessions whose claim runs now.
+    pub(crate) fn claiming(&self) -> usize {
+        self.claiming.load(Ordering::Acquire)
+    }
+
+    /// What the lifecycle needs to know about a locked entry.
+    pub(crate) fn facts(&self, entry: &SessionEntry, st: &EntryState) -> Facts {
+        Facts {
+            queued: !st.waiters.is_empty(),
+            in_flight: entry.in_flight() > 0,
+            shutting_down: self.is_shutting_down(),
+            state_lost_pending: st.state_lost_pending,
+            lost_meanwhile: st.lost_meanwhile,
+            on_loss: self.settings.on_loss,
         }
     }
 
-    // === claim ===
-
-    /// Starts the one claim for an `Unbound` session. Call with the entry locked.
-    pub(crate) fn start_claim(self: &Arc<Self>, entry: &Arc<SessionEntry>, st: &mut EntryState) {
-        st.phase = Phase::Activating;
-        st.bound = None;
-        let this = Arc::clone(self);
-        let entry = Arc::clone(entry);
-        tokio::spawn(async move { this.run_claim(entry).await });
-    }
-
-    async fn run_claim(self: Arc<Self>, entry: Arc<SessionEntry>) {
-        let started = Instant::now();
-        let admission_deadline = started + self.settings.admission_timeout;
-        let budget = ClaimBudget {
-            admission_deadline,
-            deadline: admission_deadline + self.settings.activation_timeout,
+    /// Steps a locked entry on `event` and executes the effects; if the phase moved,
+    /// settles (removes a `Gone` entry, wakes admin waiters). Unlocks either way.
+    pub(crate) fn apply(
+        self: &Arc<Self>,
+        entry: &Arc<SessionEntry>,
+        mut st: MutexGuard<'_, EntryState>,
+        event: Event,
+        payload: Payload,
+    ) -> Applied {
+        let facts = self.facts(entry, &st);
+        let event = lifecycle::resolve(event, &facts);
+        let step = lifecycle::step(st.phase, event, &facts);
+        let moved = step.phase != st.phase;
+        let reply = step.effects.reply;
+        let refused = match reply {
+            Reply::Refuse(cause) => Some(self.error(cause, &st, None)),
+            _ => None,
         };
-        let total = self.settings.admission_timeout + self.settings.activation_timeout;
-        self.claiming.fetch_add(1, Ordering::AcqRel);
-        self.metrics.waiting_sessions.inc();
-        let outcome = self
-            .bounded(self.backend.claim(&entry.key, budget), budget.deadline)
-            .await;
-        self.claiming.fetch_sub(1, Ordering::AcqRel);
-        self.metrics.waiting_sessions.dec();
-        self.metrics
-            .admission_wait
-            .observe(started.elapsed().as_secs_f64());
-
-        let mut st = entry.lock();
-        match outcome {
-            Some(Ok(binding)) => {
-                self.count_activation(binding.kind, "ok", started);
-                self.publish(EventKind::Claimed, &entry, Some(&binding.sandbox), |d| {
-                    d.activation(binding.kind.as_str()).wait(started.elapsed())
-                });
-                st.bound = Some(Bound {
-                    sandbox: binding.sandbox,
-                    endpoint: Some(binding.endpoint),
-                });
-                st.phase = Phase::Ready;
-                entry.touch(Instant::now());
-                self.queue.grant_all(&entry, &mut st, binding.kind);
-            }
-            Some(Err(e)) => {
-                self.count_activation(ActivationKind::Claim, result_label(&e), started);
-                tracing::info!(session = %entry.key, error = %e, "claim failed");
-                let err = ActivationError::Backend(e);
-                self.publish_rejected(&entry, &err, Some(started.elapsed()));
-                self.claim_failed(&mut st, err);
-            }
-            None => {
-                self.count_activation(ActivationKind::Claim, "timeout", started);
-                tracing::warn!(session = %entry.key, "claim did not finish within its grace period");
-                let err = ActivationError::Timeout(total);
-                self.publish_rejected(&entry, &err, Some(started.elapsed()));
-                self.claim_failed(&mut st, err);
-            }
+        let task = self.commit(entry, &mut st, event, step, payload);
+        if moved {
+            self.settle(entry, st);
         }
-        self.settle(&entry, st);
-    }
-
-    fn claim_failed(&self, st: &mut EntryState, err: ActivationError) {
-        self.queue.fail_all(st, &err);
-        if st.state_lost_pending {
-            // Keep the entry so the session's next lease still says its state was lost.
-            st.phase = Phase::Unbound;
-            st.since = Instant::now();
-        } else {
-            st.phase = Phase::Gone;
+        Applied {
+            reply,
+            task,
+            refused,
         }
     }
 
-    // === resume ===
-
-    /// Starts the one resume for a `Paused` session. Call with the entry locked.
-    pub(crate) fn start_resume(
+    /// Executes `step` on a locked entry: binding, flags, phase, idle clock, waiters, then
+    /// the backend call (spawned, so a request that gives up never cancels it).
+    pub(crate) fn commit(
         self: &Arc<Self>,
         entry: &Arc<SessionEntry>,
         st: &mut EntryState,
-    ) -> JoinHandle<Result<(), ActivationError>> {
-        st.phase = Phase::Resuming;
-        st.lost_meanwhile = false;
-        let this = Arc::clone(self);
-        let entry = Arc::clone(entry);
-        tokio::spawn(async move { this.run_resume(entry).await })
-    }
-
-    async fn run_resume(self: Arc<Self>, entry: Arc<SessionEntry>) -> Result<(), ActivationError> {
-        let started = Instant::now();
-        let sandbox = entry.lock().bound.as_ref().map(|b| b.sandbox.clone());
-        let Some(sandbox) = sandbox else {
-            let mut st = entry.lock();
-            self.mark_lost(&entry, &mut st);
-            self.settle(&entry, st);
-            return Err(ActivationError::SandboxLost);
-        };
-        let budget = self.settings.activation_timeout;
-        let deadline = started + budget;
-        let outcome = self
-            .bounded(self.backend.resume(&sandbox, deadline), deadline)
-            .await;
-        let mut st = entry.lock();
-        let outcome = if std::mem::take(&mut st.lost_meanwhile) {
-            Some(Err(BackendError::Lost(sandbox.clone())))
-        } else {
-            outcome
-        };
-        let result = match outcome {
-            Some(Ok(endpoint)) => {
-                self.count_activation(ActivationKind::Resume, "ok", started);
-                let cause = if st.waiters.is_empty() {
-                    "admin"
-                } else {
-                    "request"
-                };
-                self.publish(EventKind::Resumed, &entry, Some(&sandbox), |d| {
-                    d.activation("resume").wait(started.elapsed()).reason(cause)
-                });
-                st.bound = Some(Bound {
-                    sandbox,
-                    endpoint: Some(endpoint),
-                });
-                st.phase = Phase::Ready;
-                entry.touch(Instant::now());
-                self.queue
-                    .grant_all(&entry, &mut st, ActivationKind::Resume);
-                Ok(())
-            }
-            Some(Err(BackendError::Lost(_))) => {
-                self.count_activation(ActivationKind::Resume, "lost", started);
-                self.mark_lost(&entry, &mut st);
-                Err(ActivationError::SandboxLost)
-            }
-            Some(Err(e)) => {
-                self.count_activation(ActivationKind::Resume, result_label(&e), started);
-                tracing::warn!(session = %entry.key, %sandbox, error = %e, "resume failed");
-                let err = ActivationError::Backend(e);
-                self.publish_rejected(&entry, &err, Some(started.elapsed()));
-                self.queue.fail_all(&mut st, &err);
-                // Still paused as far as we know: the next request tries again.
-                st.phase = Phase::Paused;
-                Err(err)
-            }
-            None => {
-                self.count_activation(ActivationKind::Resume, "timeout", started);
-                let err = ActivationError::Timeout(budget);
-                self.publish_rejected(&entry, &err, Some(started.elapsed()));
-                self.queue.fail_all(&mut st, &err);
-                st.phase = Phase::Paused;
-                Err(err)
-            }
-        };
-        self.settle(&entry, st);
-        result
-    }
-
-    // === pause ===
-
-    /// Starts a pause of a `Ready` session with nothing in flight. Call with the entry
-    /// locked (the in-flight check and this phase change must happen under one lock).
-    pub(crate) fn start_pause(
-        self: &Arc<Self>,
-        entry: &Arc<SessionEntry>,
-        st: &mut EntryState,
-    ) -> Option<JoinHandle<Result<(), ActivationError>>> {
-        let sandbox = st.bound.as_ref()?.sandbox.clone();
-        st.phase = Phase::Pausing;
-        st.lost_meanwhile = false;
-        let this = Arc::clone(self);
-        let entry = Arc::clone(entry);
-        Some(tokio::spawn(
-            async move { this.run_pause(entry, sandbox).await },
-        ))
-    }
-
-    async fn run_pause(
-        self: Arc<Self>,
-        entry: Arc<SessionEntry>,
-        sandbox: crate::backend::SandboxId,
-    ) -> Result<(), ActivationError> {
-        let started = Instant::now();
-        let outcome = tokio::time::timeout(
-            self.settings.activation_timeout,
-            self.backend.pause(&sandbox),
-        )
-        .await;
-        let mut st = entry.lock();
-        let outcome = if std::mem::take(&mut st.lost_meanwhile) {
-            Ok(Err(BackendError::Lost(sandbox.clone())))
-        } else {
-            outcome
-        };
+        event: Event,
+        step: Step,
+        mut payload: Payload,
+    ) -> Option<CallTask> {
+        let fx = step.effects;
         let now = Instant::now();
-        let (label, result) = match outcome {
-            Ok(Ok(())) | Err(_) => {
-                // A pause that overran may have half-happened: treat the sandbox as paused
-                // so the next request resumes it rather than hitting a frozen one.
-                let result = match outcome {
-                    Ok(_) => Ok(()),
-                    Err(_) => Err(ActivationError::Timeout(self.settings.activation_timeout)),
-                };
-                st.phase = Phase::Paused;
-                st.since = now;
+        let from = st.phase;
+        let before = st.bound.as_ref().map(|b| b.sandbox.clone());
+        // Published first: the event names the sandbox the session had before the step.
+        self.publish_step(entry, st, event, &step, &payload);
+        match fx.binding {
+            Some(BindingChange::Adopt) => st.bound = payload.binding.take(),
+            Some(BindingChange::SetEndpoint) => {
+                if let Some(b) = st.bound.as_mut() {
+                    b.endpoint = payload.endpoint;
+                }
+            }
+            Some(BindingChange::DropEndpoint) => {
                 if let Some(b) = st.bound.as_mut() {
                     b.endpoint = None;
                 }
-                self.publish(EventKind::Paused, &entry, Some(&sandbox), |d| {
-                    d.wait(started.elapsed())
-                });
-                if !st.waiters.is_empty() {
-                    // Requests arrived while pausing: resume right away.
-                    if self.is_shutting_down() {
-                        self.queue.fail_all(&mut st, &ActivationError::ShuttingDown);
-                    } else {
-                        drop(self.start_resume(&entry, &mut st));
-                    }
+            }
+            Some(BindingChange::Clear) => st.bound = None,
+            Some(BindingChange::ReleaseDead) => {
+                if let Some(old) = st.bound.take() {
+                    let this = Arc::clone(self);
+                    let key = entry.key.clone();
+                    tokio::spawn(async move {
+                        let _ = this.release_in_backend(&key, &old.sandbox, "lost").await;
+                    });
                 }
-                (if result.is_ok() { "ok" } else { "timeout" }, result)
             }
-            Ok(Err(BackendError::Lost(_))) => {
-                self.mark_lost(&entry, &mut st);
-                ("lost", Err(ActivationError::SandboxLost))
+            None => {}
+        }
+        if fx.count_loss {
+            self.metrics.sessions_lost_total.inc();
+            tracing::warn!(session = %entry.key, "sandbox lost");
+        }
+        if fx.state_lost {
+            st.state_lost_pending = true;
+        }
+        if st.phase != step.phase {
+            st.phase = step.phase;
+            st.since = now;
+            st.lost_meanwhile = false;
+        }
+        if fx.flag_lost {
+            st.lost_meanwhile = true;
+        }
+        match fx.clock {
+            Some(IdleClock::Touch) => {
+                entry.touch(now);
+                self.reporter.note(entry);
             }
-            Ok(Err(e)) => {
-                // Busy (another replica saw traffic) or unsupported: stay active, restart
-                // the idle clock so the sweeper does not retry at once.
-                let label = if matches!(e, BackendError::Busy(_)) {
-                    "busy"
-                } else {
-                    tracing::warn!(session = %entry.key, %sandbox, error = %e, "pause failed");
-                    "error"
-                };
-                st.phase = Phase::Ready;
-                entry.defer_idle(now);
-                self.queue.grant_all(&entry, &mut st, ActivationKind::None);
-                (label, Err(ActivationError::Backend(e)))
+            Some(IdleClock::Defer) => entry.defer_idle(now),
+            None => {}
+        }
+        match fx.waiters {
+            Some(Waiters::Grant) => {
+                let kind = payload.kind.unwrap_or(ActivationKind::None);
+                self.queue.grant_all(entry, st, kind);
             }
-        };
-        self.metrics.pauses_total.with_label_values(&[label]).inc();
-        self.settle(&entry, st);
-        result
+            Some(Waiters::Fail(cause)) => {
+                let err = self.error(cause, st, payload.error.take());
+                self.queue.fail_all(st, &err);
+            }
+            None => {}
+        }
+        let task = fx.call.map(|call| self.spawn(entry, st, call));
+        self.bookkeep(entry, st, from, before, now);
+        task
     }
 
-    // === release ===
+    /// Keeps the table's indexes, the phase counts, the deadlines and the active count
+    /// true after a step (entry locked).
+    fn bookkeep(
+        &self,
+        entry: &Arc<SessionEntry>,
+        st: &mut EntryState,
+        from: SessionPhase,
+        before: Option<SandboxId>,
+        now: Instant,
+    ) {
+        let after = st.bound.as_ref().map(|b| &b.sandbox);
+        if before.as_ref() != after {
+            if let Some(b) = &before {
+                self.table.unindex(b, entry);
+            }
+            if let Some(a) = after {
+                self.table.index(a, entry);
+            }
+        }
+        let changed = from != st.phase;
+        if changed {
+            self.table.moved(from, st.phase);
+            self.set_active(entry, st.phase == SessionPhase::Ready);
+        }
+        self.keep_scheduled(entry, st, changed, now);
+    }
 
-    /// Starts releasing a session's sandbox. Call with the entry locked.
-    pub(crate) fn start_release(
+    /// Every settled session has a deadline: `Ready` when its idle window would end,
+    /// `Paused`/`Lost`/`Unbound` when `idle.session_ttl` runs out; others have none.
+    fn keep_scheduled(
+        &self,
+        entry: &Arc<SessionEntry>,
+        st: &mut EntryState,
+        changed: bool,
+        now: Instant,
+    ) {
+        let wait = match st.phase {
+            SessionPhase::Ready => Some(self.settings.idle_timeout),
+            SessionPhase::Paused | SessionPhase::Lost | SessionPhase::Unbound => {
+                Some(self.settings.session_ttl)
+            }
+            _ => None,
+        };
+        match wait {
+            Some(w) if changed || st.due.is_none() => {
+                // A configured wait too long for the clock means "never" in practice.
+                let at = now
+                    .checked_add(w)
+                    .unwrap_or_else(|| now + std::time::Duration::from_secs(100 * 365 * 86_400));
+                self.deadlines.schedule(entry, st, at);
+            }
+            Some(_) => {}
+            None => self.deadlines.unschedule(entry, st),
+        }
+    }
+
+    /// Takes a recovered entry into the deadlines and the active count.
+    pub(crate) fn register(&self, entry: &Arc<SessionEntry>) {
+        let mut st = entry.lock();
+        if st.phase == SessionPhase::Ready {
+            self.set_active(entry, true);
+        }
+        self.keep_scheduled(entry, &mut st, false, Instant::now());
+    }
+
+    /// Counts `entry` in (or out of) the active sessions; exact, whatever the order of
+    /// calls. Call with the entry locked.
+    #[inline]
+    pub(crate) fn set_active(&self, entry: &SessionEntry, on: bool) {
+        if entry.counted_active.load(Ordering::Relaxed) != on
+            && entry.counted_active.swap(on, Ordering::AcqRel) != on
+        {
+            if on {
+                self.active.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.active.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// `Ready` sessions with a request in flight or inside their idle window (kept
+    /// incrementally: reading it is free).
+    pub(crate) fn active_sessions(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// The error a refused request or failed waiter gets for `cause`.
+    pub(crate) fn error(
+        &self,
+        cause: Cause,
+        st: &EntryState,
+        outcome: Option<ActivationError>,
+    ) -> ActivationError {
+        match cause {
+            Cause::Outcome => {
+                outcome.unwrap_or(ActivationError::Timeout(self.settings.activation_timeout))
+            }
+            Cause::ShuttingDown => ActivationError::ShuttingDown,
+            Cause::SandboxLost => ActivationError::SandboxLost,
+            Cause::Busy => match st.bound.as_ref() {
+                Some(b) => ActivationError::Backend(BackendError::Busy(b.sandbox.clone())),
+                None => ActivationError::SandboxLost,
+            },
+        }
+    }
+
+    /// Spawns `call` for a locked entry already moved to the call's phase.
+    fn spawn(
         self: &Arc<Self>,
         entry: &Arc<SessionEntry>,
         st: &mut EntryState,
-        reason: &'static str,
-    ) -> JoinHandle<Result<(), ActivationError>> {
-        st.phase = Phase::Releasing;
-        let sandbox = st.bound.as_ref().map(|b| b.sandbox.clone());
+        call: Call,
+    ) -> CallTask {
         let this = Arc::clone(self);
         let entry = Arc::clone(entry);
-        tokio::spawn(async move { this.run_release(entry, sandbox, reason).await })
-    }
-
-    async fn run_release(
-        self: Arc<Self>,
-        entry: Arc<SessionEntry>,
-        sandbox: Option<crate::backend::SandboxId>,
-        reason: &'static str,
-    ) -> Result<(), ActivationError> {
-        let result = match &sandbox {
-            Some(sandbox) => self.release_in_backend(&entry.key, sandbox, reason).await,
-            None => Ok(()),
-        };
-        let mut st = entry.lock();
-        self.publish(EventKind::Released, &entry, sandbox.as_ref(), |d| {
-            d.reason(reason)
-        });
-        st.bound = None;
-        if st.waiters.is_empty() {
-            st.phase = Phase::Gone;
-        } else if self.is_shutting_down() {
-            self.queue.fail_all(&mut st, &ActivationError::ShuttingDown);
-            st.phase = Phase::Gone;
-        } else {
-            // Requests arrived while releasing: they get a fresh sandbox.
-            self.start_claim(&entry, &mut st);
-        }
-        self.settle(&entry, st);
-        result
-    }
-
-    /// `backend.release`, bounded and counted; failures are logged (the session is
-    /// forgotten either way: nothing better can be done with it).
-    pub(crate) async fn release_in_backend(
-        &self,
-        key: &crate::session::SessionKey,
-        sandbox: &crate::backend::SandboxId,
-        reason: &'static str,
-    ) -> Result<(), ActivationError> {
-        self.metrics
-            .releases_total
-            .with_label_values(&[reason])
-            .inc();
-        let outcome = tokio::time::timeout(
-            self.settings.activation_timeout,
-            self.backend.release(key, sandbox),
-        )
-        .await;
-        match outcome {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                tracing::warn!(session = %key, %sandbox, reason, error = %e, "release failed");
-                Err(ActivationError::Backend(e))
+        let sandbox = st.bound.as_ref().map(|b| b.sandbox.clone());
+        match call {
+            Call::Claim => {
+                st.bound = None;
+                // Counted here, under the entry's lock, so the count is exact the moment a
+                // claim starts (the autoscaler's demand signal).
+                self.claiming.fetch_add(1, Ordering::AcqRel);
+                self.metrics.waiting_sessions.inc();
+                tokio::spawn(async move { this.run_claim(entry).await })
             }
-            Err(_) => {
-                tracing::warn!(session = %key, %sandbox, reason, "release timed out");
-                Err(ActivationError::Timeout(self.settings.activation_timeout))
+            Call::Resume => tokio::spawn(async move { this.run_resume(entry, sandbox).await }),
+            Call::Pause => tokio::spawn(async move { this.run_pause(entry, sandbox).await }),
+            Call::Release(reason) => {
+                tokio::spawn(async move { this.run_release(entry, sandbox, reason.as_str()).await })
             }
         }
     }
 
-    // === loss ===
+    /// Ends a step: unlocks, removes the entry if it is `Gone`, wakes admin waiters.
+    pub(crate) fn settle(&self, entry: &Arc<SessionEntry>, st: MutexGuard<'_, EntryState>) {
+        let gone = st.phase == SessionPhase::Gone;
+        drop(st);
+        if gone {
+            self.table.forget(entry);
+        }
+        self.settled.notify_waiters();
+    }
 
-    /// The session's sandbox died. Never re-pins silently: with `fail` the session is
-    /// `Lost` until one request has been told (`SandboxLost`); with `reclaim` it gets a
-    /// fresh sandbox and its first lease says `state_lost`. Call with the entry locked.
-    pub(crate) fn mark_lost(self: &Arc<Self>, entry: &Arc<SessionEntry>, st: &mut EntryState) {
-        self.metrics.sessions_lost_total.inc();
-        tracing::warn!(session = %entry.key, "sandbox lost");
-        let lost = st.bound.as_ref().map(|b| &b.sandbox);
-        self.publish(EventKind::Lost, entry, lost, |d| d);
-        if let Some(old) = st.bound.take() {
-            // Tell the backend the session no longer holds it (frees slots and claims).
-            let this = Arc::clone(self);
-            let key = entry.key.clone();
-            tokio::spawn(async move {
-                let _ = this.release_in_backend(&key, &old.sandbox, "lost").await;
-            });
-        }
-        st.since = Instant::now();
-        match self.settings.on_loss {
-            crate::config::OnSandboxLoss::Reclaim => {
-                st.state_lost_pending = true;
-                if st.waiters.is_empty() {
-                    st.phase = Phase::Unbound;
-                } else if self.is_shutting_down() {
-                    self.queue.fail_all(st, &ActivationError::ShuttingDown);
-                    st.phase = Phase::Unbound;
-                } else {
-                    self.start_claim(entry, st);
-                }
-            }
-            crate::config::OnSandboxLoss::Fail => {
-                if st.waiters.is_empty() {
-                    st.phase = Phase::Lost;
-                } else {
-                    // The queued requests are the ones told.
-                    self.queue.fail_all(st, &ActivationError::SandboxLost);
-                    st.phase = Phase::Gone;
-                }
-            }
-        }
+    fn claim_ended(&self) {
+        self.claiming.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.waiting_sessions.dec();
     }
 }

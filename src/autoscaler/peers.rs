@@ -23,18 +23,31 @@ pub struct PeerCollector {
     timeout: Duration,
     own_id: ReplicaId,
     client: Client<HttpConnector, Empty<Bytes>>,
+    /// `Authorization: Bearer ...` for peers whose admin port needs `admin.auth`.
+    authorization: Option<http::HeaderValue>,
 }
 
 impl PeerCollector {
     /// `peers` are `host:port` admin addresses; every address a name resolves to counts.
     /// `own_id` is this replica's, so its own snapshot (reached through the headless
-    /// Service like any other) is left out.
-    pub fn new(peers: Vec<String>, timeout: Duration, own_id: ReplicaId) -> PeerCollector {
+    /// Service like any other) is left out. `token` is the shared `admin.auth` bearer
+    /// token, if any.
+    pub fn new(
+        peers: Vec<String>,
+        timeout: Duration,
+        own_id: ReplicaId,
+        token: Option<String>,
+    ) -> PeerCollector {
         PeerCollector {
             peers,
             timeout,
             own_id,
             client: Client::builder(TokioExecutor::new()).build_http(),
+            authorization: token.and_then(|t| {
+                let mut v = http::HeaderValue::from_str(&format!("Bearer {t}")).ok()?;
+                v.set_sensitive(true);
+                Some(v)
+            }),
         }
     }
 
@@ -76,7 +89,14 @@ impl PeerCollector {
     async fn fetch(&self, addr: SocketAddr) -> Option<StatsSnapshot> {
         let uri: http::Uri = format!("http://{addr}/api/stats").parse().ok()?;
         let exchange = async {
-            let resp = self.client.get(uri).await.map_err(|e| e.to_string())?;
+            let mut req = http::Request::get(uri)
+                .body(Empty::new())
+                .map_err(|e| e.to_string())?;
+            if let Some(a) = &self.authorization {
+                req.headers_mut()
+                    .insert(http::header::AUTHORIZATION, a.clone());
+            }
+            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
             if !resp.status().is_success() {
                 return Err(format!("status {}", resp.status()));
             }

@@ -5,14 +5,18 @@
 //!   (and a restarted one) finds the same claim; create-if-absent, AlreadyExists -> adopt.
 //! - Reads come from a watch-fed [`cache::Cache`]; waits are woken by watch events and
 //!   bounded by the caller's deadline. Writes are merge patches fenced by resourceVersion.
-//! - Idle pausing is cluster-wide: see [`activity`].
+//! - Binding follows what the controllers really write (see [`cache::Cache`]); a claim
+//!   of the session's name that is not ours is refused (503 `claim_conflict`).
+//! - Idle pausing is cluster-wide at a write cost independent of active sessions: see
+//!   [`activity`]. Leaked claims expire on their own: see [`backstop`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kube::api::{DynamicObject, ListParams, PostParams};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ListParams};
 use kube::runtime::watcher;
 use serde_json::json;
 use tokio::sync::broadcast;
@@ -20,8 +24,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{
-    ActivationKind, BackendError, BackendEvent, Binding, Capabilities, ClaimBudget,
-    RecoveredBinding, SandboxBackend, SandboxId, SandboxInfo, SandboxState,
+    BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, RecoveredBinding,
+    SandboxBackend, SandboxId, SandboxInfo, SandboxState,
 };
 use crate::cluster::KubeContext;
 use crate::config::Config;
@@ -29,18 +33,20 @@ use crate::session::SessionKey;
 
 pub mod activity;
 pub mod api;
+mod backstop;
 mod cache;
+mod claim;
 pub mod crd;
 pub mod flavour;
 pub mod pause;
 mod retry;
 
-use activity::{ActivityLog, LAST_ACTIVITY, PAUSING};
+use activity::{ActivityLog, PAUSING};
 use api::{ApiSet, Decision};
+use backstop::Backstop;
 use cache::{Cache, Kind};
 use flavour::Flavour;
 use pause::{PauseStrategy, SpecSuspend};
-use retry::Failure;
 
 /// Label on every claim this activator creates: the first 32 hex characters of the
 /// session's SHA-256 (also the claim name's suffix).
@@ -49,6 +55,11 @@ pub const SESSION_LABEL: &str = "agent-activator.dev/session-hash";
 pub const SESSION_SHA_ANNOTATION: &str = "agent-activator.dev/session-sha256";
 /// Annotation with the raw session ID (only with `write_session_id: true`).
 pub const SESSION_ID_ANNOTATION: &str = "agent-activator.dev/session-id";
+/// Label on every claim this activator creates; with the session hash it is what makes
+/// an existing claim adoptable.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Its value.
+pub const MANAGED_BY: &str = "agent-activator";
 
 /// Hex characters of the session hash used in claim names and labels (128 bits).
 const HASH_CHARS: usize = 32;
@@ -58,6 +69,9 @@ pub struct KubernetesBackend {
     api: ApiSet,
     cache: Arc<Cache>,
     activity: Arc<ActivityLog>,
+    digests: Api<ConfigMap>,
+    digest_name: String,
+    backstop: Arc<Backstop>,
     strategy: Arc<dyn PauseStrategy>,
     pool: String,
     claim_prefix: String,
@@ -69,13 +83,22 @@ pub struct KubernetesBackend {
 }
 
 impl KubernetesBackend {
-    /// Starts watching claims and sandboxes in the context's namespace, with the cluster's
-    /// one client; activity stamps carry the context's replica identity.
+    /// Starts watching claims, sandboxes and activity digests in the context's namespace,
+    /// with the cluster's one client, and publishing this replica's digest (named after
+    /// the context's replica identity).
     pub fn new(kube: &KubeContext, config: &Config) -> KubernetesBackend {
         let k = &config.backend.kubernetes;
         let flavour = Flavour::from_config(k.api);
         let api = ApiSet::new(kube.client.clone(), &kube.namespace, flavour);
-        let cache = Cache::new(flavour, k.port);
+        let cache = Cache::new(flavour, k.port, k.port_from_annotation);
+        let activity = Arc::new(ActivityLog::new(
+            kube.replica.to_string(),
+            k.activity_write_interval.as_duration(),
+            config.idle.timeout.as_duration(),
+        ));
+        let digests: Api<ConfigMap> = Api::namespaced(kube.client.clone(), &kube.namespace);
+        let digest_name = activity.object_name(&k.claim_prefix);
+        let backstop = Arc::new(Backstop::new(k.shutdown_after.as_duration()));
         let watchers = vec![
             tokio::spawn(cache.clone().run_watch(
                 Kind::Claims,
@@ -87,15 +110,21 @@ impl KubernetesBackend {
                 api.sandboxes.clone(),
                 watcher::Config::default(),
             )),
+            tokio::spawn(activity.clone().run_watch(digests.clone())),
+            tokio::spawn(
+                activity
+                    .clone()
+                    .run_publisher(digests.clone(), digest_name.clone()),
+            ),
+            tokio::spawn(backstop.clone().run(api.clone(), cache.clone())),
         ];
         KubernetesBackend {
             api,
             cache,
-            activity: Arc::new(ActivityLog::new(
-                kube.replica.to_string(),
-                k.activity_write_interval.as_duration(),
-                config.idle.timeout.as_duration(),
-            )),
+            activity,
+            digests,
+            digest_name,
+            backstop,
             strategy: Arc::new(SpecSuspend::new(flavour)),
             pool: k.pool.clone(),
             claim_prefix: k.claim_prefix.clone(),
@@ -137,141 +166,53 @@ impl KubernetesBackend {
             })
     }
 
-    /// Creates the session's claim unless it exists. Returns true if this call created it.
-    async fn ensure_claim(
-        &self,
-        session: &SessionKey,
-        name: &str,
-        deadline: Instant,
-    ) -> Result<bool, BackendError> {
-        // A claim being deleted (a release elsewhere) must be gone before we create anew.
-        let settled = self
-            .cache
-            .wait_for(deadline, |st| {
-                let c = st.claim(name);
-                c.is_none_or(|c| c.metadata.deletion_timestamp.is_none())
-                    .then(|| c.is_some())
-            })
-            .await
-            .ok_or(BackendError::Timeout(self.op_timeout))?;
-        if settled {
-            return Ok(false);
-        }
-        let sha = session.sha256_hex();
-        let mut annotations = json!({ SESSION_SHA_ANNOTATION: sha });
-        if self.write_session_id {
-            annotations[SESSION_ID_ANNOTATION] = json!(session.as_str());
-        }
-        let ar = self.api.flavour.claim_resource();
-        let body: DynamicObject = serde_json::from_value(json!({
-            "apiVersion": ar.api_version,
-            "kind": ar.kind,
-            "metadata": {
-                "name": name,
-                "labels": {
-                    SESSION_LABEL: &sha[..HASH_CHARS],
-                    "app.kubernetes.io/managed-by": "agent-activator",
-                },
-                "annotations": annotations,
-            },
-            "spec": self.api.flavour.claim_spec(&self.pool),
-        }))
-        .expect("claim object deserializes");
-        let started = Instant::now();
-        let pp = PostParams {
-            field_manager: Some(api::FIELD_MANAGER.into()),
-            ..PostParams::default()
-        };
-        match retry::call(deadline, || self.api.claims.create(&pp, &body)).await {
-            Ok(_) => Ok(true),
-            Err(Some(e)) if retry::classify(&e) == Failure::AlreadyExists => Ok(false),
-            Err(e) => Err(retry::fail("create SandboxClaim", started, e)),
-        }
+    /// Another replica's fresh activity digest lists `session` (a pause would be Busy).
+    pub fn served_elsewhere(&self, session: &SessionKey) -> bool {
+        self.activity.busy_elsewhere(&session.sha256_hex())
     }
-}
 
-impl KubernetesBackend {
-    /// Waits for the controller to bind a Sandbox to the claim (until the admission
-    /// deadline: none bound means no capacity, 503) and for it to serve (until the
-    /// deadline: 504), resuming it if it was suspended.
-    async fn await_claim(
+    /// Pushes the leak backstops of live sessions forward now (tests; normally periodic).
+    pub async fn refresh_backstops(&self) {
+        self.backstop.round(&self.api, &self.cache).await;
+    }
+
+    /// Thaws a suspended sandbox: done on Ready=True for the current generation with a
+    /// pod IP; a finished pod or a vanished Sandbox is lost.
+    async fn resume_sandbox(
         &self,
-        name: &str,
-        created: bool,
-        budget: ClaimBudget,
-        started: Instant,
-    ) -> Result<Binding, BackendError> {
-        let (flavour, cache) = (self.api.flavour, &self.cache);
+        sandbox: &SandboxId,
+        deadline: Instant,
+    ) -> Result<SocketAddr, BackendError> {
+        let started = Instant::now();
+        let name = sandbox.as_str();
+        let _own = self.cache.begin_own(name);
+        let flavour = self.api.flavour;
+        let view = self
+            .cache
+            .read(|st| st.sandbox(name).map(|s| flavour.sandbox_view(s)))
+            .ok_or_else(|| BackendError::Lost(sandbox.clone()))?;
+        if let Some(ep) = self.cache.endpoint(&view) {
+            return Ok(ep);
+        }
+        self.strategy
+            .set_paused(&self.api, name, false, deadline)
+            .await?;
+        let cache = &self.cache;
         cache
-            .wait_for(budget.admission_deadline.min(budget.deadline), |st| {
-                flavour.claim_sandbox(st.claim(name)?)
-            })
-            .await
-            .ok_or_else(|| {
-                BackendError::NoCapacity(format!(
-                    "no Sandbox was bound to SandboxClaim {name} within {:?}",
-                    started.elapsed()
-                ))
-            })?;
-        let bound = cache
-            .wait_for(budget.deadline, |st| {
-                let sandbox = flavour.claim_sandbox(st.claim(name)?)?;
-                let view = flavour.sandbox_view(st.sandbox(&sandbox)?);
-                match cache.endpoint(&view) {
-                    Some(ep) => Some(Bound::Serving(sandbox, ep)),
-                    None if view.spec_paused => Some(Bound::Suspended(sandbox)),
-                    None => None,
+            .wait_for(deadline, |st| match st.sandbox(name) {
+                None => Some(Err(BackendError::Lost(sandbox.clone()))),
+                Some(s) => {
+                    let v = flavour.sandbox_view(s);
+                    if v.finished || v.deleting {
+                        Some(Err(BackendError::Lost(sandbox.clone())))
+                    } else {
+                        cache.endpoint(&v).map(Ok)
+                    }
                 }
             })
             .await
-            .ok_or_else(|| BackendError::Timeout(started.elapsed()))?;
-        match bound {
-            Bound::Serving(sandbox, endpoint) => Ok(Binding {
-                kind: if created && sandbox == name {
-                    ActivationKind::Create
-                } else {
-                    ActivationKind::Claim
-                },
-                sandbox: SandboxId::new(sandbox),
-                endpoint,
-            }),
-            Bound::Suspended(sandbox) => {
-                // Adopted a claim whose sandbox was suspended (another replica, or before
-                // our restart): thaw it.
-                let id = SandboxId::new(sandbox);
-                let endpoint = self.resume(&id, budget.deadline).await?;
-                Ok(Binding {
-                    sandbox: id,
-                    endpoint,
-                    kind: ActivationKind::Resume,
-                })
-            }
-        }
+            .unwrap_or_else(|| Err(BackendError::Timeout(started.elapsed())))
     }
-
-    /// Deletes a claim this call created and could not complete, in the background.
-    fn abandon_claim(&self, name: String) {
-        let flavour = self.api.flavour;
-        if let Some(sandbox) = self
-            .cache
-            .read(|st| st.claim(&name).and_then(|c| flavour.claim_sandbox(c)))
-        {
-            self.cache.mark_released(&sandbox);
-        }
-        let api = self.api.clone();
-        let deadline = Instant::now() + self.op_timeout;
-        tokio::spawn(async move {
-            if let Err(e) = api.delete_claim(&name, deadline).await {
-                tracing::warn!(claim = name, "abandoned claim not deleted: {e}");
-            }
-        });
-    }
-}
-
-/// How a claim's sandbox looked when the claim wait ended.
-enum Bound {
-    Serving(String, SocketAddr),
-    Suspended(String),
 }
 
 #[async_trait]
@@ -309,28 +250,7 @@ impl SandboxBackend for KubernetesBackend {
         sandbox: &SandboxId,
         deadline: Instant,
     ) -> Result<SocketAddr, BackendError> {
-        let started = Instant::now();
-        let name = sandbox.as_str();
-        let _own = self.cache.begin_own(name);
-        let flavour = self.api.flavour;
-        let view = self
-            .cache
-            .read(|st| st.sandbox(name).map(|s| flavour.sandbox_view(s)))
-            .ok_or_else(|| BackendError::Lost(sandbox.clone()))?;
-        if let Some(ep) = self.cache.endpoint(&view) {
-            return Ok(ep);
-        }
-        self.strategy
-            .set_paused(&self.api, name, false, deadline)
-            .await?;
-        let cache = &self.cache;
-        cache
-            .wait_for(deadline, |st| match st.sandbox(name) {
-                None => Some(Err(BackendError::Lost(sandbox.clone()))),
-                Some(s) => cache.endpoint(&flavour.sandbox_view(s)).map(Ok),
-            })
-            .await
-            .unwrap_or_else(|| Err(BackendError::Timeout(started.elapsed())))
+        self.resume_sandbox(sandbox, deadline).await
     }
 
     async fn pause(&self, sandbox: &SandboxId) -> Result<(), BackendError> {
@@ -339,17 +259,30 @@ impl SandboxBackend for KubernetesBackend {
         let name = sandbox.as_str();
         let _own = self.cache.begin_own(name);
         let flavour = self.api.flavour;
-        let claim = self
+        let (claim, sha) = self
             .cache
-            .read(|st| st.claim_of_sandbox(name).map(str::to_owned))
+            .read(|st| {
+                let claim = st.claim_of_sandbox(name)?;
+                let sha = st
+                    .claim(claim)?
+                    .metadata
+                    .annotations
+                    .as_ref()?
+                    .get(SESSION_SHA_ANNOTATION)?
+                    .clone();
+                Some((claim.to_owned(), sha))
+            })
             .ok_or_else(|| BackendError::Lost(sandbox.clone()))?;
-        // The fence: decide on the fresh claim and stamp the decision with its
-        // resourceVersion. An activity stamp written meanwhile by another replica makes
-        // this write fail with 409; the re-read then sees it and answers Busy.
+        // Another replica served the session within idle.timeout: not idle cluster-wide.
+        if self.activity.busy_elsewhere(&sha) {
+            return Err(BackendError::Busy(sandbox.clone()));
+        }
+        // The fence: two replicas deciding at once serialise on the claim's
+        // resourceVersion (the loser re-reads, sees the decision and skips).
         let activity = &self.activity;
         self.api
-            .patch_fenced(&self.api.claims, &claim, deadline, |c| {
-                if activity.busy_elsewhere(c) {
+            .patch_fenced(&self.api.claims, &claim, deadline, |_| {
+                if activity.busy_elsewhere(&sha) {
                     return Err(BackendError::Busy(sandbox.clone()));
                 }
                 Ok(Decision::Patch(
@@ -364,13 +297,14 @@ impl SandboxBackend for KubernetesBackend {
         self.strategy
             .set_paused(&self.api, name, true, deadline)
             .await?;
-        // Done when the pod is gone (status no longer ready), so a resume right after
-        // cannot mistake the old pod for the new one.
+        // Done when the pod is gone (agent-sandbox Suspended=True/PodTerminated, or no
+        // pod IP left; Ready=False alone comes at once while the pod still terminates),
+        // so a resume right after cannot mistake the old pod for the new one.
         let cache = &self.cache;
         cache
             .wait_for(deadline, |st| match st.sandbox(name) {
                 None => Some(()),
-                Some(s) => (!flavour.sandbox_view(s).ready).then_some(()),
+                Some(s) => flavour.sandbox_view(s).pause_done.then_some(()),
             })
             .await
             .ok_or_else(|| BackendError::Timeout(started.elapsed()))
@@ -380,9 +314,14 @@ impl SandboxBackend for KubernetesBackend {
         let started = Instant::now();
         let name = self.claim_name(session);
         self.cache.mark_released(sandbox.as_str());
-        self.activity.forget(session.as_str());
+        self.activity.forget(&session.sha256_hex());
+        // Only a Sandbox bound to this session's claim is deleted.
+        let bound = self
+            .cache
+            .read(|st| st.sandbox_of_claim(&name).map(str::to_owned))
+            .filter(|s| s == sandbox.as_str());
         self.api
-            .delete_claim(&name, started + self.op_timeout)
+            .release(&name, bound.as_deref(), started + self.op_timeout)
             .await
     }
 
@@ -406,7 +345,7 @@ impl SandboxBackend for KubernetesBackend {
                         .map(|h| h.chars().take(12).collect())
                         .into_iter()
                         .collect();
-                    let state = if view.deleting {
+                    let state = if view.deleting || view.finished {
                         SandboxState::Stopping
                     } else if view.spec_paused {
                         SandboxState::Paused
@@ -456,7 +395,11 @@ impl SandboxBackend for KubernetesBackend {
         let flavour = self.api.flavour;
         let mut out = Vec::new();
         for c in claims.items {
-            let Some(sandbox) = flavour.claim_sandbox(&c) else {
+            let name = c.metadata.name.clone().unwrap_or_default();
+            let Some(sandbox) = self
+                .cache
+                .read(|st| st.sandbox_of_claim(&name).map(str::to_owned))
+            else {
                 continue;
             };
             let annotations = c.metadata.annotations.clone().unwrap_or_default();
@@ -475,7 +418,7 @@ impl SandboxBackend for KubernetesBackend {
                 session,
                 session_hash,
                 endpoint: view.as_ref().and_then(|v| self.cache.endpoint(v)),
-                paused: view.is_some_and(|v| v.spec_paused),
+                paused: view.as_ref().is_some_and(|v| v.spec_paused),
                 sandbox: SandboxId::new(sandbox),
             });
         }
@@ -483,35 +426,20 @@ impl SandboxBackend for KubernetesBackend {
     }
 
     fn record_activity(&self, session: &SessionKey, _sandbox: &SandboxId) {
-        // Keyed by the raw ID so the common case (stamped recently) hashes nothing.
-        if !self.activity.due(session.as_str()) {
-            return;
-        }
-        let name = self.claim_name(session);
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let api = self.api.clone();
-        let stamp = self.activity.stamp();
-        let deadline = Instant::now() + self.op_timeout;
-        handle.spawn(async move {
-            let r = api
-                .patch_fenced(&api.claims, &name, deadline, |_| {
-                    Ok(Decision::Patch(
-                        json!({"metadata": {"annotations": {LAST_ACTIVITY: stamp}}}),
-                    ))
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::debug!(claim = name, "activity stamp not written: {e}");
-            }
-        });
+        // No API call: the digest publisher writes when this session is new here.
+        let sha = session.sha256_hex();
+        self.activity.record(&sha);
+        self.backstop
+            .touch(&format!("{}{}", self.claim_prefix, &sha[..HASH_CHARS]));
     }
 
     async fn shutdown(&self) {
         for w in &self.watchers {
             w.abort();
         }
+        self.activity
+            .withdraw(&self.digests, &self.digest_name)
+            .await;
     }
 }
 

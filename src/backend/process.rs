@@ -32,6 +32,7 @@ mod child;
 mod fleet;
 mod freezer;
 mod instance;
+mod isolation;
 mod lifecycle;
 mod port;
 mod reaper;
@@ -110,16 +111,20 @@ impl ProcessBackend {
                 format!("cannot create {}: {e}", workdir.display()),
             )
         })?;
+        let isolation = isolation::Isolation::detect(b.isolation, &b.bwrap, &root)
+            .await
+            .map_err(|e| ConfigError::invalid("backend.isolation", e))?;
         let self_exe = std::env::current_exe()
             .map_err(|e| ConfigError::invalid("backend.command", format!("{{self}}: {e}")))?;
         tracing::info!(freezer = freezer.mode().as_str(), workdir = %workdir.display(),
-            warm_pool = b.warm_pool, "process backend ready");
+            warm_pool = b.warm_pool, isolated = isolation.is_some(), "process backend ready");
         let shared = Arc::new(Shared {
             spec: LaunchSpec {
                 argv: b.command.clone(),
                 env: b.env.clone(),
                 ready_path: b.ready_path.clone(),
                 self_exe,
+                isolation,
             },
             freezer,
             workdir: workdir.clone(),

@@ -110,3 +110,77 @@ fn applying_decisions_needs_a_scalable_backend() {
     let e = err(&format!("{STATIC}autoscaler:\n  apply: true\n"));
     assert!(e.starts_with("autoscaler.apply"), "{e}");
 }
+
+#[test]
+fn connection_bounds_have_safe_defaults() {
+    let c = Config::from_yaml(STATIC).unwrap();
+    let p = &c.proxy;
+    assert_eq!(p.max_header_bytes, 64 * 1024);
+    assert_eq!(p.max_body_bytes, None);
+    assert_eq!(p.allowed_upgrades, vec!["websocket".to_owned()]);
+    assert!(p.trusted_proxies.is_empty());
+    assert!(p.max_connections > 0 && !p.idle_timeout.is_zero() && !p.body_timeout.is_zero());
+    assert_eq!(
+        c.admin.public_paths,
+        vec!["/metrics".to_owned(), "/healthz".into(), "/readyz".into()]
+    );
+}
+
+#[test]
+fn connection_keys_are_checked_by_name() {
+    for (yaml, key) in [
+        ("proxy:\n  max_connections: 0\n", "proxy.max_connections"),
+        (
+            "proxy:\n  max_header_bytes: 100\n",
+            "proxy.max_header_bytes",
+        ),
+        ("proxy:\n  max_body_bytes: 0\n", "proxy.max_body_bytes"),
+        ("proxy:\n  idle_timeout: 0s\n", "proxy.idle_timeout"),
+        ("proxy:\n  body_timeout: 0s\n", "proxy.body_timeout"),
+        (
+            "proxy:\n  client_header_timeout: 0s\n",
+            "proxy.client_header_timeout",
+        ),
+        (
+            "proxy:\n  tunnel_idle_timeout: 0s\n",
+            "proxy.tunnel_idle_timeout",
+        ),
+        (
+            "proxy:\n  http2_max_concurrent_streams: 0\n",
+            "proxy.http2_max_concurrent_streams",
+        ),
+        (
+            "proxy:\n  allowed_upgrades: [h2c]\n",
+            "proxy.allowed_upgrades[0]",
+        ),
+        (
+            "proxy:\n  allowed_upgrades: ['a b']\n",
+            "proxy.allowed_upgrades[0]",
+        ),
+        (
+            "proxy:\n  trusted_proxies: [10.0.0.0/8, nope]\n",
+            "proxy.trusted_proxies[1]",
+        ),
+        (
+            "admin:\n  public_paths: [metrics]\n",
+            "admin.public_paths[0]",
+        ),
+    ] {
+        let e = err(&format!("{STATIC}{yaml}"));
+        assert!(e.starts_with(key), "{yaml}: {e}");
+    }
+}
+
+#[test]
+fn a_reachable_admin_port_needs_auth_or_an_explicit_opt_out() {
+    let e = err(&format!("{STATIC}admin_listen: 0.0.0.0:9090\n"));
+    assert!(
+        e.starts_with("admin_listen") && e.contains("bearer_token_file"),
+        "{e}"
+    );
+    let ok =
+        |extra: &str| Config::from_yaml(&format!("{STATIC}admin_listen: 0.0.0.0:9090\n{extra}"));
+    assert!(ok("admin:\n  allow_unauthenticated: true\n").is_ok());
+    assert!(ok("admin:\n  auth:\n    bearer_token_file: /run/secrets/token\n").is_ok());
+    assert!(Config::from_yaml(&format!("{STATIC}admin_listen: '[::1]:9090'\n")).is_ok());
+}

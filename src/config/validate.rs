@@ -98,6 +98,8 @@ impl Config {
                 "must be at least activation.max_queued_per_session",
             ));
         }
+        self.validate_connections()?;
+        self.validate_admin()?;
         self.validate_backend()?;
         self.validate_autoscaler()?;
         if !self.schedules.is_empty() && self.tls.is_some() {
@@ -122,6 +124,107 @@ impl Config {
         }
         if let Some(agent) = &self.node_agent {
             agent.validate()?;
+        }
+        Ok(())
+    }
+
+    fn validate_connections(&self) -> Result<(), ConfigError> {
+        let p = &self.proxy;
+        for (key, d) in [
+            ("proxy.client_header_timeout", p.client_header_timeout),
+            ("proxy.idle_timeout", p.idle_timeout),
+            ("proxy.body_timeout", p.body_timeout),
+            ("proxy.tunnel_idle_timeout", p.tunnel_idle_timeout),
+            ("proxy.drain_timeout", p.drain_timeout),
+            ("proxy.http2_keepalive_timeout", p.http2_keepalive_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::invalid(key, "must be greater than 0s"));
+            }
+        }
+        if p.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                "proxy.max_connections",
+                "must be at least 1",
+            ));
+        }
+        // hyper refuses a read buffer below 8 KiB (it asserts); 1 MiB is far beyond any
+        // browser's or agent's need and bounds the memory one connection can pin.
+        if !(8 * 1024..=1024 * 1024).contains(&p.max_header_bytes) {
+            return Err(ConfigError::invalid(
+                "proxy.max_header_bytes",
+                "must be between 8192 and 1048576",
+            ));
+        }
+        if p.max_body_bytes == Some(0) {
+            return Err(ConfigError::invalid(
+                "proxy.max_body_bytes",
+                "must be at least 1 (leave it unset for no limit)",
+            ));
+        }
+        if p.http2_max_concurrent_streams == 0 {
+            return Err(ConfigError::invalid(
+                "proxy.http2_max_concurrent_streams",
+                "must be at least 1",
+            ));
+        }
+        for (i, u) in p.allowed_upgrades.iter().enumerate() {
+            if u.is_empty() || !u.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+                return Err(ConfigError::invalid(
+                    format!("proxy.allowed_upgrades[{i}]"),
+                    "must be a protocol token such as websocket",
+                ));
+            }
+            if u.eq_ignore_ascii_case("h2c") {
+                return Err(ConfigError::invalid(
+                    format!("proxy.allowed_upgrades[{i}]"),
+                    "h2c cannot be relayed: it would turn the connection into a raw tunnel \
+                     that skips header rules and the access log",
+                ));
+            }
+        }
+        for (i, cidr) in p.trusted_proxies.iter().enumerate() {
+            if crate::proxy::parse_cidr(cidr).is_none() {
+                return Err(ConfigError::invalid(
+                    format!("proxy.trusted_proxies[{i}]"),
+                    format!("{cidr:?} is not an address or CIDR such as 10.0.0.0/8"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_admin(&self) -> Result<(), ConfigError> {
+        let a = &self.admin;
+        for (i, path) in a.public_paths.iter().enumerate() {
+            if !path.starts_with('/') {
+                return Err(ConfigError::invalid(
+                    format!("admin.public_paths[{i}]"),
+                    "must start with '/'",
+                ));
+            }
+        }
+        match &a.auth.bearer_token_file {
+            // Read at start (the file is usually a mounted Secret `check` cannot see).
+            Some(file) if file.as_os_str().is_empty() => {
+                return Err(ConfigError::invalid(
+                    "admin.auth.bearer_token_file",
+                    "must name a file",
+                ));
+            }
+            Some(_) => {}
+            None if !self.admin_listen.ip().is_loopback() && !a.allow_unauthenticated => {
+                return Err(ConfigError::invalid(
+                    "admin_listen",
+                    format!(
+                        "{} is reachable from other hosts but admin.auth.bearer_token_file \
+                         is not set; set it, or admin.allow_unauthenticated: true if a \
+                         network policy guards the port",
+                        self.admin_listen
+                    ),
+                ));
+            }
+            None => {}
         }
         Ok(())
     }
@@ -204,8 +307,18 @@ impl Config {
                 {
                     return Err(ConfigError::invalid(
                         "backend.kubernetes.activity_write_interval",
-                        "must be shorter than idle.timeout, or a busy replica's stamp \
+                        "must be shorter than idle.timeout, or a busy replica's digest \
                          could look idle to the others",
+                    ));
+                }
+                let after = b.kubernetes.shutdown_after.as_duration();
+                if after < std::time::Duration::from_secs(2)
+                    || after <= self.idle.session_ttl.as_duration()
+                {
+                    return Err(ConfigError::invalid(
+                        "backend.kubernetes.shutdown_after",
+                        "must be at least 2s and longer than idle.session_ttl, or the \
+                         cluster would end sessions the activator still keeps",
                     ));
                 }
                 if b.kubernetes.claim_prefix.len() > 30

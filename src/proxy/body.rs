@@ -1,13 +1,116 @@
-//! Response bodies: the upstream's streamed body or a small generated one, wrapped so the
-//! request's [`Completion`] runs when the last frame is sent (or the body is dropped).
+//! Bodies: the request body as forwarded (gap timeout, size cap) and response bodies
+//! (the upstream's streamed body or a small generated one), wrapped so the request's
+//! [`Completion`] runs when the last frame is sent (or the body is dropped).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::time::{Instant, Sleep};
 
+use super::activity::RequestGuard;
 use super::completion::Completion;
+
+/// Why forwarding a request body stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    /// `proxy.body_timeout` passed without a byte from the client.
+    #[error("the client sent no request body bytes for {0:?}")]
+    Timeout(Duration),
+    /// More than `proxy.max_body_bytes`.
+    #[error("the request body exceeds {0} bytes")]
+    TooLarge(u64),
+    /// The client connection failed while sending the body.
+    #[error("reading the request body: {0}")]
+    Client(#[source] hyper::Error),
+}
+
+/// The client's request body on its way to the sandbox: every gap between frames is
+/// bounded by `proxy.body_timeout` and the total by `proxy.max_body_bytes`. The error
+/// aborts the upstream request; [`super::error`] turns it into 408 or 413.
+pub struct RequestBody {
+    inner: Incoming,
+    gap: Duration,
+    /// Allocated only when the client makes us wait (most bodies arrive with the head).
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+    limit: u64,
+    read: u64,
+    failed: bool,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, gap: Duration, limit: Option<u64>) -> RequestBody {
+        RequestBody {
+            inner,
+            gap,
+            timer: None,
+            armed: false,
+            limit: limit.unwrap_or(u64::MAX),
+            read: 0,
+            failed: false,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = RequestBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
+        let this = self.get_mut();
+        if this.failed {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.armed = false;
+                if let Some(data) = frame.data_ref() {
+                    this.read = this.read.saturating_add(data.len() as u64);
+                    if this.read > this.limit {
+                        this.failed = true;
+                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge(this.limit))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.failed = true;
+                Poll::Ready(Some(Err(RequestBodyError::Client(e))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if !this.armed {
+                    let deadline = Instant::now() + this.gap;
+                    match &mut this.timer {
+                        Some(t) => t.as_mut().reset(deadline),
+                        None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
+                    this.armed = true;
+                }
+                let timer = this.timer.as_mut().expect("armed above");
+                if timer.as_mut().poll(cx).is_ready() {
+                    this.failed = true;
+                    return Poll::Ready(Some(Err(RequestBodyError::Timeout(this.gap))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// The body of a proxied response, before completion tracking.
 pub enum ProxyBody {
@@ -63,11 +166,23 @@ impl Body for ProxyBody {
 pub struct ResponseBody {
     inner: ProxyBody,
     completion: Completion,
+    /// Keeps the request counted on its client connection until the body is dropped.
+    conn_guard: Option<RequestGuard>,
 }
 
 impl ResponseBody {
     pub fn new(inner: ProxyBody, completion: Completion) -> ResponseBody {
-        ResponseBody { inner, completion }
+        ResponseBody {
+            inner,
+            completion,
+            conn_guard: None,
+        }
+    }
+
+    /// Holds `guard` (the connection's in-flight count) for the life of the body.
+    pub fn hold(mut self, guard: RequestGuard) -> ResponseBody {
+        self.conn_guard = Some(guard);
+        self
     }
 }
 

@@ -1,6 +1,6 @@
 //! `Completion`: what happens when a request is over (its response body ended, its
 //! upgraded stream closed, or the client went away): metrics, traffic stats, the access
-//! log line, and dropping the activation [`Lease`].
+//! log line, and dropping the activation [`Permit`].
 //!
 //! It is created when a request arrives and travels with the response body, so
 //! `activator_requests_in_flight` counts a request until its last byte, as the autoscaler
@@ -13,7 +13,7 @@ use http::{Method, Uri};
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
 use tokio::time::Instant;
 
-use crate::activation::Lease;
+use crate::activation::Permit;
 use crate::config::SessionIdLogging;
 use crate::metrics::Metrics;
 use crate::session::SessionKey;
@@ -93,7 +93,7 @@ struct Open {
     recorder: Arc<Recorder>,
     start: Instant,
     status: u16,
-    lease: Option<Lease>,
+    lease: Option<Permit>,
     access: Option<AccessEntry>,
     /// The request's span when it is traced (`telemetry`); ended at completion.
     trace: Option<RequestTrace>,
@@ -149,7 +149,7 @@ impl Completion {
     }
 
     /// Keeps the lease until the request is over.
-    pub fn hold_lease(&mut self, lease: Lease) {
+    pub fn hold_lease(&mut self, lease: Permit) {
         if let Some(open) = self.0.as_mut() {
             open.lease = Some(lease);
         }
@@ -186,7 +186,7 @@ impl Completion {
             };
             let session = SessionField {
                 key: entry.session.as_ref(),
-                cached_hash: open.lease.as_ref().map(Lease::session_hash),
+                cached_hash: open.lease.as_ref().map(Permit::session_hash),
                 full: r.session_ids == SessionIdLogging::Full,
             };
             let trace_id = open.trace.as_ref().map(RequestTrace::trace_id);

@@ -1,7 +1,10 @@
 //! The one place failures become responses: status, stable `code`, JSON body, `Retry-After`.
 //!
-//! Every client-visible error body is `{"error":{"code":"...","message":"..."}}`. Upstream
-//! failures name no internal address; the access log and `warn!` lines carry the detail.
+//! Every client-visible error body is `{"error":{"code":"...","message":"..."}}` with a
+//! fixed message per code: backend, process and Kubernetes API error text (a sandbox's
+//! stderr, an apiserver message, an internal address) never reaches the client. The
+//! detail goes to the log line, which carries the request's `X-Request-ID`, also sent
+//! to the client, so the two can be matched.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,6 +13,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
 
+use super::body::RequestBodyError;
 use crate::activation::ActivationError;
 use crate::backend::BackendError;
 use crate::session::{AdmissionError, ExtractError};
@@ -49,6 +53,58 @@ pub enum ProxyError {
         endpoint: SocketAddr,
         timeout: Duration,
     },
+    /// The request declares a body over `proxy.max_body_bytes` (413 `body_too_large`).
+    #[error("the request body is declared larger than {0} bytes")]
+    BodyTooLarge(u64),
+    /// Forwarding stopped because of the client's body: too slow (408 `body_timeout`),
+    /// too large (413 `body_too_large`) or broken off (400 `bad_request_body`).
+    #[error("forwarding the request body failed ({kind:?})")]
+    RequestBody {
+        kind: BodyFault,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+}
+
+/// What went wrong with a request body (see [`RequestBodyError`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFault {
+    Timeout,
+    TooLarge,
+    Client,
+}
+
+impl ProxyError {
+    /// An upstream failure caused by the client's request body is the client's fault:
+    /// finds a [`RequestBodyError`] in the source chain and says so.
+    pub fn blame_request_body(self) -> ProxyError {
+        let (ProxyError::UpstreamReset { source, .. } | ProxyError::UpstreamConnect { source, .. }) =
+            &self
+        else {
+            return self;
+        };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+        let mut kind = None;
+        while let Some(e) = cause {
+            if let Some(b) = e.downcast_ref::<RequestBodyError>() {
+                kind = Some(match b {
+                    RequestBodyError::Timeout(_) => BodyFault::Timeout,
+                    RequestBodyError::TooLarge(_) => BodyFault::TooLarge,
+                    RequestBodyError::Client(_) => BodyFault::Client,
+                });
+                break;
+            }
+            cause = e.source();
+        }
+        match (kind, self) {
+            (
+                Some(kind),
+                ProxyError::UpstreamReset { source, .. }
+                | ProxyError::UpstreamConnect { source, .. },
+            ) => ProxyError::RequestBody { kind, source },
+            (_, other) => other,
+        }
+    }
 }
 
 /// How one failure is presented to the client.
@@ -109,6 +165,19 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => {
                 present(S::GATEWAY_TIMEOUT, "upstream_timeout", false)
             }
+            ProxyError::BodyTooLarge(_)
+            | ProxyError::RequestBody {
+                kind: BodyFault::TooLarge,
+                ..
+            } => present(S::PAYLOAD_TOO_LARGE, "body_too_large", false),
+            ProxyError::RequestBody {
+                kind: BodyFault::Timeout,
+                ..
+            } => present(S::REQUEST_TIMEOUT, "body_timeout", false),
+            ProxyError::RequestBody {
+                kind: BodyFault::Client,
+                ..
+            } => present(S::BAD_REQUEST, "bad_request_body", false),
         }
     }
 
@@ -122,17 +191,12 @@ impl ProxyError {
         self.presentation().code
     }
 
-    /// The message shown to clients: no internal addresses.
-    fn client_message(&self) -> String {
+    /// The message shown to clients: a session error explains the client's own input;
+    /// every other failure gets the fixed message of its code, never the error's text.
+    pub fn client_message(&self) -> std::borrow::Cow<'static, str> {
         match self {
-            ProxyError::UpstreamConnect { .. } => "cannot connect to the session's sandbox".into(),
-            ProxyError::UpstreamReset { .. } => {
-                "the session's sandbox closed the connection before responding".into()
-            }
-            ProxyError::UpstreamTimeout { timeout, .. } => {
-                format!("the session's sandbox sent no response within {timeout:?}")
-            }
-            other => other.to_string(),
+            ProxyError::Session(e) => e.to_string().into(),
+            other => client_message(other.code()).into(),
         }
     }
 
@@ -171,6 +235,36 @@ fn backend_presentation(e: &BackendError) -> Presentation {
         BackendError::Unsupported(_) => present(S::NOT_IMPLEMENTED, "unsupported", false),
         BackendError::StartFailed(_) => present(S::BAD_GATEWAY, "sandbox_start_failed", false),
         BackendError::ControlPlane(_) => present(S::SERVICE_UNAVAILABLE, "control_plane", true),
+        BackendError::Conflict(_) => present(S::SERVICE_UNAVAILABLE, "claim_conflict", false),
+    }
+}
+
+/// The fixed client-facing message of each code. Session errors say what to fix (the
+/// client's own input); everything about sandboxes and the control plane says only what
+/// happened, the log has why.
+fn client_message(code: &str) -> &'static str {
+    match code {
+        "missing_session" => "the request carries no session ID",
+        "invalid_session" => "the session ID is not valid",
+        "session_limit" => "the activator serves as many sessions as it may; retry later",
+        "rate_limited" => "too many new sessions from this client; retry later",
+        "queue_full" => "too many requests are waiting for this session's sandbox; retry later",
+        "shutting_down" => "the activator is shutting down; retry",
+        "activation_timeout" => "the session's sandbox did not become ready in time",
+        "sandbox_lost" => "the session's sandbox is gone",
+        "no_capacity" => "no sandbox is available; retry later",
+        "sandbox_busy" => "the session's sandbox is busy; retry later",
+        "unsupported" => "this operation is not supported by the backend",
+        "sandbox_start_failed" => "the session's sandbox failed to start",
+        "control_plane" => "the sandbox control plane is unavailable; retry later",
+        "upstream_connect" => "cannot connect to the session's sandbox",
+        "upstream_reset" => "the session's sandbox closed the connection before responding",
+        "upstream_protocol" => "the session's sandbox sent a response that cannot be relayed",
+        "upstream_timeout" => "the session's sandbox did not respond in time",
+        "body_too_large" => "the request body is too large",
+        "body_timeout" => "the request body was not received in time",
+        "bad_request_body" => "the request body could not be read",
+        _ => "the request failed",
     }
 }
 

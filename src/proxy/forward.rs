@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use bytes::{BufMut, BytesMut};
 use http::header::{
-    CONNECTION, EXPECT, HOST, HeaderName, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
+    CONNECTION, EXPECT, FORWARDED, HOST, HeaderName, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
     TRANSFER_ENCODING, UPGRADE,
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -22,6 +22,8 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// `X-Forwarded-Host`.
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// `X-Real-IP` (nginx convention), removed unless from a trusted proxy.
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -33,16 +35,29 @@ pub struct ClientConn {
     pub peer_ip: HeaderValue,
     /// Served over TLS (`X-Forwarded-Proto: https`, `Secure` cookies).
     pub tls: bool,
+    /// The peer is in `proxy.trusted_proxies`: its forwarding headers are believed.
+    pub trusted: bool,
 }
 
 impl ClientConn {
-    pub fn new(peer: SocketAddr, tls: bool) -> ClientConn {
+    pub fn new(peer: SocketAddr, tls: bool, trusted: bool) -> ClientConn {
         ClientConn {
             peer,
-            peer_ip: HeaderValue::from_str(&peer.ip().to_string())
+            peer_ip: HeaderValue::from_str(&peer.ip().to_canonical().to_string())
                 .expect("an IP address is a valid header value"),
             tls,
+            trusted,
         }
+    }
+
+    /// Whether the client reached us over HTTPS: our own TLS, or a trusted proxy's
+    /// `X-Forwarded-Proto: https` (a TLS-terminating Gateway).
+    pub fn https(&self, headers: &HeaderMap) -> bool {
+        self.tls
+            || (self.trusted
+                && headers
+                    .get(&X_FORWARDED_PROTO)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https")))
     }
 }
 
@@ -117,6 +132,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// Prepares request headers for the sandbox: hop-by-hop removal, `Expect` (the proxy
 /// answers it), configured stripping, `X-Forwarded-*`, and the Host policy.
+///
+/// From a trusted proxy `X-Forwarded-For` is appended to and `X-Forwarded-Proto`/`-Host`
+/// are kept when present; from anyone else they are replaced with this connection's own
+/// values and `Forwarded`/`X-Real-IP` are removed, so a client cannot forge its origin.
 pub fn prepare_request_headers(
     headers: &mut HeaderMap,
     client_authority: Option<&Authority>,
@@ -135,7 +154,11 @@ pub fn prepare_request_headers(
         Some(h) => Some(h.clone()),
         None => client_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
-    if headers.contains_key(&X_FORWARDED_FOR) {
+    if !conn.trusted {
+        headers.remove(FORWARDED);
+        headers.remove(&X_REAL_IP);
+        headers.insert(&X_FORWARDED_FOR, conn.peer_ip.clone());
+    } else if headers.contains_key(&X_FORWARDED_FOR) {
         // Earlier hops, possibly over several header lines, then this client.
         let prior = headers.get_all(&X_FORWARDED_FOR);
         let len: usize = prior.iter().map(|v| v.len() + 2).sum();
@@ -151,12 +174,16 @@ pub fn prepare_request_headers(
     } else {
         headers.insert(&X_FORWARDED_FOR, conn.peer_ip.clone());
     }
-    headers.insert(
-        &X_FORWARDED_PROTO,
-        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
-    );
+    if !conn.trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(
+            &X_FORWARDED_PROTO,
+            HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+        );
+    }
     if let Some(host) = host {
-        headers.insert(&X_FORWARDED_HOST, host.clone());
+        if !conn.trusted || !headers.contains_key(&X_FORWARDED_HOST) {
+            headers.insert(&X_FORWARDED_HOST, host.clone());
+        }
         if upstream_h2 {
             headers.remove(HOST);
         } else {
@@ -240,7 +267,7 @@ mod tests {
 
     #[test]
     fn forwarded_headers_and_host_policy() {
-        let conn = ClientConn::new("10.1.2.3:5555".parse().unwrap(), true);
+        let conn = ClientConn::new("10.1.2.3:5555".parse().unwrap(), true, true);
         let strip = [HeaderName::from_static("x-session-id")];
         let mut h = headers(&[
             ("host", "app.example"),
@@ -267,6 +294,40 @@ mod tests {
         assert!(!h.contains_key(HOST));
         assert_eq!(h[&X_FORWARDED_HOST], "h2.example:8443");
         assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3");
+    }
+
+    #[test]
+    fn untrusted_peers_cannot_forge_their_origin() {
+        let conn = ClientConn::new("203.0.113.5:5555".parse().unwrap(), false, false);
+        let mut h = headers(&[
+            ("host", "app.example"),
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "bank.example"),
+            ("forwarded", "for=1.1.1.1"),
+            ("x-real-ip", "1.1.1.1"),
+        ]);
+        assert!(!conn.https(&h));
+        prepare_request_headers(&mut h, None, &conn, &[], false, false);
+        assert_eq!(h[&X_FORWARDED_FOR], "203.0.113.5");
+        assert_eq!(h[&X_FORWARDED_PROTO], "http");
+        assert_eq!(h[&X_FORWARDED_HOST], "app.example");
+        assert!(!h.contains_key(FORWARDED));
+        assert!(!h.contains_key("x-real-ip"));
+
+        // The same headers from a trusted Gateway that terminated TLS are kept.
+        let gw = ClientConn::new("10.0.0.7:5555".parse().unwrap(), false, true);
+        let mut h = headers(&[
+            ("host", "app.example"),
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "public.example"),
+        ]);
+        assert!(gw.https(&h));
+        prepare_request_headers(&mut h, None, &gw, &[], false, false);
+        assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 10.0.0.7");
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert_eq!(h[&X_FORWARDED_HOST], "public.example");
     }
 
     #[test]

@@ -1,32 +1,69 @@
 //! The accept loop: plain TCP or TLS, HTTP/1.1 and HTTP/2 (h2c prior knowledge or ALPN)
-//! on one port via hyper-util's `auto` builder, upgrades enabled, graceful drain.
+//! on one port via hyper-util's `auto` builder, upgrades enabled, every phase bounded.
+//!
+//! Bounds: at most `proxy.max_connections` open (more are closed at accept); from accept
+//! to the first complete request head `proxy.client_header_timeout` (TLS handshake and
+//! protocol sniff included); with nothing in flight `proxy.idle_timeout`; TCP keepalive
+//! on the socket; HTTP/2 keepalive PINGs and a stream cap; `proxy.max_header_bytes`.
 //!
 //! On `Draining` the listener is dropped (new connections are refused) and every
-//! connection is asked to finish: HTTP/1.1 closes after its in-flight response, HTTP/2
-//! sends GOAWAY. On `Closed` whatever remains is dropped.
+//! connection is asked to finish: idle ones close at once, HTTP/1.1 closes after its
+//! in-flight response, HTTP/2 sends GOAWAY. On `Closed` whatever remains is dropped.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{Request, Version};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use super::activity::{ConnActivity, ConnTimeouts, Expiry, Watched};
 use super::{ClientConn, Proxy};
 use crate::config::ProxyConfig;
+use crate::metrics::Metrics;
 use crate::shutdown::{Phase, Shutdown, TrackGuard};
 
 /// Pause after an accept error (e.g. EMFILE) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Per-connection context handed to every request on it.
-struct ConnContext {
+/// One counted connection: its `proxy.max_connections` permit and the open gauge.
+/// Owned by the socket wrapper, so an upgraded (WebSocket) stream keeps it too.
+struct ConnSlot {
+    _permit: OwnedSemaphorePermit,
+    open: IntGauge,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// The socket as hyper sees it: reads stamped on the connection's activity.
+type ClientIo = Watched<TcpStream, ConnActivity, ConnSlot>;
+
+/// Everything the accept loop hands to each connection task.
+struct Listener {
     proxy: Arc<Proxy>,
-    conn: ClientConn,
+    tls: Option<TlsAcceptor>,
+    builder: auto::Builder<TokioExecutor>,
+    timeouts: ConnTimeouts,
+    tcp_keepalive: Option<socket2::TcpKeepalive>,
+    shutdown: Shutdown,
+    slots: Arc<Semaphore>,
+    open: IntGauge,
+    refused: IntCounter,
+    closed: IntCounterVec,
 }
 
 /// Serves the proxy on `listener` until the shutdown reaches `Draining`, then lets
@@ -37,17 +74,41 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     proxy: Arc<Proxy>,
     config: &ProxyConfig,
+    metrics: &Metrics,
     shutdown: Shutdown,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(config.client_header_timeout.as_duration())
+        // Later heads are bounded by `ConnActivity` (hyper's own timer would also cut
+        // idle keep-alive connections at the header timeout).
+        .header_read_timeout(None)
+        .max_buf_size(config.max_header_bytes)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
-    let builder = Arc::new(builder);
-    let handshake_timeout = config.client_header_timeout.as_duration();
+    let keepalive = config.http2_keepalive_interval.as_duration();
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval((!keepalive.is_zero()).then_some(keepalive))
+        .keep_alive_timeout(config.http2_keepalive_timeout.as_duration())
+        .max_concurrent_streams(config.http2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+    let listener_state = Arc::new(Listener {
+        proxy,
+        tls,
+        builder,
+        timeouts: ConnTimeouts {
+            header: config.client_header_timeout.as_duration(),
+            idle: config.idle_timeout.as_duration(),
+        },
+        tcp_keepalive: tcp_keepalive(config.tcp_keepalive.as_duration()),
+        shutdown: shutdown.clone(),
+        slots: Arc::new(Semaphore::new(config.max_connections)),
+        open: metrics.client_connections.clone(),
+        refused: metrics.client_connections_refused_total.clone(),
+        closed: metrics.client_connections_closed_total.clone(),
+    });
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -60,71 +121,155 @@ pub async fn serve(
             },
             _ = shutdown.reached(Phase::Draining) => break,
         };
-        let _ = stream.set_nodelay(true);
+        let accepted = Instant::now();
+        let Ok(permit) = listener_state.slots.clone().try_acquire_owned() else {
+            // Closing at once keeps file descriptors for the connections being served;
+            // a refused client sees a reset/EOF and may retry another replica.
+            listener_state.refused.inc();
+            tracing::debug!(%peer, "proxy.max_connections reached: connection refused");
+            drop(stream);
+            continue;
+        };
+        listener_state.open.inc();
+        let slot = ConnSlot {
+            _permit: permit,
+            open: listener_state.open.clone(),
+        };
         let track = shutdown.tracker().track();
-        let tls = tls.clone();
-        let proxy = proxy.clone();
-        let builder = builder.clone();
-        let shutdown = shutdown.clone();
+        let state = listener_state.clone();
         tokio::spawn(async move {
             let _track: TrackGuard = track;
-            match tls {
-                None => {
-                    let ctx = ConnContext {
-                        proxy,
-                        conn: ClientConn::new(peer, false),
-                    };
-                    drive(stream, ctx, &builder, &shutdown).await;
-                }
-                Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => {
-                            let ctx = ConnContext {
-                                proxy,
-                                conn: ClientConn::new(peer, true),
-                            };
-                            drive(tls_stream, ctx, &builder, &shutdown).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                }
-            }
+            state.connection(stream, peer, slot, accepted).await;
         });
     }
     drop(listener);
     tracing::info!("proxy listener closed; draining connections");
 }
 
-/// Serves one connection until it ends, is drained, or the drain window closes.
-async fn drive<I>(
-    io: I,
-    ctx: ConnContext,
-    builder: &auto::Builder<TokioExecutor>,
-    shutdown: &Shutdown,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let ctx = Arc::new(ctx);
-    let service = service_fn(move |req| {
-        let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(ctx.proxy.handle(req, &ctx.conn).await) }
-    });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "client connection ended with an error");
-            }
-            return;
-        }
-        _ = shutdown.reached(Phase::Draining) => conn.as_mut().graceful_shutdown(),
+/// TCP keepalive probes: first after `idle`, then every third of it, 3 probes.
+fn tcp_keepalive(idle: Duration) -> Option<socket2::TcpKeepalive> {
+    if idle.is_zero() {
+        return None;
     }
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = shutdown.reached(Phase::Closed) => {
-            tracing::info!("drain window over: closing a client connection");
+    let interval = (idle / 3).max(Duration::from_secs(1));
+    Some(
+        socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(interval)
+            .with_retries(3),
+    )
+}
+
+impl Listener {
+    /// One connection from accept to close.
+    async fn connection(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        slot: ConnSlot,
+        accepted: Instant,
+    ) {
+        let _ = stream.set_nodelay(true);
+        if let Some(ka) = &self.tcp_keepalive
+            && let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(ka)
+        {
+            tracing::debug!(%peer, error = %e, "cannot enable TCP keepalive");
+        }
+        let activity = ConnActivity::new(accepted);
+        let io: ClientIo = Watched::new(stream, activity.clone(), slot);
+        let Some(acceptor) = &self.tls else {
+            let conn = ClientConn::new(peer, false, self.proxy.is_trusted(peer.ip()));
+            return self.drive(io, conn, activity).await;
+        };
+        // The handshake shares the first-head deadline: a silent TLS client is cut at
+        // the same moment as a silent plain one.
+        let deadline = accepted + self.timeouts.header;
+        let handshake = tokio::select! {
+            r = tokio::time::timeout_at(deadline, acceptor.accept(io)) => r,
+            _ = self.shutdown.reached(Phase::Draining) => return,
+        };
+        match handshake {
+            Ok(Ok(tls_stream)) => {
+                let conn = ClientConn::new(peer, true, self.proxy.is_trusted(peer.ip()));
+                self.drive(tls_stream, conn, activity).await;
+            }
+            Ok(Err(e)) => {
+                self.closed.with_label_values(&["tls_handshake"]).inc();
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            }
+            Err(_) => {
+                self.closed.with_label_values(&["header_timeout"]).inc();
+                tracing::debug!(%peer, "TLS handshake timed out");
+            }
+        }
+    }
+
+    /// Serves one connection until it ends, expires, is drained, or the drain window
+    /// closes.
+    async fn drive<I>(&self, io: I, conn: ClientConn, activity: Arc<ConnActivity>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let proxy = self.proxy.clone();
+        let conn = Arc::new(conn);
+        let requests = activity.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let guard = requests.begin_request(req.version() == Version::HTTP_2);
+            let proxy = proxy.clone();
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, &conn).await.map(|b| b.hold(guard))) }
+        });
+        let served = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(served);
+        // Between requests the deadline is exact; while requests are in flight it is
+        // looked at again after the shorter timeout.
+        let recheck = self.timeouts.header.min(self.timeouts.idle);
+        let expired = loop {
+            let wake = match activity.deadline(self.timeouts) {
+                Some((at, _)) => at,
+                None => Instant::now() + recheck,
+            };
+            tokio::select! {
+                result = served.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "client connection ended with an error");
+                    }
+                    return;
+                }
+                _ = self.shutdown.reached(Phase::Draining) => break None,
+                _ = tokio::time::sleep_until(wake) => {
+                    if let Some((at, why)) = activity.deadline(self.timeouts)
+                        && at <= Instant::now()
+                    {
+                        break Some(why);
+                    }
+                }
+            }
+        };
+        if let Some(why) = expired {
+            self.closed.with_label_values(&[why.reason()]).inc();
+            tracing::debug!(reason = why.reason(), "closing a client connection");
+            if why != Expiry::Idle {
+                // No request to finish: drop the socket now.
+                return;
+            }
+        }
+        // Idle (or draining): HTTP/1.1 closes at once when nothing is in flight, HTTP/2
+        // sends GOAWAY and closes when its streams are done.
+        served.as_mut().graceful_shutdown();
+        let grace = if expired.is_some() {
+            self.timeouts.header
+        } else {
+            Duration::MAX
+        };
+        tokio::select! {
+            _ = served.as_mut() => {}
+            _ = tokio::time::sleep(grace) => {}
+            _ = self.shutdown.reached(Phase::Closed) => {
+                tracing::info!("drain window over: closing a client connection");
+            }
         }
     }
 }

@@ -1,11 +1,16 @@
-//! WebSocket (and any HTTP/1.1 upgrade) relay: once both sides switched protocols, bytes
-//! are copied both ways until either side closes. Not bounded by `proxy.request_timeout`;
-//! cut only when the drain window of a shutdown is over.
+//! WebSocket (and any allowed HTTP/1.1 upgrade) relay: once both sides switched
+//! protocols, bytes are copied both ways until either side closes, no byte moved either
+//! way for `proxy.tunnel_idle_timeout` (both sides are closed: a half-open client must not
+//! keep its session active forever), or the drain window of a shutdown is over. Not
+//! bounded by `proxy.request_timeout`.
+
+use std::time::Duration;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use prometheus::IntGauge;
+use prometheus::{IntCounter, IntGauge};
 
+use super::activity::{TunnelActivity, Watched};
 use super::completion::Completion;
 use crate::shutdown::{Phase, Shutdown, TrackGuard};
 
@@ -18,6 +23,10 @@ pub struct Relay {
     /// Keeps a shutdown drain waiting for this stream.
     pub track: TrackGuard,
     pub open_gauge: IntGauge,
+    /// `proxy.tunnel_idle_timeout`.
+    pub idle_timeout: Duration,
+    /// Counts relays closed for idleness.
+    pub idle_closed: IntCounter,
 }
 
 impl Relay {
@@ -33,13 +42,16 @@ impl Relay {
             completion,
             track,
             open_gauge,
+            idle_timeout,
+            idle_closed,
         } = self;
         open_gauge.inc();
+        let activity = TunnelActivity::new();
         let relay = async {
             let (client, upstream) =
                 tokio::try_join!(client, upstream).map_err(|e| format!("upgrade failed: {e}"))?;
-            let mut client = TokioIo::new(client);
-            let mut upstream = TokioIo::new(upstream);
+            let mut client = Watched::new(TokioIo::new(client), activity.clone(), ());
+            let mut upstream = Watched::new(TokioIo::new(upstream), activity.clone(), ());
             tokio::io::copy_bidirectional(&mut client, &mut upstream)
                 .await
                 .map(|_| ())
@@ -51,6 +63,10 @@ impl Relay {
                     tracing::debug!(error = %e, "upgraded stream ended with an error");
                 }
             }
+            _ = idle(&activity, idle_timeout) => {
+                idle_closed.inc();
+                tracing::debug!(timeout = ?idle_timeout, "upgraded stream idle: closing both sides");
+            }
             _ = shutdown.reached(Phase::Closed) => {
                 tracing::info!("drain window over: closing an upgraded stream");
             }
@@ -58,5 +74,16 @@ impl Relay {
         open_gauge.dec();
         completion.finish();
         drop(track);
+    }
+}
+
+/// Resolves once no byte moved through the tunnel for `timeout`.
+async fn idle(activity: &TunnelActivity, timeout: Duration) {
+    loop {
+        let deadline = activity.deadline(timeout);
+        if deadline <= tokio::time::Instant::now() {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
     }
 }

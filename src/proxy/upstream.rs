@@ -17,6 +17,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::IntCounter;
 
+use super::body::RequestBody;
 use super::error::ProxyError;
 use super::forward::endpoint_authority;
 use crate::config::{ProxyConfig, UpstreamProtocol};
@@ -26,7 +27,7 @@ use crate::metrics::Metrics;
 /// Kubernetes backends keep minting new addresses).
 const AUTHORITY_CACHE_MAX: usize = 4096;
 
-type HttpClient = Client<HttpConnector, Incoming>;
+type HttpClient = Client<HttpConnector, RequestBody>;
 
 /// Clients to sandboxes plus per-kind error counters.
 pub struct Upstream {
@@ -88,7 +89,7 @@ impl Upstream {
     /// `proxy.request_timeout`. The body is not covered: it streams for as long as it lasts.
     pub async fn send(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         endpoint: SocketAddr,
         upgrade: bool,
     ) -> Result<Response<Incoming>, ProxyError> {
@@ -146,6 +147,13 @@ fn build_client(config: &ProxyConfig, h2: bool) -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(config.connect_timeout.as_duration()));
     connector.set_nodelay(true);
+    let keepalive = config.tcp_keepalive.as_duration();
+    if !keepalive.is_zero() {
+        // Same probe schedule as client sockets (see proxy::listener).
+        connector.set_keepalive(Some(keepalive));
+        connector.set_keepalive_interval(Some((keepalive / 3).max(Duration::from_secs(1))));
+        connector.set_keepalive_retries(Some(3));
+    }
     connector.enforce_http(true);
     let mut builder = Client::builder(TokioExecutor::new());
     builder

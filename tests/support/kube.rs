@@ -26,14 +26,35 @@ pub const KRUISE: &str = "agents.kruise.io";
 
 /// A testbed whose pods are `agent-activator demo-sandbox` processes.
 pub async fn testbed(bind_delay: Duration) -> Testbed {
-    Testbed::start(TestbedOptions {
+    testbed_with(|o| o.bind_delay = bind_delay).await
+}
+
+/// A testbed with pods, its options adjusted by `f`.
+pub async fn testbed_with(f: impl FnOnce(&mut TestbedOptions)) -> Testbed {
+    let mut opts = TestbedOptions {
         activator_bin: Some(env!("CARGO_BIN_EXE_agent-activator").into()),
-        bind_delay,
         bookmark_interval: Duration::from_millis(200),
         ..TestbedOptions::default()
-    })
-    .await
-    .expect("testbed starts")
+    };
+    f(&mut opts);
+    Testbed::start(opts).await.expect("testbed starts")
+}
+
+/// The object `name` of `kind` in `group`, namespace `default`.
+pub fn object(tb: &Testbed, group: &str, kind: &str, name: &str) -> Option<serde_json::Value> {
+    tb.list(group, kind, "default")
+        .into_iter()
+        .find(|o| o["metadata"]["name"] == name)
+}
+
+/// Waits for the next backend event, bounded by [`WAIT`].
+pub async fn next_event(
+    rx: &mut tokio::sync::broadcast::Receiver<agent_activator::backend::BackendEvent>,
+) -> agent_activator::backend::BackendEvent {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("an event in time")
+        .expect("event channel open")
 }
 
 /// A real kube client talking HTTP to the testbed, default namespace `default`.
@@ -47,7 +68,8 @@ pub fn client(tb: &Testbed) -> kube::Client {
 pub fn config(api: &str, pool: &str, extra: &str) -> Config {
     let yaml = format!(
         "backend:\n  kind: kubernetes\n  kubernetes:\n    api: {api}\n    pool: {pool}\n    \
-         namespace: default\n    write_session_id: true\n    activity_write_interval: 200ms\n\
+         namespace: default\n    write_session_id: true\n    activity_write_interval: 200ms\n    \
+         port_from_annotation: true\n\
          activation:\n  timeout: 15s\n{extra}"
     );
     let mut c = Config::from_yaml(&yaml).expect("test config is valid");

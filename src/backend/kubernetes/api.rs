@@ -117,14 +117,36 @@ impl ApiSet {
         }
     }
 
-    /// Deletes a claim (the controller then deletes its Sandbox); absent is fine.
-    pub async fn delete_claim(&self, name: &str, deadline: Instant) -> Result<(), BackendError> {
-        let started = Instant::now();
-        let dp = DeleteParams::background();
-        match retry::call(deadline, || self.claims.delete(name, &dp)).await {
-            Ok(_) => Ok(()),
-            Err(Some(e)) if retry::classify(&e) == Failure::NotFound => Ok(()),
-            Err(e) => Err(retry::fail("delete SandboxClaim", started, e)),
+    /// Ends a session's claim. agent-sandbox: delete the claim (its Sandbox, controlled
+    /// by it, goes by garbage collection). OpenKruise: a claimed Sandbox has no owner
+    /// (`sandboxcr/claim.go` modifyPickedSandbox clears ownerReferences), so deleting the
+    /// claim frees nothing: delete the Sandbox, then the claim. Absent is fine.
+    pub async fn release(
+        &self,
+        claim: &str,
+        sandbox: Option<&str>,
+        deadline: Instant,
+    ) -> Result<(), BackendError> {
+        if self.flavour == Flavour::OpenKruise
+            && let Some(s) = sandbox
+        {
+            delete(&self.sandboxes, s, "delete Sandbox", deadline).await?;
         }
+        delete(&self.claims, claim, "delete SandboxClaim", deadline).await
+    }
+}
+
+async fn delete(
+    api: &Api<DynamicObject>,
+    name: &str,
+    what: &str,
+    deadline: Instant,
+) -> Result<(), BackendError> {
+    let started = Instant::now();
+    let dp = DeleteParams::background();
+    match retry::call(deadline, || api.delete(name, &dp)).await {
+        Ok(_) => Ok(()),
+        Err(Some(e)) if retry::classify(&e) == Failure::NotFound => Ok(()),
+        Err(e) => Err(retry::fail(what, started, e)),
     }
 }

@@ -2,7 +2,7 @@
 //! waited on through a change counter (woken by watch events, never by polling), and
 //! turned into [`BackendEvent`]s when someone else pauses, resumes or deletes a sandbox.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -28,6 +28,7 @@ pub enum Kind {
 enum Settled {
     Serving(SocketAddr),
     Paused,
+    Finished,
 }
 
 /// One watched collection: the live map, plus the buffer of a relist in progress.
@@ -46,6 +47,11 @@ pub struct State {
     settled: HashMap<String, Settled>,
     /// Sandbox name -> name of the claim of ours bound to it.
     bound: HashMap<String, String>,
+    /// Claim name -> the Sandbox bound to it (the inverse of `bound`).
+    by_claim: HashMap<String, String>,
+    /// Claim name -> Sandboxes that name it (agent-sandbox controller ownerReference,
+    /// OpenKruise `claim-name` label), bound or not.
+    naming: HashMap<String, BTreeSet<String>>,
 }
 
 impl State {
@@ -66,15 +72,29 @@ impl State {
         self.bound.get(sandbox).map(String::as_str)
     }
 
+    /// The Sandbox bound to claim `claim`, if any (see [`Cache`] for what binds).
+    pub fn sandbox_of_claim(&self, claim: &str) -> Option<&str> {
+        self.by_claim.get(claim).map(String::as_str)
+    }
+
     pub fn synced(&self) -> bool {
         self.claims.synced && self.sandboxes.synced
     }
 }
 
 /// The shared cache. Std locks: nothing awaits while holding them.
+///
+/// A claim is bound to a Sandbox only when both sides agree, so a half-finished adoption
+/// or a race lost to another claim never routes a session: agent-sandbox, the claim's
+/// `status.sandbox.name` names a Sandbox whose controller ownerReference carries the
+/// claim's UID; OpenKruise (whose claims never name their Sandbox), a live Sandbox
+/// labelled `agents.kruise.io/claim-name=<claim>` whose `agents.kruise.io/owner` is the
+/// claim's UID.
 pub struct Cache {
     flavour: Flavour,
     port: u16,
+    /// Honour [`super::flavour::PORT_ANNOTATION`].
+    port_from_annotation: bool,
     state: RwLock<State>,
     changed: watch::Sender<u64>,
     events: broadcast::Sender<BackendEvent>,
@@ -103,10 +123,11 @@ impl Drop for OwnTransition<'_> {
 }
 
 impl Cache {
-    pub fn new(flavour: Flavour, port: u16) -> Arc<Cache> {
+    pub fn new(flavour: Flavour, port: u16, port_from_annotation: bool) -> Arc<Cache> {
         Arc::new(Cache {
             flavour,
             port,
+            port_from_annotation,
             state: RwLock::new(State::default()),
             changed: watch::channel(0).0,
             events: broadcast::channel(256).0,
@@ -143,10 +164,14 @@ impl Cache {
         }
     }
 
-    /// Where a sandbox's traffic goes, if it is serving.
+    /// Where a sandbox's traffic goes, if it is serving: `podIP:backend.kubernetes.port`,
+    /// or the port annotation when `port_from_annotation` allows it.
     pub fn endpoint(&self, view: &SandboxView) -> Option<SocketAddr> {
-        view.serving()
-            .map(|ip| SocketAddr::new(ip, view.port_override.unwrap_or(self.port)))
+        let port = match view.port_override {
+            Some(p) if self.port_from_annotation => p,
+            _ => self.port,
+        };
+        view.serving().map(|ip| SocketAddr::new(ip, port))
     }
 
     pub fn begin_own(&self, sandbox: &str) -> OwnTransition<'_> {
@@ -228,15 +253,38 @@ impl Cache {
                     touched.push((name, prev, true));
                 }
             }
-            if kind == Kind::Claims {
-                self.reindex(&mut st, &touched);
-            }
-            for (name, prev, deleted) in touched {
-                match kind {
-                    Kind::Sandboxes => self.classify_sandbox(&mut st, &name, deleted, &mut events),
-                    Kind::Claims if deleted => self.classify_claim_gone(prev, &mut events),
-                    Kind::Claims => {}
+            let mut gone_claims = Vec::new();
+            let mut was_bound = HashSet::new();
+            match kind {
+                Kind::Claims => {
+                    for (claim, _, deleted) in &touched {
+                        let old = self.relink(&mut st, claim);
+                        if *deleted {
+                            gone_claims.push(old);
+                        }
+                    }
                 }
+                Kind::Sandboxes => {
+                    let mut related = BTreeSet::new();
+                    for (name, prev, deleted) in &touched {
+                        if st.bound.contains_key(name) {
+                            was_bound.insert(name.clone());
+                        }
+                        self.renaming(&mut st, name, prev.as_deref(), *deleted, &mut related);
+                    }
+                    for claim in related {
+                        self.relink(&mut st, &claim);
+                    }
+                }
+            }
+            for (name, _, deleted) in touched {
+                if kind == Kind::Sandboxes {
+                    let bound = was_bound.contains(&name) || st.bound.contains_key(&name);
+                    self.classify_sandbox(&mut st, &name, deleted, bound, &mut events);
+                }
+            }
+            for old in gone_claims {
+                self.classify_claim_gone(old, &mut events);
             }
         }
         for e in events {
@@ -246,22 +294,77 @@ impl Cache {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    /// Updates the sandbox -> claim index for the claims just touched.
-    fn reindex(&self, st: &mut State, touched: &[(String, Option<Arc<DynamicObject>>, bool)]) {
-        for (claim, prev, _) in touched {
-            if let Some(old) = prev.as_ref().and_then(|p| self.flavour.claim_sandbox(p))
-                && st.bound.get(&old) == Some(claim)
-            {
-                st.bound.remove(&old);
+    /// Updates the claim -> naming Sandboxes index for one touched Sandbox and collects
+    /// the claims whose binding may have changed.
+    fn renaming(
+        &self,
+        st: &mut State,
+        name: &str,
+        prev: Option<&DynamicObject>,
+        deleted: bool,
+        related: &mut BTreeSet<String>,
+    ) {
+        if let Some(old) = prev.and_then(|p| self.flavour.sandbox_view(p).claim) {
+            if let Some(set) = st.naming.get_mut(&old) {
+                set.remove(name);
+                if set.is_empty() {
+                    st.naming.remove(&old);
+                }
             }
-            if let Some(sandbox) = st
-                .claims
-                .objects
-                .get(claim)
-                .and_then(|c| self.flavour.claim_sandbox(c))
-            {
-                st.bound.insert(sandbox, claim.clone());
+            related.insert(old);
+        }
+        if let Some(c) = st.bound.get(name) {
+            related.insert(c.clone());
+        }
+        if deleted {
+            return;
+        }
+        let Some(claim) = st
+            .sandboxes
+            .objects
+            .get(name)
+            .and_then(|o| self.flavour.sandbox_view(o).claim)
+        else {
+            return;
+        };
+        st.naming
+            .entry(claim.clone())
+            .or_default()
+            .insert(name.to_owned());
+        related.insert(claim);
+    }
+
+    /// Recomputes the binding of `claim`; returns the Sandbox it was bound to before.
+    fn relink(&self, st: &mut State, claim: &str) -> Option<String> {
+        let old = st.by_claim.remove(claim);
+        if let Some(o) = &old
+            && st.bound.get(o).map(String::as_str) == Some(claim)
+        {
+            st.bound.remove(o);
+        }
+        if let Some(new) = self.resolve(st, claim) {
+            st.bound.insert(new.clone(), claim.to_owned());
+            st.by_claim.insert(claim.to_owned(), new);
+        }
+        old
+    }
+
+    /// The Sandbox both sides agree `claim` is bound to (see [`Cache`]).
+    fn resolve(&self, st: &State, claim: &str) -> Option<String> {
+        let c = st.claims.objects.get(claim)?;
+        let uid = c.metadata.uid.as_deref()?;
+        let agrees = |name: &str| {
+            st.sandboxes.objects.get(name).is_some_and(|s| {
+                let v = self.flavour.sandbox_view(s);
+                v.claim_uid.as_deref() == Some(uid) && !v.deleting
+            })
+        };
+        match self.flavour.claim_sandbox(c) {
+            Some(name) => agrees(&name).then_some(name),
+            None if self.flavour == Flavour::OpenKruise => {
+                st.naming.get(claim)?.iter().find(|n| agrees(n)).cloned()
             }
+            None => None,
         }
     }
 
@@ -272,9 +375,9 @@ impl Cache {
         st: &mut State,
         name: &str,
         deleted: bool,
+        bound: bool,
         out: &mut Vec<BackendEvent>,
     ) {
-        let bound = st.bound.contains_key(name);
         let own = self.own.lock().expect("own lock").contains_key(name);
         let id = SandboxId::new(name);
         if deleted {
@@ -292,13 +395,25 @@ impl Cache {
             return;
         };
         let view = self.flavour.sandbox_view(obj);
-        let now = match (self.endpoint(&view), view.spec_paused) {
+        let now = match (self.endpoint(&view), view.pause_done) {
+            _ if view.finished => Settled::Finished,
             (Some(addr), _) => Settled::Serving(addr),
             (None, true) => Settled::Paused,
             (None, false) => return,
         };
         let before = st.settled.insert(name.to_owned(), now);
-        if !bound || own || before == Some(now) {
+        if !bound || before == Some(now) {
+            return;
+        }
+        if now == Settled::Finished {
+            // Even during our own transition: the pod ended, the session's state is gone.
+            out.push(BackendEvent::Lost {
+                sandbox: id,
+                reason: "the Sandbox's pod finished (Finished condition)".into(),
+            });
+            return;
+        }
+        if own {
             return;
         }
         match (before, now) {
@@ -316,8 +431,8 @@ impl Cache {
     }
 
     /// A claim of ours vanished without our release: its sandbox is lost to us.
-    fn classify_claim_gone(&self, prev: Option<Arc<DynamicObject>>, out: &mut Vec<BackendEvent>) {
-        let Some(sandbox) = prev.and_then(|c| self.flavour.claim_sandbox(&c)) else {
+    fn classify_claim_gone(&self, prev: Option<String>, out: &mut Vec<BackendEvent>) {
+        let Some(sandbox) = prev else {
             return;
         };
         let mut released = self.released.lock().expect("released lock");

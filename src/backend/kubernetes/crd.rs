@@ -1,11 +1,14 @@
 //! Typed CRDs of agent-sandbox and OpenKruise agents: only the fields the activator reads
 //! or writes (unknown fields are ignored on read and never written back: all writes are
-//! patches).
+//! patches). Field names follow kubernetes-sigs/agent-sandbox `2fd412d55eca`
+//! (`api/v1beta1/sandbox_types.go`, `extensions/api/v1beta1/*_types.go`) and
+//! openkruise/agents `0b72c83ae0bc` (`api/v1alpha1/*_types.go`, `labels.go`,
+//! `annotations.go`); deploy/crds holds the same reduced schemas.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// A `metav1.Condition` as these CRDs report it (only `type` and `status` are relied on).
+/// A `metav1.Condition` as these CRDs report it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
@@ -16,14 +19,18 @@ pub struct Condition {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
 }
 
-/// True when `conditions` holds `type: Ready, status: "True"` (authoritative; a stale
-/// `Suspended` condition may linger after a resume and is ignored).
-pub fn is_ready(conditions: &[Condition]) -> bool {
-    conditions
-        .iter()
-        .any(|c| c.type_ == "Ready" && c.status == "True")
+/// The condition of type `ty`, if present.
+pub fn condition<'a>(conditions: &'a [Condition], ty: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == ty)
+}
+
+/// True when `conditions` holds `type: ty, status: "True"`.
+pub fn is_true(conditions: &[Condition], ty: &str) -> bool {
+    condition(conditions, ty).is_some_and(|c| c.status == "True")
 }
 
 /// kubernetes-sigs/agent-sandbox: `agents.x-k8s.io/v1beta1` and
@@ -122,7 +129,8 @@ pub mod agent_sandbox {
         pub pod_ips: Vec<String>,
     }
 
-    /// `SandboxWarmPool.spec`: `replicas` ready sandboxes from a template (has `/scale`).
+    /// `SandboxWarmPool.spec`: `replicas` (optional, default 1) ready sandboxes from a
+    /// template (has `/scale`).
     #[derive(CustomResource, Debug, Clone, Default, Serialize, Deserialize)]
     #[kube(
         group = "extensions.agents.x-k8s.io",
@@ -134,7 +142,8 @@ pub mod agent_sandbox {
     )]
     #[serde(rename_all = "camelCase")]
     pub struct SandboxWarmPoolSpec {
-        pub replicas: i32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub replicas: Option<i32>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub sandbox_template_ref: Option<NameRef>,
     }
@@ -148,9 +157,12 @@ pub mod agent_sandbox {
         pub ready_replicas: Option<i32>,
     }
 
-    /// Label on an unclaimed warm-pool sandbox (removed when a claim adopts it).
+    /// Label on an unclaimed warm-pool sandbox (removed when a claim adopts it); its value
+    /// is a hash of the pool name (`api/v1beta1/sandbox_types.go` `SandboxWarmPoolLabel`).
     pub const WARM_POOL_LABEL: &str = "agents.x-k8s.io/warm-pool-sandbox";
-    /// Annotation the controller sets on a claim naming its sandbox.
+    /// The claim controller writes this annotation on the claim *before* it adopts the
+    /// sandbox and clears it when adoption is lost: it is not a binding, and the activator
+    /// never reads it (`extensions/api/v1beta1/sandboxclaim_types.go`).
     pub const SANDBOX_NAME_ANNOTATION: &str = "agents.x-k8s.io/sandbox-name";
 }
 
@@ -173,6 +185,9 @@ pub mod openkruise {
     pub struct SandboxSpec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub paused: Option<bool>,
+        /// RFC 3339 time after which the Sandbox controller deletes the Sandbox.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub shutdown_time: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub pause_strategy: Option<Value>,
         /// Subset of `ip`, `memory`, `filesystem` to keep across a pause.
@@ -222,17 +237,26 @@ pub mod openkruise {
         pub create_on_no_stock: Option<bool>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub wait_ready_timeout: Option<String>,
+        /// Copied to the claimed Sandbox's `spec.shutdownTime` when it is claimed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub shutdown_time: Option<String>,
+        /// Claim deleted this long after Completed (default 60m; negative: never).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub ttl_after_completed: Option<String>,
     }
 
-    /// `SandboxClaim.status`. `sandboxName` is where this activator expects the bound
-    /// sandbox (field name unverified against upstream; the testbed writes it).
+    /// `SandboxClaim.status`: a phase and a count, **no sandbox name**; the claimed
+    /// Sandbox carries [`CLAIM_NAME_LABEL`] and [`OWNER_ANNOTATION`] instead.
     #[derive(Debug, Clone, Default, Serialize, Deserialize)]
     #[serde(rename_all = "camelCase")]
     pub struct SandboxClaimStatus {
+        /// Pending, Claiming, Completed.
         #[serde(default)]
         pub phase: Option<String>,
         #[serde(default)]
-        pub sandbox_name: Option<String>,
+        pub claimed_replicas: Option<i32>,
+        #[serde(default)]
+        pub conditions: Vec<Condition>,
     }
 
     /// `SandboxSet.spec`: the warm pool (has `/scale`).
@@ -258,9 +282,16 @@ pub mod openkruise {
         #[serde(default)]
         pub replicas: Option<i32>,
         #[serde(default)]
-        pub ready_replicas: Option<i32>,
+        pub available_replicas: Option<i32>,
     }
 
-    /// Label on an unclaimed SandboxSet member (the testbed's choice; unverified).
-    pub const POOL_LABEL: &str = "agents.kruise.io/sandbox-set";
+    /// Pool membership label (value: the SandboxSet name), `api/v1alpha1/labels.go`.
+    pub const POOL_LABEL: &str = "agents.kruise.io/sandbox-pool";
+    /// `"true"` once claimed, `"false"` while in the pool.
+    pub const CLAIMED_LABEL: &str = "agents.kruise.io/sandbox-claimed";
+    /// On a claimed Sandbox: the name of the SandboxClaim that claimed it.
+    pub const CLAIM_NAME_LABEL: &str = "agents.kruise.io/claim-name";
+    /// On a claimed Sandbox: the UID of the claiming SandboxClaim
+    /// (`api/v1alpha1/annotations.go` `AnnotationOwner`).
+    pub const OWNER_ANNOTATION: &str = "agents.kruise.io/owner";
 }

@@ -6,11 +6,12 @@ use std::net::IpAddr;
 use kube::api::{ApiResource, DynamicObject};
 use serde_json::{Value, json};
 
-use super::crd::{agent_sandbox as asb, is_ready, openkruise as okr};
+use super::crd::{agent_sandbox as asb, condition, is_true, openkruise as okr};
 use crate::config::KubernetesApi;
 
-/// Annotation that overrides `backend.kubernetes.port` for one sandbox. Only the test
-/// double (kube-testbed) sets it, because its "pods" share 127.0.0.1.
+/// Annotation that overrides `backend.kubernetes.port` for one sandbox, honoured only with
+/// `backend.kubernetes.port_from_annotation: true`: anyone who can annotate a Sandbox
+/// could otherwise steer traffic. Only the test double (kube-testbed) sets it.
 pub const PORT_ANNOTATION: &str = "agent-activator.dev/port";
 
 /// Which sandbox API the cluster speaks.
@@ -20,26 +21,51 @@ pub enum Flavour {
     OpenKruise,
 }
 
+/// Which object carries a session's leak backstop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownTarget {
+    Claim,
+    Sandbox,
+}
+
+/// A Go duration meaning "never" for OpenKruise's `ttlAfterCompleted`.
+pub const NEVER: &str = "-1s";
+
 /// What the activator needs to know about one Sandbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SandboxView {
-    /// Ready with a pod IP.
+    /// Ready for traffic: agent-sandbox Ready=True for the current generation with a pod
+    /// IP; OpenKruise phase Running, Ready=True with a pod IP. Never while suspended.
     pub ready: bool,
     pub pod_ip: Option<IpAddr>,
     /// The spec asks for suspension (`operatingMode: Suspended` / `paused: true`).
     pub spec_paused: bool,
+    /// The suspension is complete: the pod is gone (agent-sandbox `Suspended=True`
+    /// reason `PodTerminated`, or no pod IP left; OpenKruise `SandboxPaused=True` or no
+    /// pod IP left).
+    pub pause_done: bool,
+    /// agent-sandbox `PodScheduled=False` reason `Unschedulable`: no node has room.
+    pub unschedulable: bool,
+    /// The pod reached a terminal phase (agent-sandbox `Finished=True`, OpenKruise phase
+    /// Failed/Succeeded): the session's state is gone.
+    pub finished: bool,
     /// [`PORT_ANNOTATION`], when set.
     pub port_override: Option<u16>,
     /// Still an unclaimed warm-pool member.
     pub warm: bool,
     /// Being deleted.
     pub deleting: bool,
+    /// The claim this Sandbox belongs to: agent-sandbox its controller ownerReference
+    /// (kind SandboxClaim), OpenKruise the `claim-name` label.
+    pub claim: Option<String>,
+    /// That claim's UID: the ownerReference's, or OpenKruise's `agents.kruise.io/owner`.
+    pub claim_uid: Option<String>,
 }
 
 impl SandboxView {
     /// Ready to take traffic and not asked to suspend.
     pub fn serving(&self) -> Option<IpAddr> {
-        if self.ready && !self.spec_paused {
+        if self.ready && !self.spec_paused && !self.deleting {
             self.pod_ip
         } else {
             None
@@ -84,43 +110,75 @@ impl Flavour {
         }
     }
 
-    /// The body of a new claim on `pool`.
-    pub fn claim_spec(self, pool: &str) -> Value {
+    /// The body of a new claim on `pool`. `shutdown_time` (RFC 3339) is the leak
+    /// backstop: past it the controllers delete the claim (agent-sandbox, policy Delete)
+    /// or the Sandbox (OpenKruise) even if no activator is left to release it.
+    pub fn claim_spec(self, pool: &str, shutdown_time: &str) -> Value {
         let spec = match self {
             Flavour::AgentSandbox => serde_json::to_value(asb::SandboxClaimSpec {
                 warm_pool_ref: asb::NameRef { name: pool.into() },
-                lifecycle: None,
+                lifecycle: Some(asb::Lifecycle {
+                    shutdown_time: Some(shutdown_time.into()),
+                    ttl_seconds_after_finished: None,
+                    shutdown_policy: Some("Delete".into()),
+                }),
             }),
             Flavour::OpenKruise => serde_json::to_value(okr::SandboxClaimSpec {
                 template_name: pool.into(),
                 create_on_no_stock: Some(true),
+                shutdown_time: Some(shutdown_time.into()),
+                // The default (60m) deletes the claim of a live session after an hour;
+                // negative means never (api/v1alpha1/sandboxclaim_types.go).
+                ttl_after_completed: Some(NEVER.into()),
                 ..okr::SandboxClaimSpec::default()
             }),
         };
         spec.expect("claim specs serialize")
     }
 
-    /// The Sandbox a claim is bound to, once the controller bound it.
-    pub fn claim_sandbox(self, claim: &DynamicObject) -> Option<String> {
-        let status = claim.data.get("status").cloned().unwrap_or(Value::Null);
-        let name = match self {
-            Flavour::AgentSandbox => {
-                let s: asb::SandboxClaimStatus = serde_json::from_value(status).unwrap_or_default();
-                s.sandbox.and_then(|s| s.name).or_else(|| {
-                    claim
-                        .metadata
-                        .annotations
-                        .as_ref()?
-                        .get(asb::SANDBOX_NAME_ANNOTATION)
-                        .cloned()
-                })
-            }
-            Flavour::OpenKruise => {
-                let s: okr::SandboxClaimStatus = serde_json::from_value(status).unwrap_or_default();
-                s.sandbox_name
-            }
+    /// The patch that moves the leak backstop of a live session to `shutdown_time`, and
+    /// which object it goes to: agent-sandbox the claim (`spec.lifecycle.shutdownTime`,
+    /// read on every reconcile), OpenKruise the Sandbox (`spec.shutdownTime`: a Completed
+    /// claim no longer manages its Sandbox, so moving the claim's field would do nothing).
+    pub fn shutdown_patch(self, shutdown_time: &str) -> (ShutdownTarget, Value) {
+        match self {
+            Flavour::AgentSandbox => (
+                ShutdownTarget::Claim,
+                json!({"spec": {"lifecycle": {"shutdownTime": shutdown_time}}}),
+            ),
+            Flavour::OpenKruise => (
+                ShutdownTarget::Sandbox,
+                json!({"spec": {"shutdownTime": shutdown_time}}),
+            ),
+        }
+    }
+
+    /// The leak backstop currently set for a session: on the claim or on the Sandbox.
+    pub fn shutdown_time(
+        self,
+        claim: &DynamicObject,
+        sandbox: Option<&DynamicObject>,
+    ) -> Option<String> {
+        let v = match self {
+            Flavour::AgentSandbox => &claim.data["spec"]["lifecycle"]["shutdownTime"],
+            Flavour::OpenKruise => &sandbox?.data["spec"]["shutdownTime"],
         };
-        name.filter(|n| !n.is_empty())
+        v.as_str().map(str::to_owned)
+    }
+
+    /// agent-sandbox: the Sandbox named in the claim's `status.sandbox.name`, written by
+    /// the controller only once adoption completed. (The `agents.x-k8s.io/sandbox-name`
+    /// annotation is written before adoption and may name a Sandbox another claim wins:
+    /// never read.) OpenKruise claims never name their Sandbox: `None`.
+    pub fn claim_sandbox(self, claim: &DynamicObject) -> Option<String> {
+        match self {
+            Flavour::AgentSandbox => {
+                let status = claim.data.get("status").cloned().unwrap_or(Value::Null);
+                let s: asb::SandboxClaimStatus = serde_json::from_value(status).unwrap_or_default();
+                s.sandbox.and_then(|s| s.name).filter(|n| !n.is_empty())
+            }
+            Flavour::OpenKruise => None,
+        }
     }
 
     /// The typed view of a Sandbox.
@@ -128,42 +186,69 @@ impl Flavour {
         let spec = obj.data.get("spec").cloned().unwrap_or(Value::Null);
         let status = obj.data.get("status").cloned().unwrap_or(Value::Null);
         let labels = obj.metadata.labels.as_ref();
-        let (ready, ip, spec_paused, warm) = match self {
+        let annotations = obj.metadata.annotations.as_ref();
+        let generation = obj.metadata.generation;
+        let mut v = SandboxView {
+            port_override: annotations
+                .and_then(|a| a.get(PORT_ANNOTATION))
+                .and_then(|p| p.parse().ok()),
+            deleting: obj.metadata.deletion_timestamp.is_some(),
+            ..SandboxView::default()
+        };
+        match self {
             Flavour::AgentSandbox => {
                 let spec: asb::SandboxSpec = serde_json::from_value(spec).unwrap_or_default();
                 let st: asb::SandboxStatus = serde_json::from_value(status).unwrap_or_default();
-                (
-                    is_ready(&st.conditions),
-                    st.pod_ips.first().cloned(),
-                    spec.operating_mode.as_deref() == Some("Suspended"),
-                    labels.is_some_and(|l| l.contains_key(asb::WARM_POOL_LABEL)),
-                )
+                v.pod_ip = st.pod_ips.first().and_then(|ip| ip.parse().ok());
+                v.spec_paused = spec.operating_mode.as_deref() == Some("Suspended");
+                // controllers/sandbox_controller.go computeReadyCondition: Ready carries
+                // observedGeneration; a Ready from before the last spec change is stale.
+                let ready = condition(&st.conditions, "Ready").is_some_and(|c| {
+                    c.status == "True"
+                        && (generation.is_none() || c.observed_generation == generation)
+                });
+                v.ready = ready && v.pod_ip.is_some();
+                v.pause_done = v.spec_paused
+                    && (condition(&st.conditions, "Suspended").is_some_and(|c| {
+                        c.status == "True" && c.reason.as_deref() == Some("PodTerminated")
+                    }) || v.pod_ip.is_none());
+                v.unschedulable = condition(&st.conditions, "PodScheduled").is_some_and(|c| {
+                    c.status == "False" && c.reason.as_deref() == Some("Unschedulable")
+                });
+                v.finished = is_true(&st.conditions, "Finished");
+                v.warm = labels.is_some_and(|l| l.contains_key(asb::WARM_POOL_LABEL));
+                if let Some(o) = obj.metadata.owner_references.as_ref().and_then(|refs| {
+                    refs.iter()
+                        .find(|o| o.controller == Some(true) && o.kind == "SandboxClaim")
+                }) {
+                    v.claim = Some(o.name.clone());
+                    v.claim_uid = Some(o.uid.clone());
+                }
             }
             Flavour::OpenKruise => {
                 let spec: okr::SandboxSpec = serde_json::from_value(spec).unwrap_or_default();
                 let st: okr::SandboxStatus = serde_json::from_value(status).unwrap_or_default();
-                (
-                    st.phase.as_deref() == Some("Running"),
-                    st.pod_info.and_then(|p| p.pod_ip),
-                    spec.paused.unwrap_or(false),
-                    labels.is_some_and(|l| l.contains_key(okr::POOL_LABEL)),
-                )
+                v.pod_ip = st
+                    .pod_info
+                    .and_then(|p| p.pod_ip)
+                    .and_then(|ip| ip.parse().ok());
+                v.spec_paused = spec.paused.unwrap_or(false);
+                let phase = st.phase.as_deref().unwrap_or("");
+                v.ready =
+                    phase == "Running" && is_true(&st.conditions, "Ready") && v.pod_ip.is_some();
+                v.pause_done = v.spec_paused
+                    && (is_true(&st.conditions, "SandboxPaused") || v.pod_ip.is_none());
+                v.finished = matches!(phase, "Failed" | "Succeeded");
+                v.warm = labels
+                    .and_then(|l| l.get(okr::CLAIMED_LABEL))
+                    .is_some_and(|c| c == "false");
+                v.claim = labels.and_then(|l| l.get(okr::CLAIM_NAME_LABEL)).cloned();
+                v.claim_uid = annotations
+                    .and_then(|a| a.get(okr::OWNER_ANNOTATION))
+                    .cloned();
             }
-        };
-        let pod_ip = ip.and_then(|ip| ip.parse::<IpAddr>().ok());
-        SandboxView {
-            ready: ready && pod_ip.is_some(),
-            pod_ip,
-            spec_paused,
-            port_override: obj
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(PORT_ANNOTATION))
-                .and_then(|p| p.parse().ok()),
-            warm,
-            deleting: obj.metadata.deletion_timestamp.is_some(),
         }
+        v
     }
 
     /// The spec change that suspends (`true`) or resumes (`false`) a sandbox.

@@ -31,6 +31,8 @@ pub struct LaunchSpec {
     pub ready_path: String,
     /// What `{self}` stands for: the activator's own executable.
     pub self_exe: PathBuf,
+    /// Namespace isolation (`backend.isolation`), when in force.
+    pub isolation: Option<super::isolation::Isolation>,
 }
 
 impl LaunchSpec {
@@ -66,7 +68,10 @@ pub async fn launch(
     workdir: &Path,
     cgroup_procs: Option<File>,
 ) -> Result<Launched, BackendError> {
-    let argv = spec.render(port);
+    let argv = match &spec.isolation {
+        Some(isolation) => isolation.wrap(&spec.render(port), workdir),
+        None => spec.render(port),
+    };
     let io = |name: &str| {
         File::create(workdir.join(name)).map_err(|e| {
             BackendError::StartFailed(format!("cannot create {}: {e}", workdir.display()))

@@ -1,0 +1,166 @@
+//! Both acquire paths: the no-await fast path and the queued slow path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::entry::{EntryState, Grant, SessionEntry};
+use super::lifecycle::{self, Event, Reply, SessionPhase};
+use super::queue::WaitTicket;
+use super::table::Found;
+use super::transition::{Payload, Transitions};
+use super::{ActivationError, Permit};
+use crate::backend::ActivationKind;
+use crate::session::SessionKey;
+
+/// The fast path: a permit if the session is bound and ready. No await, no allocation.
+#[inline]
+pub(crate) fn try_ready(transitions: &Transitions, key: &SessionKey) -> Option<Permit> {
+    transitions.table.with(key, |entry| {
+        let st = entry.lock();
+        if st.phase != SessionPhase::Ready || st.state_lost_pending {
+            return None;
+        }
+        let bound = st.bound.as_ref()?;
+        let endpoint = bound.endpoint?;
+        let sandbox = bound.sandbox.clone();
+        // Counted under the lock the idle scheduler checks, so no pause can start now.
+        let guard = entry.start_request();
+        transitions.set_active(entry, true);
+        transitions.reporter.note(entry);
+        drop(st);
+        Some(Permit {
+            endpoint,
+            sandbox,
+            activation: ActivationKind::None,
+            waited: Duration::ZERO,
+            state_lost: false,
+            _guard: guard,
+        })
+    })?
+}
+
+/// The slow path: join the session's queue, starting a claim or resume if none runs.
+pub(crate) async fn acquire_slow(
+    transitions: &Arc<Transitions>,
+    key: &SessionKey,
+) -> Result<Permit, ActivationError> {
+    let arrived = Instant::now();
+    loop {
+        match slow_step(transitions, key, arrived) {
+            SlowStep::Retry => continue,
+            SlowStep::Done(result) => return result,
+            SlowStep::Wait(ticket, rx, budget) => {
+                let grant = ticket.wait(rx, arrived + budget, budget).await?;
+                return Ok(Permit::from_grant(grant, arrived.elapsed()));
+            }
+        }
+    }
+}
+
+/// What the locked part of the slow path decided.
+enum SlowStep {
+    Retry,
+    Done(Result<Permit, ActivationError>),
+    Wait(
+        WaitTicket,
+        oneshot::Receiver<Result<Grant, ActivationError>>,
+        Duration,
+    ),
+}
+
+/// The locked part of the slow path (kept out of the async fn: no lock across await).
+/// The request is queued before the step is committed, so a full queue refuses it
+/// without starting anything.
+fn slow_step(transitions: &Arc<Transitions>, key: &SessionKey, arrived: Instant) -> SlowStep {
+    let (entry, found) = transitions.table.entry_for(key);
+    if found == Found::Recovered {
+        transitions.register(&entry);
+    }
+    let mut st = entry.lock();
+    let new_session = matches!(
+        st.phase,
+        SessionPhase::Unbound | SessionPhase::Activating | SessionPhase::Releasing
+    );
+    let step = lifecycle::step(st.phase, Event::Request, &transitions.facts(&entry, &st));
+    match step.effects.reply {
+        Reply::Retry => {
+            // Removed while we looked it up: look again (it is out of the table).
+            drop(st);
+            transitions.table.forget(&entry);
+            SlowStep::Retry
+        }
+        Reply::Serve => match ready_permit(transitions, &entry, &mut st, arrived) {
+            Some(permit) => SlowStep::Done(Ok(permit)),
+            None => enqueue(transitions, &entry, st, step, new_session),
+        },
+        Reply::Refuse(cause) => {
+            let err = transitions.error(cause, &st, None);
+            transitions.publish_rejected(&entry, &err, None);
+            transitions.commit(&entry, &mut st, Event::Request, step, Payload::default());
+            transitions.settle(&entry, st);
+            discard_if_unused(transitions, &entry);
+            SlowStep::Done(Err(err))
+        }
+        _ => enqueue(transitions, &entry, st, step, new_session),
+    }
+}
+
+fn enqueue(
+    transitions: &Arc<Transitions>,
+    entry: &Arc<SessionEntry>,
+    mut st: std::sync::MutexGuard<'_, EntryState>,
+    step: lifecycle::Step,
+    new_session: bool,
+) -> SlowStep {
+    let (ticket, rx) = match transitions.queue.enqueue(entry, &mut st) {
+        Ok(t) => t,
+        Err(e) => {
+            drop(st);
+            transitions.publish_rejected(entry, &e, None);
+            discard_if_unused(transitions, entry);
+            return SlowStep::Done(Err(e));
+        }
+    };
+    transitions.publish_queued(entry, &st);
+    // Nobody awaits the started call: the queued request gets its grant instead.
+    drop(transitions.commit(entry, &mut st, Event::Request, step, Payload::default()));
+    drop(st);
+    let mut budget = transitions.settings.activation_timeout;
+    if new_session {
+        budget += transitions.settings.admission_timeout;
+    }
+    SlowStep::Wait(ticket, rx, budget)
+}
+
+/// Drops a brand-new entry that ended up with nothing to do (queue full, shutting down).
+fn discard_if_unused(transitions: &Arc<Transitions>, entry: &Arc<SessionEntry>) {
+    let st = entry.lock();
+    if st.phase == SessionPhase::Unbound {
+        transitions.apply(entry, st, Event::Abandoned, Payload::default());
+    }
+}
+
+/// A permit on a ready session found on the slow path (it became ready meanwhile).
+fn ready_permit(
+    transitions: &Transitions,
+    entry: &Arc<SessionEntry>,
+    st: &mut EntryState,
+    arrived: Instant,
+) -> Option<Permit> {
+    let bound = st.bound.as_ref()?;
+    transitions.set_active(entry, true);
+    transitions.reporter.note(entry);
+    let endpoint = bound.endpoint?;
+    let sandbox = bound.sandbox.clone();
+    Some(Permit {
+        endpoint,
+        sandbox,
+        activation: ActivationKind::None,
+        waited: arrived.elapsed(),
+        state_lost: std::mem::take(&mut st.state_lost_pending),
+        _guard: entry.start_request(),
+    })
+}
