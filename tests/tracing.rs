@@ -192,7 +192,7 @@ async fn spans_are_exported_with_parent_links_and_the_sandbox_gets_the_context()
             .collect()
     };
     assert_eq!(exemplar_of("claim"), [caller_trace.to_owned()], "{text}");
-    assert_eq!(exemplar_of("resume"), [resumed_trace.clone()]);
+    assert_eq!(exemplar_of("resume"), std::slice::from_ref(&resumed_trace));
     // The classic text format stays as it was, without exemplars.
     let plain = admin.get("/metrics", &[]).await.text();
     assert!(!plain.contains("trace_id") && !plain.contains("# EOF"));
