@@ -103,7 +103,8 @@ fn main() -> ExitCode {
             if let Some(addr) = admin_listen {
                 config.admin_listen = addr;
             }
-            logging::init(&config.log);
+            // Held until exit: dropping it flushes the log writer thread.
+            let _log = logging::init(&config.log);
             serve(config)
         }
     }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderName, SET_COOKIE};
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Incoming};
 use prometheus::{IntCounter, IntGauge};
@@ -17,7 +18,7 @@ use prometheus::{IntCounter, IntGauge};
 use crate::activation::Activator;
 use crate::backend::ActivationKind;
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{ActivationExemplars, Metrics};
 use crate::session::{
     ExtractedSession, SessionAdmission, SessionExtractor, SessionForwarding, SessionOrigin,
     TokenSigner,
@@ -27,6 +28,7 @@ use crate::stats::TrafficStats;
 use crate::telemetry::Telemetry;
 
 mod activity;
+mod affinity;
 mod body;
 mod client_addr;
 mod completion;
@@ -44,7 +46,7 @@ pub use completion::{CLIENT_CLOSED, StatusCounters};
 use completion::{Completion, Recorder};
 use error::ProxyError;
 pub use forward::{ClientConn, strip_hop_by_hop};
-use forward::{is_upgrade_request, prepare_request_headers, upstream_uri};
+use forward::{is_upgrade_request, prepare_request_headers};
 pub use listener::serve;
 use relay::Relay;
 pub use request_id::X_REQUEST_ID;
@@ -76,6 +78,8 @@ pub struct Proxy {
     shutdown: Shutdown,
     /// OpenTelemetry spans (off unless `telemetry.otlp.endpoint` is set).
     telemetry: Arc<Telemetry>,
+    /// Where traced activations leave their trace ID for `/metrics` (OpenMetrics).
+    exemplars: Arc<ActivationExemplars>,
     trusted: TrustedProxies,
     /// `proxy.allowed_upgrades`, lower-cased.
     allowed_upgrades: Box<[String]>,
@@ -119,6 +123,7 @@ impl Proxy {
             websockets_open: metrics.websockets_open.clone(),
             shutdown,
             telemetry: Arc::new(Telemetry::disabled()),
+            exemplars: metrics.activation_exemplars.clone(),
             trusted: TrustedProxies::new(&config.proxy.trusted_proxies),
             allowed_upgrades: config
                 .proxy
@@ -267,12 +272,18 @@ impl Proxy {
             if lease.activation != ActivationKind::None {
                 let sandbox = Some(lease.sandbox.as_str());
                 trace.activation(lease.activation.as_str(), "ok", lease.waited, sandbox);
+                self.exemplars.record(
+                    lease.activation.as_str(),
+                    lease.waited.as_secs_f64(),
+                    trace.trace_id(),
+                );
             }
         }
         let endpoint = lease.endpoint;
         let traced_sandbox = completion.trace().map(|_| lease.sandbox.clone());
         let activation = lease.activation;
         let state_lost = lease.state_lost;
+        let sandbox = lease.sandbox.clone();
         completion.hold_lease(lease);
 
         // An upgrade outside `proxy.allowed_upgrades` is forwarded as a plain request
@@ -297,16 +308,24 @@ impl Proxy {
             .rewritten
             .or_else(|| parts.uri.path_and_query().cloned());
         let path = self.forwarding.strip_query(path.as_ref()).or(path);
-        parts.uri = upstream_uri(self.upstream.authority(endpoint), path);
+        // Origin-form for the sandbox (the pool adds scheme and authority itself).
+        parts.uri = path
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))
+            .into();
         let span = completion
             .trace()
             .zip(traced_sandbox)
             .map(|(t, sandbox)| t.forward(&mut parts.headers, sandbox.as_str(), parts.uri.path()));
-        let sent = self
-            .upstream
-            .send(Request::from_parts(parts, body), endpoint, upgrade)
-            .await
-            .map_err(ProxyError::blame_request_body);
+        let req = Request::from_parts(parts, body);
+        let sent = if upgrade || self.upstream.is_h2() {
+            self.upstream.send(req, endpoint, upgrade).await
+        } else {
+            let affinity = &conn.affinity;
+            (self.upstream)
+                .send_affine(req, affinity, &session.key, &sandbox, endpoint)
+                .await
+        }
+        .map_err(ProxyError::blame_request_body);
         if let Some(span) = span {
             span.finish(
                 sent.as_ref()

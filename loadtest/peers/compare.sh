@@ -8,7 +8,10 @@
 # Installs nothing. Needs nginx and HAProxy (Debian: apt-get install nginx haproxy).
 #
 # Environment: SANDBOXES (default 4), WORKERS (default "1 2"), SCENARIO (default
-# loadtest/scenarios/hot-compare.yaml), OUT (default target/loadtest-compare).
+# loadtest/scenarios/hot-compare.yaml), OUT (default target/loadtest-compare), BASELINE
+# (optional: another agent-activator binary, e.g. main's, run as a fifth target `baseline`
+# with the same config, for before/after figures in the same interleaved run), ACTIVATOR
+# and LOADTEST (both set: use these binaries and build nothing).
 # Extra arguments go to activator-loadtest, e.g. `compare.sh --duration 4s --rounds 2`.
 set -euo pipefail
 
@@ -29,10 +32,21 @@ if ((${#missing[@]})); then
     exit 1
 fi
 
-echo "building release binaries..." >&2
-(cd "$root" && cargo build --release -p agent-activator -p loadtest --bins) >&2
-activator=$target_dir/release/agent-activator
-loadtest=$target_dir/release/activator-loadtest
+if [[ -n ${ACTIVATOR:-} && -n ${LOADTEST:-} ]]; then
+    # Prebuilt binaries (e.g. copies kept while another build runs): no cargo here.
+    activator=$ACTIVATOR
+    loadtest=$LOADTEST
+else
+    echo "building release binaries..." >&2
+    (cd "$root" && cargo build --release -p agent-activator -p loadtest --bins) >&2
+    activator=$target_dir/release/agent-activator
+    loadtest=$target_dir/release/activator-loadtest
+fi
+baseline=${BASELINE:-}
+if [[ -n $baseline && ! -x $baseline ]]; then
+    echo "compare.sh: BASELINE=$baseline is not an executable" >&2
+    exit 1
+fi
 
 run=$(mktemp -d "${TMPDIR:-/tmp}/activator-compare.XXXXXX")
 mkdir -p "$out"
@@ -90,6 +104,8 @@ for workers in $workers_list; do
     alloc_port admin_port
     alloc_port nginx_port
     alloc_port haproxy_port
+    alloc_port base_port
+    alloc_port base_admin_port
 
     endpoints=""
     nginx_servers=""
@@ -108,6 +124,10 @@ for workers in $workers_list; do
             { print }' "$1" >"$2"
     }
     fill "$here/activator.yaml.in" "$dir/activator.yaml" "$act_port" "$endpoints"
+    admin_port_main=$admin_port
+    admin_port=$base_admin_port
+    fill "$here/activator.yaml.in" "$dir/baseline.yaml" "$base_port" "$endpoints"
+    admin_port=$admin_port_main
     fill "$here/nginx.conf.in" "$dir/nginx.conf" "$nginx_port" "$nginx_servers"
     fill "$here/haproxy.cfg.in" "$dir/haproxy.cfg" "$haproxy_port" "$haproxy_servers"
 
@@ -121,6 +141,16 @@ for workers in $workers_list; do
     haproxy -f "$dir/haproxy.cfg" -db >"$dir/haproxy.log" 2>&1 &
     haproxy_pid=$!
     pids+=($haproxy_pid)
+    base_targets=()
+    base_pid=""
+    if [[ -n $baseline ]]; then
+        TOKIO_WORKER_THREADS=$workers "$baseline" serve -c "$dir/baseline.yaml" \
+            >"$dir/baseline.log" 2>&1 &
+        base_pid=$!
+        pids+=($base_pid)
+        wait_port "$base_port" "$base_pid" "baseline agent-activator (see $dir/baseline.log)"
+        base_targets=(--target "baseline=http://127.0.0.1:$base_port" --pid "baseline=$base_pid")
+    fi
     wait_port "$act_port" "$act_pid" "agent-activator (see $dir/activator.log)"
     wait_port "$nginx_port" "$nginx_pid" "nginx (see $dir/nginx-error.log)"
     wait_port "$haproxy_port" "$haproxy_pid" "haproxy (see $dir/haproxy.log)"
@@ -138,11 +168,12 @@ for workers in $workers_list; do
         --pid "direct=${sandbox_pids[0]}" \
         --pid "nginx=$nginx_pid${nginx_workers:+,$nginx_workers}" \
         --pid "haproxy=$haproxy_pid" \
+        "${base_targets[@]}" \
         --json "$out/compare-w$workers.json" --html "$out/compare-w$workers.html" \
         "$@" || status=$?
     echo "wrote $out/compare-w$workers.json and .html (exit $status)" >&2
 
-    kill "$act_pid" "$nginx_pid" "$haproxy_pid" 2>/dev/null || true
-    wait "$act_pid" "$nginx_pid" "$haproxy_pid" 2>/dev/null || true
+    kill "$act_pid" "$nginx_pid" "$haproxy_pid" $base_pid 2>/dev/null || true
+    wait "$act_pid" "$nginx_pid" "$haproxy_pid" $base_pid 2>/dev/null || true
     [[ $status -eq 0 ]] || exit "$status"
 done

@@ -35,14 +35,14 @@ pub enum ProxyError {
     UpstreamConnect {
         endpoint: SocketAddr,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The sandbox closed or reset the connection before a response head (502).
     #[error("the sandbox at {endpoint} closed the connection before responding")]
     UpstreamReset {
         endpoint: SocketAddr,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The sandbox answered in a way that cannot be relayed (502 `upstream_protocol`).
     #[error("{0}")]
@@ -62,7 +62,7 @@ pub enum ProxyError {
     RequestBody {
         kind: BodyFault,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -83,7 +83,7 @@ impl ProxyError {
         else {
             return self;
         };
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
         let mut kind = None;
         while let Some(e) = cause {
             if let Some(b) = e.downcast_ref::<RequestBodyError>() {

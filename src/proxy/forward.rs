@@ -7,6 +7,7 @@
 //! in `X-Forwarded-Host` either way.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use http::header::{
@@ -15,6 +16,8 @@ use http::header::{
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Uri};
+
+use super::affinity::Affinity;
 
 /// `X-Forwarded-For`.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -28,13 +31,15 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Facts about the client connection that every request on it shares.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ClientConn {
     pub peer: SocketAddr,
     /// The peer IP, formatted once per connection for `X-Forwarded-For`.
     pub peer_ip: HeaderValue,
     /// Served over TLS (`X-Forwarded-Proto: https`, `Secure` cookies).
     pub tls: bool,
+    /// The dedicated upstream connection of the one session this connection carries.
+    pub(super) affinity: Arc<Affinity>,
     /// The peer is in `proxy.trusted_proxies`: its forwarding headers are believed.
     pub trusted: bool,
 }
@@ -47,6 +52,7 @@ impl ClientConn {
                 .expect("an IP address is a valid header value"),
             tls,
             trusted,
+            affinity: Arc::default(),
         }
     }
 
@@ -149,10 +155,14 @@ pub fn prepare_request_headers(
     for name in strip {
         headers.remove(name);
     }
-    // The host the client asked for: `Host` (HTTP/1.1) or `:authority` (HTTP/2).
-    let host = match headers.get(HOST) {
-        Some(h) => Some(h.clone()),
-        None => client_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    // The host the client asked for: `Host` (HTTP/1.1) or `:authority` (HTTP/2). A `Host`
+    // already in the map stays where it is for an HTTP/1.1 sandbox (edited in place).
+    let (host, has_host) = match headers.get(HOST) {
+        Some(h) => (Some(h.clone()), true),
+        None => (
+            client_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+            false,
+        ),
     };
     if !conn.trusted {
         headers.remove(FORWARDED);
@@ -186,7 +196,7 @@ pub fn prepare_request_headers(
         }
         if upstream_h2 {
             headers.remove(HOST);
-        } else {
+        } else if !has_host {
             headers.insert(HOST, host);
         }
     }

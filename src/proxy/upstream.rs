@@ -1,27 +1,35 @@
-//! `Upstream`: pooled HTTP clients to sandboxes (hyper-util legacy client), the connect
-//! and response-head timeouts, and classification of their failures.
+//! `Upstream`: the way to a sandbox: a client connection's dedicated connection (see
+//! [`super::affinity`]) or the shared pools (hyper-util legacy client); the connect and
+//! response-head timeouts, and classification of their failures.
 //!
 //! The pool's idle timeout only fires because a timer is installed (`pool_timer`); keep
 //! `proxy.pool_idle_timeout` below the sandboxes' keep-alive timeout. WebSocket
 //! handshakes always use the HTTP/1.1 client, whatever `upstream_protocol` says.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use http::header::HOST;
 use http::uri::Authority;
-use http::{Request, Response, Version};
+use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::IntCounter;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 
+use super::affinity::{Affinity, Route, Sender};
 use super::body::RequestBody;
 use super::error::ProxyError;
-use super::forward::endpoint_authority;
+use super::forward::{endpoint_authority, upstream_uri};
+use crate::backend::SandboxId;
 use crate::config::{ProxyConfig, UpstreamProtocol};
 use crate::metrics::Metrics;
+use crate::session::SessionKey;
 
 /// Beyond this many distinct endpoints the authority cache starts over (process and
 /// Kubernetes backends keep minting new addresses).
@@ -37,6 +45,8 @@ pub struct Upstream {
     http1: HttpClient,
     h2: bool,
     request_timeout: Duration,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
     authorities: DashMap<SocketAddr, Authority>,
     connect_errors: IntCounter,
     reset_errors: IntCounter,
@@ -59,6 +69,8 @@ impl Upstream {
             http1,
             h2,
             request_timeout: config.request_timeout.as_duration(),
+            connect_timeout: config.connect_timeout.as_duration(),
+            idle_timeout: config.pool_idle_timeout.as_duration(),
             authorities: DashMap::new(),
             connect_errors: errors.with_label_values(&["connect"]),
             reset_errors: errors.with_label_values(&["reset"]),
@@ -85,14 +97,139 @@ impl Upstream {
         a
     }
 
-    /// Sends `req` (absolute URI already set) and waits for the response head, at most
-    /// `proxy.request_timeout`. The body is not covered: it streams for as long as it lasts.
+    /// Sends an HTTP/1.1 request of `session` (leased to `sandbox` at `endpoint`) on the
+    /// client connection's dedicated upstream connection when [`Affinity`] allows, else
+    /// through the pool; waits for the response head, at most `proxy.request_timeout`
+    /// (connecting included). `req` carries an origin-form URI.
+    pub async fn send_affine(
+        &self,
+        mut req: Request<RequestBody>,
+        affinity: &Arc<Affinity>,
+        session: &SessionKey,
+        sandbox: &SandboxId,
+        endpoint: SocketAddr,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let sender = match affinity.route(session, sandbox, endpoint, self.idle_timeout) {
+            Route::Pool => return self.send(req, endpoint, false).await,
+            Route::Dedicated(sender) => sender,
+            Route::Open(generation) => match self.open(endpoint, affinity, generation).await {
+                Ok(sender) => sender,
+                Err(err) => {
+                    affinity.forget(session);
+                    return Err(err);
+                }
+            },
+        };
+        let mut sender = sender;
+        *req.version_mut() = Version::HTTP_11;
+        if !req.headers().contains_key(HOST) {
+            // What the pooled client's `set_host` does for a client without a host.
+            let authority = self.authority(endpoint);
+            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                req.headers_mut().insert(HOST, host);
+            }
+        }
+        let sent = sender.try_send_request(req);
+        // The request is queued on the connection; the sender goes back at once so a
+        // dropped request (client gone) cannot lose the connection with it.
+        affinity.put_back(session, sandbox, endpoint, sender);
+        match tokio::time::timeout(self.request_timeout, sent).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(mut err)) => match err.take_message() {
+                // Never written (the sandbox closed the idle connection): the pool sends
+                // it on a fresh connection, as the pooled client retries its own.
+                Some(req) => self.send(req, endpoint, false).await,
+                None => {
+                    let source = err.into_error();
+                    if source.is_parse() {
+                        self.protocol_errors.inc();
+                        tracing::warn!(%endpoint, error = %source, "sandbox response is not valid HTTP");
+                        return Err(ProxyError::UpstreamProtocol(
+                            "the sandbox's response is not valid HTTP",
+                        ));
+                    }
+                    self.reset_errors.inc();
+                    Err(ProxyError::UpstreamReset {
+                        endpoint,
+                        source: source.into(),
+                    })
+                }
+            },
+            Err(_) => {
+                self.timeout_errors.inc();
+                Err(ProxyError::UpstreamTimeout {
+                    endpoint,
+                    timeout: self.request_timeout,
+                })
+            }
+        }
+    }
+
+    /// Opens a dedicated HTTP/1.1 connection to `endpoint` (`TCP_NODELAY`, bounded by
+    /// `proxy.connect_timeout`). Its connection task ends when the sender is dropped, and
+    /// drops it itself (through [`Affinity::expire`]) once it is idle for
+    /// `proxy.pool_idle_timeout`.
+    async fn open(
+        &self,
+        endpoint: SocketAddr,
+        affinity: &Arc<Affinity>,
+        generation: u64,
+    ) -> Result<Sender, ProxyError> {
+        let connect_error = |source: Box<dyn std::error::Error + Send + Sync>| {
+            self.connect_errors.inc();
+            ProxyError::UpstreamConnect { endpoint, source }
+        };
+        let stream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(endpoint)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(connect_error(e.into())),
+                Err(_) => {
+                    return Err(connect_error(
+                        format!("connect timed out after {:?}", self.connect_timeout).into(),
+                    ));
+                }
+            };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| connect_error(e.into()))?;
+        let affinity = Arc::downgrade(affinity);
+        let idle_timeout = self.idle_timeout;
+        tokio::spawn(async move {
+            tokio::pin!(conn);
+            let mut check = Some(Instant::now() + idle_timeout);
+            loop {
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(%endpoint, error = %e, "dedicated upstream connection ended");
+                        }
+                        return;
+                    }
+                    () = sleep_until_some(check) => {
+                        // Once the client connection is gone, or this connection left its
+                        // slot, its sender is dropped and the connection ends by itself.
+                        check = affinity
+                            .upgrade()
+                            .and_then(|a| a.expire(generation, idle_timeout));
+                    }
+                }
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends `req` (origin-form URI) through the pool and waits for the response head, at
+    /// most `proxy.request_timeout`. The body is not covered: it streams for as long as
+    /// it lasts.
     pub async fn send(
         &self,
         mut req: Request<RequestBody>,
         endpoint: SocketAddr,
         upgrade: bool,
     ) -> Result<Response<Incoming>, ProxyError> {
+        let path = req.uri().path_and_query().cloned();
+        *req.uri_mut() = upstream_uri(self.authority(endpoint), path);
         let client = if upgrade || !self.h2 {
             *req.version_mut() = Version::HTTP_11;
             &self.http1
@@ -104,7 +241,10 @@ impl Upstream {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(source)) if source.is_connect() => {
                 self.connect_errors.inc();
-                Err(ProxyError::UpstreamConnect { endpoint, source })
+                Err(ProxyError::UpstreamConnect {
+                    endpoint,
+                    source: source.into(),
+                })
             }
             Ok(Err(source)) if is_unparsable(&source) => {
                 self.protocol_errors.inc();
@@ -115,7 +255,10 @@ impl Upstream {
             }
             Ok(Err(source)) => {
                 self.reset_errors.inc();
-                Err(ProxyError::UpstreamReset { endpoint, source })
+                Err(ProxyError::UpstreamReset {
+                    endpoint,
+                    source: source.into(),
+                })
             }
             Err(_) => {
                 self.timeout_errors.inc();
@@ -125,6 +268,14 @@ impl Upstream {
                 })
             }
         }
+    }
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
