@@ -1,5 +1,6 @@
 //! One request through the activator versus straight to the sandbox, in-process over
-//! loopback: the proxy's added latency on the fast path (session bound and ready).
+//! loopback: the proxy's added latency on the fast path (session bound and ready), with
+//! tracing off and with OTLP export on at sample ratio 0 and 1 (to an in-process sink).
 //! Run: `cargo bench --bench proxy_hop`.
 
 use std::convert::Infallible;
@@ -42,6 +43,19 @@ async fn sandbox() -> SocketAddr {
     addr
 }
 
+/// Starts an activator in front of `up`; `telemetry` is extra YAML under `telemetry:`.
+async fn activator(up: SocketAddr, telemetry: &str) -> (SocketAddr, server::RunningServer) {
+    let mut config = Config::from_yaml(&format!(
+        "backend: {{kind: static, endpoints: ['{up}']}}\nlog: {{access_log: false}}\n\
+         autoscaler: {{enabled: false}}\n{telemetry}"
+    ))
+    .unwrap();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.admin_listen = "127.0.0.1:0".parse().unwrap();
+    let server = server::start(config).await.unwrap();
+    (server.proxy_addr(), server)
+}
+
 fn bench(c: &mut Criterion) {
     // One thread runs client, activator and sandbox: the figure is CPU work per request
     // (three sockets' worth of syscalls plus the proxy's own), free of cross-thread
@@ -50,17 +64,22 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let (direct, proxied, _server) = rt.block_on(async {
+    let (direct, proxied, ratio0, ratio1, _servers) = rt.block_on(async {
         let up = sandbox().await;
-        let mut config = Config::from_yaml(&format!(
-            "backend: {{kind: static, endpoints: ['{up}']}}\nlog: {{access_log: false}}\n\
-             autoscaler: {{enabled: false}}\n"
-        ))
-        .unwrap();
-        config.listen = "127.0.0.1:0".parse().unwrap();
-        config.admin_listen = "127.0.0.1:0".parse().unwrap();
-        let server = server::start(config).await.unwrap();
-        (up, server.proxy_addr(), server)
+        // The OTLP collector stand-in: any 200 will do (the sandbox answers every path).
+        let sink = sandbox().await;
+        let (proxied, s0) = activator(up, "").await;
+        let (ratio0, s1) = activator(
+            up,
+            &format!("telemetry: {{otlp: {{endpoint: 'http://{sink}'}}, sample_ratio: 0.0}}\n"),
+        )
+        .await;
+        let (ratio1, s2) = activator(
+            up,
+            &format!("telemetry: {{otlp: {{endpoint: 'http://{sink}'}}, sample_ratio: 1.0}}\n"),
+        )
+        .await;
+        (up, proxied, ratio0, ratio1, [s0, s1, s2])
     });
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let get = |addr: SocketAddr| {
@@ -76,13 +95,17 @@ fn bench(c: &mut Criterion) {
         }
     };
     // Bind the session before measuring: the fast path only.
-    rt.block_on(get(proxied));
+    for addr in [proxied, ratio0, ratio1] {
+        rt.block_on(get(addr));
+    }
 
     let mut g = c.benchmark_group("hop");
     g.bench_function("direct", |b| b.iter(|| rt.block_on(get(direct))));
     g.bench_function("through_activator", |b| {
         b.iter(|| rt.block_on(get(proxied)))
     });
+    g.bench_function("telemetry_ratio_0", |b| b.iter(|| rt.block_on(get(ratio0))));
+    g.bench_function("telemetry_ratio_1", |b| b.iter(|| rt.block_on(get(ratio1))));
     g.finish();
 }
 

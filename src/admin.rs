@@ -77,7 +77,7 @@ pub async fn route(state: &AdminState, req: Request<Incoming>) -> AdminResponse 
     match (req.method(), segments.as_slice()) {
         (&Method::GET, []) => dashboard::page(),
         (&Method::GET, ["api", "overview"]) => dashboard::overview(state),
-        (&Method::GET, ["metrics"]) => metrics(state),
+        (&Method::GET, ["metrics"]) => metrics(state, wants_openmetrics(&req)),
         (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
         (&Method::GET, ["readyz"]) => readyz(state),
         (&Method::GET, ["api", "sessions"]) => api::sessions(state, query),
@@ -115,8 +115,17 @@ pub async fn route(state: &AdminState, req: Request<Incoming>) -> AdminResponse 
     }
 }
 
-/// Refreshes the table-derived gauges, then renders every metric.
-fn metrics(state: &AdminState) -> AdminResponse {
+/// The scraper asked for OpenMetrics (Prometheus does when exemplar storage is on).
+fn wants_openmetrics<B>(req: &Request<B>) -> bool {
+    req.headers().get_all(http::header::ACCEPT).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.contains("application/openmetrics-text"))
+    })
+}
+
+/// Refreshes the table-derived gauges, then renders every metric (OpenMetrics, with
+/// exemplars, when asked for).
+fn metrics(state: &AdminState, openmetrics: bool) -> AdminResponse {
     let m = &state.metrics;
     m.sessions.reset();
     for (s, n) in state.activator.session_counts() {
@@ -132,11 +141,17 @@ fn metrics(state: &AdminState) -> AdminResponse {
             m.warm_pool_ready.set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
-    let mut resp = Response::new(AdminBody::from(Bytes::from(m.encode())));
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
+    let (body, content_type) = if openmetrics {
+        (
+            m.encode_openmetrics(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+    } else {
+        (m.encode(), "text/plain; version=0.0.4; charset=utf-8")
+    };
+    let mut resp = Response::new(AdminBody::from(Bytes::from(body)));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
 }
 

@@ -465,6 +465,9 @@ pub struct BackendConfig {
     pub warm_pool: u32,
     /// process: most sandboxes alive at once (warm + bound + paused); 0 = unlimited.
     pub max_sandboxes: u32,
+    /// process: pass the activator's whole environment to sandboxes. Off: only `env`
+    /// plus `PATH`, `HOME` and `LANG` (and `PORT`).
+    pub inherit_env: bool,
     /// process: SIGTERM-to-SIGKILL grace on release.
     pub stop_grace: Dur,
     /// process: how to freeze: `auto`, `cgroup_v2`, `cgroup_v1` or `signal`.
@@ -489,7 +492,8 @@ impl Default for BackendConfig {
             workdir_root: std::env::temp_dir().join("agent-activator"),
             ready_path: "/healthz".into(),
             warm_pool: 0,
-            max_sandboxes: 0,
+            max_sandboxes: 64,
+            inherit_env: false,
             stop_grace: Dur::secs(5),
             freezer: FreezerKind::Auto,
             isolation: IsolationKind::None,
@@ -542,6 +546,9 @@ pub struct KubernetesConfig {
     pub kubeconfig: Option<PathBuf>,
     /// Prefix of claim names; the rest is a truncated SHA-256 of the session ID.
     pub claim_prefix: String,
+    /// Most claims named with `claim_prefix` in the namespace (all replicas together);
+    /// a new session beyond it gets 503 `no_capacity`. 0 = unlimited.
+    pub max_claims: u32,
     /// Write the raw session ID into an annotation on the claim (off by default).
     pub write_session_id: bool,
     /// How often this replica republishes its activity digest (the sessions it served
@@ -570,6 +577,7 @@ impl Default for KubernetesConfig {
             port: 8080,
             kubeconfig: None,
             claim_prefix: "sess-".into(),
+            max_claims: 1000,
             write_session_id: false,
             activity_write_interval: Dur::secs(10),
             port_from_annotation: false,

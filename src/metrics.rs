@@ -9,6 +9,10 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+mod openmetrics;
+
+pub use openmetrics::ActivationExemplars;
+
 /// Latency buckets from 100 us to 5 min: proxy overhead and long agent turns both fit.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -80,6 +84,9 @@ pub struct Metrics {
     /// slow (`lagged`: fell a whole ring behind; `stalled`: took no data for
     /// `telemetry.events.stall_timeout`).
     pub event_subscribers_dropped: IntCounterVec,
+    /// Trace IDs attached to `activator_activation_duration_seconds` buckets in the
+    /// OpenMetrics exposition.
+    pub activation_exemplars: std::sync::Arc<ActivationExemplars>,
     /// `activator_client_connections`: client connections open now (upgraded ones too).
     pub client_connections: IntGauge,
     /// `activator_client_connections_refused_total`: closed at accept by `proxy.max_connections`.
@@ -267,6 +274,7 @@ impl Metrics {
                 &["reason"],
             )
             .expect("valid metric"),
+            activation_exemplars: std::sync::Arc::default(),
             client_connections: IntGauge::new(
                 "activator_client_connections",
                 "Client connections open now, upgraded (WebSocket) ones included.",
@@ -329,6 +337,11 @@ impl Metrics {
         for c in collectors {
             self.registry.register(c).expect("metric registered once");
         }
+    }
+
+    /// The OpenMetrics 1.0 exposition, with activation-latency exemplars.
+    pub fn encode_openmetrics(&self) -> String {
+        openmetrics::to_openmetrics(&self.encode(), &self.activation_exemplars)
     }
 
     /// The Prometheus text exposition of every metric.

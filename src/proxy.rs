@@ -18,7 +18,7 @@ use prometheus::{IntCounter, IntGauge};
 use crate::activation::Activator;
 use crate::backend::ActivationKind;
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{ActivationExemplars, Metrics};
 use crate::session::{
     ExtractedSession, SessionAdmission, SessionExtractor, SessionForwarding, SessionOrigin,
     TokenSigner,
@@ -78,6 +78,8 @@ pub struct Proxy {
     shutdown: Shutdown,
     /// OpenTelemetry spans (off unless `telemetry.otlp.endpoint` is set).
     telemetry: Arc<Telemetry>,
+    /// Where traced activations leave their trace ID for `/metrics` (OpenMetrics).
+    exemplars: Arc<ActivationExemplars>,
     trusted: TrustedProxies,
     /// `proxy.allowed_upgrades`, lower-cased.
     allowed_upgrades: Box<[String]>,
@@ -121,6 +123,7 @@ impl Proxy {
             websockets_open: metrics.websockets_open.clone(),
             shutdown,
             telemetry: Arc::new(Telemetry::disabled()),
+            exemplars: metrics.activation_exemplars.clone(),
             trusted: TrustedProxies::new(&config.proxy.trusted_proxies),
             allowed_upgrades: config
                 .proxy
@@ -269,6 +272,11 @@ impl Proxy {
             if lease.activation != ActivationKind::None {
                 let sandbox = Some(lease.sandbox.as_str());
                 trace.activation(lease.activation.as_str(), "ok", lease.waited, sandbox);
+                self.exemplars.record(
+                    lease.activation.as_str(),
+                    lease.waited.as_secs_f64(),
+                    trace.trace_id(),
+                );
             }
         }
         let endpoint = lease.endpoint;

@@ -452,3 +452,70 @@ async fn sandbox_set_cookie_dropped_and_forward_header_replaced() {
     server.shutdown().await;
     task.abort();
 }
+
+/// A process sandbox cannot see a secret in the activator's environment: the activator
+/// runs as a real process with `AA_TEST_DB_PASSWORD` set, its warm sandbox dumps its
+/// environment into its working directory.
+#[tokio::test]
+async fn process_sandbox_does_not_inherit_the_activator_environment() {
+    let root = std::env::temp_dir().join(format!(
+        "aa-sec-env-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&root).unwrap();
+    let bin = env!("CARGO_BIN_EXE_agent-activator");
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nautoscaler: {{enabled: false}}\n\
+         backend:\n  kind: process\n  warm_pool: 1\n  workdir_root: '{root}'\n  stop_grace: 1s\n  \
+         env: {{GIVEN_BY_CONFIG: 'yes'}}\n  \
+         command: [sh, -c, 'env > env.txt; exec \"$0\" demo-sandbox --port \"$1\"', '{bin}', '{{port}}']\n",
+        root = root.display()
+    );
+    let config = root.join("activator.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let mut child = tokio::process::Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("AA_TEST_DB_PASSWORD", "hunter2")
+        .env("PATH", std::env::var_os("PATH").unwrap())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let env_file = support::eventually("the warm sandbox's env.txt", || {
+        let root = root.clone();
+        async move {
+            find_file(&root, "env.txt").filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
+        }
+    })
+    .await;
+    let env = std::fs::read_to_string(&env_file).unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let _ = tokio::time::timeout(WAIT, child.wait()).await;
+    let _ = std::fs::remove_dir_all(&root);
+    assert!(
+        !env.contains("hunter2"),
+        "secret leaked into the sandbox:\n{env}"
+    );
+    assert!(!env.contains("AA_TEST_DB_PASSWORD"), "{env}");
+    assert!(env.lines().any(|l| l == "GIVEN_BY_CONFIG=yes"), "{env}");
+    assert!(env.lines().any(|l| l.starts_with("PATH=")), "{env}");
+    assert!(env.lines().any(|l| l.starts_with("PORT=")), "{env}");
+}
+
+fn find_file(dir: &std::path::Path, name: &str) -> Option<PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if let Some(f) = find_file(&p, name) {
+                return Some(f);
+            }
+        } else if p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+    }
+    None
+}

@@ -161,6 +161,42 @@ async fn spans_are_exported_with_parent_links_and_the_sandbox_gets_the_context()
     let third = get(&proxy, "alice", &[("traceparent", &unsampled)]).await;
     assert_eq!(third["traceparent"], unsampled);
 
+    // OpenMetrics scrape: activation-latency buckets carry the traces as exemplars.
+    let om = admin
+        .get(
+            "/metrics",
+            &[("accept", "application/openmetrics-text; version=1.0.0")],
+        )
+        .await;
+    assert_eq!(
+        om.header("content-type"),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    let text = om.text();
+    assert!(text.ends_with("# EOF\n"));
+    assert!(
+        text.contains("# TYPE activator_requests counter\n"),
+        "counter family without _total"
+    );
+    let exemplar_of = |kind: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| {
+                l.starts_with(&format!(
+                    "activator_activation_duration_seconds_bucket{{kind=\"{kind}\""
+                ))
+            })
+            .filter_map(|l| {
+                l.split_once(" # {trace_id=\"")
+                    .map(|(_, r)| r[..32].to_owned())
+            })
+            .collect()
+    };
+    assert_eq!(exemplar_of("claim"), [caller_trace.to_owned()], "{text}");
+    assert_eq!(exemplar_of("resume"), std::slice::from_ref(&resumed_trace));
+    // The classic text format stays as it was, without exemplars.
+    let plain = admin.get("/metrics", &[]).await.text();
+    assert!(!plain.contains("trace_id") && !plain.contains("# EOF"));
+
     server.shutdown().await; // flushes the exporter
     let spans = received.lock().unwrap().clone();
     assert!(!spans.is_empty(), "nothing exported");

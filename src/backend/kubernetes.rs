@@ -75,6 +75,8 @@ pub struct KubernetesBackend {
     strategy: Arc<dyn PauseStrategy>,
     pool: String,
     claim_prefix: String,
+    /// `backend.kubernetes.max_claims` (0 = unlimited).
+    max_claims: usize,
     write_session_id: bool,
     max_id_length: usize,
     /// Bound on pause, release and other calls that have no caller deadline.
@@ -128,6 +130,7 @@ impl KubernetesBackend {
             strategy: Arc::new(SpecSuspend::new(flavour)),
             pool: k.pool.clone(),
             claim_prefix: k.claim_prefix.clone(),
+            max_claims: k.max_claims as usize,
             write_session_id: k.write_session_id,
             max_id_length: config.session.max_id_length,
             op_timeout: config.activation.timeout.as_duration(),
@@ -236,6 +239,18 @@ impl SandboxBackend for KubernetesBackend {
         let started = Instant::now();
         self.wait_synced(budget.deadline).await?;
         let name = self.claim_name(session);
+        // The claim cap: every new session is a claim (and a sandbox) in the cluster.
+        if self.max_claims > 0
+            && self.cache.read(|st| {
+                st.claim(&name).is_none()
+                    && st.claims_with_prefix(&self.claim_prefix) >= self.max_claims
+            })
+        {
+            return Err(BackendError::NoCapacity(format!(
+                "backend.kubernetes.max_claims ({}) claims exist",
+                self.max_claims
+            )));
+        }
         let created = self.ensure_claim(session, &name, budget.deadline).await?;
         let result = self.await_claim(&name, created, budget, started).await;
         if result.is_err() && created {

@@ -122,6 +122,7 @@ impl ProcessBackend {
             spec: LaunchSpec {
                 argv: b.command.clone(),
                 env: b.env.clone(),
+                inherit_env: b.inherit_env,
                 ready_path: b.ready_path.clone(),
                 self_exe,
                 isolation,

@@ -59,6 +59,15 @@ impl State {
         self.claims.objects.get(name)
     }
 
+    /// Claims whose name starts with `prefix` (this activator tier's claims).
+    pub fn claims_with_prefix(&self, prefix: &str) -> usize {
+        self.claims
+            .objects
+            .keys()
+            .filter(|n| n.starts_with(prefix))
+            .count()
+    }
+
     pub fn sandbox(&self, name: &str) -> Option<&Arc<DynamicObject>> {
         self.sandboxes.objects.get(name)
     }

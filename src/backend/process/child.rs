@@ -28,6 +28,10 @@ pub struct LaunchSpec {
     /// argv with `{port}` and `{self}` placeholders.
     pub argv: Vec<String>,
     pub env: BTreeMap<String, String>,
+    /// `backend.inherit_env`: off, a sandbox starts from an empty environment plus
+    /// [`PASSED_ENV`] and `env`, so the activator's secrets (API tokens, database URLs)
+    /// never reach untrusted code.
+    pub inherit_env: bool,
     pub ready_path: String,
     /// What `{self}` stands for: the activator's own executable.
     pub self_exe: PathBuf,
@@ -48,6 +52,9 @@ impl LaunchSpec {
             .collect()
     }
 }
+
+/// Variables of the activator's environment a sandbox gets even with `inherit_env: false`.
+pub const PASSED_ENV: &[&str] = &["PATH", "HOME", "LANG"];
 
 /// The exit of a child as text (`exit status: 1`, `signal: 9 (SIGKILL)`); `None` while it runs.
 pub type ExitWatch = watch::Receiver<Option<String>>;
@@ -78,6 +85,14 @@ pub async fn launch(
         })
     };
     let mut cmd = tokio::process::Command::new(&argv[0]);
+    if !spec.inherit_env {
+        cmd.env_clear();
+        for name in PASSED_ENV {
+            if let Some(v) = std::env::var_os(name) {
+                cmd.env(name, v);
+            }
+        }
+    }
     cmd.args(&argv[1..])
         .envs(&spec.env)
         .env("PORT", port.to_string())
