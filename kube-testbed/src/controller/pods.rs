@@ -28,6 +28,21 @@ impl PodProcess {
     }
 }
 
+impl Drop for PodProcess {
+    /// A pod is gone only once its process is: kill it and wait (at most 2 s) for the exit,
+    /// so its socket is closed before the controller reports the pod terminated (a kill that
+    /// is merely sent left the old pod accepting connections after `PodTerminated`).
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        for _ in 0..2000 {
+            if self.exited() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
 /// Why a pod could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
