@@ -142,26 +142,12 @@ impl Upstream {
                 None => {
                     let source = err.into_error();
                     if source.is_parse() {
-                        self.protocol_errors.inc();
-                        tracing::warn!(%endpoint, error = %source, "sandbox response is not valid HTTP");
-                        return Err(ProxyError::UpstreamProtocol(
-                            "the sandbox's response is not valid HTTP",
-                        ));
+                        return Err(self.protocol_error(endpoint, &source));
                     }
-                    self.reset_errors.inc();
-                    Err(ProxyError::UpstreamReset {
-                        endpoint,
-                        source: source.into(),
-                    })
+                    Err(self.reset_error(endpoint, source.into()))
                 }
             },
-            Err(_) => {
-                self.timeout_errors.inc();
-                Err(ProxyError::UpstreamTimeout {
-                    endpoint,
-                    timeout: self.request_timeout,
-                })
-            }
+            Err(_) => Err(self.timeout_error(endpoint)),
         }
     }
 
@@ -247,26 +233,39 @@ impl Upstream {
                 })
             }
             Ok(Err(source)) if is_unparsable(&source) => {
-                self.protocol_errors.inc();
-                tracing::warn!(%endpoint, error = %source, "sandbox response is not valid HTTP");
-                Err(ProxyError::UpstreamProtocol(
-                    "the sandbox's response is not valid HTTP",
-                ))
+                Err(self.protocol_error(endpoint, &source))
             }
-            Ok(Err(source)) => {
-                self.reset_errors.inc();
-                Err(ProxyError::UpstreamReset {
-                    endpoint,
-                    source: source.into(),
-                })
-            }
-            Err(_) => {
-                self.timeout_errors.inc();
-                Err(ProxyError::UpstreamTimeout {
-                    endpoint,
-                    timeout: self.request_timeout,
-                })
-            }
+            Ok(Err(source)) => Err(self.reset_error(endpoint, source.into())),
+            Err(_) => Err(self.timeout_error(endpoint)),
+        }
+    }
+
+    // === failures, counted once, the same for the dedicated and the pooled path ===
+
+    /// The sandbox answered bytes that are not HTTP (502 `upstream_protocol`); the detail
+    /// goes to the log only.
+    fn protocol_error(&self, endpoint: SocketAddr, source: &dyn std::fmt::Display) -> ProxyError {
+        self.protocol_errors.inc();
+        tracing::warn!(%endpoint, error = %source, "sandbox response is not valid HTTP");
+        ProxyError::UpstreamProtocol("the sandbox's response is not valid HTTP")
+    }
+
+    /// The sandbox closed or reset the connection before a response head (502).
+    fn reset_error(
+        &self,
+        endpoint: SocketAddr,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    ) -> ProxyError {
+        self.reset_errors.inc();
+        ProxyError::UpstreamReset { endpoint, source }
+    }
+
+    /// No response head within `proxy.request_timeout` (504).
+    fn timeout_error(&self, endpoint: SocketAddr) -> ProxyError {
+        self.timeout_errors.inc();
+        ProxyError::UpstreamTimeout {
+            endpoint,
+            timeout: self.request_timeout,
         }
     }
 }
