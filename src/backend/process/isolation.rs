@@ -106,6 +106,13 @@ impl Isolation {
         argv.extend(fixed.into_iter().map(str::to_owned));
         // Other sandboxes' directories disappear under an empty tmpfs; this one comes back.
         argv.extend(["--tmpfs".to_owned(), root]);
+        // Files the command line names (the program, a script) stay visible, read-only, even
+        // where the private /tmp would hide them (say, a build under /tmp).
+        for arg in command.iter().filter(|a| a.starts_with('/')) {
+            if Path::new(arg).is_file() {
+                argv.extend(["--ro-bind".to_owned(), arg.clone(), arg.clone()]);
+            }
+        }
         argv.extend(["--bind".to_owned(), own.clone(), own.clone()]);
         argv.extend(["--chdir".to_owned(), own, "--".to_owned()]);
         argv.extend(command.iter().cloned());
