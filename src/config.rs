@@ -11,11 +11,15 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 
 mod duration;
+mod pools;
 mod session;
 mod telemetry;
 mod validate;
 
 pub use duration::Dur;
+pub use pools::{
+    DEFAULT_POOL, EffectivePool, PoolAutoscaler, PoolConfig, PoolIdle, PoolMatch, validate_name,
+};
 pub use session::{CreateRate, HmacConfig, HmacKeyConfig, SessionAuth};
 pub use telemetry::{EventsConfig, OtlpConfig, TelemetryConfig};
 
@@ -61,6 +65,9 @@ pub struct Config {
     pub autoscaler: AutoscalerConfig,
     pub schedules: Vec<ScheduleConfig>,
     pub telemetry: TelemetryConfig,
+    /// Several kinds of sandbox behind one gateway (see [`PoolConfig`]); empty = one pool
+    /// `default` from the top-level `backend`, `autoscaler` and `idle`.
+    pub pools: Vec<PoolConfig>,
     /// The node agent's section (`agent-activator node-agent`); unused by `serve`.
     pub node_agent: Option<crate::node_agent::NodeAgentConfig>,
 }
@@ -81,6 +88,7 @@ impl Default for Config {
             autoscaler: AutoscalerConfig::default(),
             schedules: Vec::new(),
             telemetry: TelemetryConfig::default(),
+            pools: Vec::new(),
             node_agent: None,
         }
     }
@@ -738,6 +746,29 @@ impl Config {
         Config::from_yaml(&text)
     }
 
+    /// Loads one file, or several Knative Service manifests as one pool each
+    /// (see [`crate::knative::config_from_manifests`]).
+    pub fn load_all(paths: &[PathBuf]) -> Result<Config, ConfigError> {
+        match paths {
+            [one] => Config::load(one),
+            _ => {
+                let mut docs = Vec::with_capacity(paths.len());
+                for path in paths {
+                    let text =
+                        std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                            path: path.to_owned(),
+                            source,
+                        })?;
+                    let doc = serde_yaml_ng::from_str(&text).map_err(|e| {
+                        ConfigError::invalid(path.display().to_string(), e.to_string())
+                    })?;
+                    docs.push((path.display().to_string(), doc));
+                }
+                crate::knative::config_from_manifests(&docs)
+            }
+        }
+    }
+
     /// Parses and validates YAML text; errors name the key path.
     /// A `serving.knative.dev/v1` Service manifest is accepted too (see [`crate::knative`]).
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
@@ -748,6 +779,13 @@ impl Config {
         }
         let de = serde_yaml_ng::Deserializer::from_str(text);
         let config: Config = deserialize_with_path(de)?;
+        if !config.pools.is_empty() && top_level_backend(text) {
+            return Err(ConfigError::invalid(
+                "backend",
+                "with pools, each pool has its own backend (pools[].backend); \
+                 remove the top-level backend section",
+            ));
+        }
         config.validate()?;
         Ok(config)
     }
@@ -762,6 +800,14 @@ impl Config {
             None => IdlePolicy::Release,
         }
     }
+}
+
+/// Whether the document's top level has a `backend` key (its `BackendConfig` has
+/// defaults, so the parsed value cannot tell).
+fn top_level_backend(text: &str) -> bool {
+    serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text)
+        .ok()
+        .is_some_and(|doc| doc.get("backend").is_some())
 }
 
 /// Deserializes with `serde_path_to_error` so the error names the key path.

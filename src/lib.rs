@@ -6,6 +6,8 @@
 //! - [`session`]: session keys (validation, hashing) and their extraction from requests.
 //! - [`activation`]: the session table; single-flight claim/resume, the bounded wait queue,
 //!   idle pause/release.
+//! - [`pool`]: one activator, backend, stats and autoscaler per kind of sandbox, and the
+//!   router that binds a session to its pool.
 //! - [`backend`]: the `SandboxBackend` trait and its implementations (static endpoints,
 //!   local processes, Kubernetes).
 //! - [`proxy`]: the listener, forwarding, WebSocket relay, and the one place errors become
@@ -39,6 +41,7 @@ pub mod knative;
 pub mod logging;
 pub mod metrics;
 pub mod node_agent;
+pub mod pool;
 pub mod proxy;
 pub mod schedule;
 pub mod server;

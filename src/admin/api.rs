@@ -1,11 +1,14 @@
 //! `/api/sessions` and `/api/sandboxes`: inspect and steer sessions by their raw ID.
 
+use std::sync::Arc;
+
 use http::StatusCode;
+use serde::Serialize;
 use serde_json::json;
 
-use super::{AdminResponse, AdminState, json};
-use crate::activation::ActivationError;
-use crate::backend::BackendError;
+use super::{AdminResponse, AdminState, json, selected_pools};
+use crate::activation::{ActivationError, SessionInfo};
+use crate::backend::{BackendError, SandboxInfo};
 use crate::proxy::error::{ProxyError, error_response};
 use crate::session::SessionKey;
 
@@ -13,13 +16,29 @@ use crate::session::SessionKey;
 const MAX_PAGE: usize = 1000;
 
 /// `GET /api/sessions`; `?offset=N&limit=M` returns one page (sorted by session) and the
-/// total, so a dashboard does not pull 100,000 rows every second.
+/// total, so a dashboard does not pull 100,000 rows every second; `?pool=` keeps one
+/// pool's. Every row names its pool.
 pub fn sessions(state: &AdminState, query: Option<&str>) -> AdminResponse {
     let (offset, limit) = match page(query) {
         Ok(p) => p,
         Err(msg) => return error_response(StatusCode::BAD_REQUEST, "invalid_query", &msg),
     };
-    let all = state.activator.sessions();
+    let pools = match selected_pools(state, query) {
+        Ok(p) => p,
+        Err(resp) => return *resp,
+    };
+    let mut all: Vec<PoolRow<SessionInfo>> = pools
+        .iter()
+        .flat_map(|p| {
+            p.activator.sessions().into_iter().map(|row| PoolRow {
+                pool: p.name.clone(),
+                row,
+            })
+        })
+        .collect();
+    if pools.len() > 1 {
+        all.sort_by(|a, b| a.row.session.cmp(&b.row.session));
+    }
     let total = all.len();
     let rows: Vec<_> = match limit {
         Some(limit) => all.into_iter().skip(offset).take(limit).collect(),
@@ -28,7 +47,15 @@ pub fn sessions(state: &AdminState, query: Option<&str>) -> AdminResponse {
     json(&json!({ "sessions": rows, "total": total, "offset": offset }))
 }
 
-fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+/// A row of a pool's table with the pool's name in front.
+#[derive(Serialize)]
+struct PoolRow<T: Serialize> {
+    pool: Arc<str>,
+    #[serde(flatten)]
+    row: T,
+}
+
+pub(crate) fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
     query?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         (k == name).then_some(v)
@@ -54,9 +81,36 @@ fn page(query: Option<&str>) -> Result<(usize, Option<usize>), String> {
     Ok((offset, limit))
 }
 
-/// `GET /api/sandboxes`.
-pub fn sandboxes(state: &AdminState) -> AdminResponse {
-    json(&json!({ "sandboxes": state.backend.sandboxes() }))
+/// `GET /api/sandboxes`; `?pool=` keeps one pool's. Every row names its pool.
+pub fn sandboxes(state: &AdminState, query: Option<&str>) -> AdminResponse {
+    let pools = match selected_pools(state, query) {
+        Ok(p) => p,
+        Err(resp) => return *resp,
+    };
+    let rows: Vec<PoolRow<SandboxInfo>> = pools
+        .iter()
+        .flat_map(|p| {
+            p.backend.sandboxes().into_iter().map(|row| PoolRow {
+                pool: p.name.clone(),
+                row,
+            })
+        })
+        .collect();
+    json(&json!({ "sandboxes": rows }))
+}
+
+/// `GET /api/stats`: this replica's scaling signals; with `?pool=` one pool's (what a
+/// leader's autoscaler for that pool collects), else every pool's summed.
+pub fn stats(state: &AdminState, query: Option<&str>) -> AdminResponse {
+    let pools = match selected_pools(state, query) {
+        Ok(p) => p,
+        Err(resp) => return *resp,
+    };
+    let mut total = pools[0].autoscaler.snapshot();
+    for p in &pools[1..] {
+        total.add(&p.autoscaler.snapshot());
+    }
+    json(&total)
 }
 
 /// `GET /api/sessions/{id}`.
@@ -65,8 +119,15 @@ pub fn session(state: &AdminState, id: &str) -> AdminResponse {
         Ok(k) => k,
         Err(resp) => return *resp,
     };
-    match state.activator.session(&key) {
-        Some(info) => json(&info),
+    let found = state
+        .pools
+        .iter()
+        .find_map(|p| p.activator.session(&key).map(|row| (p, row)));
+    match found {
+        Some((p, row)) => json(&PoolRow {
+            pool: p.name.clone(),
+            row,
+        }),
         None => unknown(&key),
     }
 }
@@ -104,7 +165,10 @@ pub async fn act(
         Ok(k) => k,
         Err(resp) => return *resp,
     };
-    let a = &state.activator;
+    let Some(pool) = state.pools.owner(&key) else {
+        return unknown(&key);
+    };
+    let a = &pool.activator;
     let result = match action {
         Action::Release => a.release(&key).await,
         Action::Pause => a.pause(&key).await,
@@ -122,7 +186,11 @@ fn resolve(
     match query_param(query, "by") {
         None | Some("id") => parse(state, id),
         Some("hash") => {
-            let mut keys = state.activator.keys_by_hash(id);
+            let mut keys: Vec<SessionKey> = state
+                .pools
+                .iter()
+                .flat_map(|p| p.activator.keys_by_hash(id))
+                .collect();
             match keys.len() {
                 1 => Ok(keys.remove(0)),
                 0 => Err(Box::new(error_response(
