@@ -106,7 +106,10 @@ async fn a_walk_lists_every_session_exactly_once() {
     loop {
         let (rows, next) = page(&f, 50, cursor.as_deref()).await;
         if let (Some(prev), Some(first)) = (seen.last(), rows.first()) {
-            assert!(prev < first, "pages continue the order: {prev} then {first}");
+            assert!(
+                prev < first,
+                "pages continue the order: {prev} then {first}"
+            );
         }
         seen.extend(rows);
         pages += 1;
@@ -175,7 +178,10 @@ async fn a_walk_stays_exact_while_sessions_come_and_go() {
     // Rows are only ever sessions that existed at some point of the walk.
     for r in &unique {
         let original = (0..160).any(|i| hash(&format!("churn-{i}")) == *r);
-        assert!(original || added.contains(r), "{r} is no session of this test");
+        assert!(
+            original || added.contains(r),
+            "{r} is no session of this test"
+        );
     }
     f.server.shutdown().await;
 }

@@ -237,12 +237,18 @@ async fn the_page_and_its_json_api_answer_over_http() {
 
     // Paged by cursor, as the page's Previous/Next walk it.
     let page1 = admin.get("/api/sessions?limit=2", &[]).await.json();
-    let c1 = page1["next_cursor"].as_str().expect("a next page").to_owned();
+    let c1 = page1["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
     let page2 = admin
         .get(&format!("/api/sessions?limit=2&cursor={c1}"), &[])
         .await
         .json();
-    let c2 = page2["next_cursor"].as_str().expect("a third page").to_owned();
+    let c2 = page2["next_cursor"]
+        .as_str()
+        .expect("a third page")
+        .to_owned();
     let page3 = admin
         .get(&format!("/api/sessions?limit=2&cursor={c2}"), &[])
         .await

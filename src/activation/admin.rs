@@ -140,13 +140,13 @@ pub(crate) fn sessions_page(
             return;
         }
         more = true;
-        let beats_top = heap.peek().is_some_and(|top| {
-            match entry.short_hash.cmp(&top.0.short_hash) {
-                Ordering::Less => true,
-                Ordering::Greater => false,
-                Ordering::Equal => entry.key.sha256_hex() < top.0.key.sha256_hex(),
-            }
-        });
+        let beats_top =
+            heap.peek()
+                .is_some_and(|top| match entry.short_hash.cmp(&top.0.short_hash) {
+                    Ordering::Less => true,
+                    Ordering::Greater => false,
+                    Ordering::Equal => entry.key.sha256_hex() < top.0.key.sha256_hex(),
+                });
         if beats_top {
             heap.pop();
             heap.push(ByHash(Arc::clone(entry)));

@@ -55,13 +55,19 @@ fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
 /// `cursor` and `limit` of a listing, or the message of its 400.
 fn page(query: Option<&str>) -> Result<(Option<SessionCursor>, usize), String> {
     if query_param(query, "offset").is_some() {
-        return Err("offset is not supported: pass the previous page's next_cursor as cursor".into());
+        return Err(
+            "offset is not supported: pass the previous page's next_cursor as cursor".into(),
+        );
     }
     let limit = match query_param(query, "limit") {
         None => DEFAULT_PAGE,
         Some(v) => match v.parse::<usize>() {
             Ok(l) if (1..=MAX_PAGE).contains(&l) => l,
-            _ => return Err(format!("limit must be an integer between 1 and {MAX_PAGE}, got {v:?}")),
+            _ => {
+                return Err(format!(
+                    "limit must be an integer between 1 and {MAX_PAGE}, got {v:?}"
+                ));
+            }
         },
     };
     let cursor = match query_param(query, "cursor") {
