@@ -55,6 +55,7 @@ mod fake_backend;
 #[cfg(test)]
 mod tests;
 
+pub use admin::{SessionCursor, SessionPage};
 use entry::{Grant, InFlightGuard};
 use events::EventRouter;
 use idle::IdleScheduler;
@@ -227,6 +228,13 @@ impl Activator {
     /// All sessions, for the admin API.
     pub fn sessions(&self) -> Vec<SessionInfo> {
         admin::sessions(&self.transitions)
+    }
+
+    /// One page of the admin listing: at most `limit` sessions after `after`, ordered by
+    /// the SHA-256 of their IDs. Walks the whole table (O(n log limit)): call it off the
+    /// runtime's workers (`spawn_blocking`).
+    pub fn sessions_page(&self, after: Option<&SessionCursor>, limit: usize) -> SessionPage {
+        admin::sessions_page(&self.transitions, after, limit)
     }
 
     /// One session, for the admin API.

@@ -181,6 +181,15 @@ impl SessionTable {
             .remove_if(&entry.key, |_, stored| Arc::ptr_eq(stored, entry));
     }
 
+    /// Calls `f` on every entry, one shard read-locked at a time: a listing walks the table
+    /// without cloning what it does not keep. `f` must be short (it delays inserts into that
+    /// shard) and must not touch the map.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&Arc<SessionEntry>)) {
+        for r in self.map.iter() {
+            f(r.value());
+        }
+    }
+
     /// Every entry, cloned out so that no shard lock is held while entries are locked.
     pub(crate) fn snapshot(&self) -> Vec<Arc<SessionEntry>> {
         self.map.iter().map(|r| Arc::clone(r.value())).collect()
