@@ -10,12 +10,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer};
 
+mod customize;
 mod duration;
 mod pools;
 mod session;
 mod telemetry;
 mod validate;
 
+pub use customize::{CustomizeConfig, EnvRule, LabelRule, SidecarRule, SidecarSet, VolumeRule};
 pub use duration::Dur;
 pub use pools::{
     DEFAULT_POOL, EffectivePool, PoolAutoscaler, PoolConfig, PoolIdle, PoolMatch, validate_name,
@@ -65,8 +67,10 @@ pub struct Config {
     pub autoscaler: AutoscalerConfig,
     pub schedules: Vec<ScheduleConfig>,
     pub telemetry: TelemetryConfig,
+    /// Claim-time customisation: allowlisted headers -> env, volumes, sidecars, labels.
+    pub customize: CustomizeConfig,
     /// Several kinds of sandbox behind one gateway (see [`PoolConfig`]); empty = one pool
-    /// `default` from the top-level `backend`, `autoscaler` and `idle`.
+    /// `default` from the top-level `backend`, `autoscaler`, `idle` and `customize`.
     pub pools: Vec<PoolConfig>,
     /// The node agent's section (`agent-activator node-agent`); unused by `serve`.
     pub node_agent: Option<crate::node_agent::NodeAgentConfig>,
@@ -88,6 +92,7 @@ impl Default for Config {
             autoscaler: AutoscalerConfig::default(),
             schedules: Vec::new(),
             telemetry: TelemetryConfig::default(),
+            customize: CustomizeConfig::default(),
             pools: Vec::new(),
             node_agent: None,
         }
@@ -486,6 +491,9 @@ pub struct BackendConfig {
     pub isolation: IsolationKind,
     /// process: the bubblewrap executable used for namespace isolation.
     pub bwrap: PathBuf,
+    /// process: per-session volumes (`customize.volumes`) live below this directory, one
+    /// directory per session hash, and survive the session's sandboxes.
+    pub volumes_root: PathBuf,
     /// kubernetes: API flavour and object names.
     pub kubernetes: KubernetesConfig,
 }
@@ -506,6 +514,7 @@ impl Default for BackendConfig {
             freezer: FreezerKind::Auto,
             isolation: IsolationKind::None,
             bwrap: PathBuf::from("bwrap"),
+            volumes_root: std::env::temp_dir().join("agent-activator-volumes"),
             kubernetes: KubernetesConfig::default(),
         }
     }

@@ -260,14 +260,21 @@ impl Proxy {
         let lease = match activator.try_acquire_ready(&session.key) {
             Some(lease) => lease,
             None => {
-                // A session no pool holds yet is a new one: bounded (server-wide).
-                if !activator.knows(&session.key) {
+                // A session no pool holds yet is a new one: bounded (server-wide), and
+                // customised by its first request's allowlisted headers under its pool's
+                // rules (read only here: an existing session keeps what it was created
+                // with).
+                let spec = if !activator.knows(&session.key) {
+                    let spec = activator.claim_spec(req.headers())?;
                     // Behind trusted proxies the limit keys on the real client.
                     let client = self.client_ip(conn, req.headers());
                     self.admission.admit(client, self.pools.session_total())?;
-                }
+                    spec
+                } else {
+                    activator.plain_spec()
+                };
                 let waiting = tokio::time::Instant::now();
-                match activator.acquire(&session.key).await {
+                match activator.acquire_with(&session.key, &spec).await {
                     Ok(lease) => lease,
                     Err(e) => {
                         let err = ProxyError::from(e);

@@ -7,44 +7,76 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{AdminResponse, AdminState, json, selected_pools};
-use crate::activation::{ActivationError, SessionInfo};
+use crate::activation::{ActivationError, SessionCursor, SessionInfo};
 use crate::backend::{BackendError, SandboxInfo};
 use crate::proxy::error::{ProxyError, error_response};
 use crate::session::SessionKey;
 
 /// Longest page of `GET /api/sessions?limit=`.
 const MAX_PAGE: usize = 1000;
+/// Page length of `GET /api/sessions` without `limit`.
+const DEFAULT_PAGE: usize = 100;
 
-/// `GET /api/sessions`; `?offset=N&limit=M` returns one page (sorted by session) and the
-/// total, so a dashboard does not pull 100,000 rows every second; `?pool=` keeps one
-/// pool's. Every row names its pool.
-pub fn sessions(state: &AdminState, query: Option<&str>) -> AdminResponse {
-    let (offset, limit) = match page(query) {
+/// `GET /api/sessions?limit=&cursor=`: one page of sessions ordered by the SHA-256 of their
+/// IDs, the table's total, and `next_cursor` (null on the last page) to pass as `cursor`
+/// for the next. The walk over the table runs on a blocking thread, so a listing of
+/// 500,000 sessions never holds up the workers that proxy requests. With several pools
+/// (or `?pool=` for one) each pool's page is taken with the same cursor and limit and the
+/// pages are merged by hash: a session lives in one pool, so the first `limit` of the
+/// union are the page. Every row names its pool.
+pub async fn sessions(state: &AdminState, query: Option<&str>) -> AdminResponse {
+    let (after, limit) = match page(query) {
         Ok(p) => p,
         Err(msg) => return error_response(StatusCode::BAD_REQUEST, "invalid_query", &msg),
     };
-    let pools = match selected_pools(state, query) {
-        Ok(p) => p,
+    let pools: Vec<_> = match selected_pools(state, query) {
+        Ok(p) => p
+            .into_iter()
+            .map(|p| (p.name.clone(), Arc::clone(&p.activator)))
+            .collect(),
         Err(resp) => return *resp,
     };
-    let mut all: Vec<PoolRow<SessionInfo>> = pools
-        .iter()
-        .flat_map(|p| {
-            p.activator.sessions().into_iter().map(|row| PoolRow {
-                pool: p.name.clone(),
-                row,
-            })
-        })
-        .collect();
-    if pools.len() > 1 {
-        all.sort_by(|a, b| a.row.session.cmp(&b.row.session));
-    }
-    let total = all.len();
-    let rows: Vec<_> = match limit {
-        Some(limit) => all.into_iter().skip(offset).take(limit).collect(),
-        None => all.into_iter().skip(offset).collect(),
+    let walk = move || {
+        let mut rows: Vec<(SessionCursor, PoolRow<SessionInfo>)> = Vec::new();
+        let (mut total, mut more) = (0, false);
+        for (pool, activator) in pools {
+            let page = activator.sessions_page(after.as_ref(), limit);
+            total += page.total;
+            more |= page.next_cursor.is_some();
+            rows.extend(page.cursors.into_iter().zip(page.sessions).map(|(c, row)| {
+                let pool = pool.clone();
+                (c, PoolRow { pool, row })
+            }));
+        }
+        rows.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        if rows.len() > limit {
+            rows.truncate(limit);
+            more = true;
+        }
+        let next = if more {
+            rows.last().map(|(c, _)| c.clone())
+        } else {
+            None
+        };
+        let rows: Vec<_> = rows.into_iter().map(|(_, r)| r).collect();
+        (rows, total, next)
     };
-    json(&json!({ "sessions": rows, "total": total, "offset": offset }))
+    let (rows, total, next) = match tokio::task::spawn_blocking(walk).await {
+        Ok(p) => p,
+        Err(e) => {
+            return error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                &format!("the listing failed: {e}"),
+            );
+        }
+    };
+    json(&json!({
+        "sessions": rows,
+        "total": total,
+        "limit": limit,
+        "next_cursor": next.as_ref().map(SessionCursor::as_str),
+    }))
 }
 
 /// A row of a pool's table with the pool's name in front.
@@ -55,6 +87,7 @@ struct PoolRow<T: Serialize> {
     row: T,
 }
 
+/// The value of `name` in a query string.
 pub(crate) fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
     query?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -62,23 +95,37 @@ pub(crate) fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q 
     })
 }
 
-fn page(query: Option<&str>) -> Result<(usize, Option<usize>), String> {
-    let number = |name: &str| -> Result<Option<usize>, String> {
-        query_param(query, name)
-            .map(|v| {
-                v.parse::<usize>()
-                    .map_err(|_| format!("{name} must be a non-negative integer, got {v:?}"))
-            })
-            .transpose()
-    };
-    let offset = number("offset")?.unwrap_or(0);
-    let limit = number("limit")?;
-    if let Some(l) = limit
-        && (l == 0 || l > MAX_PAGE)
-    {
-        return Err(format!("limit must be between 1 and {MAX_PAGE}"));
+/// `cursor` and `limit` of a listing, or the message of its 400.
+fn page(query: Option<&str>) -> Result<(Option<SessionCursor>, usize), String> {
+    if query_param(query, "offset").is_some() {
+        return Err(
+            "offset is not supported: pass the previous page's next_cursor as cursor".into(),
+        );
     }
-    Ok((offset, limit))
+    let limit = match query_param(query, "limit") {
+        None => DEFAULT_PAGE,
+        Some(v) => match v.parse::<usize>() {
+            Ok(l) if (1..=MAX_PAGE).contains(&l) => l,
+            _ => {
+                return Err(format!(
+                    "limit must be an integer between 1 and {MAX_PAGE}, got {v:?}"
+                ));
+            }
+        },
+    };
+    let cursor = match query_param(query, "cursor") {
+        None | Some("") => None,
+        Some(v) => match SessionCursor::parse(v) {
+            Some(c) => Some(c),
+            None => {
+                return Err(
+                    "cursor must be a next_cursor from a previous page (64 lowercase hex digits)"
+                        .into(),
+                );
+            }
+        },
+    };
+    Ok((cursor, limit))
 }
 
 /// `GET /api/sandboxes`; `?pool=` keeps one pool's. Every row names its pool.
@@ -161,7 +208,7 @@ pub async fn act(
     query: Option<&str>,
     action: Action,
 ) -> AdminResponse {
-    let key = match resolve(state, id, query) {
+    let key = match resolve(state, id, query).await {
         Ok(k) => k,
         Err(resp) => return *resp,
     };
@@ -178,7 +225,7 @@ pub async fn act(
 }
 
 /// The key named in the path, by raw ID or (`?by=hash`) by short hash.
-fn resolve(
+async fn resolve(
     state: &AdminState,
     id: &str,
     query: Option<&str>,
@@ -186,11 +233,21 @@ fn resolve(
     match query_param(query, "by") {
         None | Some("id") => parse(state, id),
         Some("hash") => {
-            let mut keys: Vec<SessionKey> = state
+            // A scan of the table: off the proxy's workers like the listing.
+            let activators: Vec<_> = state
                 .pools
                 .iter()
-                .flat_map(|p| p.activator.keys_by_hash(id))
+                .map(|p| Arc::clone(&p.activator))
                 .collect();
+            let hash = id.to_owned();
+            let mut keys = tokio::task::spawn_blocking(move || {
+                activators
+                    .iter()
+                    .flat_map(|a| a.keys_by_hash(&hash))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
             match keys.len() {
                 1 => Ok(keys.remove(0)),
                 0 => Err(Box::new(error_response(

@@ -33,6 +33,10 @@ pub struct PoolConfig {
     /// Keys set here replace the top-level `idle.*` ones for this pool.
     #[serde(default)]
     pub idle: PoolIdle,
+    /// This pool's claim-time customisation allowlist; replaces the top-level `customize`
+    /// (each kind of sandbox takes its own settings). Unset: the top-level one.
+    #[serde(default)]
+    pub customize: Option<super::CustomizeConfig>,
 }
 
 /// `pools[].match`: exactly one of `header: {name, value}`, `path_prefix`, `host`.
@@ -311,6 +315,9 @@ impl Config {
             ]
         );
         override_fields!(c.idle, pool.idle, [timeout, session_ttl]);
+        if let Some(customize) = &pool.customize {
+            c.customize = customize.clone();
+        }
         if pool.idle.policy.is_some() {
             c.idle.policy = pool.idle.policy;
         }
@@ -358,6 +365,9 @@ impl Config {
                 }
             }
             let effective = self.for_pool(pool);
+            if let Some(customize) = &pool.customize {
+                crate::customize::Customizer::new(customize, &format!("{key}.customize"))?;
+            }
             let rename = |e: ConfigError| prefix_key(e, &key, pool);
             effective.validate_backend().map_err(rename)?;
             effective.validate_autoscaler().map_err(rename)?;
@@ -413,6 +423,7 @@ fn prefix_key(e: ConfigError, key: &str, pool: &PoolConfig) -> ConfigError {
     match e {
         ConfigError::Invalid { key: k, message } => {
             let own = k.starts_with("backend.")
+                || (k.starts_with("customize") && pool.customize.is_some())
                 || (k.starts_with("autoscaler.") && !pool.autoscaler.is_empty())
                 || (k.starts_with("idle.") && !pool.idle.is_empty());
             let k = if own { format!("{key}.{k}") } else { k };

@@ -20,7 +20,7 @@ use crate::config::{
 pub const POOL_MATCH_ANNOTATION: &str = "agent-activator.dev/pool-match";
 
 /// Native keys a manifest sets for its own pool; every other key is server-wide.
-const POOL_KEYS: &[&str] = &["backend", "autoscaler", "idle"];
+const POOL_KEYS: &[&str] = &["backend", "autoscaler", "idle", "customize"];
 
 /// One configuration with a pool per manifest; `docs` are `(file name, manifest)`.
 /// Errors name the file.
@@ -83,6 +83,7 @@ fn pool_of(doc: &Value, config: &Config) -> Result<PoolConfig, ConfigError> {
         backend: config.backend.clone(),
         autoscaler: PoolAutoscaler::from_full(&config.autoscaler),
         idle: PoolIdle::from_full(&config.idle),
+        customize: Some(config.customize.clone()),
     })
 }
 

@@ -16,6 +16,7 @@ use http::{HeaderValue, Response, StatusCode};
 use super::body::RequestBodyError;
 use crate::activation::ActivationError;
 use crate::backend::BackendError;
+use crate::customize::CustomizeError;
 use crate::pool::PoolError;
 use crate::session::{AdmissionError, ExtractError};
 
@@ -58,6 +59,9 @@ pub enum ProxyError {
         endpoint: SocketAddr,
         timeout: Duration,
     },
+    /// A new session's customisation headers were refused (400 `invalid_customization`).
+    #[error(transparent)]
+    Customize(#[from] CustomizeError),
     /// The request declares a body over `proxy.max_body_bytes` (413 `body_too_large`).
     #[error("the request body is declared larger than {0} bytes")]
     BodyTooLarge(u64),
@@ -166,6 +170,7 @@ impl ProxyError {
                 ActivationError::SandboxLost => present(S::BAD_GATEWAY, "sandbox_lost", false),
                 ActivationError::Backend(b) => backend_presentation(b),
             },
+            ProxyError::Customize(_) => present(S::BAD_REQUEST, "invalid_customization", false),
             ProxyError::UpstreamConnect { .. } => {
                 present(S::BAD_GATEWAY, "upstream_connect", false)
             }
@@ -207,6 +212,8 @@ impl ProxyError {
             ProxyError::Session(e) => e.to_string().into(),
             // Pool names are the operator's public vocabulary (the client selects by them).
             ProxyError::Pool(e) => e.to_string().into(),
+            // Names the header, never its value.
+            ProxyError::Customize(e) => e.to_string().into(),
             other => client_message(other.code()).into(),
         }
     }
@@ -256,6 +263,7 @@ fn backend_presentation(e: &BackendError) -> Presentation {
 fn client_message(code: &str) -> &'static str {
     match code {
         "missing_session" => "the request carries no session ID",
+        "invalid_customization" => "a sandbox customisation header was refused",
         "invalid_session" => "the session ID is not valid",
         "session_limit" => "the activator serves as many sessions as it may; retry later",
         "rate_limited" => "too many new sessions from this client; retry later",
