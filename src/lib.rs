@@ -8,6 +8,8 @@
 //!   idle pause/release.
 //! - [`backend`]: the `SandboxBackend` trait and its implementations (static endpoints,
 //!   local processes, Kubernetes).
+//! - [`customize`]: claim-time customisation: allowlisted headers of a new session become
+//!   its sandbox's env, volumes, sidecars and labels (`ClaimSpec`).
 //! - [`proxy`]: the listener, forwarding, WebSocket relay, and the one place errors become
 //!   responses.
 //! - [`admin`]: metrics, health and the session/sandbox API on a separate listener.
@@ -38,6 +40,7 @@ pub mod autoscaler;
 pub mod backend;
 pub mod cluster;
 pub mod config;
+pub mod customize;
 pub mod demo;
 pub mod events;
 pub mod knative;

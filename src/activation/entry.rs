@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::ActivationError;
 use super::lifecycle::SessionPhase;
-use crate::backend::{ActivationKind, SandboxId};
+use crate::backend::{ActivationKind, ClaimSpec, SandboxId};
 use crate::lock::MutexExt;
 use crate::session::SessionKey;
 
@@ -68,6 +68,9 @@ pub(crate) struct SessionEntry {
     /// `key.short_hash()`, computed once: the access log and the admin API show it for
     /// every request and listing, and a SHA-256 per request is work a cached value answers.
     pub short_hash: Box<str>,
+    /// The session's claim-time customisation, fixed when the session was created: every
+    /// claim for it (the first, and a re-claim after a lost sandbox) carries it.
+    pub spec: Arc<ClaimSpec>,
     state: Mutex<EntryState>,
     in_flight: AtomicU64,
     /// The origin of the nanosecond stamps below.
@@ -88,11 +91,13 @@ impl SessionEntry {
         key: SessionKey,
         phase: SessionPhase,
         bound: Option<Bound>,
+        spec: Arc<ClaimSpec>,
     ) -> Arc<SessionEntry> {
         let now = Instant::now();
         Arc::new(SessionEntry {
             short_hash: key.short_hash().into_boxed_str(),
             key,
+            spec,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             state: Mutex::new(EntryState {
                 phase,

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::entry::{Bound, SessionEntry};
 use super::lifecycle::SessionPhase;
-use crate::backend::RecoveredBinding;
+use crate::backend::{ClaimSpec, RecoveredBinding};
 use crate::lock::MutexExt;
 use crate::session::SessionKey;
 
@@ -69,7 +69,9 @@ impl Orphans {
 
 impl RecoveredBinding {
     /// The table entry for a recovered binding: `Paused` unless it runs at a known address.
-    pub(crate) fn into_entry(self, key: SessionKey) -> Arc<SessionEntry> {
+    /// `spec` is the customisation the new key's request asked for: the backend's store
+    /// does not keep it, so a re-claim after a loss applies this one.
+    pub(crate) fn into_entry(self, key: SessionKey, spec: Arc<ClaimSpec>) -> Arc<SessionEntry> {
         let phase = match (self.paused, self.endpoint) {
             (false, Some(_)) => SessionPhase::Ready,
             _ => SessionPhase::Paused,
@@ -86,6 +88,7 @@ impl RecoveredBinding {
                 sandbox: self.sandbox,
                 endpoint,
             }),
+            spec,
         );
         entry.touch(Instant::now());
         entry
