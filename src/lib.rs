@@ -26,10 +26,16 @@
 //! - [`shutdown`]: signal handling and graceful drain.
 //! - [`server`]: wires everything into a running server (`server::start`).
 //! - [`logging`]: tracing setup and the access log.
+//! - [`lock`]: the one lock-poisoning policy (a poisoned std lock is recovered).
 //! - [`telemetry`]: OpenTelemetry spans, W3C trace context, OTLP export.
+//! - `testing` (feature `test-util`): the test kit, one scripted `SandboxBackend`.
 //! - [`demo`]: the stateful demo sandbox (`agent-activator demo-sandbox`).
 //! - [`node_agent`]: the node agent (`agent-activator node-agent`) that freezes sandbox
 //!   pods' cgroups in place on Kubernetes nodes.
+
+// Outside tests nothing unwraps: a failure is an error value (or a documented `expect` on an
+// invariant). Tests unwrap freely. (The workspace-wide lints live in Cargo.toml `[lints]`.)
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod activation;
 pub mod admin;
@@ -41,6 +47,7 @@ pub mod customize;
 pub mod demo;
 pub mod events;
 pub mod knative;
+pub mod lock;
 pub mod logging;
 pub mod metrics;
 pub mod node_agent;
@@ -52,3 +59,5 @@ pub mod session;
 pub mod shutdown;
 pub mod stats;
 pub mod telemetry;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use super::ActivationError;
 use super::lifecycle::SessionPhase;
 use crate::backend::{ActivationKind, ClaimSpec, SandboxId};
+use crate::lock::MutexExt;
 use crate::session::SessionKey;
 
 /// The sandbox a session is pinned to.
@@ -118,7 +119,7 @@ impl SessionEntry {
     /// Locks the state. A poisoned lock is recovered: every critical section leaves the
     /// state consistent before anything that could panic.
     pub(crate) fn lock(&self) -> MutexGuard<'_, EntryState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock_recovered()
     }
 
     /// Requests holding a lease on this session.

@@ -19,6 +19,7 @@ use super::entry::SessionEntry;
 use super::lifecycle::SessionPhase;
 use super::orphans::Orphans;
 use crate::backend::{ClaimSpec, SandboxId};
+use crate::lock::MutexExt;
 use crate::session::SessionKey;
 
 /// What `SessionTable::entry_for` found.
@@ -122,7 +123,7 @@ impl SessionTable {
     }
 
     fn sandboxes(&self) -> MutexGuard<'_, HashMap<SandboxId, Vec<Arc<SessionEntry>>>> {
-        self.by_sandbox.lock().unwrap_or_else(|p| p.into_inner())
+        self.by_sandbox.lock_recovered()
     }
 
     /// Records that `entry` is bound to `sandbox` (entry locked).

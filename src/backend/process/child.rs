@@ -21,6 +21,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use crate::backend::BackendError;
+use crate::lock::MutexExt;
 
 /// How a sandbox is launched: `backend.command`, `backend.env`, `backend.ready_path`.
 #[derive(Debug, Clone)]
@@ -53,6 +54,26 @@ impl LaunchSpec {
     }
 }
 
+/// What one session adds to its sandbox's launch (`customize.env`, `customize.volumes`).
+#[derive(Debug, Clone, Default)]
+pub struct SessionLaunch {
+    /// Extra environment variables, applied after `backend.env` (an allowlisted variable
+    /// of the same name wins: the operator allowlisted it).
+    pub env: Vec<(String, String)>,
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// One per-session volume: a host directory seen by the sandbox.
+#[derive(Debug, Clone)]
+pub struct VolumeMount {
+    /// `ACTIVATOR_VOLUME_<NAME>`: where the sandbox finds it.
+    pub env: String,
+    /// `backend.volumes_root/<session hash>/<name>`.
+    pub host: PathBuf,
+    /// `customize.volumes[].mount_path` (used when isolated: bound there).
+    pub mount_path: String,
+}
+
 /// Variables of the activator's environment a sandbox gets even with `inherit_env: false`.
 pub const PASSED_ENV: &[&str] = &["PATH", "HOME", "LANG"];
 
@@ -71,12 +92,14 @@ pub struct Launched {
 /// `exec` so that its whole tree lives in the cgroup from the first instruction.
 pub async fn launch(
     spec: &LaunchSpec,
+    session: Option<&SessionLaunch>,
     port: u16,
     workdir: &Path,
     cgroup_procs: Option<File>,
 ) -> Result<Launched, BackendError> {
+    let volumes = session.map_or(&[][..], |s| &s.volumes[..]);
     let argv = match &spec.isolation {
-        Some(isolation) => isolation.wrap(&spec.render(port), workdir),
+        Some(isolation) => isolation.wrap(&spec.render(port), workdir, volumes),
         None => spec.render(port),
     };
     let io = |name: &str| {
@@ -93,9 +116,19 @@ pub async fn launch(
             }
         }
     }
-    cmd.args(&argv[1..])
-        .envs(&spec.env)
-        .env("PORT", port.to_string())
+    cmd.args(&argv[1..]).envs(&spec.env);
+    if let Some(session) = session {
+        cmd.envs(session.env.iter().map(|(k, v)| (k, v)));
+        for v in &session.volumes {
+            // Isolated, the volume is bound at its mount path; otherwise the sandbox
+            // uses the host directory itself.
+            match spec.isolation {
+                Some(_) => cmd.env(&v.env, &v.mount_path),
+                None => cmd.env(&v.env, &v.host),
+            };
+        }
+    }
+    cmd.env("PORT", port.to_string())
         .current_dir(workdir)
         .stdin(Stdio::null())
         .stdout(io("stdout.log")?)
@@ -112,6 +145,7 @@ pub async fn launch(
     // with other threads: prctl(PR_SET_PDEATHSIG), getppid() and write(2) on a descriptor
     // that the parent keeps open until `spawn` returns (so it is valid in the child).
     // Errors are built from errno without allocating (`io::Error::from_raw_os_error`).
+    #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
@@ -185,8 +219,7 @@ async fn on_spawner_thread<T: Send + 'static>(
         let _ = tx.send(job());
     });
     sender
-        .lock()
-        .map_err(|_| std::io::Error::other("spawner lock poisoned"))?
+        .lock_recovered()
         .send(wrapped)
         .map_err(|_| std::io::Error::other("spawner thread is gone"))?;
     rx.await
