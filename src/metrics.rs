@@ -11,6 +11,8 @@ use prometheus::{
 
 mod openmetrics;
 
+use crate::lock::RwLockExt;
+
 pub use openmetrics::ActivationExemplars;
 
 /// Latency buckets from 100 us to 5 min: proxy overhead and long agent turns both fit.
@@ -146,10 +148,7 @@ impl Metrics {
     /// Makes `pool`'s [`POOL_FAMILIES`] part of this registry's exposition (and those
     /// families of this registry leave it: the pools own them).
     pub fn attach_pool(&self, pool: &Metrics) {
-        self.pools
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(pool.registry.clone());
+        self.pools.write_recovered().push(pool.registry.clone());
     }
 
     fn with_registry(registry: Registry) -> Metrics {
@@ -421,7 +420,7 @@ impl Metrics {
 impl Metrics {
     /// This registry's families, with the pools' [`POOL_FAMILIES`] merged in by name.
     fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
-        let pools = self.pools.read().unwrap_or_else(|p| p.into_inner());
+        let pools = self.pools.read_recovered();
         if pools.is_empty() {
             return self.registry.gather();
         }

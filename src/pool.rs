@@ -16,6 +16,7 @@ use crate::activation::Activator;
 use crate::autoscaler::{Autoscaler, Scaling};
 use crate::backend::DynBackend;
 use crate::config::PoolMatch;
+use crate::lock::MutexExt;
 use crate::metrics::Metrics;
 use crate::session::SessionKey;
 use crate::stats::TrafficStats;
@@ -65,11 +66,7 @@ impl Pool {
 
     /// Stops this pool's stats sampler and autoscaler loop (idempotent).
     pub fn stop_scaling(&self) {
-        let taken = self
-            .scaling
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let taken = self.scaling.lock_recovered().take();
         if let Some(s) = taken {
             s.stop();
         }
