@@ -80,7 +80,7 @@ pub async fn route(state: &AdminState, req: Request<Incoming>) -> AdminResponse 
         (&Method::GET, ["metrics"]) => metrics(state, wants_openmetrics(&req)),
         (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
         (&Method::GET, ["readyz"]) => readyz(state),
-        (&Method::GET, ["api", "sessions"]) => api::sessions(state, query),
+        (&Method::GET, ["api", "sessions"]) => api::sessions(state, query).await,
         (&Method::GET, ["api", "sessions", id]) => api::session(state, id),
         (&Method::DELETE, ["api", "sessions", id]) => {
             api::act(state, id, query, Action::Release).await

@@ -235,17 +235,28 @@ async fn the_page_and_its_json_api_answer_over_http() {
     );
     assert!(ov["stats"]["requests_total"].as_u64().unwrap() >= 5, "{ov}");
 
-    let page1 = admin
-        .get("/api/sessions?offset=0&limit=2", &[])
+    // Paged by cursor, as the page's Previous/Next walk it.
+    let page1 = admin.get("/api/sessions?limit=2", &[]).await.json();
+    let c1 = page1["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    let page2 = admin
+        .get(&format!("/api/sessions?limit=2&cursor={c1}"), &[])
         .await
         .json();
+    let c2 = page2["next_cursor"]
+        .as_str()
+        .expect("a third page")
+        .to_owned();
     let page3 = admin
-        .get("/api/sessions?offset=4&limit=2", &[])
+        .get(&format!("/api/sessions?limit=2&cursor={c2}"), &[])
         .await
         .json();
     assert_eq!(page1["total"], 5);
     assert_eq!(page1["sessions"].as_array().unwrap().len(), 2);
     assert_eq!(page3["sessions"].as_array().unwrap().len(), 1);
+    assert!(page3["next_cursor"].is_null(), "{page3}");
     let all = admin.get("/api/sessions", &[]).await.json();
     assert_eq!(
         all["sessions"][4]["session"], page3["sessions"][0]["session"],
@@ -254,7 +265,8 @@ async fn the_page_and_its_json_api_answer_over_http() {
     for bad in [
         "/api/sessions?limit=0",
         "/api/sessions?limit=5000",
-        "/api/sessions?offset=-1",
+        "/api/sessions?offset=1",
+        "/api/sessions?cursor=zz",
     ] {
         let r = admin.get(bad, &[]).await;
         assert_eq!(r.status, 400, "{bad}");

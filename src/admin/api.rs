@@ -4,28 +4,45 @@ use http::StatusCode;
 use serde_json::json;
 
 use super::{AdminResponse, AdminState, json};
-use crate::activation::ActivationError;
+use crate::activation::{ActivationError, SessionCursor};
 use crate::backend::BackendError;
 use crate::proxy::error::{ProxyError, error_response};
 use crate::session::SessionKey;
 
 /// Longest page of `GET /api/sessions?limit=`.
 const MAX_PAGE: usize = 1000;
+/// Page length of `GET /api/sessions` without `limit`.
+const DEFAULT_PAGE: usize = 100;
 
-/// `GET /api/sessions`; `?offset=N&limit=M` returns one page (sorted by session) and the
-/// total, so a dashboard does not pull 100,000 rows every second.
-pub fn sessions(state: &AdminState, query: Option<&str>) -> AdminResponse {
-    let (offset, limit) = match page(query) {
+/// `GET /api/sessions?limit=&cursor=`: one page of sessions ordered by the SHA-256 of their
+/// IDs, the table's total, and `next_cursor` (null on the last page) to pass as `cursor`
+/// for the next. The walk over the table runs on a blocking thread, so a listing of
+/// 500,000 sessions never holds up the workers that proxy requests.
+pub async fn sessions(state: &AdminState, query: Option<&str>) -> AdminResponse {
+    let (after, limit) = match page(query) {
         Ok(p) => p,
         Err(msg) => return error_response(StatusCode::BAD_REQUEST, "invalid_query", &msg),
     };
-    let all = state.activator.sessions();
-    let total = all.len();
-    let rows: Vec<_> = match limit {
-        Some(limit) => all.into_iter().skip(offset).take(limit).collect(),
-        None => all.into_iter().skip(offset).collect(),
-    };
-    json(&json!({ "sessions": rows, "total": total, "offset": offset }))
+    let activator = std::sync::Arc::clone(&state.activator);
+    let page =
+        match tokio::task::spawn_blocking(move || activator.sessions_page(after.as_ref(), limit))
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                return error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    &format!("the listing failed: {e}"),
+                );
+            }
+        };
+    json(&json!({
+        "sessions": page.sessions,
+        "total": page.total,
+        "limit": limit,
+        "next_cursor": page.next_cursor.as_ref().map(SessionCursor::as_str),
+    }))
 }
 
 fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
@@ -35,23 +52,37 @@ fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
     })
 }
 
-fn page(query: Option<&str>) -> Result<(usize, Option<usize>), String> {
-    let number = |name: &str| -> Result<Option<usize>, String> {
-        query_param(query, name)
-            .map(|v| {
-                v.parse::<usize>()
-                    .map_err(|_| format!("{name} must be a non-negative integer, got {v:?}"))
-            })
-            .transpose()
-    };
-    let offset = number("offset")?.unwrap_or(0);
-    let limit = number("limit")?;
-    if let Some(l) = limit
-        && (l == 0 || l > MAX_PAGE)
-    {
-        return Err(format!("limit must be between 1 and {MAX_PAGE}"));
+/// `cursor` and `limit` of a listing, or the message of its 400.
+fn page(query: Option<&str>) -> Result<(Option<SessionCursor>, usize), String> {
+    if query_param(query, "offset").is_some() {
+        return Err(
+            "offset is not supported: pass the previous page's next_cursor as cursor".into(),
+        );
     }
-    Ok((offset, limit))
+    let limit = match query_param(query, "limit") {
+        None => DEFAULT_PAGE,
+        Some(v) => match v.parse::<usize>() {
+            Ok(l) if (1..=MAX_PAGE).contains(&l) => l,
+            _ => {
+                return Err(format!(
+                    "limit must be an integer between 1 and {MAX_PAGE}, got {v:?}"
+                ));
+            }
+        },
+    };
+    let cursor = match query_param(query, "cursor") {
+        None | Some("") => None,
+        Some(v) => match SessionCursor::parse(v) {
+            Some(c) => Some(c),
+            None => {
+                return Err(
+                    "cursor must be a next_cursor from a previous page (64 lowercase hex digits)"
+                        .into(),
+                );
+            }
+        },
+    };
+    Ok((cursor, limit))
 }
 
 /// `GET /api/sandboxes`.
@@ -100,7 +131,7 @@ pub async fn act(
     query: Option<&str>,
     action: Action,
 ) -> AdminResponse {
-    let key = match resolve(state, id, query) {
+    let key = match resolve(state, id, query).await {
         Ok(k) => k,
         Err(resp) => return *resp,
     };
@@ -114,7 +145,7 @@ pub async fn act(
 }
 
 /// The key named in the path, by raw ID or (`?by=hash`) by short hash.
-fn resolve(
+async fn resolve(
     state: &AdminState,
     id: &str,
     query: Option<&str>,
@@ -122,7 +153,12 @@ fn resolve(
     match query_param(query, "by") {
         None | Some("id") => parse(state, id),
         Some("hash") => {
-            let mut keys = state.activator.keys_by_hash(id);
+            // A scan of the table: off the proxy's workers like the listing.
+            let activator = std::sync::Arc::clone(&state.activator);
+            let hash = id.to_owned();
+            let mut keys = tokio::task::spawn_blocking(move || activator.keys_by_hash(&hash))
+                .await
+                .unwrap_or_default();
             match keys.len() {
                 1 => Ok(keys.remove(0)),
                 0 => Err(Box::new(error_response(
