@@ -18,6 +18,8 @@ use kube::api::{Api, ListParams};
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use crate::lock::MutexExt;
+
 /// Largest agent answer read (a status is ~100 bytes).
 const MAX_ANSWER: usize = 64 * 1024;
 
@@ -153,8 +155,7 @@ impl NodeAgentClient {
         let ttl = self.locator.address_ttl;
         let cached = self
             .addresses
-            .lock()
-            .expect("addresses lock")
+            .lock_recovered()
             .get(node)
             .filter(|(_, at)| at.elapsed() < ttl)
             .map(|(a, _)| *a);
@@ -162,7 +163,7 @@ impl NodeAgentClient {
             return Ok(a);
         }
         let a = self.agent_for_node(node).await?;
-        let mut addresses = self.addresses.lock().expect("addresses lock");
+        let mut addresses = self.addresses.lock_recovered();
         // Bounded by the number of nodes; stale entries are dropped on the way.
         addresses.retain(|_, (_, at)| at.elapsed() < ttl);
         addresses.insert(node.to_owned(), (a, Instant::now()));
@@ -170,7 +171,7 @@ impl NodeAgentClient {
     }
 
     fn forget(&self, node: &str) {
-        self.addresses.lock().expect("addresses lock").remove(node);
+        self.addresses.lock_recovered().remove(node);
     }
 
     /// Freezes `pod`; returns once the agent reports it frozen.

@@ -31,6 +31,7 @@ use super::retry::{self, Failure};
 use crate::backend::{BackendError, SandboxId};
 use crate::cluster::KubeContext;
 use crate::config::KubernetesConfig;
+use crate::lock::MutexExt;
 use crate::node_agent::client::{AgentLocator, ClientError, NodeAgentClient, PodRef};
 
 /// Annotation on a Sandbox whose pod the node agent froze: the frozen pod's UID.
@@ -121,7 +122,7 @@ impl NodeFreeze {
     }
 
     fn remember(&self, sandbox: &str, pod: &PodRef) {
-        let mut m = self.remembered.lock().expect("remembered lock");
+        let mut m = self.remembered.lock_recovered();
         if m.len() >= MAX_REMEMBERED {
             m.clear();
         }
@@ -129,10 +130,7 @@ impl NodeFreeze {
     }
 
     fn forget(&self, sandbox: &str) -> Option<PodRef> {
-        self.remembered
-            .lock()
-            .expect("remembered lock")
-            .remove(sandbox)
+        self.remembered.lock_recovered().remove(sandbox)
     }
 
     /// Writes (`Some(uid)`) or removes (`None`, only while it still names `expect`) the
