@@ -26,6 +26,8 @@ pub struct Entry {
     pub cgroup: Option<Arc<SandboxCgroup>>,
     pub workdir: PathBuf,
     pub exit: Option<ExitWatch>,
+    /// Started for one session's customisation (env, volumes): never pooled, never shared.
+    pub customized: bool,
 }
 
 impl Entry {
@@ -119,6 +121,7 @@ impl Fleet {
                 cgroup: None,
                 workdir: self.workdir_root.join(id.as_str()),
                 exit: None,
+                customized: false,
             },
         );
         id
@@ -129,6 +132,7 @@ impl Fleet {
         if self.max_sessions > 1 {
             let shared = self.entries.iter_mut().find(|(_, e)| {
                 e.state == SandboxState::Bound
+                    && !e.customized
                     && e.sessions.len() < self.max_sessions
                     && !e.sessions.contains(session)
             });
@@ -154,6 +158,19 @@ impl Fleet {
         ClaimStep::Wait
     }
 
+    /// One step of a claim whose customisation needs a sandbox of its own: reserve a new
+    /// one (marked customised) or wait; warm and shared sandboxes do not qualify.
+    pub fn claim_step_customized(&mut self) -> ClaimStep {
+        if self.free_slots() == 0 {
+            return ClaimStep::Wait;
+        }
+        let id = self.reserve();
+        if let Some(e) = self.entries.get_mut(&id) {
+            e.customized = true;
+        }
+        ClaimStep::Start(id)
+    }
+
     /// Binds a ready sandbox (warm or just started) to `session`.
     pub fn bind(
         &mut self,
@@ -177,7 +194,7 @@ impl Fleet {
     /// Puts a ready sandbox in the warm pool.
     pub fn make_warm(&mut self, id: &SandboxId) -> bool {
         match self.entries.get_mut(id) {
-            Some(e) if e.state == SandboxState::Starting && !e.exited() => {
+            Some(e) if e.state == SandboxState::Starting && !e.exited() && !e.customized => {
                 e.state = SandboxState::Warm;
                 self.warm.push_back(id.clone());
                 true
@@ -308,5 +325,19 @@ mod tests {
         f.bind(&id, &key("a"), ActivationKind::Create).unwrap();
         assert!(matches!(f.claim_step(&key("b")), ClaimStep::Bound(_)));
         assert!(matches!(f.claim_step(&key("c")), ClaimStep::Wait));
+    }
+
+    #[test]
+    fn customized_sandboxes_are_never_shared_or_pooled() {
+        let mut f = Fleet::new(0, 2, 2, PathBuf::from("/w"));
+        let ClaimStep::Start(id) = f.claim_step_customized() else {
+            panic!("expected a start")
+        };
+        ready(&mut f, &id, 1);
+        assert!(!f.make_warm(&id));
+        f.bind(&id, &key("a"), ActivationKind::Create).unwrap();
+        // Sharing is allowed (2 per sandbox), but not of a customised sandbox.
+        assert!(matches!(f.claim_step(&key("b")), ClaimStep::Start(_)));
+        assert!(matches!(f.claim_step_customized(), ClaimStep::Wait));
     }
 }
