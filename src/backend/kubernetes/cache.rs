@@ -190,6 +190,16 @@ impl Cache {
         view.serving().map(|ip| SocketAddr::new(ip, port))
     }
 
+    /// `podIP:port` of a sandbox whatever its readiness (a thawed pod answers at once;
+    /// its Ready condition follows at the kubelet's next probe).
+    pub fn address(&self, view: &SandboxView) -> Option<SocketAddr> {
+        let port = match view.port_override {
+            Some(p) if self.port_from_annotation => p,
+            _ => self.port,
+        };
+        view.pod_ip.map(|ip| SocketAddr::new(ip, port))
+    }
+
     pub fn begin_own(&self, sandbox: &str) -> OwnTransition<'_> {
         *self
             .own
@@ -411,6 +421,9 @@ impl Cache {
         let view = self.flavour.sandbox_view(obj);
         let now = match (self.endpoint(&view), view.pause_done) {
             _ if view.finished => Settled::Finished,
+            // Frozen in place by the node agent (`pause: freeze`): its readiness failing
+            // meanwhile is expected, not a loss.
+            _ if view.frozen.is_some() => Settled::Paused,
             (Some(addr), _) => Settled::Serving(addr),
             (None, true) => Settled::Paused,
             (None, false) => return,
