@@ -27,6 +27,7 @@ static BYTES: AtomicU64 = AtomicU64::new(0);
 // SAFETY: every method forwards to `System` with the caller's arguments unchanged, so the
 // `GlobalAlloc` contract is exactly `System`'s; the counters are lock-free atomics and
 // never allocate.
+#[allow(unsafe_code)]
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCS.fetch_add(1, Ordering::Relaxed);

@@ -30,8 +30,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::backend::{ActivationKind, BackendError, DynBackend, SandboxId};
+use crate::backend::{ActivationKind, BackendError, ClaimSpec, DynBackend, SandboxId};
 use crate::config::Config;
+use crate::customize::CustomizeError;
 use crate::metrics::Metrics;
 use crate::session::SessionKey;
 
@@ -173,12 +174,39 @@ impl Activator {
         self.events.recover().await
     }
 
-    /// Gets a ready sandbox for `key`, claiming or resuming one if needed.
+    /// Gets a ready sandbox for `key`, claiming or resuming one if needed. A session this
+    /// call creates customises nothing (see [`Activator::acquire_with`]).
     pub async fn acquire(&self, key: &SessionKey) -> Result<Permit, ActivationError> {
         if let Some(permit) = acquire::try_ready(&self.transitions, key) {
             return Ok(permit);
         }
-        acquire::acquire_slow(&self.transitions, key).await
+        let plain = self.transitions.settings.customizer.plain();
+        acquire::acquire_slow(&self.transitions, key, &plain).await
+    }
+
+    /// [`Activator::acquire`] for a request that may create the session: if it does, the
+    /// session keeps `spec` (from [`Activator::claim_spec`]) for all its claims; an
+    /// existing session keeps its own and `spec` is ignored.
+    pub async fn acquire_with(
+        &self,
+        key: &SessionKey,
+        spec: &Arc<ClaimSpec>,
+    ) -> Result<Permit, ActivationError> {
+        if let Some(permit) = acquire::try_ready(&self.transitions, key) {
+            return Ok(permit);
+        }
+        acquire::acquire_slow(&self.transitions, key, spec).await
+    }
+
+    /// The spec of a session that customised nothing (shared, no allocation).
+    pub fn plain_spec(&self) -> Arc<ClaimSpec> {
+        self.transitions.settings.customizer.plain()
+    }
+
+    /// The customisation a new session's first request asks for (`customize.*`): 400
+    /// `invalid_customization` material when a header is not allowed or fails its pattern.
+    pub fn claim_spec(&self, headers: &http::HeaderMap) -> Result<Arc<ClaimSpec>, CustomizeError> {
+        self.transitions.settings.customizer.spec(headers)
     }
 
     /// The fast path alone: a permit if `key` is bound and ready, without waiting.

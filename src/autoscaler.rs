@@ -15,6 +15,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::backend::{DynBackend, SandboxState};
 use crate::cluster::{Leadership, ReplicaId};
 use crate::config::Config;
+use crate::lock::MutexExt;
 use crate::metrics::Metrics;
 use crate::stats::StatsSampler;
 
@@ -210,7 +211,7 @@ impl Autoscaler {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LoopState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock_recovered()
     }
 }
 

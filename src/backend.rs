@@ -15,6 +15,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
+pub use crate::customize::ClaimSpec;
 use crate::session::SessionKey;
 
 pub mod kubernetes;
@@ -220,12 +221,28 @@ pub trait SandboxBackend: Send + Sync + 'static {
     fn capabilities(&self) -> Capabilities;
 
     /// Binds a sandbox to `session`: a warm one, a shared one with a free slot, or a new one.
-    /// Waits for capacity until `budget.admission_deadline`.
+    /// Waits for capacity until `budget.admission_deadline`. Nothing customised.
     async fn claim(
         &self,
         session: &SessionKey,
         budget: ClaimBudget,
     ) -> Result<Binding, BackendError>;
+
+    /// [`SandboxBackend::claim`] carrying the session's claim-time customisation (the one
+    /// call the activation layer makes). A backend that applies customisation overrides it
+    /// and reports a claim the customisation forced to start a new sandbox as
+    /// [`ActivationKind::Create`]; the default serves an empty spec and refuses any other.
+    async fn claim_with(
+        &self,
+        session: &SessionKey,
+        spec: &ClaimSpec,
+        budget: ClaimBudget,
+    ) -> Result<Binding, BackendError> {
+        if !spec.is_empty() {
+            return Err(BackendError::Unsupported("claim-time customisation"));
+        }
+        self.claim(session, budget).await
+    }
 
     /// Thaws a paused sandbox; returns its (possibly new) endpoint.
     async fn resume(

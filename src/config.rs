@@ -10,12 +10,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer};
 
+mod customize;
 mod duration;
 mod session;
 mod size;
 mod telemetry;
 mod validate;
 
+pub use customize::{CustomizeConfig, EnvRule, LabelRule, SidecarRule, SidecarSet, VolumeRule};
 pub use duration::Dur;
 pub use session::{CreateRate, HmacConfig, HmacKeyConfig, SessionAuth};
 pub use telemetry::{EventsConfig, OtlpConfig, TelemetryConfig};
@@ -62,6 +64,8 @@ pub struct Config {
     pub autoscaler: AutoscalerConfig,
     pub schedules: Vec<ScheduleConfig>,
     pub telemetry: TelemetryConfig,
+    /// Claim-time customisation: allowlisted headers -> env, volumes, sidecars, labels.
+    pub customize: CustomizeConfig,
     /// The node agent's section (`agent-activator node-agent`); unused by `serve`.
     pub node_agent: Option<crate::node_agent::NodeAgentConfig>,
 }
@@ -82,6 +86,7 @@ impl Default for Config {
             autoscaler: AutoscalerConfig::default(),
             schedules: Vec::new(),
             telemetry: TelemetryConfig::default(),
+            customize: CustomizeConfig::default(),
             node_agent: None,
         }
     }
@@ -488,6 +493,9 @@ pub struct BackendConfig {
     pub isolation: IsolationKind,
     /// process: the bubblewrap executable used for namespace isolation.
     pub bwrap: PathBuf,
+    /// process: per-session volumes (`customize.volumes`) live below this directory, one
+    /// directory per session hash, and survive the session's sandboxes.
+    pub volumes_root: PathBuf,
     /// kubernetes: API flavour and object names.
     pub kubernetes: KubernetesConfig,
 }
@@ -511,6 +519,7 @@ impl Default for BackendConfig {
             freezer: FreezerKind::Auto,
             isolation: IsolationKind::None,
             bwrap: PathBuf::from("bwrap"),
+            volumes_root: std::env::temp_dir().join("agent-activator-volumes"),
             kubernetes: KubernetesConfig::default(),
         }
     }

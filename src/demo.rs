@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::lock::MutexExt;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{Method, Request, Response, StatusCode, header};
@@ -136,13 +137,10 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     if let Some(s) = &session {
-        st.sessions_seen
-            .lock()
-            .expect("sessions lock")
-            .insert(s.clone());
+        st.sessions_seen.lock_recovered().insert(s.clone());
     }
     {
-        let mut h = st.history.lock().expect("history lock");
+        let mut h = st.history.lock_recovered();
         if h.len() == HISTORY_LEN {
             h.pop_front();
         }
@@ -194,20 +192,8 @@ async fn handle(
 }
 
 fn state_json(st: &DemoState) -> Response<DemoBody> {
-    let sessions: Vec<String> = st
-        .sessions_seen
-        .lock()
-        .expect("sessions lock")
-        .iter()
-        .cloned()
-        .collect();
-    let history: Vec<String> = st
-        .history
-        .lock()
-        .expect("history lock")
-        .iter()
-        .cloned()
-        .collect();
+    let sessions: Vec<String> = st.sessions_seen.lock_recovered().iter().cloned().collect();
+    let history: Vec<String> = st.history.lock_recovered().iter().cloned().collect();
     json_response(
         StatusCode::OK,
         &json!({

@@ -19,6 +19,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use crate::backend::SandboxId;
+use crate::lock::MutexExt;
 use crate::metrics::Metrics;
 
 /// What happened. `as_str` is the `kind` field of the JSON event.
@@ -184,7 +185,7 @@ impl EventBus {
     // A poisoned lock only means an emitter panicked mid-push; the ring is still a valid
     // deque, so keep going rather than take the proxy down with it.
     fn ring(&self) -> MutexGuard<'_, Ring> {
-        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+        self.ring.lock_recovered()
     }
 
     /// Numbers, stores and broadcasts one event. Never waits for a subscriber.

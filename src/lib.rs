@@ -8,6 +8,8 @@
 //!   idle pause/release.
 //! - [`backend`]: the `SandboxBackend` trait and its implementations (static endpoints,
 //!   local processes, Kubernetes).
+//! - [`customize`]: claim-time customisation: allowlisted headers of a new session become
+//!   its sandbox's env, volumes, sidecars and labels (`ClaimSpec`).
 //! - [`proxy`]: the listener, forwarding, WebSocket relay, and the one place errors become
 //!   responses.
 //! - [`admin`]: metrics, health and the session/sandbox API on a separate listener.
@@ -22,10 +24,15 @@
 //! - [`shutdown`]: signal handling and graceful drain.
 //! - [`server`]: wires everything into a running server (`server::start`).
 //! - [`logging`]: tracing setup and the access log.
+//! - [`lock`]: the one lock-poisoning policy (a poisoned std lock is recovered).
 //! - [`telemetry`]: OpenTelemetry spans, W3C trace context, OTLP export.
 //! - [`demo`]: the stateful demo sandbox (`agent-activator demo-sandbox`).
 //! - [`node_agent`]: the node agent (`agent-activator node-agent`) that freezes sandbox
 //!   pods' cgroups in place on Kubernetes nodes.
+
+// Outside tests nothing unwraps: a failure is an error value (or a documented `expect` on an
+// invariant). Tests unwrap freely. (The workspace-wide lints live in Cargo.toml `[lints]`.)
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod activation;
 pub mod admin;
@@ -33,9 +40,11 @@ pub mod autoscaler;
 pub mod backend;
 pub mod cluster;
 pub mod config;
+pub mod customize;
 pub mod demo;
 pub mod events;
 pub mod knative;
+pub mod lock;
 pub mod logging;
 pub mod metrics;
 pub mod node_agent;

@@ -1,5 +1,9 @@
 //! The `agent-activator` binary: `serve`, `check`, `node-agent` and `demo-sandbox`.
 
+// Outside tests nothing unwraps: a failure is an error value (or a documented `expect` on an
+// invariant). Tests unwrap freely. (The workspace-wide lints live in Cargo.toml `[lints]`.)
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

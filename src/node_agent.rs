@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod pods;
 
 use crate::config::ConfigError;
+use crate::lock::MutexExt;
 use auth::{AuthError, Authenticator};
 use cgroup::{CgroupError, CgroupLayout, FreezeState, PodCgroup};
 pub use config::NodeAgentConfig;
@@ -241,7 +242,7 @@ impl NodeAgent {
 
     fn lock_frozen(&self) -> std::sync::MutexGuard<'_, HashMap<String, (PodCgroup, Instant)>> {
         // Single inserts/removes: the map is consistent even after a panic elsewhere.
-        self.frozen.lock().unwrap_or_else(|p| p.into_inner())
+        self.frozen.lock_recovered()
     }
 }
 

@@ -248,15 +248,21 @@ impl Proxy {
         let lease = match self.activator.try_acquire_ready(&session.key) {
             Some(lease) => lease,
             None => {
-                // A session the table does not hold yet is a new one: bounded.
-                if !self.activator.knows(&session.key) {
+                // A session the table does not hold yet is a new one: bounded, and
+                // customised by its first request's allowlisted headers (read only here:
+                // an existing session keeps what it was created with).
+                let spec = if !self.activator.knows(&session.key) {
+                    let spec = self.activator.claim_spec(req.headers())?;
                     // Behind trusted proxies the limit keys on the real client.
                     let client = self.client_ip(conn, req.headers());
                     self.admission
                         .admit(client, self.activator.session_total())?;
-                }
+                    spec
+                } else {
+                    self.activator.plain_spec()
+                };
                 let waiting = tokio::time::Instant::now();
-                match self.activator.acquire(&session.key).await {
+                match self.activator.acquire_with(&session.key, &spec).await {
                     Ok(lease) => lease,
                     Err(e) => {
                         let err = ProxyError::from(e);

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+
+use agent_activator::lock::MutexExt;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -51,7 +53,7 @@ struct Serving {
 
 impl Drop for Serving {
     fn drop(&mut self) {
-        let mut s = self.seen.lock().unwrap();
+        let mut s = self.seen.lock_recovered();
         if let Some(n) = s.in_flight.get_mut(&self.session) {
             *n -= 1;
         }
@@ -94,7 +96,7 @@ async fn serve(
         .unwrap_or("")
         .to_owned();
     let _serving = {
-        let mut s = seen.lock().unwrap();
+        let mut s = seen.lock_recovered();
         let others: Vec<String> = s
             .in_flight
             .iter()
@@ -229,7 +231,7 @@ async fn hundred_sessions_race_for_ten_endpoints_never_sharing() {
     assert!(watcher.await.unwrap() > 0);
     let mut total = 0;
     for u in &upstreams {
-        let s = u.seen.lock().unwrap();
+        let s = u.seen.lock_recovered();
         assert!(s.overlaps.is_empty(), "{}: {:?}", u.addr, s.overlaps);
         // Sessions never come back, so each appears in one contiguous run per upstream.
         let mut distinct = s.runs.clone();
@@ -272,7 +274,7 @@ async fn admission_waits_then_503_with_retry_after() {
     assert_eq!(refused.header("retry-after"), Some("2"));
     assert!(waited >= Duration::from_millis(300), "waited {waited:?}");
     assert!(waited < WAIT);
-    assert_eq!(upstream.seen.lock().unwrap().runs, vec!["holder"]);
+    assert_eq!(upstream.seen.lock_recovered().runs, vec!["holder"]);
     let admission = server.metrics().admission_wait.get_sample_count();
     assert_eq!(admission, 2);
     assert_eq!(server.activator().waiting_sessions(), 0);
@@ -294,7 +296,7 @@ async fn idle_release_frees_the_endpoint_for_a_new_session() {
     let second = client.get_session("/", "second").await;
     assert_eq!(second.status, 200, "{}", second.text());
     assert_eq!(second.text(), upstream.addr.port().to_string());
-    assert_eq!(upstream.seen.lock().unwrap().runs, vec!["first", "second"]);
+    assert_eq!(upstream.seen.lock_recovered().runs, vec!["first", "second"]);
     let listed = admin.get("/api/sessions", &[]).await.json();
     let hash = |id: &str| {
         agent_activator::session::SessionKey::parse(id, 128)

@@ -5,6 +5,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use agent_activator::lock::MutexExt;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
@@ -46,7 +48,7 @@ async fn receiver() -> (std::net::SocketAddr, Received) {
                             let attrs = rs.resource.map(|r| r.attributes).unwrap_or_default();
                             for ss in rs.scope_spans {
                                 for span in ss.spans {
-                                    sink.lock().unwrap().push((attrs.clone(), span));
+                                    sink.lock_recovered().push((attrs.clone(), span));
                                 }
                             }
                         }
@@ -198,7 +200,7 @@ async fn spans_are_exported_with_parent_links_and_the_sandbox_gets_the_context()
     assert!(!plain.contains("trace_id") && !plain.contains("# EOF"));
 
     server.shutdown().await; // flushes the exporter
-    let spans = received.lock().unwrap().clone();
+    let spans = received.lock_recovered().clone();
     assert!(!spans.is_empty(), "nothing exported");
     let (resource, _) = &spans[0];
     assert_eq!(

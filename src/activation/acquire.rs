@@ -12,7 +12,7 @@ use super::queue::WaitTicket;
 use super::table::Found;
 use super::transition::{Payload, Transitions};
 use super::{ActivationError, Permit};
-use crate::backend::ActivationKind;
+use crate::backend::{ActivationKind, ClaimSpec};
 use crate::session::SessionKey;
 
 /// The fast path: a permit if the session is bound and ready. No await, no allocation.
@@ -43,13 +43,15 @@ pub(crate) fn try_ready(transitions: &Transitions, key: &SessionKey) -> Option<P
 }
 
 /// The slow path: join the session's queue, starting a claim or resume if none runs.
+/// `spec` customises the session if this request creates it.
 pub(crate) async fn acquire_slow(
     transitions: &Arc<Transitions>,
     key: &SessionKey,
+    spec: &Arc<ClaimSpec>,
 ) -> Result<Permit, ActivationError> {
     let arrived = Instant::now();
     loop {
-        match slow_step(transitions, key, arrived) {
+        match slow_step(transitions, key, spec, arrived) {
             SlowStep::Retry => continue,
             SlowStep::Done(result) => return result,
             SlowStep::Wait(ticket, rx, budget) => {
@@ -74,8 +76,13 @@ enum SlowStep {
 /// The locked part of the slow path (kept out of the async fn: no lock across await).
 /// The request is queued before the step is committed, so a full queue refuses it
 /// without starting anything.
-fn slow_step(transitions: &Arc<Transitions>, key: &SessionKey, arrived: Instant) -> SlowStep {
-    let (entry, found) = transitions.table.entry_for(key);
+fn slow_step(
+    transitions: &Arc<Transitions>,
+    key: &SessionKey,
+    spec: &Arc<ClaimSpec>,
+    arrived: Instant,
+) -> SlowStep {
+    let (entry, found) = transitions.table.entry_for(key, spec);
     if found == Found::Recovered {
         transitions.register(&entry);
     }

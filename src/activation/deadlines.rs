@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::entry::{EntryState, SessionEntry};
+use crate::lock::MutexExt;
 
 /// The deadline-ordered set of sessions.
 #[derive(Default)]
@@ -29,7 +30,7 @@ pub(crate) struct Deadlines {
 
 impl Deadlines {
     fn lock(&self) -> MutexGuard<'_, BTreeMap<(Instant, u64), Arc<SessionEntry>>> {
-        self.set.lock().unwrap_or_else(|p| p.into_inner())
+        self.set.lock_recovered()
     }
 
     /// (Re)schedules `entry` at `at`, replacing its previous deadline. Call with the

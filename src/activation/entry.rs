@@ -16,7 +16,8 @@ use tokio::time::Instant;
 
 use super::ActivationError;
 use super::lifecycle::SessionPhase;
-use crate::backend::{ActivationKind, SandboxId};
+use crate::backend::{ActivationKind, ClaimSpec, SandboxId};
+use crate::lock::MutexExt;
 use crate::session::SessionKey;
 
 /// The sandbox a session is pinned to.
@@ -67,6 +68,9 @@ pub(crate) struct SessionEntry {
     /// `key.short_hash()`, computed once: the access log and the admin API show it for
     /// every request and listing, and a SHA-256 per request is work a cached value answers.
     pub short_hash: Box<str>,
+    /// The session's claim-time customisation, fixed when the session was created: every
+    /// claim for it (the first, and a re-claim after a lost sandbox) carries it.
+    pub spec: Arc<ClaimSpec>,
     state: Mutex<EntryState>,
     in_flight: AtomicU64,
     /// The origin of the nanosecond stamps below.
@@ -87,11 +91,13 @@ impl SessionEntry {
         key: SessionKey,
         phase: SessionPhase,
         bound: Option<Bound>,
+        spec: Arc<ClaimSpec>,
     ) -> Arc<SessionEntry> {
         let now = Instant::now();
         Arc::new(SessionEntry {
             short_hash: key.short_hash().into_boxed_str(),
             key,
+            spec,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             state: Mutex::new(EntryState {
                 phase,
@@ -113,7 +119,7 @@ impl SessionEntry {
     /// Locks the state. A poisoned lock is recovered: every critical section leaves the
     /// state consistent before anything that could panic.
     pub(crate) fn lock(&self) -> MutexGuard<'_, EntryState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock_recovered()
     }
 
     /// Requests holding a lease on this session.

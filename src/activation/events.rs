@@ -49,8 +49,11 @@ impl EventRouter {
         for binding in found {
             match binding.session.clone() {
                 Some(key) => {
+                    // The store does not keep the customisation: a re-claim after a
+                    // loss of a recovered session claims plain (docs/configuration.md).
+                    let plain = transitions.settings.customizer.plain();
                     if let Some(entry) =
-                        table.insert_if_absent(key.clone(), || binding.into_entry(key))
+                        table.insert_if_absent(key.clone(), || binding.into_entry(key, plain))
                     {
                         transitions.register(&entry);
                     }

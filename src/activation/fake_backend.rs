@@ -17,6 +17,7 @@ use crate::backend::{
     ActivationKind, BackendError, BackendEvent, Binding, Capabilities, ClaimBudget,
     RecoveredBinding, SandboxBackend, SandboxId, SandboxInfo,
 };
+use crate::lock::MutexExt;
 use crate::session::SessionKey;
 
 /// Scripted results and delays, set by a test before (or while) it runs.
@@ -59,7 +60,7 @@ impl ScriptedBackend {
     }
 
     pub(crate) fn script(&self) -> std::sync::MutexGuard<'_, Script> {
-        self.script.lock().unwrap()
+        self.script.lock_recovered()
     }
 
     pub(crate) fn count(counter: &AtomicUsize) -> usize {
@@ -143,8 +144,7 @@ impl SandboxBackend for ScriptedBackend {
 
     async fn release(&self, session: &SessionKey, sandbox: &SandboxId) -> Result<(), BackendError> {
         self.released
-            .lock()
-            .unwrap()
+            .lock_recovered()
             .push((session.clone(), sandbox.clone()));
         Ok(())
     }

@@ -26,6 +26,7 @@ use super::deadlines::Deadlines;
 use super::entry::SessionEntry;
 use super::lifecycle::{Event, SessionPhase};
 use super::transition::{Payload, Transitions};
+use crate::lock::MutexExt;
 
 /// Sessions handled between two yields to the runtime.
 const CHUNK: usize = 1024;
@@ -150,15 +151,12 @@ impl Reporter {
         if !entry.report_pending.load(Ordering::Relaxed)
             && !entry.report_pending.swap(true, Ordering::AcqRel)
         {
-            self.marked
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(Arc::clone(entry));
+            self.marked.lock_recovered().push(Arc::clone(entry));
         }
     }
 
     fn take(&self) -> Vec<Arc<SessionEntry>> {
-        std::mem::take(&mut *self.marked.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut *self.marked.lock_recovered())
     }
 }
 

@@ -13,7 +13,8 @@ use tokio::time::Instant;
 
 use super::entry::{Bound, SessionEntry};
 use super::lifecycle::SessionPhase;
-use crate::backend::RecoveredBinding;
+use crate::backend::{ClaimSpec, RecoveredBinding};
+use crate::lock::MutexExt;
 use crate::session::SessionKey;
 
 /// Recovered bindings whose raw session ID is unknown, by hash prefix.
@@ -32,7 +33,7 @@ struct OrphanMap {
 impl Orphans {
     pub(crate) fn insert(&self, mut binding: RecoveredBinding) {
         binding.session_hash.make_ascii_lowercase();
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.inner.lock_recovered();
         map.lengths.insert(binding.session_hash.len());
         map.by_hash.insert(binding.session_hash.clone(), binding);
         self.any.store(true, Ordering::Release);
@@ -44,7 +45,7 @@ impl Orphans {
             return None;
         }
         let full = key.sha256_hex();
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.inner.lock_recovered();
         let lengths: Vec<usize> = map.lengths.iter().copied().collect();
         let found = lengths
             .into_iter()
@@ -62,17 +63,15 @@ impl Orphans {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_hash
-            .len()
+        self.inner.lock_recovered().by_hash.len()
     }
 }
 
 impl RecoveredBinding {
     /// The table entry for a recovered binding: `Paused` unless it runs at a known address.
-    pub(crate) fn into_entry(self, key: SessionKey) -> Arc<SessionEntry> {
+    /// `spec` is the customisation the new key's request asked for: the backend's store
+    /// does not keep it, so a re-claim after a loss applies this one.
+    pub(crate) fn into_entry(self, key: SessionKey, spec: Arc<ClaimSpec>) -> Arc<SessionEntry> {
         let phase = match (self.paused, self.endpoint) {
             (false, Some(_)) => SessionPhase::Ready,
             _ => SessionPhase::Paused,
@@ -89,6 +88,7 @@ impl RecoveredBinding {
                 sandbox: self.sandbox,
                 endpoint,
             }),
+            spec,
         );
         entry.touch(Instant::now());
         entry

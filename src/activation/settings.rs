@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use crate::config::{Config, IdlePolicy, OnSandboxLoss, SessionIdLogging};
+use crate::config::{Config, CustomizeConfig, IdlePolicy, OnSandboxLoss, SessionIdLogging};
+use crate::customize::Customizer;
 
 /// The configuration the activation layer reads, resolved once.
 pub(crate) struct Settings {
@@ -17,6 +18,8 @@ pub(crate) struct Settings {
     pub can_pause: bool,
     /// Shortest interval between two `record_activity` calls for one session.
     pub activity_report_interval: Duration,
+    /// `customize`: what a new session's headers may ask of its sandbox.
+    pub customizer: Customizer,
 }
 
 impl Settings {
@@ -39,6 +42,18 @@ impl Settings {
             full_ids: config.log.session_ids == SessionIdLogging::Full,
             can_pause,
             activity_report_interval: Duration::from_secs(1),
+            customizer: customizer(&config.customize),
         }
     }
+}
+
+/// Compiles `customize`. `Config::validate` has compiled it already, so this fails only
+/// for a configuration built in code without validation: then nothing is customised and
+/// the error is logged (a refusal of every session would be worse).
+fn customizer(config: &CustomizeConfig) -> Customizer {
+    Customizer::new(config, "customize").unwrap_or_else(|e| {
+        tracing::error!(error = %e, "customize: invalid, sessions are not customised");
+        Customizer::new(&CustomizeConfig::default(), "customize")
+            .unwrap_or_else(|_| unreachable!("the empty customize section compiles"))
+    })
 }

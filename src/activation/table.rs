@@ -18,7 +18,8 @@ use dashmap::mapref::entry::Entry;
 use super::entry::SessionEntry;
 use super::lifecycle::SessionPhase;
 use super::orphans::Orphans;
-use crate::backend::SandboxId;
+use crate::backend::{ClaimSpec, SandboxId};
+use crate::lock::MutexExt;
 use crate::session::SessionKey;
 
 /// What `SessionTable::entry_for` found.
@@ -62,8 +63,13 @@ impl SessionTable {
         Some(f(row.value()))
     }
 
-    /// The entry for `key`, inserting an `Unbound` one (or one recovered by hash) if absent.
-    pub(crate) fn entry_for(&self, key: &SessionKey) -> (Arc<SessionEntry>, Found) {
+    /// The entry for `key`, inserting an `Unbound` one (or one recovered by hash) if absent;
+    /// a new entry keeps `spec` (an existing one keeps its own).
+    pub(crate) fn entry_for(
+        &self,
+        key: &SessionKey,
+        spec: &Arc<ClaimSpec>,
+    ) -> (Arc<SessionEntry>, Found) {
         if let Some(entry) = self.get(key) {
             return (entry, Found::Existing);
         }
@@ -78,9 +84,9 @@ impl SessionTable {
             }
             Entry::Vacant(slot) => {
                 let (fresh, found) = match recovered {
-                    Some(r) => (r.into_entry(key.clone()), Found::Recovered),
+                    Some(r) => (r.into_entry(key.clone(), spec.clone()), Found::Recovered),
                     None => (
-                        SessionEntry::new(key.clone(), SessionPhase::Unbound, None),
+                        SessionEntry::new(key.clone(), SessionPhase::Unbound, None, spec.clone()),
                         Found::Fresh,
                     ),
                 };
@@ -117,7 +123,7 @@ impl SessionTable {
     }
 
     fn sandboxes(&self) -> MutexGuard<'_, HashMap<SandboxId, Vec<Arc<SessionEntry>>>> {
-        self.by_sandbox.lock().unwrap_or_else(|p| p.into_inner())
+        self.by_sandbox.lock_recovered()
     }
 
     /// Records that `entry` is bound to `sandbox` (entry locked).

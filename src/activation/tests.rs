@@ -7,6 +7,7 @@ use super::fake_backend::ScriptedBackend;
 use super::{ActivationError, Activator, Permit};
 use crate::backend::{ActivationKind, BackendError, BackendEvent, DynBackend, SandboxId};
 use crate::config::{Config, IdlePolicy, OnSandboxLoss};
+use crate::lock::MutexExt;
 use crate::metrics::Metrics;
 use crate::session::SessionKey;
 
@@ -111,7 +112,7 @@ async fn waiters_are_released_in_arrival_order() {
         let order = order.clone();
         tasks.push(tokio::spawn(async move {
             let lease = a.acquire(&k).await.unwrap();
-            order.lock().unwrap().push(i);
+            order.lock_recovered().push(i);
             lease
         }));
         // Each request is queued before the next one arrives.
@@ -120,7 +121,7 @@ async fn waiters_are_released_in_arrival_order() {
     for t in tasks {
         drop(t.await.unwrap());
     }
-    assert_eq!(*order.lock().unwrap(), (0..10).collect::<Vec<_>>());
+    assert_eq!(*order.lock_recovered(), (0..10).collect::<Vec<_>>());
 }
 
 #[tokio::test(start_paused = true)]

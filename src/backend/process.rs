@@ -25,6 +25,7 @@ use super::{
     SandboxInfo, SandboxState,
 };
 use crate::config::{Config, ConfigError};
+use crate::lock::MutexExt;
 use crate::metrics::Metrics;
 use crate::session::SessionKey;
 
@@ -207,7 +208,7 @@ impl Drop for ProcessBackend {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Fleet> {
         // Nothing panics while holding the lock; recover the data if something did.
-        self.fleet.lock().unwrap_or_else(|p| p.into_inner())
+        self.fleet.lock_recovered()
     }
 
     /// Keeps `activator_warm_pool_ready` current between scrapes (the admin server also

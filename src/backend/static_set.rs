@@ -16,6 +16,7 @@ use super::{
     SandboxId, SandboxInfo, SandboxState,
 };
 use crate::config::ConfigError;
+use crate::lock::MutexExt;
 use crate::session::SessionKey;
 
 /// Fixed endpoints with per-endpoint session slots.
@@ -67,7 +68,7 @@ impl StaticBackend {
 
     /// Binds `session` to the least-loaded endpoint with a free slot, if any.
     fn try_bind(&self, session: &SessionKey) -> Option<Binding> {
-        let mut slots = self.slots.lock().expect("static slots lock");
+        let mut slots = self.slots.lock_recovered();
         let slot = slots
             .iter_mut()
             .filter(|s| s.sessions.len() < self.max_per_sandbox)
@@ -122,7 +123,7 @@ impl SandboxBackend for StaticBackend {
         sandbox: &SandboxId,
         _deadline: Instant,
     ) -> Result<SocketAddr, BackendError> {
-        let slots = self.slots.lock().expect("static slots lock");
+        let slots = self.slots.lock_recovered();
         slots
             .iter()
             .find(|s| &s.id == sandbox)
@@ -136,7 +137,7 @@ impl SandboxBackend for StaticBackend {
 
     async fn release(&self, session: &SessionKey, sandbox: &SandboxId) -> Result<(), BackendError> {
         {
-            let mut slots = self.slots.lock().expect("static slots lock");
+            let mut slots = self.slots.lock_recovered();
             if let Some(slot) = slots.iter_mut().find(|s| &s.id == sandbox) {
                 slot.sessions.remove(session);
             }
@@ -152,7 +153,7 @@ impl SandboxBackend for StaticBackend {
     }
 
     fn sandboxes(&self) -> Vec<SandboxInfo> {
-        let slots = self.slots.lock().expect("static slots lock");
+        let slots = self.slots.lock_recovered();
         let age = self.started.elapsed().as_secs_f64();
         slots
             .iter()

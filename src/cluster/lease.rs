@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{Leadership, ReplicaId};
+use crate::lock::MutexExt;
 
 /// Attempts of one read-modify-replace cycle when another writer got in between.
 pub(super) const CONFLICT_ATTEMPTS: usize = 3;
@@ -89,7 +90,7 @@ impl LeaseElector {
     }
 
     fn set_leader_until(&self, until: Option<Instant>) {
-        *self.leader_until.lock().unwrap_or_else(|p| p.into_inner()) = until;
+        *self.leader_until.lock_recovered() = until;
     }
 
     /// One election round: create, renew or take over the Lease when allowed. Returns
@@ -143,7 +144,7 @@ impl LeaseElector {
             lease.metadata.resource_version.clone(),
         );
         let first_seen = {
-            let mut observed = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+            let mut observed = self.observed.lock_recovered();
             match observed.as_ref() {
                 Some(o) if o.record == record => o.at,
                 _ => {
@@ -227,7 +228,7 @@ impl LeaseElector {
 
 impl Leadership for LeaseElector {
     fn is_leader(&self) -> bool {
-        let until = *self.leader_until.lock().unwrap_or_else(|p| p.into_inner());
+        let until = *self.leader_until.lock_recovered();
         until.is_some_and(|t| Instant::now() < t)
     }
 }

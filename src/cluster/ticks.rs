@@ -11,6 +11,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, PostParams};
 
 use super::lease::{CONFLICT_ATTEMPTS, is_conflict};
+use crate::lock::MutexExt;
 
 /// Annotation on the Lease holding the schedules' last fired ticks (JSON name -> RFC 3339).
 pub const TICKS_ANNOTATION: &str = "agent-activator.dev/schedule-ticks";
@@ -111,7 +112,7 @@ impl TickStore for FileTickStore {
     async fn claim(&self, schedule: &str, tick: DateTime<Utc>) -> Result<bool, TickStoreError> {
         let (path, lock, schedule) = (self.path.clone(), self.lock.clone(), schedule.to_owned());
         tokio::task::spawn_blocking(move || {
-            let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _guard = lock.lock_recovered();
             claim_in_file(&path, &schedule, tick)
         })
         .await

@@ -8,6 +8,7 @@ impl Config {
     /// Checks values that parse but make no sense together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.telemetry.validate()?;
+        crate::customize::Customizer::new(&self.customize, "customize")?;
         let s = &self.session;
         if s.sources.is_empty() {
             return Err(ConfigError::invalid(
@@ -246,6 +247,13 @@ impl Config {
                     return Err(ConfigError::invalid(
                         "backend.endpoints",
                         "kind: static needs at least one endpoint",
+                    ));
+                }
+                if !self.customize.is_empty() {
+                    return Err(ConfigError::invalid(
+                        "customize",
+                        "kind: static cannot customise sandboxes (they already run); use \
+                         kind: process or kubernetes",
                     ));
                 }
                 for (i, e) in b.endpoints.iter().enumerate() {

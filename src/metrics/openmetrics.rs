@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::LATENCY_BUCKETS;
+use crate::lock::MutexExt;
 
 /// Activation kinds with exemplar slots, in label order.
 const KINDS: [&str; 3] = ["claim", "create", "resume"];
@@ -61,7 +62,7 @@ impl ActivationExemplars {
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         let idx = k * (LATENCY_BUCKETS.len() + 1) + bucket_of(value);
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slots = self.slots.lock_recovered();
         slots[idx] = Some(Exemplar {
             trace_id,
             value,
@@ -73,7 +74,7 @@ impl ActivationExemplars {
     fn suffix(&self, kind: &str, le: &str) -> Option<String> {
         let k = KINDS.iter().position(|x| *x == kind)?;
         let b = (0..=LATENCY_BUCKETS.len()).find(|b| le_label(*b) == le)?;
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slots = self.slots.lock_recovered();
         let e = slots[k * (LATENCY_BUCKETS.len() + 1) + b].as_ref()?;
         Some(format!(
             " # {{trace_id=\"{}\"}} {} {:.3}",

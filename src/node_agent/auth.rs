@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::lock::MutexExt;
 use http::HeaderValue;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
@@ -129,6 +130,6 @@ impl Authenticator {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (String, Instant)>> {
         // A panic while holding the lock leaves a consistent map (single inserts/clears).
-        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+        self.cache.lock_recovered()
     }
 }

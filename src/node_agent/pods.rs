@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::lock::MutexExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use tokio::time::Instant;
@@ -101,7 +102,7 @@ impl PodVerifier {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String, String), Instant>> {
         // Single inserts/clears: the map is consistent even after a panic elsewhere.
-        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+        self.cache.lock_recovered()
     }
 }
 

@@ -30,6 +30,7 @@ use tokio::time::Instant;
 
 use super::body::RequestBody;
 use crate::backend::SandboxId;
+use crate::lock::MutexExt;
 use crate::session::SessionKey;
 
 /// The dedicated upstream sender type (request bodies are the client's, streamed).
@@ -83,7 +84,7 @@ impl Affinity {
         endpoint: SocketAddr,
         idle_timeout: Duration,
     ) -> Route {
-        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.slot.lock_recovered();
         match &mut *slot {
             Slot::Mixed => Route::Pool,
             Slot::Empty => self.reserve(&mut slot, session, sandbox, endpoint),
@@ -129,7 +130,7 @@ impl Affinity {
         endpoint: SocketAddr,
         sender: Sender,
     ) {
-        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.slot.lock_recovered();
         if let Slot::Bound {
             session: bound,
             sandbox: bound_sandbox,
@@ -150,7 +151,7 @@ impl Affinity {
     /// Forgets a dedicated connection that failed (or could not be opened), so the next
     /// request of the session opens a fresh one. A `Mixed` slot stays mixed.
     pub fn forget(&self, session: &SessionKey) {
-        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.slot.lock_recovered();
         if matches!(&*slot, Slot::Bound { session: bound, sender: None, .. } if bound == session) {
             *slot = Slot::Empty;
         }
@@ -161,7 +162,7 @@ impl Affinity {
     /// too if the slot no longer holds it (its sender is gone, so the connection ends by
     /// itself). Otherwise returns when to check again.
     pub fn expire(&self, generation: u64, idle_timeout: Duration) -> Option<Instant> {
-        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.slot.lock_recovered();
         let Slot::Bound {
             generation: bound,
             sender,
@@ -211,7 +212,7 @@ impl Affinity {
 
 impl std::fmt::Debug for Affinity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = match &*self.slot.lock().unwrap_or_else(|e| e.into_inner()) {
+        let state = match &*self.slot.lock_recovered() {
             Slot::Empty => "empty",
             Slot::Bound { sender: None, .. } => "bound (in use)",
             Slot::Bound { .. } => "bound",

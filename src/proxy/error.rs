@@ -16,6 +16,7 @@ use http::{HeaderValue, Response, StatusCode};
 use super::body::RequestBodyError;
 use crate::activation::ActivationError;
 use crate::backend::BackendError;
+use crate::customize::CustomizeError;
 use crate::session::{AdmissionError, ExtractError};
 
 /// Why a request was not (fully) proxied.
@@ -53,6 +54,9 @@ pub enum ProxyError {
         endpoint: SocketAddr,
         timeout: Duration,
     },
+    /// A new session's customisation headers were refused (400 `invalid_customization`).
+    #[error(transparent)]
+    Customize(#[from] CustomizeError),
     /// The request declares a body over `proxy.max_body_bytes` (413 `body_too_large`).
     #[error("the request body is declared larger than {0} bytes")]
     BodyTooLarge(u64),
@@ -157,6 +161,7 @@ impl ProxyError {
                 ActivationError::SandboxLost => present(S::BAD_GATEWAY, "sandbox_lost", false),
                 ActivationError::Backend(b) => backend_presentation(b),
             },
+            ProxyError::Customize(_) => present(S::BAD_REQUEST, "invalid_customization", false),
             ProxyError::UpstreamConnect { .. } => {
                 present(S::BAD_GATEWAY, "upstream_connect", false)
             }
@@ -196,6 +201,8 @@ impl ProxyError {
     pub fn client_message(&self) -> std::borrow::Cow<'static, str> {
         match self {
             ProxyError::Session(e) => e.to_string().into(),
+            // Names the header, never its value.
+            ProxyError::Customize(e) => e.to_string().into(),
             other => client_message(other.code()).into(),
         }
     }
@@ -245,6 +252,7 @@ fn backend_presentation(e: &BackendError) -> Presentation {
 fn client_message(code: &str) -> &'static str {
     match code {
         "missing_session" => "the request carries no session ID",
+        "invalid_customization" => "a sandbox customisation header was refused",
         "invalid_session" => "the session ID is not valid",
         "session_limit" => "the activator serves as many sessions as it may; retry later",
         "rate_limited" => "too many new sessions from this client; retry later",

@@ -10,6 +10,7 @@ use http::StatusCode;
 use super::*;
 use crate::cluster::{FileTickStore, FiredTicks, SoleReplica, TickStoreError, claim_in};
 use crate::config::Config;
+use crate::lock::MutexExt;
 
 fn entry(cron: &str) -> ScheduleConfig {
     ScheduleConfig {
@@ -88,7 +89,7 @@ struct Recorder {
 #[async_trait]
 impl WakeupSender for Recorder {
     async fn send(&self, _: &Schedule) -> Result<StatusCode, sender::SendError> {
-        self.sent.lock().unwrap().push(self.clock.now());
+        self.sent.lock_recovered().push(self.clock.now());
         Ok(StatusCode::OK)
     }
 }
@@ -101,7 +102,7 @@ struct MemoryStore(Mutex<FiredTicks>);
 #[async_trait]
 impl TickStore for MemoryStore {
     async fn claim(&self, schedule: &str, tick: DateTime<Utc>) -> Result<bool, TickStoreError> {
-        Ok(claim_in(&mut self.0.lock().unwrap(), schedule, tick))
+        Ok(claim_in(&mut self.0.lock_recovered(), schedule, tick))
     }
 }
 
@@ -147,7 +148,7 @@ async fn each_tick_fires_once_also_across_a_restart() {
     let tasks = first.spawn();
     tokio::time::sleep(Duration::from_secs(35)).await;
     tasks.iter().for_each(|t| t.abort());
-    let sent = recorder.sent.lock().unwrap().clone();
+    let sent = recorder.sent.lock_recovered().clone();
     let secs: Vec<i64> = sent.iter().map(|t| (*t - t0).num_seconds()).collect();
     assert_eq!(secs, vec![0, 10, 20, 30], "{sent:?}");
     assert_eq!(runs(&metrics, "ok"), 4);
@@ -162,7 +163,7 @@ async fn each_tick_fires_once_also_across_a_restart() {
     let tasks = second.spawn();
     tokio::time::sleep(Duration::from_secs(20)).await;
     tasks.iter().for_each(|t| t.abort());
-    let sent = recorder.sent.lock().unwrap().clone();
+    let sent = recorder.sent.lock_recovered().clone();
     let secs: Vec<i64> = sent.iter().map(|t| (*t - t0).num_seconds()).collect();
     assert_eq!(secs, vec![40], "{sent:?}");
     assert_eq!((runs(&metrics, "ok"), runs(&metrics, "skipped")), (1, 1));
@@ -183,7 +184,7 @@ async fn followers_do_not_fire() {
     let tasks = s.spawn();
     tokio::time::sleep(Duration::from_secs(25)).await;
     tasks.iter().for_each(|t| t.abort());
-    assert!(recorder.sent.lock().unwrap().is_empty());
+    assert!(recorder.sent.lock_recovered().is_empty());
     assert_eq!((runs(&metrics, "ok"), runs(&metrics, "skipped")), (0, 2));
 }
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::{CreateRate, SessionConfig};
+use crate::lock::MutexExt;
 
 /// Most client buckets kept (about 40 B each: 2.5 MiB at most).
 pub const MAX_TRACKED_CLIENTS: usize = 65_536;
@@ -107,7 +108,7 @@ impl Buckets {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BucketMap> {
         // A panic while holding it cannot leave a bucket half-updated in a harmful way.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock_recovered()
     }
 
     fn take(&self, client: IpAddr, now: Instant) -> Result<(), AdmissionError> {

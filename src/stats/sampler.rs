@@ -10,6 +10,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::window::{Bucket, StatsSnapshot, StatsWindow};
 use super::{TrafficStats, concurrency_micros_between};
 use crate::config::AutoscalerConfig;
+use crate::lock::MutexExt;
 use crate::metrics::Metrics;
 
 /// Session counts read from the session table at each sample.
@@ -79,7 +80,7 @@ impl StatsSampler {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SamplerState> {
         // A poisoned lock only means a panic elsewhere; the window is still usable.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock_recovered()
     }
 
     /// The counters behind this sampler.

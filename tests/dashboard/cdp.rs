@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
+
+use agent_activator::lock::MutexExt;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -94,20 +96,18 @@ impl Browser {
                     continue;
                 };
                 if let Some(id) = v["id"].as_u64() {
-                    if let Some(tx) = p.lock().unwrap().remove(&id) {
+                    if let Some(tx) = p.lock_recovered().remove(&id) {
                         let _ = tx.send(v);
                     }
                     continue;
                 }
                 match v["method"].as_str() {
                     Some("Runtime.consoleAPICalled") if v["params"]["type"] == "error" => {
-                        e.lock()
-                            .unwrap()
+                        e.lock_recovered()
                             .push(format!("console.error: {}", v["params"]["args"]));
                     }
                     Some("Runtime.exceptionThrown") => {
-                        e.lock()
-                            .unwrap()
+                        e.lock_recovered()
                             .push(format!("exception: {}", v["params"]["exceptionDetails"]));
                     }
                     _ => {}
@@ -144,7 +144,7 @@ impl Browser {
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap().insert(id, tx);
+        self.pending.lock_recovered().insert(id, tx);
         let mut msg = json!({ "id": id, "method": method, "params": params });
         if let Some(s) = &self.session {
             msg["sessionId"] = json!(s);
@@ -216,7 +216,7 @@ impl Browser {
     }
 
     pub fn errors(&self) -> Vec<String> {
-        self.errors.lock().unwrap().clone()
+        self.errors.lock_recovered().clone()
     }
 }
 

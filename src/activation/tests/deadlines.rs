@@ -2,6 +2,7 @@
 //! the table (the answer they replace).
 
 use super::*;
+use crate::lock::MutexExt;
 
 /// Counts per state by scanning every entry: what the incremental gauges must equal.
 fn scanned_counts(r: &Rig) -> Vec<(&'static str, i64)> {
@@ -103,8 +104,7 @@ async fn ttl_and_forgetting_follow_their_deadlines() {
     assert!(
         r.backend
             .released
-            .lock()
-            .unwrap()
+            .lock_recovered()
             .contains(&(k.clone(), sandbox))
     );
     assert_eq!(count(&r, "paused"), 0);

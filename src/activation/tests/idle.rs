@@ -1,6 +1,7 @@
 //! Idle policy tests: pause/resume, leases holding sessions, Busy, TTL, release, keep, activity reports.
 
 use super::*;
+use crate::lock::MutexExt;
 
 #[tokio::test(start_paused = true)]
 async fn idle_session_pauses_then_resumes_on_next_request() {
@@ -84,7 +85,7 @@ async fn paused_past_ttl_is_released() {
     sleep(Duration::from_secs(101)).await;
     assert_eq!(state(&r, &k), "none");
     assert_eq!(
-        *r.backend.released.lock().unwrap(),
+        *r.backend.released.lock_recovered(),
         vec![(k.clone(), sandbox)]
     );
     assert_eq!(
@@ -102,7 +103,7 @@ async fn release_policy_frees_the_sandbox() {
     drop(ready(&r, &k).await);
     sleep(Duration::from_secs(12)).await;
     assert_eq!(state(&r, &k), "none");
-    assert_eq!(r.backend.released.lock().unwrap().len(), 1);
+    assert_eq!(r.backend.released.lock_recovered().len(), 1);
     assert_eq!(
         r.metrics.releases_total.with_label_values(&["idle"]).get(),
         1

@@ -1,6 +1,7 @@
 //! Sandbox loss (both policies), events from other replicas, and restart recovery.
 
 use super::*;
+use crate::lock::MutexExt;
 
 fn lose(r: &Rig, sandbox: &SandboxId) {
     r.backend
@@ -34,8 +35,7 @@ async fn lost_sandbox_fails_once_then_starts_over() {
     assert!(
         r.backend
             .released
-            .lock()
-            .unwrap()
+            .lock_recovered()
             .contains(&(k.clone(), sandbox))
     );
 }

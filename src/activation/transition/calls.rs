@@ -62,7 +62,10 @@ impl Transitions {
         };
         let total = self.settings.admission_timeout + self.settings.activation_timeout;
         let outcome = self
-            .bounded(self.backend.claim(&entry.key, budget), budget.deadline)
+            .bounded(
+                self.backend.claim_with(&entry.key, &entry.spec, budget),
+                budget.deadline,
+            )
             .await;
         self.claim_ended();
         self.metrics

@@ -11,6 +11,7 @@ use crate::backend::{
     BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, SandboxBackend, SandboxId,
     SandboxInfo, SandboxState,
 };
+use crate::lock::MutexExt;
 use crate::session::SessionKey;
 
 pub struct FakeFleet {
@@ -35,7 +36,7 @@ impl FakeFleet {
     }
 
     pub fn targets(&self) -> Vec<u32> {
-        self.targets.lock().unwrap().clone()
+        self.targets.lock_recovered().clone()
     }
 }
 
@@ -94,7 +95,7 @@ impl SandboxBackend for FakeFleet {
     }
 
     async fn set_warm_pool_target(&self, target: u32) -> Result<(), BackendError> {
-        self.targets.lock().unwrap().push(target);
+        self.targets.lock_recovered().push(target);
         self.warm.store(target, Ordering::SeqCst);
         Ok(())
     }

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use super::api::FIELD_MANAGER;
 use super::retry::{self, Failure};
+use crate::lock::{MutexExt, RwLockExt};
 
 /// `<RFC 3339 time> <replica>` of a pause decision on a claim; written fenced by
 /// resourceVersion, so two replicas pausing at once serialise on the claim.
@@ -93,7 +94,7 @@ impl ActivityLog {
     /// this replica wakes the publisher.
     pub fn record(&self, sha: &str) {
         let h = &sha[..DIGEST_HASH_CHARS.min(sha.len())];
-        let mut l = self.local.lock().expect("activity lock");
+        let mut l = self.local.lock_recovered();
         l.seen.insert(h.to_owned(), Instant::now());
         if !l.published.contains(h) && !l.dirty {
             l.dirty = true;
@@ -105,13 +106,13 @@ impl ActivityLog {
     /// Forgets a released session.
     pub fn forget(&self, sha: &str) {
         let h = &sha[..DIGEST_HASH_CHARS.min(sha.len())];
-        self.local.lock().expect("activity lock").seen.remove(h);
+        self.local.lock_recovered().seen.remove(h);
     }
 
     /// The sessions to publish now (traffic within `idle.timeout`), marking them published.
     fn take_snapshot(&self) -> (Vec<String>, bool) {
         let now = Instant::now();
-        let mut l = self.local.lock().expect("activity lock");
+        let mut l = self.local.lock_recovered();
         let idle = self.idle_timeout;
         l.seen.retain(|_, t| now.duration_since(*t) < idle);
         let mut list: Vec<String> = l.seen.keys().cloned().collect();
@@ -138,8 +139,7 @@ impl ActivityLog {
         let fresh_after = Utc::now()
             - chrono::Duration::from_std(self.interval * 3).unwrap_or(chrono::Duration::MAX);
         self.others
-            .read()
-            .expect("digests lock")
+            .read_recovered()
             .iter()
             .filter(|(r, _)| **r != self.replica)
             .filter(|(_, d)| d.at.is_some_and(|t| t >= fresh_after))
@@ -165,7 +165,7 @@ impl ActivityLog {
                 // The next round retries; meanwhile the old digest ages out, which only
                 // lets others pause what we no longer serve.
                 tracing::warn!(digest = name, "activity digest not written: {e}");
-                self.local.lock().expect("activity lock").dirty = true;
+                self.local.lock_recovered().dirty = true;
             }
         }
     }
@@ -234,16 +234,16 @@ impl ActivityLog {
                     }
                 }
                 Ok(Event::InitDone) => {
-                    *self.others.write().expect("digests lock") = relist.take().unwrap_or_default();
+                    *self.others.write_recovered() = relist.take().unwrap_or_default();
                 }
                 Ok(Event::Apply(cm)) => {
                     if let Some((r, d)) = parse_digest(&cm) {
-                        self.others.write().expect("digests lock").insert(r, d);
+                        self.others.write_recovered().insert(r, d);
                     }
                 }
                 Ok(Event::Delete(cm)) => {
                     if let Some((r, _)) = parse_digest(&cm) {
-                        self.others.write().expect("digests lock").remove(&r);
+                        self.others.write_recovered().remove(&r);
                     }
                 }
                 Err(e) => tracing::warn!("activity digest watch error (retrying): {e}"),
@@ -328,7 +328,7 @@ mod tests {
         };
         let own = fresh.clone();
         {
-            let mut o = a.others.write().unwrap();
+            let mut o = a.others.write_recovered();
             o.insert("b".into(), fresh);
             o.insert("c".into(), stale);
             o.insert("a".into(), own);
@@ -336,12 +336,12 @@ mod tests {
         assert!(a.busy_elsewhere(&sha('b')));
         assert!(!a.busy_elsewhere(&sha('c')), "a stale digest is ignored");
         assert!(!a.busy_elsewhere(&sha('d')));
-        a.others.write().unwrap().remove("b");
+        a.others.write_recovered().remove("b");
         assert!(
             !a.busy_elsewhere(&sha('b')),
             "its own digest does not count"
         );
-        a.others.write().unwrap().insert(
+        a.others.write_recovered().insert(
             "e".into(),
             Digest {
                 at: Some(Utc::now()),
@@ -359,16 +359,16 @@ mod tests {
     async fn snapshots_keep_sessions_seen_within_the_idle_timeout_and_only_new_ones_are_dirty() {
         let a = log("a");
         a.record(&sha('1'));
-        assert!(a.local.lock().unwrap().dirty);
+        assert!(a.local.lock_recovered().dirty);
         assert_eq!(a.take_snapshot(), (vec![sha('1')[..16].to_owned()], false));
         a.record(&sha('1'));
         assert!(
-            !a.local.lock().unwrap().dirty,
+            !a.local.lock_recovered().dirty,
             "already published: nothing to write"
         );
         tokio::time::advance(Duration::from_secs(200)).await;
         a.record(&sha('2'));
-        assert!(a.local.lock().unwrap().dirty);
+        assert!(a.local.lock_recovered().dirty);
         tokio::time::advance(Duration::from_secs(150)).await;
         // '1' was last seen 350 s ago (> 300 s idle timeout): dropped.
         assert_eq!(a.take_snapshot().0, vec![sha('2')[..16].to_owned()]);

@@ -15,6 +15,7 @@ use super::api::{ApiSet, FIELD_MANAGER};
 use super::cache::Cache;
 use super::flavour::ShutdownTarget;
 use super::retry;
+use crate::lock::MutexExt;
 
 /// Claims of sessions with traffic since the last round, and the horizon.
 pub struct Backstop {
@@ -39,7 +40,7 @@ impl Backstop {
 
     /// Marks the session's claim as live.
     pub fn touch(&self, claim: &str) {
-        let mut live = self.live.lock().expect("backstop lock");
+        let mut live = self.live.lock_recovered();
         if !live.contains(claim) {
             live.insert(claim.to_owned());
         }
@@ -63,7 +64,7 @@ impl Backstop {
     /// One round: for each live claim whose expiry is less than half the horizon away,
     /// one merge patch moving it to a full horizon from now.
     pub async fn round(&self, api: &ApiSet, cache: &Cache) {
-        let claims: Vec<String> = self.live.lock().expect("backstop lock").drain().collect();
+        let claims: Vec<String> = self.live.lock_recovered().drain().collect();
         let flavour = api.flavour;
         let refresh_before = Utc::now()
             + chrono::Duration::from_std(self.horizon / 2).unwrap_or(chrono::Duration::MAX);

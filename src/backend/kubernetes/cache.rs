@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use super::flavour::{Flavour, SandboxView};
 use crate::backend::{BackendEvent, SandboxId};
+use crate::lock::{MutexExt, RwLockExt};
 
 /// Which watched collection an event belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +122,7 @@ pub struct OwnTransition<'a> {
 
 impl Drop for OwnTransition<'_> {
     fn drop(&mut self) {
-        let mut own = self.cache.own.lock().expect("own lock");
+        let mut own = self.cache.own.lock_recovered();
         if let Some(n) = own.get_mut(&self.sandbox) {
             *n -= 1;
             if *n == 0 {
@@ -151,7 +152,7 @@ impl Cache {
 
     /// Runs `f` on the current state.
     pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
-        f(&self.state.read().expect("cache lock"))
+        f(&self.state.read_recovered())
     }
 
     /// Waits until `f` returns `Some`, re-checking after every applied watch event, until
@@ -186,8 +187,7 @@ impl Cache {
     pub fn begin_own(&self, sandbox: &str) -> OwnTransition<'_> {
         *self
             .own
-            .lock()
-            .expect("own lock")
+            .lock_recovered()
             .entry(sandbox.to_owned())
             .or_insert(0) += 1;
         OwnTransition {
@@ -197,10 +197,7 @@ impl Cache {
     }
 
     pub fn mark_released(&self, sandbox: &str) {
-        self.released
-            .lock()
-            .expect("released lock")
-            .insert(sandbox.to_owned());
+        self.released.lock_recovered().insert(sandbox.to_owned());
     }
 
     /// Feeds one collection from a kube-runtime watcher until the stream ends (never,
@@ -223,7 +220,7 @@ impl Cache {
     fn apply(&self, kind: Kind, ev: Event<DynamicObject>) {
         let mut events = Vec::new();
         {
-            let mut st = self.state.write().expect("cache lock");
+            let mut st = self.state.write_recovered();
             let coll = match kind {
                 Kind::Claims => &mut st.claims,
                 Kind::Sandboxes => &mut st.sandboxes,
@@ -387,11 +384,11 @@ impl Cache {
         bound: bool,
         out: &mut Vec<BackendEvent>,
     ) {
-        let own = self.own.lock().expect("own lock").contains_key(name);
+        let own = self.own.lock_recovered().contains_key(name);
         let id = SandboxId::new(name);
         if deleted {
             st.settled.remove(name);
-            let released = self.released.lock().expect("released lock").remove(name);
+            let released = self.released.lock_recovered().remove(name);
             if bound && !released {
                 out.push(BackendEvent::Lost {
                     sandbox: id,
@@ -444,7 +441,7 @@ impl Cache {
         let Some(sandbox) = prev else {
             return;
         };
-        let mut released = self.released.lock().expect("released lock");
+        let mut released = self.released.lock_recovered();
         if released.contains(&sandbox) {
             return;
         }

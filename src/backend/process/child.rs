@@ -21,6 +21,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use crate::backend::BackendError;
+use crate::lock::MutexExt;
 
 /// How a sandbox is launched: `backend.command`, `backend.env`, `backend.ready_path`.
 #[derive(Debug, Clone)]
@@ -126,6 +127,7 @@ pub async fn launch(
     // parent keeps open until `spawn` returns (so they are valid in the child); iterating
     // the already-built `procs_fds` slice only reads memory.
     // Errors are built from errno without allocating (`io::Error::from_raw_os_error`).
+    #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
@@ -260,8 +262,7 @@ async fn on_spawner_thread<T: Send + 'static>(
         let _ = tx.send(job());
     });
     sender
-        .lock()
-        .map_err(|_| std::io::Error::other("spawner lock poisoned"))?
+        .lock_recovered()
         .send(wrapped)
         .map_err(|_| std::io::Error::other("spawner thread is gone"))?;
     rx.await
