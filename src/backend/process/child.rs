@@ -200,6 +200,7 @@ async fn exited_unreaped(pid: u32) -> std::io::Result<String> {
     // one for the whole life of the `AsyncFd`. `pidfd` is an `OwnedFd` moved into it: only
     // its drop (when the `AsyncFd` drops) closes it, nothing else can reach it to close or
     // replace it, and `OwnedFd::as_raw_fd` always returns the descriptor it owns.
+    #[allow(unsafe_code)]
     let fd = unsafe {
         AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
             .map_err(std::io::Error::from)?
