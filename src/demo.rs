@@ -2,18 +2,20 @@
 //! freeze/resume (run as `agent-activator demo-sandbox --port N`).
 //!
 //! It keeps in-memory state (a counter, a request history, every session ID it has seen,
-//! a background tick counter) and reports its PID, so tests and people can see that one
-//! session always lands on one process and that state survives a freeze.
+//! a background tick counter) and reports a random per-process `instance` ID (and its PID),
+//! so tests and people can see that one session always lands on one process and that state
+//! survives a freeze. Identify sandboxes by `instance`, not `pid`: inside a PID namespace
+//! (`backend.isolation: namespaces`) every sandbox sees itself as the same small PID.
 //!
 //! Routes:
 //! - `GET /healthz`: `ok`.
-//! - `GET /state`: JSON `{pid, port, counter, ticks, requests, sessions_seen, history, uptime_seconds}`.
-//! - `POST /counter`: increments the counter, returns `{"counter": N, "pid": P}`.
+//! - `GET /state`: JSON `{instance, pid, port, counter, ticks, requests, sessions_seen, history, uptime_seconds}`.
+//! - `POST /counter`: increments the counter, returns `{"counter": N, "instance": I, "pid": P}`.
 //! - `GET /sse?n=N&interval_ms=M`: a server-sent-events token stream of N events.
 //! - `GET /ws`: WebSocket echo.
 //! - `GET /slow?ms=N`: answers after N milliseconds.
 //! - `POST /echo`: streams the request body back.
-//! - anything else: JSON `{method, path, query, session, pid}`.
+//! - anything else: JSON `{method, path, query, session, instance, pid, port}`.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::convert::Infallible;
@@ -65,6 +67,8 @@ pub struct DemoOptions {
 /// The sandbox's in-memory state.
 struct DemoState {
     port: u16,
+    /// 16 random hex characters, fixed for the life of the process.
+    instance: String,
     pid: u32,
     started: Instant,
     counter: AtomicU64,
@@ -81,6 +85,7 @@ pub async fn run(opts: DemoOptions) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     let state = Arc::new(DemoState {
         port: addr.port(),
+        instance: format!("{:016x}", rand::random::<u64>()),
         pid: std::process::id(),
         started: Instant::now(),
         counter: AtomicU64::new(0),
@@ -158,14 +163,20 @@ async fn handle(
         (&Method::GET, "/state") => state_json(&st),
         (&Method::POST, "/counter") => {
             let n = st.counter.fetch_add(1, Ordering::SeqCst) + 1;
-            json_response(StatusCode::OK, &json!({ "counter": n, "pid": st.pid }))
+            json_response(
+                StatusCode::OK,
+                &json!({ "counter": n, "instance": st.instance, "pid": st.pid }),
+            )
         }
         (&Method::GET, "/sse") => sse(&query),
         (&Method::GET, "/ws") => websocket(req),
         (&Method::GET, "/slow") => {
             let ms = query_u64(&query, "ms").unwrap_or(1000).min(MAX_WAIT_MS);
             tokio::time::sleep(Duration::from_millis(ms)).await;
-            json_response(StatusCode::OK, &json!({ "slept_ms": ms, "pid": st.pid }))
+            json_response(
+                StatusCode::OK,
+                &json!({ "slept_ms": ms, "instance": st.instance, "pid": st.pid }),
+            )
         }
         (&Method::POST, "/echo") => {
             let mut resp = Response::new(req.into_body().boxed());
@@ -182,6 +193,7 @@ async fn handle(
                 "path": p,
                 "query": query,
                 "session": session,
+                "instance": st.instance,
                 "pid": st.pid,
                 "port": st.port,
                 "traceparent": traceparent,
@@ -197,6 +209,7 @@ fn state_json(st: &DemoState) -> Response<DemoBody> {
     json_response(
         StatusCode::OK,
         &json!({
+            "instance": st.instance,
             "pid": st.pid,
             "port": st.port,
             "counter": st.counter.load(Ordering::SeqCst),

@@ -42,6 +42,9 @@ pub struct Metrics {
     pub waiting_sessions: IntGauge,
     /// `activator_activations_total{kind,result}`: claim | create | resume x ok | error | timeout.
     pub activations_total: IntCounterVec,
+    /// `activator_customized_claims_total{cold}`: successful claims that carried a
+    /// customisation; `cold="true"` when it forced a new sandbox (`kind="create"`).
+    pub customized_claims_total: IntCounterVec,
     /// `activator_activation_duration_seconds{kind}`: start of claim/resume to ready.
     pub activation_duration: HistogramVec,
     /// `activator_pauses_total{result}`: idle or admin pauses.
@@ -161,6 +164,15 @@ impl Metrics {
                     "Sandbox claims, creations and resumes by result.",
                 ),
                 &["kind", "result"],
+            )
+            .expect("valid metric"),
+            customized_claims_total: IntCounterVec::new(
+                Opts::new(
+                    "activator_customized_claims_total",
+                    "Successful claims carrying a claim-time customisation, by whether it \
+                     forced a cold start.",
+                ),
+                &["cold"],
             )
             .expect("valid metric"),
             activation_duration: HistogramVec::new(
@@ -312,6 +324,7 @@ impl Metrics {
             Box::new(self.waiting_sessions.clone()),
             Box::new(self.activations_total.clone()),
             Box::new(self.activation_duration.clone()),
+            Box::new(self.customized_claims_total.clone()),
             Box::new(self.pauses_total.clone()),
             Box::new(self.releases_total.clone()),
             Box::new(self.sessions_lost_total.clone()),

@@ -21,8 +21,8 @@ use tokio::sync::{Notify, broadcast, oneshot, watch};
 use tokio::time::Instant;
 
 use super::{
-    BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, SandboxBackend, SandboxId,
-    SandboxInfo, SandboxState,
+    BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, ClaimSpec, SandboxBackend,
+    SandboxId, SandboxInfo, SandboxState,
 };
 use crate::config::{Config, ConfigError};
 use crate::lock::MutexExt;
@@ -30,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::session::SessionKey;
 
 mod child;
+mod claim;
 mod fleet;
 mod freezer;
 mod instance;
@@ -39,8 +40,8 @@ mod limits;
 mod port;
 mod reaper;
 
-use child::LaunchSpec;
-use fleet::{ClaimStep, Fleet};
+use child::{LaunchSpec, SessionLaunch};
+use fleet::Fleet;
 pub use freezer::FreezerMode;
 use instance::Instance;
 
@@ -66,6 +67,8 @@ struct Shared {
     limits: limits::Limits,
     /// `backend.workdir_root/<instance>`.
     workdir: PathBuf,
+    /// `backend.volumes_root`: per-session volumes, kept across sandboxes and restarts.
+    volumes_root: PathBuf,
     /// Bound on one sandbox start when no claim is waiting for it (`activation.timeout`).
     start_timeout: Duration,
     stop_grace: Duration,
@@ -84,6 +87,8 @@ enum Purpose {
     Pool,
     Claim {
         session: SessionKey,
+        /// The session's env and volumes, for a sandbox started for it alone.
+        launch: Option<Arc<SessionLaunch>>,
         reply: oneshot::Sender<Result<Binding, BackendError>>,
     },
 }
@@ -118,9 +123,27 @@ impl ProcessBackend {
                 format!("cannot create {}: {e}", workdir.display()),
             )
         })?;
-        let isolation = isolation::Isolation::detect(b.isolation, &b.bwrap, &root)
+        let isolation = isolation::Isolation::detect(b.isolation, &b.bwrap, &root, &b.volumes_root)
             .await
             .map_err(|e| ConfigError::invalid("backend.isolation", e))?;
+        if let Some(iso) = &isolation {
+            for (i, v) in config.customize.volumes.iter().enumerate() {
+                if !iso.can_mount_at(&v.mount_path) {
+                    return Err(ConfigError::invalid(
+                        format!("customize.volumes[{i}].mount_path"),
+                        format!(
+                            "{} does not exist on the host and lies in a read-only part of \
+                             the sandbox's view: use a path whose first component is not a \
+                             host directory (e.g. /workspace), or create it on the host",
+                            v.mount_path
+                        ),
+                    ));
+                }
+            }
+        }
+        if !config.customize.labels.is_empty() {
+            tracing::info!("customize.labels: the process backend has no pods to label; ignored");
+        }
         let self_exe = std::env::current_exe()
             .map_err(|e| ConfigError::invalid("backend.command", format!("{{self}}: {e}")))?;
         tracing::info!(freezer = freezer.mode().as_str(), workdir = %workdir.display(),
@@ -137,6 +160,7 @@ impl ProcessBackend {
             freezer,
             limits,
             workdir: workdir.clone(),
+            volumes_root: b.volumes_root.clone(),
             start_timeout: config.activation.timeout.as_duration(),
             stop_grace: b.stop_grace.as_duration(),
             fleet: Mutex::new(Fleet::new(
@@ -256,60 +280,24 @@ impl SandboxBackend for ProcessBackend {
         session: &SessionKey,
         budget: ClaimBudget,
     ) -> Result<Binding, BackendError> {
-        let s = &self.shared;
-        let mut waiting: Option<WaitingClaim<'_>> = None;
-        loop {
-            // Register for wake-ups before looking, so a release in between is not missed.
-            let freed = s.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            let step = {
-                let mut fleet = s.lock();
-                if fleet.closed {
-                    return Err(BackendError::NoCapacity(
-                        "the backend is shutting down".into(),
-                    ));
-                }
-                let step = fleet.claim_step(session);
-                s.publish(&fleet);
-                step
-            };
-            match step {
-                ClaimStep::Bound(b) => {
-                    s.refill.notify_one();
-                    return Ok(b);
-                }
-                ClaimStep::Start(id) => {
-                    drop(waiting.take());
-                    let (reply, rx) = oneshot::channel();
-                    let purpose = Purpose::Claim {
-                        session: session.clone(),
-                        reply,
-                    };
-                    tokio::spawn(s.clone().start(id, purpose));
-                    let budget_len = budget.deadline.saturating_duration_since(Instant::now());
-                    return match tokio::time::timeout_at(budget.deadline, rx).await {
-                        Ok(Ok(result)) => result,
-                        Ok(Err(_)) => Err(BackendError::StartFailed("start task ended".into())),
-                        Err(_) => Err(BackendError::Timeout(budget_len)),
-                    };
-                }
-                ClaimStep::Wait => {
-                    if waiting.is_none() {
-                        s.lock().waiting_claims += 1;
-                        waiting = Some(WaitingClaim(s));
-                    }
-                    if tokio::time::timeout_at(budget.admission_deadline, freed)
-                        .await
-                        .is_err()
-                    {
-                        return Err(BackendError::NoCapacity(
-                            "backend.max_sandboxes reached and none freed in time".into(),
-                        ));
-                    }
-                }
-            }
+        self.shared.claim(session, None, budget).await
+    }
+
+    /// Env and volumes need a sandbox started for the session (`ActivationKind::Create`);
+    /// labels and sidecars mean nothing locally, so a spec with only those claims plainly.
+    async fn claim_with(
+        &self,
+        session: &SessionKey,
+        spec: &ClaimSpec,
+        budget: ClaimBudget,
+    ) -> Result<Binding, BackendError> {
+        if !spec.forces_cold_start() {
+            return self.shared.claim(session, None, budget).await;
         }
+        let launch = self.shared.session_launch(session, spec).await?;
+        self.shared
+            .claim(session, Some(Arc::new(launch)), budget)
+            .await
     }
 
     async fn resume(

@@ -272,6 +272,13 @@ impl Config {
                 }
             }
             BackendKind::Process => {
+                if self.customize.sidecars.is_some() {
+                    return Err(ConfigError::invalid(
+                        "customize.sidecars",
+                        "the process backend has no sidecars (OpenKruise runtimes or an \
+                         agent-sandbox template variant): kind: kubernetes only",
+                    ));
+                }
                 if b.command.is_empty() {
                     return Err(ConfigError::invalid(
                         "backend.command",

@@ -75,6 +75,13 @@ impl Transitions {
         let (event, payload, result) = match outcome {
             Some(Ok(binding)) => {
                 self.count_activation(binding.kind, "ok", started);
+                if !entry.spec.is_empty() {
+                    let cold = binding.kind == ActivationKind::Create;
+                    self.metrics
+                        .customized_claims_total
+                        .with_label_values(&[if cold { "true" } else { "false" }])
+                        .inc();
+                }
                 let payload = Payload {
                     binding: Some(Bound {
                         sandbox: binding.sandbox,

@@ -54,6 +54,26 @@ impl LaunchSpec {
     }
 }
 
+/// What one session adds to its sandbox's launch (`customize.env`, `customize.volumes`).
+#[derive(Debug, Clone, Default)]
+pub struct SessionLaunch {
+    /// Extra environment variables, applied after `backend.env` (an allowlisted variable
+    /// of the same name wins: the operator allowlisted it).
+    pub env: Vec<(String, String)>,
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// One per-session volume: a host directory seen by the sandbox.
+#[derive(Debug, Clone)]
+pub struct VolumeMount {
+    /// `ACTIVATOR_VOLUME_<NAME>`: where the sandbox finds it.
+    pub env: String,
+    /// `backend.volumes_root/<session hash>/<name>`.
+    pub host: PathBuf,
+    /// `customize.volumes[].mount_path` (used when isolated: bound there).
+    pub mount_path: String,
+}
+
 /// Variables of the activator's environment a sandbox gets even with `inherit_env: false`.
 pub const PASSED_ENV: &[&str] = &["PATH", "HOME", "LANG"];
 
@@ -84,12 +104,14 @@ pub struct Reap {
 /// under their limits) from the first instruction.
 pub async fn launch(
     spec: &LaunchSpec,
+    session: Option<&SessionLaunch>,
     port: u16,
     workdir: &Path,
     cgroup_procs: Vec<File>,
 ) -> Result<Launched, BackendError> {
+    let volumes = session.map_or(&[][..], |s| &s.volumes[..]);
     let argv = match &spec.isolation {
-        Some(isolation) => isolation.wrap(&spec.render(port), workdir),
+        Some(isolation) => isolation.wrap(&spec.render(port), workdir, volumes),
         None => spec.render(port),
     };
     let io = |name: &str| {
@@ -106,9 +128,19 @@ pub async fn launch(
             }
         }
     }
-    cmd.args(&argv[1..])
-        .envs(&spec.env)
-        .env("PORT", port.to_string())
+    cmd.args(&argv[1..]).envs(&spec.env);
+    if let Some(session) = session {
+        cmd.envs(session.env.iter().map(|(k, v)| (k, v)));
+        for v in &session.volumes {
+            // Isolated, the volume is bound at its mount path; otherwise the sandbox
+            // uses the host directory itself.
+            match spec.isolation {
+                Some(_) => cmd.env(&v.env, &v.mount_path),
+                None => cmd.env(&v.env, &v.host),
+            };
+        }
+    }
+    cmd.env("PORT", port.to_string())
         .current_dir(workdir)
         .stdin(Stdio::null())
         .stdout(io("stdout.log")?)
@@ -426,7 +458,7 @@ mod tests {
             ("exit 3", "exit status: 3"),
             ("kill -KILL $$", "signal: 9 (SIGKILL)"),
         ] {
-            let launched = launch(&spec(script), 1, &dir, Vec::new()).await.unwrap();
+            let launched = launch(&spec(script), None, 1, &dir, Vec::new()).await.unwrap();
             let mut exit = launched.exit.clone();
             let how = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(Option::is_some))
                 .await

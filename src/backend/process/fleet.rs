@@ -29,6 +29,8 @@ pub struct Entry {
     /// Keeps the exited leader unreaped until the entry is dropped (after teardown's last
     /// group signal), so the group's ID cannot be recycled under a `killpg`.
     pub reap: Option<Reap>,
+    /// Started for one session's customisation (env, volumes): never pooled, never shared.
+    pub customized: bool,
 }
 
 impl Entry {
@@ -123,6 +125,7 @@ impl Fleet {
                 workdir: self.workdir_root.join(id.as_str()),
                 exit: None,
                 reap: None,
+                customized: false,
             },
         );
         id
@@ -133,6 +136,7 @@ impl Fleet {
         if self.max_sessions > 1 {
             let shared = self.entries.iter_mut().find(|(_, e)| {
                 e.state == SandboxState::Bound
+                    && !e.customized
                     && e.sessions.len() < self.max_sessions
                     && !e.sessions.contains(session)
             });
@@ -158,6 +162,19 @@ impl Fleet {
         ClaimStep::Wait
     }
 
+    /// One step of a claim whose customisation needs a sandbox of its own: reserve a new
+    /// one (marked customised) or wait; warm and shared sandboxes do not qualify.
+    pub fn claim_step_customized(&mut self) -> ClaimStep {
+        if self.free_slots() == 0 {
+            return ClaimStep::Wait;
+        }
+        let id = self.reserve();
+        if let Some(e) = self.entries.get_mut(&id) {
+            e.customized = true;
+        }
+        ClaimStep::Start(id)
+    }
+
     /// Binds a ready sandbox (warm or just started) to `session`.
     pub fn bind(
         &mut self,
@@ -181,7 +198,7 @@ impl Fleet {
     /// Puts a ready sandbox in the warm pool.
     pub fn make_warm(&mut self, id: &SandboxId) -> bool {
         match self.entries.get_mut(id) {
-            Some(e) if e.state == SandboxState::Starting && !e.exited() => {
+            Some(e) if e.state == SandboxState::Starting && !e.exited() && !e.customized => {
                 e.state = SandboxState::Warm;
                 self.warm.push_back(id.clone());
                 true
@@ -312,5 +329,19 @@ mod tests {
         f.bind(&id, &key("a"), ActivationKind::Create).unwrap();
         assert!(matches!(f.claim_step(&key("b")), ClaimStep::Bound(_)));
         assert!(matches!(f.claim_step(&key("c")), ClaimStep::Wait));
+    }
+
+    #[test]
+    fn customized_sandboxes_are_never_shared_or_pooled() {
+        let mut f = Fleet::new(0, 2, 2, PathBuf::from("/w"));
+        let ClaimStep::Start(id) = f.claim_step_customized() else {
+            panic!("expected a start")
+        };
+        ready(&mut f, &id, 1);
+        assert!(!f.make_warm(&id));
+        f.bind(&id, &key("a"), ActivationKind::Create).unwrap();
+        // Sharing is allowed (2 per sandbox), but not of a customised sandbox.
+        assert!(matches!(f.claim_step(&key("b")), ClaimStep::Start(_)));
+        assert!(matches!(f.claim_step_customized(), ClaimStep::Wait));
     }
 }

@@ -56,8 +56,12 @@ impl Shared {
         let started = Instant::now();
         let deadline = started + self.start_timeout;
         let mut closed = self.closed.subscribe();
+        let launch = match &purpose {
+            Purpose::Claim { launch, .. } => launch.clone(),
+            Purpose::Pool => None,
+        };
         let result = tokio::select! {
-            r = self.launch_and_wait(&id, deadline) => r,
+            r = self.launch_and_wait(&id, launch.as_deref(), deadline) => r,
             _ = closed.wait_for(|c| *c) => Err(BackendError::NoCapacity("shutting down".into())),
         };
         let is_pool = matches!(purpose, Purpose::Pool);
@@ -73,12 +77,13 @@ impl Shared {
                 }
                 (Err(_), Purpose::Pool) => false,
                 (Ok(()), _) if fleet.closed => false,
-                (Ok(()), Purpose::Claim { session, reply }) if !reply.is_closed() => {
+                (Ok(()), Purpose::Claim { session, reply, .. }) if !reply.is_closed() => {
                     match fleet.bind(&id, &session, ActivationKind::Create) {
                         Some(b) => match reply.send(Ok(b)) {
                             Ok(()) => true,
                             Err(Ok(b)) => {
-                                // The claim gave up a moment ago: pool it instead.
+                                // The claim gave up a moment ago: pool it instead
+                                // (a customised one is not pooled: it is torn down).
                                 if let Some(e) = fleet.entries.get_mut(&b.sandbox) {
                                     e.state = SandboxState::Starting;
                                     e.sessions.clear();
@@ -126,6 +131,7 @@ impl Shared {
     async fn launch_and_wait(
         self: &Arc<Self>,
         id: &SandboxId,
+        launch: Option<&child::SessionLaunch>,
         deadline: Instant,
     ) -> Result<(), BackendError> {
         let workdir = self.workdir.join(id.as_str());
@@ -173,7 +179,7 @@ impl Shared {
             e.endpoint = Some(endpoint);
             (port, endpoint)
         };
-        let launched = child::launch(&self.spec, port, &workdir, procs).await?;
+        let launched = child::launch(&self.spec, launch, port, &workdir, procs).await?;
         let mut exit = launched.exit.clone();
         {
             let mut fleet = self.lock();
