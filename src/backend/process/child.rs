@@ -458,7 +458,9 @@ mod tests {
             ("exit 3", "exit status: 3"),
             ("kill -KILL $$", "signal: 9 (SIGKILL)"),
         ] {
-            let launched = launch(&spec(script), None, 1, &dir, Vec::new()).await.unwrap();
+            let launched = launch(&spec(script), None, 1, &dir, Vec::new())
+                .await
+                .unwrap();
             let mut exit = launched.exit.clone();
             let how = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(Option::is_some))
                 .await
