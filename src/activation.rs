@@ -51,8 +51,6 @@ mod table;
 mod transition;
 
 #[cfg(test)]
-mod fake_backend;
-#[cfg(test)]
 mod tests;
 
 pub use admin::{SessionCursor, SessionPage};

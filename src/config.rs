@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer};
 
 mod customize;
 mod duration;
+mod freeze;
 mod session;
 mod size;
 mod telemetry;
@@ -19,6 +20,7 @@ mod validate;
 
 pub use customize::{CustomizeConfig, EnvRule, LabelRule, SidecarRule, SidecarSet, VolumeRule};
 pub use duration::Dur;
+pub use freeze::{NodeAgentClientConfig, PauseMode};
 pub use session::{CreateRate, HmacConfig, HmacKeyConfig, SessionAuth};
 pub use telemetry::{EventsConfig, OtlpConfig, TelemetryConfig};
 
@@ -588,6 +590,15 @@ pub struct KubernetesConfig {
     pub shutdown_after: Dur,
     /// Kubernetes Lease used for autoscaler leader election.
     pub lease_name: String,
+    /// What an idle pause does: `suspend` (the Sandbox spec; the pod is deleted) or
+    /// `freeze` (the node agent freezes the pod's cgroup in place; memory kept).
+    pub pause: PauseMode,
+    /// With `pause: freeze`, also claim pods whose containers have liveness or startup
+    /// probes (a frozen container fails them and the kubelet restarts it: state lost).
+    /// Off: such a claim is refused with 502 `sandbox_start_failed`.
+    pub freeze_with_probes: bool,
+    /// Where the node agent is (`pause: freeze` only).
+    pub node_agent: NodeAgentClientConfig,
 }
 
 impl Default for KubernetesConfig {
@@ -605,6 +616,9 @@ impl Default for KubernetesConfig {
             port_from_annotation: false,
             shutdown_after: Dur::secs(48 * 3600),
             lease_name: "agent-activator-autoscaler".into(),
+            pause: PauseMode::Suspend,
+            freeze_with_probes: false,
+            node_agent: NodeAgentClientConfig::default(),
         }
     }
 }

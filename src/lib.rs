@@ -26,6 +26,7 @@
 //! - [`logging`]: tracing setup and the access log.
 //! - [`lock`]: the one lock-poisoning policy (a poisoned std lock is recovered).
 //! - [`telemetry`]: OpenTelemetry spans, W3C trace context, OTLP export.
+//! - `testing` (feature `test-util`): the test kit, one scripted `SandboxBackend`.
 //! - [`demo`]: the stateful demo sandbox (`agent-activator demo-sandbox`).
 //! - [`node_agent`]: the node agent (`agent-activator node-agent`) that freezes sandbox
 //!   pods' cgroups in place on Kubernetes nodes.
@@ -55,3 +56,5 @@ pub mod session;
 pub mod shutdown;
 pub mod stats;
 pub mod telemetry;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;

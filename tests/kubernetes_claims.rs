@@ -255,15 +255,24 @@ impl agent_activator::backend::kubernetes::pause::PauseStrategy for CountingPaus
         "whatever the test says"
     }
 
-    async fn set_paused(
+    async fn pause(
         &self,
-        api: &agent_activator::backend::kubernetes::api::ApiSet,
+        cx: &agent_activator::backend::kubernetes::pause::PauseContext,
         sandbox: &str,
-        paused: bool,
         deadline: tokio::time::Instant,
     ) -> Result<(), BackendError> {
         self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.inner.set_paused(api, sandbox, paused, deadline).await
+        self.inner.pause(cx, sandbox, deadline).await
+    }
+
+    async fn resume(
+        &self,
+        cx: &agent_activator::backend::kubernetes::pause::PauseContext,
+        sandbox: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<std::net::SocketAddr, BackendError> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.resume(cx, sandbox, deadline).await
     }
 }
 

@@ -560,6 +560,20 @@ fn deploy_component_renders_with_least_privilege() {
     );
     let rb = find("RoleBinding", "agent-activator-node-agent");
     assert_eq!(rb["subjects"][0]["namespace"], "agent-activator-system");
+    // The activator (pause: freeze): get on sandbox pods, list on agent pods, nothing more.
+    let read = find("Role", "agent-activator-read-sandbox-pods");
+    assert_eq!(read["metadata"]["namespace"], NS);
+    assert_eq!(
+        read["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}])
+    );
+    let read_rb = find("RoleBinding", "agent-activator-read-sandbox-pods");
+    assert_eq!(read_rb["subjects"][0]["name"], CLIENT_SA);
+    let locate = find("Role", "agent-activator-find-node-agent");
+    assert_eq!(
+        locate["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}])
+    );
 
     // The shipped agent config parses, points at the mounted tree and admits the activator,
     // whose projected token carries the agent's audience.
@@ -597,6 +611,29 @@ fn deploy_component_renders_with_least_privilege() {
     assert_eq!(
         projected["projected"]["sources"][0]["serviceAccountToken"]["audience"].as_str(),
         Some(agent.audience.as_str())
+    );
+    // The activator's defaults for backend.kubernetes.node_agent find this deployment.
+    let client = agent_activator::config::NodeAgentClientConfig::default();
+    assert_eq!(
+        client.namespace,
+        ds["metadata"]["namespace"].as_str().unwrap()
+    );
+    let (k, v) = client.selector.split_once('=').unwrap();
+    assert_eq!(ds["spec"]["template"]["metadata"]["labels"][k], v);
+    assert_eq!(client.port, agent.listen.port());
+    let token_mount = deployment["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "node-agent-token")
+        .expect("token mount");
+    assert_eq!(
+        client.token_path,
+        std::path::Path::new(token_mount["mountPath"].as_str().unwrap()).join(
+            projected["projected"]["sources"][0]["serviceAccountToken"]["path"]
+                .as_str()
+                .unwrap()
+        )
     );
 
     // Built-in kinds against the Kubernetes schemas (strict), as deploy/validate.py does.
@@ -697,6 +734,7 @@ async fn client_finds_the_agent_on_the_pods_node_and_freezes_through_it() {
             port: agent.api_addr.port(),
             token_path: token_path.clone(),
             timeout: Duration::from_secs(5),
+            address_ttl: Duration::from_secs(30),
         },
     );
     let pod = PodRef {

@@ -14,15 +14,11 @@ use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::sync::broadcast;
 
-use agent_activator::backend::{
-    ActivationKind, BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, SandboxBackend,
-    SandboxId, SandboxInfo,
-};
+use agent_activator::backend::ActivationKind;
 use agent_activator::metrics::Metrics;
 use agent_activator::server;
-use agent_activator::session::SessionKey;
+use agent_activator::testing::ScriptedBackend;
 use support::{EchoUpstream, WAIT, static_backend};
 
 /// One client TCP connection to the proxy; requests on it are strictly sequential.
@@ -119,70 +115,19 @@ async fn one_client_connection_alternating_two_sessions_never_mixes_them() {
     server.shutdown().await;
 }
 
-/// One sandbox, `box-0`, that moves on resume: claimed at `first`, resumed at `second`
-/// (a real cluster gives a resumed pod a new IP).
-struct MovingBackend {
-    first: SocketAddr,
-    second: SocketAddr,
-    events: broadcast::Sender<BackendEvent>,
-}
-
-#[async_trait::async_trait]
-impl SandboxBackend for MovingBackend {
-    fn kind(&self) -> &'static str {
-        "moving"
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            pause: true,
-            pause_keeps: "files",
-        }
-    }
-
-    async fn claim(&self, _: &SessionKey, _: ClaimBudget) -> Result<Binding, BackendError> {
-        Ok(Binding {
-            sandbox: SandboxId::new("box-0"),
-            endpoint: self.first,
-            kind: ActivationKind::Create,
-        })
-    }
-
-    async fn resume(
-        &self,
-        _: &SandboxId,
-        _: tokio::time::Instant,
-    ) -> Result<SocketAddr, BackendError> {
-        Ok(self.second)
-    }
-
-    async fn pause(&self, _: &SandboxId) -> Result<(), BackendError> {
-        Ok(())
-    }
-
-    async fn release(&self, _: &SessionKey, _: &SandboxId) -> Result<(), BackendError> {
-        Ok(())
-    }
-
-    fn subscribe(&self) -> broadcast::Receiver<BackendEvent> {
-        self.events.subscribe()
-    }
-
-    fn sandboxes(&self) -> Vec<SandboxInfo> {
-        Vec::new()
-    }
-}
-
 #[tokio::test]
 async fn dedicated_connection_is_dropped_when_the_binding_moves() {
     let first = EchoUpstream::start().await;
     let second = EchoUpstream::start().await;
-    let backend = Arc::new(MovingBackend {
-        first: first.addr,
-        second: second.addr,
-        events: broadcast::channel(8).0,
-    });
-    // The config names a static backend only to validate; `MovingBackend` replaces it.
+    // One sandbox, `box-0`, that moves on resume: claimed at `first`, resumed at `second`
+    // (a real cluster gives a resumed pod a new IP).
+    let backend = Arc::new(
+        ScriptedBackend::new(true)
+            .one_sandbox("box-0", first.addr)
+            .claims_as(ActivationKind::Create)
+            .resumes_at(second.addr),
+    );
+    // The config names a static backend only to validate; the scripted one replaces it.
     let config = support::config(&static_backend(&[first.addr]));
     let server = server::start_with_backend(config, backend, Arc::new(Metrics::new()))
         .await

@@ -9,13 +9,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 
-use agent_activator::backend::{
-    ActivationKind, BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, SandboxBackend,
-    SandboxId, SandboxInfo,
-};
+use agent_activator::backend::{ActivationKind, BackendError, BackendEvent, SandboxId};
 use agent_activator::metrics::Metrics;
 use agent_activator::server;
-use agent_activator::session::SessionKey;
+use agent_activator::testing::{Outcome, ScriptedBackend};
 
 use support::{EchoUpstream, HttpClient, WAIT, closed_port, start, static_backend};
 
@@ -205,76 +202,27 @@ async fn capacity_errors() {
     server.shutdown().await;
 }
 
-/// A backend whose claims fail the way the session name says: `hang-*` never finishes,
-/// `cp-*` control-plane error, `fail-*` start failure, anything else binds to `endpoint`.
-struct ScriptedBackend {
-    endpoint: std::net::SocketAddr,
-    events: tokio::sync::broadcast::Sender<BackendEvent>,
-}
-
-#[async_trait::async_trait]
-impl SandboxBackend for ScriptedBackend {
-    fn kind(&self) -> &'static str {
-        "scripted"
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            pause: false,
-            pause_keeps: "nothing",
-        }
-    }
-
-    async fn claim(&self, session: &SessionKey, _: ClaimBudget) -> Result<Binding, BackendError> {
-        let s = session.as_str();
-        if s.starts_with("hang-") {
-            std::future::pending::<()>().await;
-        }
-        if s.starts_with("cp-") {
-            return Err(BackendError::ControlPlane("API server unreachable".into()));
-        }
-        if s.starts_with("fail-") {
-            return Err(BackendError::StartFailed("exit status 1".into()));
-        }
-        Ok(Binding {
-            sandbox: SandboxId::new("scripted-0"),
-            endpoint: self.endpoint,
-            kind: ActivationKind::Create,
-        })
-    }
-
-    async fn resume(
-        &self,
-        s: &SandboxId,
-        _: tokio::time::Instant,
-    ) -> Result<std::net::SocketAddr, BackendError> {
-        Err(BackendError::Lost(s.clone()))
-    }
-
-    async fn pause(&self, _: &SandboxId) -> Result<(), BackendError> {
-        Err(BackendError::Unsupported("pause"))
-    }
-
-    async fn release(&self, _: &SessionKey, _: &SandboxId) -> Result<(), BackendError> {
-        Ok(())
-    }
-
-    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<BackendEvent> {
-        self.events.subscribe()
-    }
-
-    fn sandboxes(&self) -> Vec<SandboxInfo> {
-        Vec::new()
-    }
-}
-
 #[tokio::test]
 async fn backend_failures_map_to_statuses() {
     let up = EchoUpstream::start().await;
-    let backend = Arc::new(ScriptedBackend {
-        endpoint: up.addr,
-        events: tokio::sync::broadcast::channel(8).0,
-    });
+    // Claims fail the way the session name says: `hang-*` never finishes, `cp-*`
+    // control-plane error, `fail-*` start failure; anything else binds to `scripted-0`.
+    let backend = Arc::new(
+        ScriptedBackend::new(false)
+            .one_sandbox("scripted-0", up.addr)
+            .claims_as(ActivationKind::Create),
+    );
+    backend.script().claim_by_prefix = vec![
+        ("hang-".into(), Outcome::Hang),
+        (
+            "cp-".into(),
+            Outcome::Fail(BackendError::ControlPlane("API server unreachable".into())),
+        ),
+        (
+            "fail-".into(),
+            Outcome::Fail(BackendError::StartFailed("exit status 1".into())),
+        ),
+    ];
     let config = support::config(&format!(
         "{}activation: {{retry_after: 2s, timeout: 300ms}}\n\
          session: {{admission_timeout: 200ms}}\n\

@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use crate::kubelet_cgroups::PodCgroups;
 use crate::selector::Selector;
 use crate::store::{ApiError, Store};
 
@@ -48,7 +49,12 @@ pub struct ControllerConfig {
     /// The port every pod listens on, like a container port on a cluster. 0: each pod
     /// picks a free port and the testbed writes it into [`PORT_ANNOTATION`].
     pub pod_port: u16,
+    /// Pods in kubelet-style cgroups, with core `v1` Pod objects on node [`NODE_NAME`].
+    pub pod_cgroups: Option<PodCgroups>,
 }
+
+/// The one node every simulated pod runs on (`spec.nodeName`, Sandbox `status.nodeName`).
+pub const NODE_NAME: &str = "kube-testbed";
 
 impl ControllerConfig {
     /// Pods from `activator_bin`, no delays, free ports announced by annotation.
@@ -59,6 +65,7 @@ impl ControllerConfig {
             step_delay: Duration::ZERO,
             terminate_delay: Duration::from_millis(50),
             pod_port: 0,
+            pod_cgroups: None,
         }
     }
 }
@@ -84,6 +91,9 @@ pub enum PodView {
     Unschedulable,
     Starting,
     Running(SocketAddr),
+    /// Running, but its cgroup is frozen (by the node agent): the kubelet's readiness
+    /// probe fails, so the pod reports Ready=False while keeping its IP.
+    Frozen(SocketAddr),
     Terminating(SocketAddr),
     Failed,
 }
@@ -100,6 +110,10 @@ pub struct PodInfo {
     pub addr: SocketAddr,
     pub port: u16,
     pub pid: Option<u32>,
+    /// The core Pod's UID (with `pod_cgroups` only).
+    pub uid: Option<String>,
+    /// The pod cgroup (with `pod_cgroups` only).
+    pub cgroup: Option<std::path::PathBuf>,
 }
 
 /// The controller's own state. Std mutexes: nothing awaits while holding them.
@@ -181,6 +195,12 @@ impl Controller {
                     addr: p.addr,
                     port: p.addr.port(),
                     pid: p.pid,
+                    uid: p.attached.as_ref().map(|a| a.uid.clone()),
+                    cgroup: p
+                        .attached
+                        .as_ref()
+                        .and_then(|a| a.cgroup.as_ref())
+                        .map(|c| c.pod_dir.clone()),
                 }),
                 _ => None,
             })
@@ -239,7 +259,7 @@ impl Controller {
                     } else {
                         scheduled += 1;
                         let g = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-                        to_start.push((key.clone(), g));
+                        to_start.push((key.clone(), g, s.clone()));
                         Some(Pod::Starting(g))
                     }
                 }
@@ -266,6 +286,7 @@ impl Controller {
                 None => PodView::Absent,
                 Some(Pod::Unschedulable) => PodView::Unschedulable,
                 Some(Pod::Starting(_)) => PodView::Starting,
+                Some(Pod::Running(p)) if p.frozen() => PodView::Frozen(p.addr),
                 Some(Pod::Running(p)) => PodView::Running(p.addr),
                 Some(Pod::Terminating(p, _)) => PodView::Terminating(p.addr),
                 Some(Pod::Failed) => PodView::Failed,
@@ -276,15 +297,17 @@ impl Controller {
             }
         }
         drop(pods);
-        for (key, generation) in to_start {
+        for (key, generation, sandbox) in to_start {
             let this = self.clone();
-            tokio::spawn(async move { this.start_pod(key, generation).await });
+            tokio::spawn(async move { this.start_pod(key, generation, sandbox).await });
         }
         views
     }
 
-    async fn start_pod(self: Arc<Self>, key: Key, generation: u64) {
-        let result = pods::start(&self.config.activator_bin, &key.2, self.config.pod_port).await;
+    async fn start_pod(self: Arc<Self>, key: Key, generation: u64, sandbox: Value) {
+        let result = pods::start(&self.config.activator_bin, &key.2, self.config.pod_port)
+            .await
+            .and_then(|p| self.attach(&key, &sandbox, p));
         let mut pods = self.pods.lock().expect("pods lock");
         match pods.get(&key) {
             Some(Pod::Starting(g)) if *g == generation => {}
@@ -305,6 +328,53 @@ impl Controller {
         self.wake.notify_one();
     }
 
+    /// With `pod_cgroups`: gives the process its core Pod object (named after the
+    /// Sandbox, controlled by it, on [`NODE_NAME`]) and its kubelet-style cgroup.
+    fn attach(
+        &self,
+        key: &Key,
+        sandbox: &Value,
+        mut p: PodProcess,
+    ) -> Result<PodProcess, pods::PodError> {
+        let Some(cgroups) = &self.config.pod_cgroups else {
+            return Ok(p);
+        };
+        let containers: Vec<Value> = key
+            .0
+            .pod_template(sandbox)
+            .and_then(|t| t["spec"]["containers"].as_array().cloned())
+            .unwrap_or_default();
+        let labels = key.0.pod_labels(&key.2);
+        let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let ip = p.addr.ip().to_string();
+        let pod = crate::node_pods::create(
+            &self.store,
+            &crate::node_pods::PodSpec {
+                namespace: &key.1,
+                name: &key.2,
+                node: NODE_NAME,
+                labels: &labels,
+                containers: containers.clone(),
+                pod_ip: Some(ip),
+                owners: vec![controller_ref(sandbox, "Sandbox")],
+            },
+        )
+        .map_err(|e| pods::PodError::Attach(format!("pod object: {e:?}")))?;
+        let uid = crate::node_pods::uid(&pod);
+        let pid = p.pid.ok_or(pods::PodError::Exited)?;
+        let cgroup = cgroups
+            .place(&uid, kubelet_qos(&containers), pid)
+            .map_err(|e| pods::PodError::Attach(format!("pod cgroup: {e}")))?;
+        p.attached = Some(pods::Attached {
+            store: self.store.clone(),
+            namespace: key.1.clone(),
+            name: key.2.clone(),
+            uid,
+            cgroup: Some(cgroup),
+        });
+        Ok(p)
+    }
+
     /// Keeps [`PORT_ANNOTATION`] equal to the running pod's port (only when pods pick
     /// their own ports): set before the status says Ready, removed when the pod is gone.
     pub(crate) fn sync_port_annotation(&self, sbx: usize, key: &Key, s: &Value, pod: PodView) {
@@ -312,7 +382,9 @@ impl Controller {
             return;
         }
         let want = match pod {
-            PodView::Running(a) | PodView::Terminating(a) => Some(a.port().to_string()),
+            PodView::Running(a) | PodView::Frozen(a) | PodView::Terminating(a) => {
+                Some(a.port().to_string())
+            }
             _ => None,
         };
         let have = s["metadata"]["annotations"][PORT_ANNOTATION].as_str();
@@ -421,6 +493,10 @@ impl Controller {
 }
 
 /// The controller ownerReference of `obj`, if any.
+fn kubelet_qos(containers: &[Value]) -> &'static str {
+    crate::kubelet_cgroups::qos_class(containers)
+}
+
 pub(crate) fn controller_of(obj: &Value) -> Option<&Value> {
     obj["metadata"]["ownerReferences"]
         .as_array()?

@@ -14,7 +14,8 @@
 //! - [`controller`]: agent-sandbox and OpenKruise controllers step by step (each
 //!   behaviour cites its upstream file and revision), pods as local processes.
 //! - [`token_review`]: TokenReview of tokens the test issues; [`node_pods`]: core Pods
-//!   bound to nodes, for the node agent.
+//!   bound to nodes, for the node agent; [`kubelet_cgroups`]: pod cgroups laid out as the
+//!   kubelet's, holding the pods' processes.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,6 +31,7 @@ pub mod controller;
 pub mod discovery;
 pub mod faults;
 pub mod http;
+pub mod kubelet_cgroups;
 pub mod node_pods;
 pub mod selector;
 pub mod store;
@@ -59,6 +61,10 @@ pub struct TestbedOptions {
     pub pod_port: u16,
     /// Bookmark period of idle watches that asked for bookmarks.
     pub bookmark_interval: Duration,
+    /// Run each sandbox pod's process in a kubelet-style pod cgroup under this root (and
+    /// give it a core `v1` Pod object), so a real node agent can freeze it. `None`: plain
+    /// processes, no Pod objects.
+    pub pod_cgroups: Option<kubelet_cgroups::PodCgroups>,
 }
 
 impl Default for TestbedOptions {
@@ -71,6 +77,7 @@ impl Default for TestbedOptions {
             terminate_delay: Duration::from_millis(50),
             pod_port: 0,
             bookmark_interval: Duration::from_secs(1),
+            pod_cgroups: None,
         }
     }
 }
@@ -116,6 +123,7 @@ impl Testbed {
                     step_delay: opts.step_delay,
                     terminate_delay: opts.terminate_delay,
                     pod_port: opts.pod_port,
+                    pod_cgroups: opts.pod_cgroups,
                 },
             );
             tokio::spawn(c.clone().run(stop_rx));

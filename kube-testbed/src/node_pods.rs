@@ -22,6 +22,10 @@ pub struct PodSpec<'a> {
     pub labels: &'a [(&'a str, &'a str)],
     /// `{"name","livenessProbe",...}` objects; one plain container when empty.
     pub containers: Vec<Value>,
+    /// `status.podIP` (default `127.0.0.1`).
+    pub pod_ip: Option<String>,
+    /// `metadata.ownerReferences`.
+    pub owners: Vec<Value>,
 }
 
 /// Creates a running pod bound to `spec.node`; returns it (its `metadata.uid` is the
@@ -42,13 +46,14 @@ pub fn create(store: &Store, spec: &PodSpec<'_>) -> Result<Value, ApiError> {
         res,
         spec.namespace,
         json!({
-            "metadata": {"name": spec.name, "labels": labels},
+            "metadata": {"name": spec.name, "labels": labels, "ownerReferences": spec.owners},
             "spec": {"nodeName": spec.node, "containers": containers},
         }),
     )?;
     store.update_with(res, spec.namespace, spec.name, Some("status"), |old| {
         let mut new = old.clone();
-        new["status"] = json!({"phase": "Running", "podIP": "127.0.0.1",
+        let ip = spec.pod_ip.as_deref().unwrap_or("127.0.0.1");
+        new["status"] = json!({"phase": "Running", "podIP": ip,
                                "conditions": [{"type": "Ready", "status": "True"}]});
         Ok(new)
     })
@@ -60,4 +65,16 @@ pub fn uid(pod: &Value) -> String {
         .as_str()
         .unwrap_or_default()
         .to_owned()
+}
+
+/// Deletes pod `name` only while it is still the pod with `uid` (a newer pod of the same
+/// name is left alone).
+pub fn delete_if(store: &Store, namespace: &str, name: &str, uid: &str) {
+    let res = register(store);
+    if store
+        .get(res, namespace, name)
+        .is_ok_and(|p| p["metadata"]["uid"] == uid)
+    {
+        let _ = store.delete(res, namespace, name);
+    }
 }

@@ -3,13 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::fake_backend::ScriptedBackend;
 use super::{ActivationError, Activator, Permit};
 use crate::backend::{ActivationKind, BackendError, BackendEvent, DynBackend, SandboxId};
 use crate::config::{Config, IdlePolicy, OnSandboxLoss};
 use crate::lock::MutexExt;
 use crate::metrics::Metrics;
 use crate::session::SessionKey;
+use crate::testing::ScriptedBackend;
 
 mod admin;
 mod deadlines;

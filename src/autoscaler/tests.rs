@@ -8,7 +8,6 @@ use super::*;
 use crate::config::{AutoscalerConfig, Dur, ScalingMetric};
 use crate::stats::StatsSnapshot;
 
-mod fleet;
 mod simulation;
 
 /// Concurrency metric, target 10 at 70 %: 7 in flight per sandbox.

@@ -28,7 +28,7 @@ use super::{
     SandboxBackend, SandboxId, SandboxInfo, SandboxState,
 };
 use crate::cluster::KubeContext;
-use crate::config::Config;
+use crate::config::{Config, PauseMode};
 use crate::session::SessionKey;
 
 pub mod activity;
@@ -38,6 +38,7 @@ mod cache;
 mod claim;
 pub mod crd;
 pub mod flavour;
+pub mod freeze;
 pub mod pause;
 mod retry;
 
@@ -46,7 +47,8 @@ use api::{ApiSet, Decision};
 use backstop::Backstop;
 use cache::{Cache, Kind};
 use flavour::Flavour;
-use pause::{PauseStrategy, SpecSuspend};
+use freeze::NodeFreeze;
+use pause::{PauseContext, PauseStrategy, SpecSuspend};
 
 /// Label on every claim this activator creates: the first 32 hex characters of the
 /// session's SHA-256 (also the claim name's suffix).
@@ -73,6 +75,7 @@ pub struct KubernetesBackend {
     digest_name: String,
     backstop: Arc<Backstop>,
     strategy: Arc<dyn PauseStrategy>,
+    pause_cx: PauseContext,
     pool: String,
     claim_prefix: String,
     /// `backend.kubernetes.max_claims` (0 = unlimited).
@@ -120,14 +123,22 @@ impl KubernetesBackend {
             ),
             tokio::spawn(backstop.clone().run(api.clone(), cache.clone())),
         ];
+        let strategy: Arc<dyn PauseStrategy> = match k.pause {
+            PauseMode::Suspend => Arc::new(SpecSuspend::new(flavour)),
+            PauseMode::Freeze => Arc::new(NodeFreeze::new(kube, k, flavour)),
+        };
         KubernetesBackend {
+            pause_cx: PauseContext {
+                api: api.clone(),
+                cache: cache.clone(),
+            },
             api,
             cache,
             activity,
             digests,
             digest_name,
             backstop,
-            strategy: Arc::new(SpecSuspend::new(flavour)),
+            strategy,
             pool: k.pool.clone(),
             claim_prefix: k.claim_prefix.clone(),
             max_claims: k.max_claims as usize,
@@ -179,42 +190,16 @@ impl KubernetesBackend {
         self.backstop.round(&self.api, &self.cache).await;
     }
 
-    /// Thaws a suspended sandbox: done on Ready=True for the current generation with a
-    /// pod IP; a finished pod or a vanished Sandbox is lost.
+    /// Resumes a paused sandbox through the pause strategy.
     async fn resume_sandbox(
         &self,
         sandbox: &SandboxId,
         deadline: Instant,
     ) -> Result<SocketAddr, BackendError> {
-        let started = Instant::now();
-        let name = sandbox.as_str();
-        let _own = self.cache.begin_own(name);
-        let flavour = self.api.flavour;
-        let view = self
-            .cache
-            .read(|st| st.sandbox(name).map(|s| flavour.sandbox_view(s)))
-            .ok_or_else(|| BackendError::Lost(sandbox.clone()))?;
-        if let Some(ep) = self.cache.endpoint(&view) {
-            return Ok(ep);
-        }
+        let _own = self.cache.begin_own(sandbox.as_str());
         self.strategy
-            .set_paused(&self.api, name, false, deadline)
-            .await?;
-        let cache = &self.cache;
-        cache
-            .wait_for(deadline, |st| match st.sandbox(name) {
-                None => Some(Err(BackendError::Lost(sandbox.clone()))),
-                Some(s) => {
-                    let v = flavour.sandbox_view(s);
-                    if v.finished || v.deleting {
-                        Some(Err(BackendError::Lost(sandbox.clone())))
-                    } else {
-                        cache.endpoint(&v).map(Ok)
-                    }
-                }
-            })
+            .resume(&self.pause_cx, sandbox.as_str(), deadline)
             .await
-            .unwrap_or_else(|| Err(BackendError::Timeout(started.elapsed())))
     }
 }
 
@@ -252,7 +237,17 @@ impl SandboxBackend for KubernetesBackend {
             )));
         }
         let created = self.ensure_claim(session, &name, budget.deadline).await?;
-        let result = self.await_claim(&name, created, budget, started).await;
+        let mut result = self.await_claim(&name, created, budget, started).await;
+        // A claim another replica made was checked there.
+        if created
+            && let Ok(b) = &result
+            && let Err(e) = self
+                .strategy
+                .check_claim(&self.pause_cx, b.sandbox.as_str(), budget.deadline)
+                .await
+        {
+            result = Err(e);
+        }
         if result.is_err() && created {
             // Nobody may come back for it: a claim left behind would keep a sandbox.
             self.abandon_claim(name);
@@ -273,7 +268,6 @@ impl SandboxBackend for KubernetesBackend {
         let deadline = started + self.op_timeout;
         let name = sandbox.as_str();
         let _own = self.cache.begin_own(name);
-        let flavour = self.api.flavour;
         let (claim, sha) = self
             .cache
             .read(|st| {
@@ -309,20 +303,7 @@ impl SandboxBackend for KubernetesBackend {
                 BackendError::Lost(_) => BackendError::Lost(sandbox.clone()),
                 e => e,
             })?;
-        self.strategy
-            .set_paused(&self.api, name, true, deadline)
-            .await?;
-        // Done when the pod is gone (agent-sandbox Suspended=True/PodTerminated, or no
-        // pod IP left; Ready=False alone comes at once while the pod still terminates),
-        // so a resume right after cannot mistake the old pod for the new one.
-        let cache = &self.cache;
-        cache
-            .wait_for(deadline, |st| match st.sandbox(name) {
-                None => Some(()),
-                Some(s) => flavour.sandbox_view(s).pause_done.then_some(()),
-            })
-            .await
-            .ok_or_else(|| BackendError::Timeout(started.elapsed()))
+        self.strategy.pause(&self.pause_cx, name, deadline).await
     }
 
     async fn release(&self, session: &SessionKey, sandbox: &SandboxId) -> Result<(), BackendError> {
@@ -362,7 +343,7 @@ impl SandboxBackend for KubernetesBackend {
                         .collect();
                     let state = if view.deleting || view.finished {
                         SandboxState::Stopping
-                    } else if view.spec_paused {
+                    } else if view.spec_paused || view.frozen.is_some() {
                         SandboxState::Paused
                     } else if !view.ready {
                         SandboxState::Starting
@@ -433,7 +414,9 @@ impl SandboxBackend for KubernetesBackend {
                 session,
                 session_hash,
                 endpoint: view.as_ref().and_then(|v| self.cache.endpoint(v)),
-                paused: view.as_ref().is_some_and(|v| v.spec_paused),
+                paused: view
+                    .as_ref()
+                    .is_some_and(|v| v.spec_paused || v.frozen.is_some()),
                 sandbox: SandboxId::new(sandbox),
             });
         }

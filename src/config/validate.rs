@@ -354,6 +354,27 @@ impl Config {
                          cluster would end sessions the activator still keeps",
                     ));
                 }
+                if b.kubernetes.pause == super::PauseMode::Freeze {
+                    let a = &b.kubernetes.node_agent;
+                    if a.namespace.is_empty() || a.selector.is_empty() {
+                        return Err(ConfigError::invalid(
+                            "backend.kubernetes.node_agent.selector",
+                            "pause: freeze needs the node agent's namespace and label selector",
+                        ));
+                    }
+                    if a.port == 0 {
+                        return Err(ConfigError::invalid(
+                            "backend.kubernetes.node_agent.port",
+                            "must be a TCP port",
+                        ));
+                    }
+                    if a.timeout.is_zero() {
+                        return Err(ConfigError::invalid(
+                            "backend.kubernetes.node_agent.timeout",
+                            "must be greater than 0",
+                        ));
+                    }
+                }
                 if b.kubernetes.claim_prefix.len() > 30
                     || !b
                         .kubernetes

@@ -2,8 +2,10 @@
 //! (a label selector and `spec.nodeName` in the agent's namespace: no cluster-wide
 //! privilege), then freeze, thaw or read the pod with the projected token.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,6 +16,9 @@ use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::lock::MutexExt;
 
 /// Largest agent answer read (a status is ~100 bytes).
 const MAX_ANSWER: usize = 64 * 1024;
@@ -32,6 +37,23 @@ pub struct AgentLocator {
     pub token_path: PathBuf,
     /// Bound on one lookup or call.
     pub timeout: Duration,
+    /// How long a found agent address is reused for its node (zero: look up every call).
+    /// A call that cannot reach the agent forgets it at once.
+    pub address_ttl: Duration,
+}
+
+impl AgentLocator {
+    /// The locator `backend.kubernetes.node_agent.*` describes.
+    pub fn from_config(c: &crate::config::NodeAgentClientConfig) -> AgentLocator {
+        AgentLocator {
+            namespace: c.namespace.clone(),
+            selector: c.selector.clone(),
+            port: c.port,
+            token_path: c.token_path.clone(),
+            timeout: c.timeout.as_duration(),
+            address_ttl: c.address_cache_ttl.as_duration(),
+        }
+    }
 }
 
 /// A pod the agent should act on.
@@ -65,6 +87,9 @@ pub enum ClientError {
     },
     #[error("node agent call failed: {0}")]
     Transport(String),
+    /// No connection could be made to the agent's address.
+    #[error("node agent unreachable: {0}")]
+    Unreachable(String),
     /// The agent refused: its status and `error.code`.
     #[error("node agent answered {status} {code}: {message}")]
     Refused {
@@ -79,6 +104,9 @@ pub struct NodeAgentClient {
     kube: kube::Client,
     locator: AgentLocator,
     http: Client<HttpConnector, Full<Bytes>>,
+    /// Node -> its agent's address and when it was found. Std mutex: never held across
+    /// an await.
+    addresses: Mutex<HashMap<String, (SocketAddr, Instant)>>,
 }
 
 impl NodeAgentClient {
@@ -90,6 +118,7 @@ impl NodeAgentClient {
             kube,
             locator,
             http: Client::builder(TokioExecutor::new()).build(connector),
+            addresses: Mutex::new(HashMap::new()),
         }
     }
 
@@ -121,6 +150,30 @@ impl NodeAgentClient {
             .ok_or_else(|| ClientError::NoAgent(node.to_owned()))
     }
 
+    /// The agent on `node`: the cached address while fresh, else a lookup.
+    async fn agent_cached(&self, node: &str) -> Result<SocketAddr, ClientError> {
+        let ttl = self.locator.address_ttl;
+        let cached = self
+            .addresses
+            .lock_recovered()
+            .get(node)
+            .filter(|(_, at)| at.elapsed() < ttl)
+            .map(|(a, _)| *a);
+        if let Some(a) = cached {
+            return Ok(a);
+        }
+        let a = self.agent_for_node(node).await?;
+        let mut addresses = self.addresses.lock_recovered();
+        // Bounded by the number of nodes; stale entries are dropped on the way.
+        addresses.retain(|_, (_, at)| at.elapsed() < ttl);
+        addresses.insert(node.to_owned(), (a, Instant::now()));
+        Ok(a)
+    }
+
+    fn forget(&self, node: &str) {
+        self.addresses.lock_recovered().remove(node);
+    }
+
     /// Freezes `pod`; returns once the agent reports it frozen.
     pub async fn freeze(&self, pod: &PodRef) -> Result<AgentPodStatus, ClientError> {
         self.call(pod, "freeze").await
@@ -137,7 +190,22 @@ impl NodeAgentClient {
     }
 
     async fn call(&self, pod: &PodRef, op: &str) -> Result<AgentPodStatus, ClientError> {
-        let agent = self.agent_for_node(&pod.node).await?;
+        match self.call_once(pod, op).await {
+            // The agent pod may have been replaced (new IP): look it up again, once.
+            Err(ClientError::Unreachable(e)) if !self.locator.address_ttl.is_zero() => {
+                tracing::debug!(
+                    node = pod.node,
+                    "node agent unreachable ({e}); looking it up again"
+                );
+                self.forget(&pod.node);
+                self.call_once(pod, op).await
+            }
+            r => r,
+        }
+    }
+
+    async fn call_once(&self, pod: &PodRef, op: &str) -> Result<AgentPodStatus, ClientError> {
+        let agent = self.agent_cached(&pod.node).await?;
         let token = tokio::fs::read_to_string(&self.locator.token_path)
             .await
             .map_err(|source| ClientError::Token {
@@ -164,11 +232,13 @@ impl NodeAgentClient {
         }
         .map_err(|e| ClientError::Transport(e.to_string()))?;
         let exchange = async {
-            let resp = self
-                .http
-                .request(req)
-                .await
-                .map_err(|e| ClientError::Transport(e.to_string()))?;
+            let resp = self.http.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    ClientError::Unreachable(e.to_string())
+                } else {
+                    ClientError::Transport(e.to_string())
+                }
+            })?;
             let status = resp.status().as_u16();
             let body = Limited::new(resp.into_body(), MAX_ANSWER)
                 .collect()

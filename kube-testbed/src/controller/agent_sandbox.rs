@@ -51,7 +51,10 @@ pub(crate) fn reconcile(ctrl: &Arc<Controller>, res: Resources) {
         let pod = pods.get(&key).copied().unwrap_or(PodView::Absent);
         // The port goes up before Ready and comes down after it, so no reader sees a
         // ready Sandbox without its port.
-        let up = matches!(pod, PodView::Running(_) | PodView::Terminating(_));
+        let up = matches!(
+            pod,
+            PodView::Running(_) | PodView::Frozen(_) | PodView::Terminating(_)
+        );
         if up {
             ctrl.sync_port_annotation(res.sandboxes, &key, s, pod);
         }
@@ -133,6 +136,13 @@ pub fn sandbox_status(s: &Value, pod: PodView) -> Value {
             PodView::Running(_) => {
                 condition("Ready", "True", "DependenciesReady", "Pod is Ready", g)
             }
+            PodView::Frozen(_) => condition(
+                "Ready",
+                "False",
+                "DependenciesNotReady",
+                "Pod exists with phase: Running but is not Ready",
+                g,
+            ),
             PodView::Failed => condition("Ready", "False", "PodFailed", "Pod failed", g),
             PodView::Absent => condition(
                 "Ready",
@@ -151,9 +161,9 @@ pub fn sandbox_status(s: &Value, pod: PodView) -> Value {
         }
     });
     let mut status = json!({ "conditions": conds });
-    if let PodView::Running(a) | PodView::Terminating(a) = pod {
+    if let PodView::Running(a) | PodView::Frozen(a) | PodView::Terminating(a) = pod {
         status["podIPs"] = json!([a.ip().to_string()]);
-        status["nodeName"] = json!("kube-testbed");
+        status["nodeName"] = json!(crate::controller::NODE_NAME);
     }
     status
 }

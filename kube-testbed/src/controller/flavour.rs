@@ -1,5 +1,7 @@
 //! The two sandbox APIs the testbed serves and where their resource types live.
 
+use serde_json::Value;
+
 use crate::store::{ResourceType, Store};
 
 /// Annotation the testbed sets on a Sandbox: the port its "pod" process listens on, when
@@ -83,5 +85,32 @@ impl Flavour {
                 Flavour::OpenKruise => None,
             },
         })
+    }
+}
+
+impl Flavour {
+    /// The pod template of a Sandbox: agent-sandbox `spec.podTemplate`, OpenKruise
+    /// `spec.template`.
+    pub fn pod_template(self, sandbox: &Value) -> Option<Value> {
+        let t = match self {
+            Flavour::AgentSandbox => &sandbox["spec"]["podTemplate"],
+            Flavour::OpenKruise => &sandbox["spec"]["template"],
+        };
+        (!t.is_null()).then(|| t.clone())
+    }
+
+    /// The labels the controller puts on a Sandbox's pod: agent-sandbox `2fd412d55eca`
+    /// controllers/sandbox_controller.go:53 (`agents.x-k8s.io/sandbox-name-hash` =
+    /// `NameHash(name)`), openkruise/agents `0b72c83ae0bc` pkg/utils/constant.go:45,55 and
+    /// pkg/controller/sandbox/core/pod_control.go:334 (`agents.kruise.io/created-by:
+    /// sandbox`).
+    pub fn pod_labels(self, sandbox_name: &str) -> Vec<(&'static str, String)> {
+        match self {
+            Flavour::AgentSandbox => vec![(
+                "agents.x-k8s.io/sandbox-name-hash",
+                super::agent_sandbox::name_hash(sandbox_name),
+            )],
+            Flavour::OpenKruise => vec![("agents.kruise.io/created-by", "sandbox".into())],
+        }
     }
 }

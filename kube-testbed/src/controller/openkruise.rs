@@ -48,7 +48,10 @@ pub(crate) fn reconcile(ctrl: &Arc<Controller>, res: Resources) {
         let pod = pods.get(&key).copied().unwrap_or(PodView::Absent);
         // The port goes up before Ready and comes down after it, so no reader sees a
         // ready Sandbox without its port.
-        let up = matches!(pod, PodView::Running(_) | PodView::Terminating(_));
+        let up = matches!(
+            pod,
+            PodView::Running(_) | PodView::Frozen(_) | PodView::Terminating(_)
+        );
         if up {
             ctrl.sync_port_annotation(res.sandboxes, &key, s, pod);
         }
@@ -97,6 +100,10 @@ pub fn sandbox_status(s: &Value, pod: PodView) -> Value {
             conds.push(condition("SandboxResumed", "True", "ResumeSucceed", "", g));
         }
         "Running"
+    } else if let PodView::Frozen(_) = pod {
+        // The pod still runs (frozen); its readiness probe fails.
+        conds.push(condition("Ready", "False", "PodNotReady", "", g));
+        "Running"
     } else {
         let reason = if pod == PodView::Unschedulable {
             "Unschedulable"
@@ -112,8 +119,9 @@ pub fn sandbox_status(s: &Value, pod: PodView) -> Value {
         }
     };
     let mut status = json!({"phase": phase, "conditions": conds, "observedGeneration": g});
-    if let PodView::Running(a) | PodView::Terminating(a) = pod {
-        status["podInfo"] = json!({"podIP": a.ip().to_string(), "nodeName": "kube-testbed"});
+    if let PodView::Running(a) | PodView::Frozen(a) | PodView::Terminating(a) = pod {
+        status["podInfo"] =
+            json!({"podIP": a.ip().to_string(), "nodeName": crate::controller::NODE_NAME});
     }
     status
 }

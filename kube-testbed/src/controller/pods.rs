@@ -7,11 +7,15 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+
+use crate::kubelet_cgroups::PodCgroup;
+use crate::store::Store;
 
 /// A running demo-sandbox process; killed when dropped.
 #[derive(Debug)]
@@ -19,12 +23,49 @@ pub struct PodProcess {
     pub addr: SocketAddr,
     pub pid: Option<u32>,
     child: Child,
+    /// Its core Pod object and pod cgroup (`pod_cgroups` only); removed after the kill.
+    pub attached: Option<Attached>,
+}
+
+/// What a pod process has besides the process, with `pod_cgroups`.
+pub struct Attached {
+    pub store: Arc<Store>,
+    pub namespace: String,
+    pub name: String,
+    /// The core Pod's UID.
+    pub uid: String,
+    pub cgroup: Option<PodCgroup>,
+}
+
+impl std::fmt::Debug for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attached")
+            .field("pod", &format_args!("{}/{}", self.namespace, self.name))
+            .field("uid", &self.uid)
+            .field("cgroup", &self.cgroup)
+            .finish()
+    }
+}
+
+impl Drop for Attached {
+    /// The Pod object goes with the process (the cgroup right after, by its own drop).
+    fn drop(&mut self) {
+        crate::node_pods::delete_if(&self.store, &self.namespace, &self.name, &self.uid);
+    }
 }
 
 impl PodProcess {
     /// True once the process has exited (it crashed or someone killed it).
     pub fn exited(&mut self) -> bool {
         !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Its pod cgroup is frozen (kernel-confirmed).
+    pub fn frozen(&self) -> bool {
+        self.attached
+            .as_ref()
+            .and_then(|a| a.cgroup.as_ref())
+            .is_some_and(|c| c.frozen())
     }
 }
 
@@ -33,6 +74,10 @@ impl Drop for PodProcess {
     /// so its socket is closed before the controller reports the pod terminated (a kill that
     /// is merely sent left the old pod accepting connections after `PodTerminated`).
     fn drop(&mut self) {
+        // A process frozen by cgroup v1 cannot die until thawed.
+        if let Some(cg) = self.attached.as_ref().and_then(|a| a.cgroup.as_ref()) {
+            cg.thaw();
+        }
         let _ = self.child.start_kill();
         for _ in 0..2000 {
             if self.exited() {
@@ -56,6 +101,8 @@ pub enum PodError {
     NotReady(Duration),
     #[error("the pod process exited before it was ready")]
     Exited,
+    #[error("cannot attach the pod process: {0}")]
+    Attach(String),
 }
 
 /// How long a process may take to print its address.
@@ -143,6 +190,7 @@ async fn start_on(
         addr,
         pid: child.id(),
         child,
+        attached: None,
     })
 }
 

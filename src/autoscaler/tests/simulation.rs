@@ -6,18 +6,18 @@ use std::time::Duration;
 
 use tokio::time::{Instant, advance};
 
-use super::fleet::FakeFleet;
 use crate::autoscaler::{Autoscaler, Step};
 use crate::cluster::{Leadership, ReplicaId, SoleReplica};
 use crate::config::{AutoscalerConfig, Config, Dur, ScalingMetric};
 use crate::metrics::Metrics;
 use crate::stats::{SessionCounts, StatsSampler, TrafficStats};
+use crate::testing::ScriptedBackend;
 
 struct Rig {
     waiting: Arc<AtomicU64>,
     stats: Arc<TrafficStats>,
     sampler: Arc<StatsSampler>,
-    fleet: Arc<FakeFleet>,
+    fleet: Arc<ScriptedBackend>,
     metrics: Arc<Metrics>,
     scaler: Arc<Autoscaler>,
     active: Arc<AtomicU64>,
@@ -48,7 +48,7 @@ fn rig_with(config: Config, leader: Arc<dyn Leadership>) -> Rig {
         }),
         metrics.clone(),
     );
-    let fleet = Arc::new(FakeFleet::new(0));
+    let fleet = Arc::new(ScriptedBackend::new(false));
     let scaler = Autoscaler::new(
         &config,
         sampler.clone(),
@@ -82,7 +82,7 @@ fn concurrency_target_one() -> AutoscalerConfig {
 async fn desired_rises_panics_falls_and_reaches_zero() {
     let r = rig(concurrency_target_one(), Arc::new(SoleReplica));
     // Already serving the steady load (3 sandboxes) when the simulation starts.
-    r.fleet.warm.store(3, Ordering::SeqCst);
+    r.fleet.pool.warm.store(3, Ordering::SeqCst);
     let mut in_flight = 0u32;
     // (second, desired, panic) after every decision.
     let mut history: Vec<(u32, u32, bool)> = Vec::new();
@@ -134,15 +134,15 @@ async fn desired_rises_panics_falls_and_reaches_zero() {
     assert_eq!(history.last().unwrap().1, 0, "{history:?}");
     assert!(!history.last().unwrap().2);
     // Applied through the backend; the last target is zero and the gauges agree.
-    assert_eq!(r.fleet.targets().last(), Some(&0));
+    assert_eq!(r.fleet.pool.targets().last(), Some(&0));
     assert_eq!(r.metrics.desired_sandboxes.get(), 0);
     assert_eq!(r.metrics.panic_mode.get(), 0);
     assert_eq!(r.metrics.autoscaler_leader.get(), 1);
     // Equal targets are applied once: far fewer applications than decisions.
     assert!(
-        r.fleet.targets().len() < history.len() / 2,
+        r.fleet.pool.targets().len() < history.len() / 2,
         "{:?}",
-        r.fleet.targets()
+        r.fleet.pool.targets()
     );
 }
 
@@ -167,7 +167,7 @@ async fn first_request_at_zero_decides_without_waiting_for_the_tick() {
         tokio::task::yield_now().await;
     }
     assert_eq!(r.metrics.desired_sandboxes.get(), 1);
-    assert_eq!(r.fleet.ready(), 1, "applied at once");
+    assert_eq!(r.fleet.pool.ready(), 1, "applied at once");
     assert!(
         Instant::now() - t0 < Duration::from_secs(10),
         "before the next tick"
@@ -191,7 +191,7 @@ async fn followers_neither_decide_nor_apply() {
     assert_eq!(r.scaler.step(Instant::now()).await, Step::Follower);
     assert_eq!(r.metrics.autoscaler_leader.get(), 0);
     assert_eq!(r.metrics.desired_sandboxes.get(), 0);
-    assert!(r.fleet.targets().is_empty());
+    assert!(r.fleet.pool.targets().is_empty());
     leader.0.store(true, Ordering::SeqCst);
     let step = r.scaler.step(Instant::now()).await;
     assert!(
@@ -222,7 +222,7 @@ async fn apply_false_only_exports() {
     );
     assert_eq!(r.metrics.desired_sandboxes.get(), 1);
     assert_eq!(r.metrics.warm_pool_target.get(), 1, "exported for HPA/KEDA");
-    assert!(r.fleet.targets().is_empty());
+    assert!(r.fleet.pool.targets().is_empty());
     let json = r.scaler.stats_json();
     assert_eq!(json["in_flight"], 1);
     assert_eq!(json["replica_id"], "replica-under-test");
@@ -242,7 +242,7 @@ async fn session_metric_follows_conversations_and_keeps_the_warm_pool() {
     };
     config.backend.warm_pool = 2;
     let r = rig_with(config, Arc::new(SoleReplica));
-    r.fleet.warm.store(2, Ordering::SeqCst);
+    r.fleet.pool.warm.store(2, Ordering::SeqCst);
     let mut history: Vec<(u32, u32, bool, u32)> = Vec::new();
     for sec in 0..200u32 {
         // 6 new conversations block at 10 s, are bound at 12 s, and end at 40 s.
@@ -255,12 +255,15 @@ async fn session_metric_follows_conversations_and_keeps_the_warm_pool() {
         r.active.store(active, Ordering::SeqCst);
         if sec == 12 {
             // Claimed: 6 sandboxes move from the pool to bound.
-            r.fleet.bound.store(6, Ordering::SeqCst);
-            let warm = r.fleet.warm.load(Ordering::SeqCst);
-            r.fleet.warm.store(warm.saturating_sub(6), Ordering::SeqCst);
+            r.fleet.pool.bound.store(6, Ordering::SeqCst);
+            let warm = r.fleet.pool.warm.load(Ordering::SeqCst);
+            r.fleet
+                .pool
+                .warm
+                .store(warm.saturating_sub(6), Ordering::SeqCst);
         }
         if sec == 40 {
-            r.fleet.bound.store(0, Ordering::SeqCst);
+            r.fleet.pool.bound.store(0, Ordering::SeqCst);
         }
         advance(Duration::from_secs(1)).await;
         r.sampler.sample(Instant::now());
@@ -281,5 +284,5 @@ async fn session_metric_follows_conversations_and_keeps_the_warm_pool() {
     // Conversations over: after the panic, back down to the warm pool, not below.
     let end = history.last().unwrap();
     assert_eq!((end.1, end.2, end.3), (2, false, 2), "{history:?}");
-    assert_eq!(r.fleet.targets().last(), Some(&2));
+    assert_eq!(r.fleet.pool.targets().last(), Some(&2));
 }

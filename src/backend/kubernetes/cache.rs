@@ -53,6 +53,12 @@ pub struct State {
     /// Claim name -> Sandboxes that name it (agent-sandbox controller ownerReference,
     /// OpenKruise `claim-name` label), bound or not.
     naming: HashMap<String, BTreeSet<String>>,
+    /// Sandboxes that have been bound to a claim of ours since they were last seen
+    /// deleted. The claims and Sandboxes watches are separate streams, so when a bound
+    /// Sandbox is deleted the controller's answer on the claim (agent-sandbox clears
+    /// `status.sandbox` with `SandboxMissing`) may arrive first and unbind it in `bound`;
+    /// the deletion must still be reported as a loss.
+    ever_bound: HashSet<String>,
 }
 
 impl State {
@@ -182,6 +188,16 @@ impl Cache {
             _ => self.port,
         };
         view.serving().map(|ip| SocketAddr::new(ip, port))
+    }
+
+    /// `podIP:port` of a sandbox whatever its readiness (a thawed pod answers at once;
+    /// its Ready condition follows at the kubelet's next probe).
+    pub fn address(&self, view: &SandboxView) -> Option<SocketAddr> {
+        let port = match view.port_override {
+            Some(p) if self.port_from_annotation => p,
+            _ => self.port,
+        };
+        view.pod_ip.map(|ip| SocketAddr::new(ip, port))
     }
 
     pub fn begin_own(&self, sandbox: &str) -> OwnTransition<'_> {
@@ -349,6 +365,7 @@ impl Cache {
             st.bound.remove(o);
         }
         if let Some(new) = self.resolve(st, claim) {
+            st.ever_bound.insert(new.clone());
             st.bound.insert(new.clone(), claim.to_owned());
             st.by_claim.insert(claim.to_owned(), new);
         }
@@ -388,6 +405,7 @@ impl Cache {
         let id = SandboxId::new(name);
         if deleted {
             st.settled.remove(name);
+            let bound = st.ever_bound.remove(name) || bound;
             let released = self.released.lock_recovered().remove(name);
             if bound && !released {
                 out.push(BackendEvent::Lost {
@@ -403,6 +421,9 @@ impl Cache {
         let view = self.flavour.sandbox_view(obj);
         let now = match (self.endpoint(&view), view.pause_done) {
             _ if view.finished => Settled::Finished,
+            // Frozen in place by the node agent (`pause: freeze`): its readiness failing
+            // meanwhile is expected, not a loss.
+            _ if view.frozen.is_some() => Settled::Paused,
             (Some(addr), _) => Settled::Serving(addr),
             (None, true) => Settled::Paused,
             (None, false) => return,
@@ -456,4 +477,94 @@ impl Cache {
 
 fn name_of(o: &DynamicObject) -> String {
     o.metadata.name.clone().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(v).expect("a valid object")
+    }
+
+    fn claim(sandbox: Option<&str>) -> DynamicObject {
+        let status = match sandbox {
+            Some(s) => json!({"sandbox": {"name": s}}),
+            // What agent-sandbox writes when the bound Sandbox is gone.
+            None => json!({"conditions": [{"type": "Ready", "status": "False",
+                "reason": "SandboxMissing"}]}),
+        };
+        obj(json!({
+            "apiVersion": "extensions.agents.x-k8s.io/v1beta1", "kind": "SandboxClaim",
+            "metadata": {"name": "c1", "namespace": "default", "uid": "uid-c1"},
+            "status": status,
+        }))
+    }
+
+    fn sandbox() -> DynamicObject {
+        obj(json!({
+            "apiVersion": "agents.x-k8s.io/v1beta1", "kind": "Sandbox",
+            "metadata": {"name": "s1", "namespace": "default", "ownerReferences": [{
+                "apiVersion": "extensions.agents.x-k8s.io/v1beta1", "kind": "SandboxClaim",
+                "name": "c1", "uid": "uid-c1", "controller": true}]},
+            "status": {"podIPs": ["127.0.0.2"], "conditions": [
+                {"type": "Ready", "status": "True", "reason": "DependenciesReady"}]},
+        }))
+    }
+
+    fn lost(rx: &mut broadcast::Receiver<BackendEvent>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            if let BackendEvent::Lost { sandbox, .. } = ev {
+                out.push(sandbox.as_str().to_owned());
+            }
+        }
+        out
+    }
+
+    /// The claims and Sandboxes watches are separate streams: the controller's
+    /// `SandboxMissing` on the claim may be seen before the Sandbox's deletion. The loss
+    /// is reported either way, once.
+    #[test]
+    fn a_deleted_bound_sandbox_is_lost_whichever_watch_reports_first() {
+        for claim_first in [false, true] {
+            let cache = Cache::new(Flavour::AgentSandbox, 8080, false);
+            let mut rx = cache.subscribe();
+            cache.apply(Kind::Sandboxes, Event::Apply(sandbox()));
+            cache.apply(Kind::Claims, Event::Apply(claim(Some("s1"))));
+            assert_eq!(
+                cache.read(|st| st.sandbox_of_claim("c1").map(str::to_owned)),
+                Some("s1".into())
+            );
+            if claim_first {
+                cache.apply(Kind::Claims, Event::Apply(claim(None)));
+                assert_eq!(
+                    cache.read(|st| st.sandbox_of_claim("c1").map(str::to_owned)),
+                    None
+                );
+            }
+            cache.apply(Kind::Sandboxes, Event::Delete(sandbox()));
+            assert_eq!(
+                lost(&mut rx),
+                vec!["s1".to_owned()],
+                "claim_first={claim_first}"
+            );
+        }
+    }
+
+    /// A Sandbox we released is not a loss when it goes, and a warm one never bound is not.
+    #[test]
+    fn released_and_never_bound_sandboxes_are_not_lost() {
+        let cache = Cache::new(Flavour::AgentSandbox, 8080, false);
+        let mut rx = cache.subscribe();
+        cache.apply(Kind::Sandboxes, Event::Apply(sandbox()));
+        cache.apply(Kind::Sandboxes, Event::Delete(sandbox()));
+        cache.apply(Kind::Sandboxes, Event::Apply(sandbox()));
+        cache.apply(Kind::Claims, Event::Apply(claim(Some("s1"))));
+        cache.mark_released("s1");
+        cache.apply(Kind::Claims, Event::Delete(claim(Some("s1"))));
+        cache.apply(Kind::Sandboxes, Event::Delete(sandbox()));
+        assert_eq!(lost(&mut rx), Vec::<String>::new());
+    }
 }

@@ -55,6 +55,9 @@ pub struct SandboxView {
     pub warm: bool,
     /// Being deleted.
     pub deleting: bool,
+    /// [`super::freeze::FROZEN_ANNOTATION`]: the UID of the pod the node agent froze
+    /// (`pause: freeze`). A frozen pod keeps its IP but takes no traffic until thawed.
+    pub frozen: Option<String>,
     /// The claim this Sandbox belongs to: agent-sandbox its controller ownerReference
     /// (kind SandboxClaim), OpenKruise the `claim-name` label.
     pub claim: Option<String>,
@@ -63,9 +66,9 @@ pub struct SandboxView {
 }
 
 impl SandboxView {
-    /// Ready to take traffic and not asked to suspend.
+    /// Ready to take traffic, not asked to suspend and not frozen.
     pub fn serving(&self) -> Option<IpAddr> {
-        if self.ready && !self.spec_paused && !self.deleting {
+        if self.ready && !self.spec_paused && !self.deleting && self.frozen.is_none() {
             self.pod_ip
         } else {
             None
@@ -193,6 +196,9 @@ impl Flavour {
                 .and_then(|a| a.get(PORT_ANNOTATION))
                 .and_then(|p| p.parse().ok()),
             deleting: obj.metadata.deletion_timestamp.is_some(),
+            frozen: annotations
+                .and_then(|a| a.get(super::freeze::FROZEN_ANNOTATION))
+                .cloned(),
             ..SandboxView::default()
         };
         match self {

@@ -1,15 +1,27 @@
-//! `PauseStrategy`: how a sandbox is frozen and thawed. The default suspends through the
-//! Sandbox spec (the pod is deleted); a memory-keeping freeze (CRIU checkpoint, a runtime
-//! that pauses VMs) plugs in here without touching the activation layer or the proxy.
+//! `PauseStrategy`: how a sandbox is paused and resumed, and when each is complete. The
+//! default suspends through the Sandbox spec (the pod is deleted); [`super::freeze`]
+//! freezes the pod in place through the node agent. Either plugs in without touching the
+//! activation layer or the proxy.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::api::{ApiSet, Decision};
+use super::cache::Cache;
 use super::flavour::Flavour;
-use crate::backend::BackendError;
+use crate::backend::{BackendError, SandboxId};
 
-/// Freezes and thaws one sandbox through the cluster.
+/// What a strategy works with: the API handles and the watch-fed cache of this backend.
+#[derive(Clone)]
+pub struct PauseContext {
+    pub(super) api: ApiSet,
+    pub(super) cache: Arc<Cache>,
+}
+
+/// Pauses and resumes one sandbox through the cluster.
 #[async_trait]
 pub trait PauseStrategy: Send + Sync + 'static {
     /// Short name for logs.
@@ -18,15 +30,33 @@ pub trait PauseStrategy: Send + Sync + 'static {
     /// What survives a pause, in words.
     fn keeps(&self) -> &'static str;
 
-    /// Asks the cluster to pause (`true`) or resume (`false`) `sandbox`. Returns when the
-    /// request is accepted; the caller waits for the watched state to follow.
-    async fn set_paused(
+    /// Pauses `sandbox`; returns once the pause is complete (the caller has already
+    /// fenced the decision against other replicas).
+    async fn pause(
         &self,
-        api: &ApiSet,
+        cx: &PauseContext,
         sandbox: &str,
-        paused: bool,
         deadline: Instant,
     ) -> Result<(), BackendError>;
+
+    /// Resumes `sandbox`; returns its endpoint once it can take traffic.
+    async fn resume(
+        &self,
+        cx: &PauseContext,
+        sandbox: &str,
+        deadline: Instant,
+    ) -> Result<SocketAddr, BackendError>;
+
+    /// Whether a freshly claimed `sandbox` can be paused this way; an error refuses the
+    /// claim (it is released).
+    async fn check_claim(
+        &self,
+        _cx: &PauseContext,
+        _sandbox: &str,
+        _deadline: Instant,
+    ) -> Result<(), BackendError> {
+        Ok(())
+    }
 }
 
 /// Patches `spec.operatingMode` (agent-sandbox) or `spec.paused` (OpenKruise), fenced by
@@ -39,17 +69,6 @@ pub struct SpecSuspend {
 impl SpecSuspend {
     pub fn new(flavour: Flavour) -> SpecSuspend {
         SpecSuspend { flavour }
-    }
-}
-
-#[async_trait]
-impl PauseStrategy for SpecSuspend {
-    fn name(&self) -> &'static str {
-        "spec-suspend"
-    }
-
-    fn keeps(&self) -> &'static str {
-        self.flavour.pause_keeps()
     }
 
     async fn set_paused(
@@ -71,5 +90,73 @@ impl PauseStrategy for SpecSuspend {
         })
         .await
         .map(|_| ())
+    }
+}
+
+#[async_trait]
+impl PauseStrategy for SpecSuspend {
+    fn name(&self) -> &'static str {
+        "spec-suspend"
+    }
+
+    fn keeps(&self) -> &'static str {
+        self.flavour.pause_keeps()
+    }
+
+    /// Done when the pod is gone (agent-sandbox Suspended=True/PodTerminated, or no pod IP
+    /// left; Ready=False alone comes at once while the pod still terminates), so a resume
+    /// right after cannot mistake the old pod for the new one.
+    async fn pause(
+        &self,
+        cx: &PauseContext,
+        sandbox: &str,
+        deadline: Instant,
+    ) -> Result<(), BackendError> {
+        let started = Instant::now();
+        self.set_paused(&cx.api, sandbox, true, deadline).await?;
+        let flavour = self.flavour;
+        cx.cache
+            .wait_for(deadline, |st| match st.sandbox(sandbox) {
+                None => Some(()),
+                Some(s) => flavour.sandbox_view(s).pause_done.then_some(()),
+            })
+            .await
+            .ok_or_else(|| BackendError::Timeout(started.elapsed()))
+    }
+
+    /// Done on Ready=True for the current generation with a pod IP; a finished pod or a
+    /// vanished Sandbox is lost.
+    async fn resume(
+        &self,
+        cx: &PauseContext,
+        sandbox: &str,
+        deadline: Instant,
+    ) -> Result<SocketAddr, BackendError> {
+        let started = Instant::now();
+        let flavour = self.flavour;
+        let lost = || BackendError::Lost(SandboxId::new(sandbox));
+        let view = cx
+            .cache
+            .read(|st| st.sandbox(sandbox).map(|s| flavour.sandbox_view(s)))
+            .ok_or_else(lost)?;
+        if let Some(ep) = cx.cache.endpoint(&view) {
+            return Ok(ep);
+        }
+        self.set_paused(&cx.api, sandbox, false, deadline).await?;
+        let cache = &cx.cache;
+        cache
+            .wait_for(deadline, |st| match st.sandbox(sandbox) {
+                None => Some(Err(lost())),
+                Some(s) => {
+                    let v = flavour.sandbox_view(s);
+                    if v.finished || v.deleting {
+                        Some(Err(lost()))
+                    } else {
+                        cache.endpoint(&v).map(Ok)
+                    }
+                }
+            })
+            .await
+            .unwrap_or_else(|| Err(BackendError::Timeout(started.elapsed())))
     }
 }
