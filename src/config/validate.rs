@@ -297,6 +297,24 @@ impl Config {
                         "must start with '/'",
                     ));
                 }
+                if b.memory_max.is_some_and(|m| m < 1 << 20) {
+                    return Err(ConfigError::invalid(
+                        "backend.memory_max",
+                        "must be at least 1Mi (a sandbox cannot start in less)",
+                    ));
+                }
+                if b.pids_max == Some(0) {
+                    return Err(ConfigError::invalid(
+                        "backend.pids_max",
+                        "must be at least 1 (the sandbox's own process)",
+                    ));
+                }
+                if b.cpu_weight.is_some_and(|w| !(1..=10_000).contains(&w)) {
+                    return Err(ConfigError::invalid(
+                        "backend.cpu_weight",
+                        "must be between 1 and 10000 (cgroup v2 cpu.weight; 100 is the default)",
+                    ));
+                }
                 if b.max_sandboxes != 0 && b.warm_pool > b.max_sandboxes {
                     return Err(ConfigError::invalid(
                         "backend.warm_pool",
