@@ -15,6 +15,7 @@ mod duration;
 mod freeze;
 mod pools;
 mod session;
+mod size;
 mod telemetry;
 mod validate;
 
@@ -483,6 +484,15 @@ pub struct BackendConfig {
     /// process: pass the activator's whole environment to sandboxes. Off: only `env`
     /// plus `PATH`, `HOME` and `LANG` (and `PORT`).
     pub inherit_env: bool,
+    /// process: memory limit per sandbox in bytes (a number, or a string with a `K`/`M`/`G`
+    /// or `Ki`/`Mi`/`Gi` suffix); over it the sandbox is OOM-killed. Unset: no limit.
+    #[serde(deserialize_with = "size::deserialize_opt_bytes")]
+    pub memory_max: Option<u64>,
+    /// process: most tasks (processes and threads) per sandbox. Unset: no limit.
+    pub pids_max: Option<u32>,
+    /// process: CPU weight per sandbox, 1..=10000 (cgroup v2 scale, default of the kernel
+    /// 100; mapped to v1 `cpu.shares`). Unset: the kernel default.
+    pub cpu_weight: Option<u32>,
     /// process: SIGTERM-to-SIGKILL grace on release.
     pub stop_grace: Dur,
     /// process: how to freeze: `auto`, `cgroup_v2`, `cgroup_v1` or `signal`.
@@ -512,6 +522,9 @@ impl Default for BackendConfig {
             warm_pool: 0,
             max_sandboxes: 64,
             inherit_env: false,
+            memory_max: None,
+            pids_max: None,
+            cpu_weight: None,
             stop_grace: Dur::secs(5),
             freezer: FreezerKind::Auto,
             isolation: IsolationKind::None,

@@ -187,6 +187,7 @@ impl Proxy {
         }
         let request_id = request_id::request_id(conn, req.headers());
         req.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
+        completion.set_request_id(&request_id);
         let https = conn.https(req.headers());
         let declared = req.body().size_hint().lower();
         let mut resp = match self.extractor.extract(req.uri(), req.headers()) {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{BackendKind, Config, ConfigError, IdlePolicy, SessionSource};
+use super::{BackendKind, Config, ConfigError, IdlePolicy, KubernetesApi, SessionSource};
 
 impl Config {
     /// Checks values that parse but make no sense together.
@@ -315,6 +315,24 @@ impl Config {
                         "must start with '/'",
                     ));
                 }
+                if b.memory_max.is_some_and(|m| m < 1 << 20) {
+                    return Err(ConfigError::invalid(
+                        "backend.memory_max",
+                        "must be at least 1Mi (a sandbox cannot start in less)",
+                    ));
+                }
+                if b.pids_max == Some(0) {
+                    return Err(ConfigError::invalid(
+                        "backend.pids_max",
+                        "must be at least 1 (the sandbox's own process)",
+                    ));
+                }
+                if b.cpu_weight.is_some_and(|w| !(1..=10_000).contains(&w)) {
+                    return Err(ConfigError::invalid(
+                        "backend.cpu_weight",
+                        "must be between 1 and 10000 (cgroup v2 cpu.weight; 100 is the default)",
+                    ));
+                }
                 if b.max_sandboxes != 0 && b.warm_pool > b.max_sandboxes {
                     return Err(ConfigError::invalid(
                         "backend.warm_pool",
@@ -323,6 +341,25 @@ impl Config {
                 }
             }
             BackendKind::Kubernetes => {
+                for (name, set) in self.customize.sidecars.iter().flat_map(|s| &s.sets) {
+                    let key = format!("customize.sidecars.sets.{name}");
+                    match b.kubernetes.api {
+                        KubernetesApi::AgentSandbox if set.warm_pool.is_none() => {
+                            return Err(ConfigError::invalid(
+                                format!("{key}.warm_pool"),
+                                "api: agent-sandbox selects sidecars by template variant: \
+                                 name the SandboxWarmPool whose template has them",
+                            ));
+                        }
+                        KubernetesApi::Openkruise if set.runtimes.is_empty() => {
+                            return Err(ConfigError::invalid(
+                                format!("{key}.runtimes"),
+                                "api: openkruise injects sidecars as runtimes: list at least one",
+                            ));
+                        }
+                        _ => {}
+                    }
+                }
                 if b.kubernetes.pool.is_empty() {
                     return Err(ConfigError::invalid(
                         "backend.kubernetes.pool",

@@ -9,7 +9,7 @@
 use std::sync::{Arc, OnceLock};
 
 use http::uri::PathAndQuery;
-use http::{Method, Uri};
+use http::{HeaderValue, Method, Uri};
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
 use tokio::time::Instant;
 
@@ -87,6 +87,9 @@ struct AccessEntry {
     /// never reach the log.
     path: PathAndQuery,
     session: Option<SessionKey>,
+    /// `X-Request-ID` (kept from a trusted proxy or generated): the same value the client,
+    /// the sandbox and a failure's log line see.
+    request_id: Option<HeaderValue>,
 }
 
 struct Open {
@@ -117,6 +120,7 @@ impl Completion {
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
             session: None,
+            request_id: None,
         });
         Completion(Some(Open {
             recorder: recorder.clone(),
@@ -137,6 +141,13 @@ impl Completion {
             if let Some(path) = rewritten {
                 entry.path = path.clone();
             }
+        }
+    }
+
+    /// Names the request in the access log by its `X-Request-ID`.
+    pub fn set_request_id(&mut self, id: &HeaderValue) {
+        if let Some(entry) = self.0.as_mut().and_then(|o| o.access.as_mut()) {
+            entry.request_id = Some(id.clone());
         }
     }
 
@@ -217,6 +228,11 @@ impl Completion {
                 sandbox,
                 activation,
                 trace_id = trace_id.as_deref().unwrap_or("-"),
+                request_id = entry
+                    .request_id
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-"),
             );
         }
         if let Some(trace) = open.trace {
