@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{BackendKind, Config, ConfigError, IdlePolicy, SessionSource};
+use super::{BackendKind, Config, ConfigError, IdlePolicy, KubernetesApi, SessionSource};
 
 impl Config {
     /// Checks values that parse but make no sense together.
@@ -323,6 +323,25 @@ impl Config {
                 }
             }
             BackendKind::Kubernetes => {
+                for (name, set) in self.customize.sidecars.iter().flat_map(|s| &s.sets) {
+                    let key = format!("customize.sidecars.sets.{name}");
+                    match b.kubernetes.api {
+                        KubernetesApi::AgentSandbox if set.warm_pool.is_none() => {
+                            return Err(ConfigError::invalid(
+                                format!("{key}.warm_pool"),
+                                "api: agent-sandbox selects sidecars by template variant: \
+                                 name the SandboxWarmPool whose template has them",
+                            ));
+                        }
+                        KubernetesApi::Openkruise if set.runtimes.is_empty() => {
+                            return Err(ConfigError::invalid(
+                                format!("{key}.runtimes"),
+                                "api: openkruise injects sidecars as runtimes: list at least one",
+                            ));
+                        }
+                        _ => {}
+                    }
+                }
                 if b.kubernetes.pool.is_empty() {
                     return Err(ConfigError::invalid(
                         "backend.kubernetes.pool",
