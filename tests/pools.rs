@@ -236,12 +236,83 @@ async fn two_pools_selected_by_header_and_path_each_keep_their_own_warm_pool() {
     assert_eq!(stats.status, 200);
     assert!(stats.json()["stable_window_seconds"].as_f64().is_some());
 
-    let all_pids: Vec<u64> = pids(&admin, "python", "warm")
-        .await
-        .into_iter()
-        .chain(pids(&admin, "browser", "warm").await)
-        .chain([alice_pid, bob_pid])
+    // One event stream; each event names its pool.
+    let events = server.activator().events().subscribe(Some(0)).backlog;
+    let claimed: BTreeSet<(String, String)> = events
+        .iter()
+        .filter(|e| e.kind.as_str() == "claimed")
+        .map(|e| {
+            let pool = e.pool.as_deref().unwrap_or("-").to_owned();
+            (pool, e.session.to_string())
+        })
         .collect();
+    let hash = |id: &str| {
+        agent_activator::session::SessionKey::parse(id, 128)
+            .unwrap()
+            .short_hash()
+    };
+    assert_eq!(
+        claimed,
+        BTreeSet::from([
+            ("python".to_owned(), hash("alice")),
+            ("browser".to_owned(), hash("bob"))
+        ])
+    );
+
+    // Listing pages walk both pools' tables in one hash order, each session once.
+    for (id, headers) in [
+        ("p2", vec![("x-sandbox-template", "python")]),
+        ("p3", vec![("x-sandbox-template", "python")]),
+    ] {
+        let mut h = headers;
+        h.push(("x-session-id", id));
+        assert_eq!(send(&proxy, "/", &h).await.status, 200);
+    }
+    assert_eq!(
+        send(&proxy, "/browser/", &[("x-session-id", "b2")])
+            .await
+            .status,
+        200
+    );
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    for _ in 0..5 {
+        let page = admin
+            .get(&format!("/api/sessions?limit=2&cursor={cursor}"), &[])
+            .await
+            .json();
+        assert_eq!(page["total"], 5, "{page}");
+        for row in page["sessions"].as_array().unwrap() {
+            seen.push((
+                row["pool"].as_str().unwrap().to_owned(),
+                row["session"].as_str().unwrap().to_owned(),
+            ));
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_owned(),
+            None => break,
+        }
+    }
+    let mut want: Vec<(String, String)> = [
+        ("python", "alice"),
+        ("python", "p2"),
+        ("python", "p3"),
+        ("browser", "bob"),
+        ("browser", "b2"),
+    ]
+    .iter()
+    .map(|(p, id)| ((*p).to_owned(), hash(id)))
+    .collect();
+    want.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(seen, want);
+
+    let mut all_pids = BTreeSet::new();
+    for pool in ["python", "browser"] {
+        for state in ["warm", "bound", "starting"] {
+            all_pids.extend(pids(&admin, pool, state).await);
+        }
+    }
+    assert!(all_pids.contains(&alice_pid) && all_pids.contains(&bob_pid));
     server.shutdown().await;
     for pid in all_pids {
         support::eventually("sandbox processes end with the activator", || async {
