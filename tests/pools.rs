@@ -655,3 +655,92 @@ async fn two_knative_services_are_two_pools() {
     assert!(e.contains("server-wide proxy"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Every file named `name` below `dir`, read.
+fn files_named(dir: &std::path::Path, name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            out.extend(files_named(&path, name));
+        } else if path.file_name().is_some_and(|n| n == name) {
+            out.push(std::fs::read_to_string(&path).unwrap_or_default());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn each_pool_applies_its_own_customize_allowlist() {
+    let dir = scratch("customize");
+    let _ = std::fs::remove_dir_all(&dir);
+    // Each sandbox writes the variables it was given into its working directory, then
+    // becomes the demo sandbox.
+    let probe = "echo \"${REGION:--} ${THEME:--}\" > \"$PWD/probe\"; exec \"$0\" demo-sandbox --port \"$1\"";
+    let pool = |name: &str, matcher: &str, customize: &str| {
+        format!(
+            "  - name: {name}\n{matcher}    backend:\n      kind: process\n      command: [\"sh\", \"-c\", {probe:?}, \"{BIN}\", \"{{port}}\"]\n      workdir_root: \"{}\"\n      stop_grace: 2s\n      isolation: none\n    customize:\n      header_prefix: x-sandbox-env-\n{customize}",
+            dir.join(name).display()
+        )
+    };
+    let server = start(&[
+        pool(
+            "python",
+            PYTHON_MATCH,
+            "      env:\n        - {header: X-Sandbox-Env-Region, name: REGION, pattern: \"[a-z]{2}-[a-z]+\"}\n",
+        ),
+        pool(
+            "browser",
+            BROWSER_MATCH,
+            "      env:\n        - {header: X-Sandbox-Env-Theme, name: THEME, pattern: \"dark|light\"}\n",
+        ),
+    ])
+    .await;
+    let proxy = HttpClient::http1(server.proxy_addr());
+
+    let py = send(
+        &proxy,
+        "/x",
+        &[
+            ("x-session-id", "c1"),
+            ("x-sandbox-template", "python"),
+            ("x-sandbox-env-region", "eu-west"),
+        ],
+    )
+    .await;
+    assert_eq!(py.status, 200, "{}", py.text());
+    assert_eq!(files_named(&dir.join("python"), "probe"), ["eu-west -\n"]);
+
+    // The browser pool's rule is not in the python pool's allowlist.
+    let refused = send(
+        &proxy,
+        "/x",
+        &[
+            ("x-session-id", "c2"),
+            ("x-sandbox-template", "python"),
+            ("x-sandbox-env-theme", "dark"),
+        ],
+    )
+    .await;
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert_eq!(refused.error_code(), "invalid_customization");
+    assert!(
+        refused.text().contains("x-sandbox-env-theme"),
+        "{}",
+        refused.text()
+    );
+
+    let br = send(
+        &proxy,
+        "/browser/",
+        &[("x-session-id", "c3"), ("x-sandbox-env-theme", "dark")],
+    )
+    .await;
+    assert_eq!(br.status, 200, "{}", br.text());
+    assert_eq!(files_named(&dir.join("browser"), "probe"), ["- dark\n"]);
+    server.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
