@@ -45,6 +45,9 @@ fn probes() -> Vec<(&'static str, bool)> {
             "cgroup_v1_freezer",
             Path::new("/sys/fs/cgroup/freezer/cgroup.procs").exists(),
         ),
+        // The memory, pids and cpu controllers for per-sandbox limits: v1 hierarchies (a
+        // hybrid host) or the unified hierarchy offering all three.
+        ("cgroup_limits", cgroup_limits()),
     ]
 }
 
@@ -77,6 +80,21 @@ fn cgroup_v2_writable() -> bool {
             let _ = std::fs::remove_dir(&probe);
             ok
         })
+}
+
+/// Where `backend.memory_max`/`pids_max`/`cpu_weight` can be enforced: each of the memory,
+/// pids and cpu controllers mounted as a v1 hierarchy, or all three offered by a unified
+/// hierarchy mounted at /sys/fs/cgroup.
+fn cgroup_limits() -> bool {
+    let v1 = ["memory", "pids", "cpu"]
+        .iter()
+        .all(|c| Path::new(&format!("/sys/fs/cgroup/{c}/cgroup.procs")).exists());
+    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").is_ok_and(|s| {
+        ["memory", "pids", "cpu"]
+            .iter()
+            .all(|c| s.split_whitespace().any(|x| x == *c))
+    });
+    v1 || v2
 }
 
 fn main() {

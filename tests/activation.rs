@@ -7,8 +7,6 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-
-use agent_activator::lock::MutexExt;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use agent_activator::lock::MutexExt;
 use support::{HttpClient, WAIT};
 
 /// What one upstream saw: sessions in order of first appearance of each run, requests in

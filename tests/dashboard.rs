@@ -20,6 +20,10 @@ use support::HttpClient;
 
 const BIN: &str = env!("CARGO_BIN_EXE_agent-activator");
 
+/// One headless Chromium at a time: with two running side by side on the 2-core CI machine,
+/// DevTools calls of one of them went unanswered for 30 s in 4 of 11 runs.
+static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Where screenshots go: `target/tmp/dashboard/`.
 fn output_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
@@ -58,6 +62,7 @@ fn row_state(h: &str) -> String {
 #[tokio::test]
 #[cfg_attr(missing_chromium, ignore = "chromium not found (.ci/run installs it)")]
 async fn the_dashboard_shows_sessions_live_and_its_buttons_steer_them() {
+    let _one = ONE_BROWSER.lock().await;
     let (server, dir) = start("live", "").await;
     let proxy = HttpClient::http1(server.proxy_addr());
     let admin = HttpClient::http1(server.admin_addr());
@@ -177,6 +182,142 @@ async fn the_dashboard_shows_sessions_live_and_its_buttons_steer_them() {
     drop(browser);
     server.shutdown().await;
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `admin.auth` on: the page (a public path: it holds no data) loads without a token, asks
+/// for one when the API answers 401, refuses a wrong one, and with the right one goes live,
+/// lists sessions and steers them, every call carrying `Authorization: Bearer`.
+#[tokio::test]
+#[cfg_attr(missing_chromium, ignore = "chromium not found (.ci/run installs it)")]
+async fn with_admin_auth_the_page_asks_for_the_token_once_and_then_works() {
+    let _one = ONE_BROWSER.lock().await;
+    const TOKEN: &str = "dash-s3cret-token";
+    let token_file = std::env::temp_dir().join(format!("aa-dash-token-{}", std::process::id()));
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let (server, dir) = start(
+        "auth",
+        &format!(
+            "admin:\n  auth:\n    bearer_token_file: \"{}\"\n",
+            token_file.display()
+        ),
+    )
+    .await;
+    let proxy = HttpClient::http1(server.proxy_addr());
+    let admin = HttpClient::http1(server.admin_addr());
+    let bearer = format!("Bearer {TOKEN}");
+    let authorized = [("authorization", bearer.as_str())];
+    // Authentication is on: the page is served to anyone, its data only with the token.
+    assert_eq!(admin.get("/", &[]).await.status, 200);
+    let refused = admin.get("/api/overview", &[]).await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.error_code(), "unauthorized");
+    assert_eq!(admin.get("/api/overview", &authorized).await.status, 200);
+
+    let browser = Browser::launch(&output_dir()).await;
+    browser
+        .goto(&format!("http://{}/", server.admin_addr()))
+        .await;
+    browser
+        .wait_for(
+            "the token form",
+            "document.querySelector('#auth').classList.contains('show')",
+        )
+        .await;
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#live').textContent")
+            .await,
+        "offline"
+    );
+    let submit = |token: &str| {
+        format!(
+            "document.querySelector('#token').value = '{token}', \
+             document.querySelector('#token-save').click(), \
+             !document.querySelector('#auth').classList.contains('show')"
+        )
+    };
+    // A wrong token: the form closes, the API answers 401 again, the form comes back.
+    assert_eq!(
+        browser.eval(&submit("not-the-token")).await,
+        true,
+        "form closed"
+    );
+    browser
+        .wait_for(
+            "the token form again after a wrong token",
+            "document.querySelector('#auth').classList.contains('show')",
+        )
+        .await;
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#live').textContent")
+            .await,
+        "offline"
+    );
+
+    assert_eq!(browser.eval(&submit(TOKEN)).await, true, "form closed");
+    browser
+        .wait_for(
+            "the event stream is live",
+            "document.querySelector('#live').textContent === 'live'",
+        )
+        .await;
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#auth').classList.contains('show')")
+            .await,
+        false,
+        "the form stays closed"
+    );
+    let r = post(&proxy, "/counter", "carol").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let carol = hash("carol");
+    browser
+        .wait_for(
+            "carol listed active",
+            &format!("{} === 'active'", row_state(&carol)),
+        )
+        .await;
+    browser
+        .eval(&format!(
+            "document.querySelector('tr[data-session=\"{carol}\"] button[data-action=pause]').click(), true"
+        ))
+        .await;
+    browser
+        .wait_for(
+            "carol paused",
+            &format!("{} === 'paused'", row_state(&carol)),
+        )
+        .await;
+    let carol_now = admin.get("/api/sessions/carol", &authorized).await;
+    assert_eq!(carol_now.json()["state"], "paused", "{}", carol_now.text());
+    // The token is kept for the tab: a reload goes live without asking again.
+    browser.eval("window.beforeReload = true").await;
+    browser
+        .goto(&format!("http://{}/", server.admin_addr()))
+        .await;
+    browser
+        .wait_for(
+            "live again after a reload",
+            "window.beforeReload === undefined && \
+             document.querySelector('#live').textContent === 'live'",
+        )
+        .await;
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#auth').classList.contains('show')")
+            .await,
+        false,
+        "no second prompt"
+    );
+
+    let shot = output_dir().join("dashboard-auth.png");
+    browser.screenshot(&shot, 1280, 900).await;
+    assert_eq!(browser.errors(), Vec::<String>::new(), "console errors");
+    drop(browser);
+    server.shutdown().await;
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_file(&token_file).ok();
 }
 
 /// The JSON the page polls, without a browser: the page itself, `/api/overview`, paged

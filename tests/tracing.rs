@@ -301,3 +301,98 @@ async fn spans_are_exported_with_parent_links_and_the_sandbox_gets_the_context()
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The access log names the trace of a traced request and `-` for an untraced one: the
+/// binary with JSON logs and `sample_ratio: 0`, so only a caller's sampled `traceparent`
+/// makes a request traced. The logged ID is the one exported.
+#[tokio::test]
+async fn the_access_log_carries_the_trace_id_of_traced_requests_only() {
+    use std::net::SocketAddr;
+    use std::process::Stdio;
+    use tokio::io::AsyncBufReadExt;
+
+    let (otlp, received) = receiver().await;
+    let up = support::EchoUpstream::start().await;
+    let dir = std::env::temp_dir().join(format!("aa-trace-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("activator.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n\
+             log: {{format: json, level: info}}\n\
+             session: {{max_sessions_per_sandbox: 10}}\n\
+             telemetry:\n  otlp:\n    endpoint: http://{otlp}\n    headers: {{x-api-key: k1}}\n  \
+             sample_ratio: 0.0\n{}",
+            support::static_backend(&[up.addr])
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let proxy: SocketAddr = tokio::time::timeout(support::WAIT, async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("exited early");
+            let j: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if let Some(a) = j["proxy_addr"].as_str() {
+                return a.parse().unwrap();
+            }
+        }
+    })
+    .await
+    .expect("listening line");
+
+    let c = HttpClient::http1(proxy);
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let sampled = format!("00-{trace}-b7ad6b7169203331-01");
+    let unsampled = "00-11111111111111111111111111111111-2222222222222222-00";
+    for (path, headers) in [
+        ("/traced", vec![("traceparent", sampled.as_str())]),
+        ("/untraced", vec![]),
+        ("/unsampled-parent", vec![("traceparent", unsampled)]),
+    ] {
+        let mut all = vec![("x-session-id", "logged-session")];
+        all.extend(headers);
+        let r = c.get(path, &all).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = tokio::time::timeout(support::WAIT, child.wait())
+        .await
+        .expect("SIGINT stops the activator")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let mut access = std::collections::BTreeMap::new();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let j: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if j["target"] == "access" {
+            access.insert(j["path"].as_str().unwrap_or("?").to_owned(), j);
+        }
+    }
+    assert_eq!(access.len(), 3, "one access line per request: {access:#?}");
+    assert_eq!(access["/traced"]["trace_id"], trace, "{access:#?}");
+    assert_eq!(access["/untraced"]["trace_id"], "-", "{access:#?}");
+    assert_eq!(access["/unsampled-parent"]["trace_id"], "-", "{access:#?}");
+
+    // The logged ID is the exported trace's (flushed at shutdown); nothing else was exported.
+    let spans = received.lock_recovered().clone();
+    assert!(!spans.is_empty(), "the traced request was exported");
+    for (_, span) in &spans {
+        assert_eq!(
+            hex::encode(&span.trace_id),
+            trace,
+            "only the traced request's spans"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -24,8 +24,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{
-    BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, DeepPause, RecoveredBinding,
-    SandboxBackend, SandboxId, SandboxInfo, SandboxState,
+    BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, ClaimSpec, DeepPause,
+    RecoveredBinding, SandboxBackend, SandboxId, SandboxInfo, SandboxState,
 };
 use crate::cluster::KubeContext;
 use crate::config::{Config, PauseMode};
@@ -221,6 +221,19 @@ impl SandboxBackend for KubernetesBackend {
         session: &SessionKey,
         budget: ClaimBudget,
     ) -> Result<Binding, BackendError> {
+        self.claim_with(session, &ClaimSpec::default(), budget)
+            .await
+    }
+
+    /// The claim carries the session's customisation in the flavour's own fields
+    /// ([`Flavour::claim_spec`]). A claim that already exists (another replica's, or ours
+    /// before a restart) is adopted as it is.
+    async fn claim_with(
+        &self,
+        session: &SessionKey,
+        spec: &ClaimSpec,
+        budget: ClaimBudget,
+    ) -> Result<Binding, BackendError> {
         let started = Instant::now();
         self.wait_synced(budget.deadline).await?;
         let name = self.claim_name(session);
@@ -236,7 +249,9 @@ impl SandboxBackend for KubernetesBackend {
                 self.max_claims
             )));
         }
-        let created = self.ensure_claim(session, &name, budget.deadline).await?;
+        let created = self
+            .ensure_claim(session, spec, &name, budget.deadline)
+            .await?;
         let mut result = self.await_claim(&name, created, budget, started).await;
         // A claim another replica made was checked there.
         if created

@@ -36,6 +36,7 @@ mod freezer;
 mod instance;
 mod isolation;
 mod lifecycle;
+mod limits;
 mod port;
 mod reaper;
 
@@ -62,6 +63,8 @@ pub struct ProcessBackend {
 struct Shared {
     spec: LaunchSpec,
     freezer: freezer::Freezer,
+    /// `backend.memory_max`, `pids_max`, `cpu_weight`, and where each is enforced.
+    limits: limits::Limits,
     /// `backend.workdir_root/<instance>`.
     workdir: PathBuf,
     /// `backend.volumes_root`: per-session volumes, kept across sandboxes and restarts.
@@ -110,6 +113,9 @@ impl ProcessBackend {
         let instance = Instance::new();
         let freezer = freezer::Freezer::detect(b.freezer, instance.as_str())
             .map_err(|e| ConfigError::invalid("backend.freezer", e))?;
+        let limits =
+            limits::Limits::detect(b, freezer.mode(), freezer.instance_dir(), instance.as_str())
+                .inspect_err(|_| freezer.remove_instance_dir())?;
         let workdir = root.join(instance.as_str());
         std::fs::create_dir_all(&workdir).map_err(|e| {
             ConfigError::invalid(
@@ -152,6 +158,7 @@ impl ProcessBackend {
                 isolation,
             },
             freezer,
+            limits,
             workdir: workdir.clone(),
             volumes_root: b.volumes_root.clone(),
             start_timeout: config.activation.timeout.as_duration(),
@@ -427,6 +434,7 @@ impl SandboxBackend for ProcessBackend {
             }
         }
         s.freezer.remove_instance_dir();
+        s.limits.remove_instance_dirs();
         let _ = std::fs::remove_dir(&s.workdir);
     }
 }

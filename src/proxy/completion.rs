@@ -9,7 +9,7 @@
 use std::sync::{Arc, OnceLock};
 
 use http::uri::PathAndQuery;
-use http::{Method, Uri};
+use http::{HeaderValue, Method, Uri};
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
 use tokio::time::Instant;
 
@@ -87,6 +87,9 @@ struct AccessEntry {
     /// never reach the log.
     path: PathAndQuery,
     session: Option<SessionKey>,
+    /// `X-Request-ID` (kept from a trusted proxy or generated): the same value the client,
+    /// the sandbox and a failure's log line see.
+    request_id: Option<HeaderValue>,
 }
 
 struct Open {
@@ -97,6 +100,9 @@ struct Open {
     access: Option<AccessEntry>,
     /// The request's span when it is traced (`telemetry`); ended at completion.
     trace: Option<RequestTrace>,
+    /// With `pools:`, the traffic stats of the request's pool (its autoscaler's input),
+    /// counted from the moment the pool is known.
+    pool_stats: Option<Arc<TrafficStats>>,
 }
 
 /// One request's end-of-life bookkeeping; runs once, on drop.
@@ -114,6 +120,7 @@ impl Completion {
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
             session: None,
+            request_id: None,
         });
         Completion(Some(Open {
             recorder: recorder.clone(),
@@ -122,6 +129,7 @@ impl Completion {
             lease: None,
             access,
             trace: None,
+            pool_stats: None,
         }))
     }
 
@@ -136,6 +144,13 @@ impl Completion {
         }
     }
 
+    /// Names the request in the access log by its `X-Request-ID`.
+    pub fn set_request_id(&mut self, id: &HeaderValue) {
+        if let Some(entry) = self.0.as_mut().and_then(|o| o.access.as_mut()) {
+            entry.request_id = Some(id.clone());
+        }
+    }
+
     /// Attaches the request's span (ended, with the status, when the request is over).
     pub fn set_trace(&mut self, trace: Option<RequestTrace>) {
         if let Some(open) = self.0.as_mut() {
@@ -146,6 +161,16 @@ impl Completion {
     /// The request's span, if it is traced.
     pub fn trace(&self) -> Option<&RequestTrace> {
         self.0.as_ref().and_then(|o| o.trace.as_ref())
+    }
+
+    /// Counts the request in its pool's traffic stats too, until it is over.
+    pub fn set_pool_stats(&mut self, stats: &Arc<TrafficStats>) {
+        if let Some(open) = self.0.as_mut()
+            && open.pool_stats.is_none()
+        {
+            stats.request_started();
+            open.pool_stats = Some(stats.clone());
+        }
     }
 
     /// Keeps the lease until the request is over.
@@ -177,6 +202,9 @@ impl Completion {
         let elapsed = open.start.elapsed();
         r.in_flight.dec();
         r.stats.request_finished();
+        if let Some(stats) = &open.pool_stats {
+            stats.request_finished();
+        }
         r.status.get(open.status).inc();
         r.duration.observe(elapsed.as_secs_f64());
         if let Some(entry) = &open.access {
@@ -200,6 +228,11 @@ impl Completion {
                 sandbox,
                 activation,
                 trace_id = trace_id.as_deref().unwrap_or("-"),
+                request_id = entry
+                    .request_id
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-"),
             );
         }
         if let Some(trace) = open.trace {

@@ -31,7 +31,11 @@ fn generate() -> HeaderValue {
     let id: u128 = rand::random();
     let mut buf = [0u8; 32];
     hex::encode_to_slice(id.to_be_bytes(), &mut buf).expect("32 hex digits for 16 bytes");
-    HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
+    // One allocation, and clones (request to the sandbox, response to the client) share
+    // it: `from_bytes` would copy into a Vec-backed `Bytes` whose first clone allocates
+    // again to promote itself to shared (benches/proxy_allocs.rs, docs/benchmarks.md).
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+        .expect("hex digits are a valid header value")
 }
 
 #[cfg(test)]

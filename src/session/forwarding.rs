@@ -70,7 +70,17 @@ impl SessionForwarding {
             }
             remove_cookies(headers, &self.cookie_names);
         }
-        // `insert` replaces every client copy.
+        // The common case, the session came in this very header: keep the client's
+        // single copy (no allocation per request). Otherwise `insert` replaces every
+        // client copy.
+        let mut sent = headers.get_all(&self.forward_header).iter();
+        if sent
+            .next()
+            .is_some_and(|v| v.as_bytes() == key.as_str().as_bytes())
+            && sent.next().is_none()
+        {
+            return;
+        }
         if let Ok(v) = HeaderValue::from_str(key.as_str()) {
             headers.insert(self.forward_header.clone(), v);
         }
@@ -197,6 +207,22 @@ mod tests {
         f.prepare_request(&mut h, &SessionKey::parse("alice", 64).unwrap());
         let all: Vec<_> = h.get_all("x-session-id").iter().collect();
         assert_eq!(all, ["alice"]);
+        // The fast case (the client's one copy is the routed ID) and its near misses.
+        for sent in [
+            &["alice"][..],
+            &["alice", "alice"],
+            &["alice", "bob"],
+            &["alicex"],
+            &[],
+        ] {
+            let mut h = HeaderMap::new();
+            for v in sent {
+                h.append("x-session-id", HeaderValue::from_static(v));
+            }
+            f.prepare_request(&mut h, &SessionKey::parse("alice", 64).unwrap());
+            let all: Vec<_> = h.get_all("x-session-id").iter().collect();
+            assert_eq!(all, ["alice"], "client sent {sent:?}");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::OnceLock;
@@ -83,19 +83,31 @@ pub type ExitWatch = watch::Receiver<Option<String>>;
 /// A started (not necessarily ready) child.
 pub struct Launched {
     pub pid: u32,
-    /// Fires once with a description of how the child ended.
+    /// Fires once with a description of how the child ended. It fires while the leader is
+    /// still a zombie (not reaped), so its PID, which is also the process group's ID, cannot
+    /// be reused until [`Reap`] lets go: signals sent to the group in between reach only the
+    /// sandbox's own processes.
     pub exit: ExitWatch,
+    /// Held by whoever may still signal the group; dropping it reaps the leader.
+    pub reap: Reap,
+}
+
+/// Permission to reap an exited leader. Teardown drops it after its last group signal
+/// (the fleet entry holds it), so no `killpg` can ever hit a recycled PID.
+pub struct Reap {
+    _held: oneshot::Sender<()>,
 }
 
 /// Starts the child of one sandbox in `workdir`, with stdout/stderr to files there.
-/// `cgroup_procs` is the sandbox cgroup's `cgroup.procs`, written by the child itself before
-/// `exec` so that its whole tree lives in the cgroup from the first instruction.
+/// `cgroup_procs` are the sandbox cgroups' `cgroup.procs` (freezer, then v1 limit cgroups),
+/// written by the child itself before `exec` so that its whole tree lives in them (and
+/// under their limits) from the first instruction.
 pub async fn launch(
     spec: &LaunchSpec,
     session: Option<&SessionLaunch>,
     port: u16,
     workdir: &Path,
-    cgroup_procs: Option<File>,
+    cgroup_procs: Vec<File>,
 ) -> Result<Launched, BackendError> {
     let volumes = session.map_or(&[][..], |s| &s.volumes[..]);
     let argv = match &spec.isolation {
@@ -138,12 +150,14 @@ pub async fn launch(
         // Backstop: if the task owning the child is dropped (runtime shutdown), kill it.
         .kill_on_drop(true);
     let parent = Pid::this();
-    let procs_fd = cgroup_procs.as_ref().map(|f| f.as_raw_fd());
+    // Collected before the fork: the child only iterates it (no allocation after fork).
+    let procs_fds: Vec<i32> = cgroup_procs.iter().map(|f| f.as_raw_fd()).collect();
     // SAFETY: the closure runs in the forked child before `exec`, where only
-    // async-signal-safe operations are allowed. It performs exactly three raw syscalls
-    // through nix's thin wrappers, none of which allocates, locks, or touches state shared
-    // with other threads: prctl(PR_SET_PDEATHSIG), getppid() and write(2) on a descriptor
-    // that the parent keeps open until `spawn` returns (so it is valid in the child).
+    // async-signal-safe operations are allowed. It performs only raw syscalls through nix's
+    // thin wrappers, none of which allocates, locks, or touches state shared with other
+    // threads: prctl(PR_SET_PDEATHSIG), getppid() and write(2) on descriptors that the
+    // parent keeps open until `spawn` returns (so they are valid in the child); iterating
+    // the already-built `procs_fds` slice only reads memory.
     // Errors are built from errno without allocating (`io::Error::from_raw_os_error`).
     #[allow(unsafe_code)]
     unsafe {
@@ -154,7 +168,7 @@ pub async fn launch(
             if nix::unistd::getppid() != parent {
                 return Err(std::io::Error::from_raw_os_error(libc_esrch()));
             }
-            if let Some(fd) = procs_fd {
+            for &fd in &procs_fds {
                 // "0" moves the writing process (this child) into the cgroup.
                 nix::unistd::write(BorrowedFd::borrow_raw(fd), b"0")
                     .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
@@ -174,14 +188,76 @@ pub async fn launch(
         .id()
         .ok_or_else(|| BackendError::StartFailed("child exited before its pid was read".into()))?;
     let (tx, exit) = watch::channel(None);
+    let (reap, may_reap) = oneshot::channel::<()>();
     tokio::spawn(async move {
-        let how = match child.wait().await {
-            Ok(status) => status.to_string(),
-            Err(e) => format!("wait failed: {e}"),
-        };
-        let _ = tx.send(Some(how));
+        match exited_unreaped(pid).await {
+            Ok(how) => {
+                let _ = tx.send(Some(how));
+                // Ok or Err (the holder dropped it): either way the group is done with.
+                let _ = may_reap.await;
+                let _ = child.wait().await;
+            }
+            Err(e) => {
+                // No pidfd (kernel < 5.3, or a seccomp filter): waiting reaps at once, so
+                // a later group signal could reach a recycled PID; warned once per child.
+                tracing::warn!(pid, error = %e, "pidfd unavailable: the sandbox leader is reaped on exit");
+                let how = match child.wait().await {
+                    Ok(status) => status.to_string(),
+                    Err(e) => format!("wait failed: {e}"),
+                };
+                let _ = tx.send(Some(how));
+            }
+        }
     });
-    Ok(Launched { pid, exit })
+    Ok(Launched {
+        pid,
+        exit,
+        reap: Reap { _held: reap },
+    })
+}
+
+/// Waits until child `pid` has exited, without reaping it (`waitid(P_PIDFD, WEXITED |
+/// WNOWAIT)` once its pidfd polls readable), and describes the exit as
+/// `std::process::ExitStatus` would (`exit status: 1`, `signal: 9 (SIGKILL)`).
+async fn exited_unreaped(pid: u32) -> std::io::Result<String> {
+    use rustix::process::{Pid as RPid, PidfdFlags, WaitId, WaitIdOptions};
+    use tokio::io::unix::AsyncFd;
+    let raw = i32::try_from(pid)
+        .ok()
+        .and_then(RPid::from_raw)
+        .ok_or_else(|| std::io::Error::other("pid out of range"))?;
+    // The child is ours and not reaped yet, so `pid` still names it (a zombie at worst).
+    let pidfd = rustix::process::pidfd_open(raw, PidfdFlags::NONBLOCK)?;
+    // SAFETY: `register_with_interest` needs the descriptor to stay open and to be the same
+    // one for the whole life of the `AsyncFd`. `pidfd` is an `OwnedFd` moved into it: only
+    // its drop (when the `AsyncFd` drops) closes it, nothing else can reach it to close or
+    // replace it, and `OwnedFd::as_raw_fd` always returns the descriptor it owns.
+    #[allow(unsafe_code)]
+    let fd = unsafe {
+        AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+            .map_err(std::io::Error::from)?
+    };
+    loop {
+        let mut ready = fd.readable().await?;
+        let status = rustix::process::waitid(
+            WaitId::PidFd(fd.get_ref().as_fd()),
+            WaitIdOptions::EXITED | WaitIdOptions::NOWAIT | WaitIdOptions::NOHANG,
+        )?;
+        match status {
+            Some(s) if s.exited() || s.killed() || s.dumped() => return Ok(describe_exit(&s)),
+            _ => ready.clear_ready(),
+        }
+    }
+}
+
+fn describe_exit(s: &rustix::process::WaitIdStatus) -> String {
+    if let Some(code) = s.exit_status() {
+        return format!("exit status: {code}");
+    }
+    let signo = s.terminating_signal().unwrap_or(0);
+    let name = Signal::try_from(signo).map_or("?", |sig| sig.as_str());
+    let core = if s.dumped() { " (core dumped)" } else { "" };
+    format!("signal: {signo} ({name}){core}")
 }
 
 /// ESRCH ("no such process"): the parent is gone. A const so no lookup happens in the child.
@@ -348,4 +424,67 @@ pub fn group_stopped(leader: u32) -> bool {
 /// True when no process of the group led by `leader` is left (zombies are exited).
 pub fn group_gone(leader: u32) -> bool {
     group_states(leader).iter().all(|&s| s == 'Z')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(script: &str) -> LaunchSpec {
+        LaunchSpec {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            env: BTreeMap::new(),
+            inherit_env: true,
+            ready_path: "/".into(),
+            self_exe: PathBuf::from("/bin/true"),
+            isolation: None,
+        }
+    }
+
+    /// `(state, parent pid)` of `pid`, if it exists.
+    fn state_and_parent(pid: u32) -> Option<(char, u32)> {
+        let f = stat_fields(pid)?;
+        Some((f.first()?.chars().next()?, f.get(1)?.parse().ok()?))
+    }
+
+    /// The exit is reported while the leader is still an unreaped zombie of ours (so its PID
+    /// and the group's ID stay taken), and only dropping `Reap` reaps it.
+    #[tokio::test]
+    async fn exit_is_reported_before_the_leader_is_reaped() {
+        let dir = std::env::temp_dir().join(format!("aa-child-reap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let me = std::process::id();
+        for (script, want) in [
+            ("exit 3", "exit status: 3"),
+            ("kill -KILL $$", "signal: 9 (SIGKILL)"),
+        ] {
+            let launched = launch(&spec(script), None, 1, &dir, Vec::new())
+                .await
+                .unwrap();
+            let mut exit = launched.exit.clone();
+            let how = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(Option::is_some))
+                .await
+                .expect("the exit is reported")
+                .unwrap()
+                .clone()
+                .unwrap();
+            assert_eq!(how, want);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(
+                state_and_parent(launched.pid),
+                Some(('Z', me)),
+                "{script}: still our zombie after the exit was reported"
+            );
+            drop(launched.reap);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while state_and_parent(launched.pid).is_some_and(|(s, p)| s == 'Z' && p == me) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{script}: reaped once Reap is dropped"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::child::ExitWatch;
+use super::child::{ExitWatch, Reap};
 use super::freezer::SandboxCgroup;
 use crate::backend::{ActivationKind, Binding, SandboxId, SandboxInfo, SandboxState};
 use crate::session::SessionKey;
@@ -26,6 +26,9 @@ pub struct Entry {
     pub cgroup: Option<Arc<SandboxCgroup>>,
     pub workdir: PathBuf,
     pub exit: Option<ExitWatch>,
+    /// Keeps the exited leader unreaped until the entry is dropped (after teardown's last
+    /// group signal), so the group's ID cannot be recycled under a `killpg`.
+    pub reap: Option<Reap>,
     /// Started for one session's customisation (env, volumes): never pooled, never shared.
     pub customized: bool,
 }
@@ -121,6 +124,7 @@ impl Fleet {
                 cgroup: None,
                 workdir: self.workdir_root.join(id.as_str()),
                 exit: None,
+                reap: None,
                 customized: false,
             },
         );

@@ -45,11 +45,13 @@ pub struct Freezer {
     instance_dir: Option<PathBuf>,
 }
 
-/// The cgroup of one sandbox (cgroup modes only).
+/// The cgroup of one sandbox (cgroup modes only), plus its cgroups in the v1 hierarchies
+/// that carry its resource limits (none when the limits live in `path` itself).
 #[derive(Debug)]
 pub struct SandboxCgroup {
     path: PathBuf,
     mode: FreezerMode,
+    limit_dirs: Vec<PathBuf>,
 }
 
 impl Freezer {
@@ -106,6 +108,7 @@ impl Freezer {
         Ok(Some(SandboxCgroup {
             path,
             mode: self.mode,
+            limit_dirs: Vec::new(),
         }))
     }
 
@@ -122,40 +125,56 @@ impl Freezer {
     }
 }
 
-/// `<own cgroup>/agent-activator` in every mounted freezer hierarchy, for the leftover sweep.
+/// `<own cgroup>/agent-activator` in every mounted freezer hierarchy and every v1 hierarchy
+/// that per-sandbox limits use, for the leftover sweep.
 pub fn base_dirs() -> Vec<(PathBuf, FreezerMode)> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    [FreezerMode::CgroupV2, FreezerMode::CgroupV1]
+    let freezers = [FreezerMode::CgroupV2, FreezerMode::CgroupV1]
         .into_iter()
-        .filter_map(|m| cgroup_root(&mountinfo, &own, m).map(|r| (r.join(CGROUP_BASE), m)))
-        .collect()
+        .filter_map(|m| cgroup_root(&mountinfo, &own, m).map(|r| (r.join(CGROUP_BASE), m)));
+    let limits = super::limits::V1_CONTROLLERS.iter().filter_map(|c| {
+        v1_root(&mountinfo, &own, c).map(|r| (r.join(CGROUP_BASE), FreezerMode::CgroupV1))
+    });
+    freezers.chain(limits).collect()
 }
 
 /// Finds the directory of the activator's own cgroup in the hierarchy `mode` uses.
 fn cgroup_root(mountinfo: &str, own_cgroups: &str, mode: FreezerMode) -> Option<PathBuf> {
+    match mode {
+        FreezerMode::CgroupV2 => hierarchy_root(mountinfo, own_cgroups, None),
+        FreezerMode::CgroupV1 => hierarchy_root(mountinfo, own_cgroups, Some("freezer")),
+        FreezerMode::Signal => None,
+    }
+}
+
+/// The activator's own cgroup in the v1 hierarchy of `controller` (`memory`, `pids`, `cpu`).
+pub fn v1_root(mountinfo: &str, own_cgroups: &str, controller: &str) -> Option<PathBuf> {
+    hierarchy_root(mountinfo, own_cgroups, Some(controller))
+}
+
+/// The activator's own cgroup in the unified hierarchy (`None`) or in the v1 hierarchy that
+/// carries `controller`.
+fn hierarchy_root(mountinfo: &str, own_cgroups: &str, controller: Option<&str>) -> Option<PathBuf> {
     let (mount_root, mount_point) = mountinfo.lines().find_map(|line| {
         let (pre, post) = line.split_once(" - ")?;
         let pre: Vec<&str> = pre.split(' ').collect();
         let post: Vec<&str> = post.split(' ').collect();
-        let wanted = match mode {
-            FreezerMode::CgroupV2 => post.first() == Some(&"cgroup2"),
-            FreezerMode::CgroupV1 => {
+        let wanted = match controller {
+            None => post.first() == Some(&"cgroup2"),
+            Some(c) => {
                 post.first() == Some(&"cgroup")
-                    && post
-                        .get(2)
-                        .is_some_and(|o| o.split(',').any(|o| o == "freezer"))
+                    && post.get(2).is_some_and(|o| o.split(',').any(|o| o == c))
             }
-            FreezerMode::Signal => false,
         };
         wanted.then(|| (pre.get(3).copied(), pre.get(4).copied()))
     })?;
     let own = own_cgroups.lines().find_map(|line| {
         let mut parts = line.splitn(3, ':');
         let (id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        let hit = match mode {
-            FreezerMode::CgroupV2 => id == "0" && controllers.is_empty(),
-            _ => controllers.split(',').any(|c| c == "freezer"),
+        let hit = match controller {
+            None => id == "0" && controllers.is_empty(),
+            Some(c) => controllers.split(',').any(|x| x == c),
         };
         hit.then_some(path)
     })?;
@@ -170,11 +189,22 @@ fn cgroup_root(mountinfo: &str, own_cgroups: &str, mode: FreezerMode) -> Option<
 // === impl SandboxCgroup ===
 
 impl SandboxCgroup {
-    /// `cgroup.procs`, opened for the child to move itself in before `exec`.
-    pub fn procs_file(&self) -> std::io::Result<File> {
-        OpenOptions::new()
-            .write(true)
-            .open(self.path.join("cgroup.procs"))
+    /// Every `cgroup.procs` the child joins (its freezer cgroup first, then its v1 limit
+    /// cgroups), opened for the child to move itself in before `exec`.
+    pub fn procs_files(&self) -> std::io::Result<Vec<File>> {
+        std::iter::once(&self.path)
+            .chain(&self.limit_dirs)
+            .map(|dir| {
+                OpenOptions::new()
+                    .write(true)
+                    .open(dir.join("cgroup.procs"))
+            })
+            .collect()
+    }
+
+    /// Records a cgroup in a v1 limit hierarchy that the child joins too.
+    pub fn add_limit_dir(&mut self, dir: PathBuf) {
+        self.limit_dirs.push(dir);
     }
 
     /// PIDs of every process in the cgroup.
@@ -193,17 +223,31 @@ impl SandboxCgroup {
     /// Kills every process in the cgroup (frozen ones too).
     pub fn kill_all(&self) {
         kill_cgroup(&self.path, self.mode);
+        for dir in &self.limit_dirs {
+            kill_cgroup(dir, FreezerMode::CgroupV1);
+        }
     }
 
-    /// Removes the cgroup once its processes are gone, retrying until `deadline`.
+    /// Removes the cgroup (and its limit cgroups) once their processes are gone, retrying
+    /// until `deadline`.
     pub async fn remove(&self, deadline: Instant) {
+        remove_dir_when_empty(&self.path, deadline).await;
+        for dir in &self.limit_dirs {
+            remove_dir_when_empty(dir, deadline).await;
+        }
+    }
+}
+
+/// Removes the cgroup directory `path` once its processes are gone, retrying until `deadline`.
+async fn remove_dir_when_empty(path: &Path, deadline: Instant) {
+    {
         let mut delay = Duration::from_millis(1);
         loop {
-            match std::fs::remove_dir(&self.path) {
+            match std::fs::remove_dir(path) {
                 Ok(()) => return,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
                 Err(e) if Instant::now() >= deadline => {
-                    tracing::warn!(cgroup = %self.path.display(), error = %e, "cgroup not removed");
+                    tracing::warn!(cgroup = %path.display(), error = %e, "cgroup not removed");
                     return;
                 }
                 Err(_) => {}
@@ -304,7 +348,7 @@ pub fn kill_cgroup(path: &Path, mode: FreezerMode) {
     };
 }
 
-fn write(path: &Path, value: &str) -> Result<(), String> {
+pub(super) fn write(path: &Path, value: &str) -> Result<(), String> {
     OpenOptions::new()
         .write(true)
         .open(path)

@@ -138,16 +138,26 @@ impl Shared {
         std::fs::create_dir_all(&workdir).map_err(|e| {
             BackendError::StartFailed(format!("cannot create {}: {e}", workdir.display()))
         })?;
-        let cgroup = self
+        let mut cgroup = self
             .freezer
             .create(id.as_str())
-            .map_err(|e| BackendError::StartFailed(format!("cannot create cgroup: {e}")))?
-            .map(Arc::new);
+            .map_err(|e| BackendError::StartFailed(format!("cannot create cgroup: {e}")))?;
+        if let Some(c) = cgroup.as_mut() {
+            let applied = self.limits.apply(c, id.as_str());
+            if let Err(e) = applied {
+                // Recorded nowhere yet: remove what was created before failing the start.
+                c.remove(Instant::now() + KILL_BOUND).await;
+                return Err(BackendError::StartFailed(format!(
+                    "cannot apply limits: {e}"
+                )));
+            }
+        }
+        let cgroup = cgroup.map(Arc::new);
         let procs = match &cgroup {
-            Some(c) => Some(c.procs_file().map_err(|e| {
+            Some(c) => c.procs_files().map_err(|e| {
                 BackendError::StartFailed(format!("cannot open {}: {e}", c.path().display()))
-            })?),
-            None => None,
+            })?,
+            None => Vec::new(),
         };
         // The cgroup is recorded before the spawn so a failed start still removes it; the
         // port is reserved (as the entry's endpoint) under the same lock it is picked
@@ -180,6 +190,7 @@ impl Shared {
             e.pid = Some(launched.pid);
             e.endpoint = Some(endpoint);
             e.exit = Some(launched.exit.clone());
+            e.reap = Some(launched.reap);
         }
         tokio::spawn(self.watch_exit(id.clone(), launched.exit));
         child::wait_ready(
