@@ -236,12 +236,83 @@ async fn two_pools_selected_by_header_and_path_each_keep_their_own_warm_pool() {
     assert_eq!(stats.status, 200);
     assert!(stats.json()["stable_window_seconds"].as_f64().is_some());
 
-    let all_pids: Vec<u64> = pids(&admin, "python", "warm")
-        .await
-        .into_iter()
-        .chain(pids(&admin, "browser", "warm").await)
-        .chain([alice_pid, bob_pid])
+    // One event stream; each event names its pool.
+    let events = server.activator().events().subscribe(Some(0)).backlog;
+    let claimed: BTreeSet<(String, String)> = events
+        .iter()
+        .filter(|e| e.kind.as_str() == "claimed")
+        .map(|e| {
+            let pool = e.pool.as_deref().unwrap_or("-").to_owned();
+            (pool, e.session.to_string())
+        })
         .collect();
+    let hash = |id: &str| {
+        agent_activator::session::SessionKey::parse(id, 128)
+            .unwrap()
+            .short_hash()
+    };
+    assert_eq!(
+        claimed,
+        BTreeSet::from([
+            ("python".to_owned(), hash("alice")),
+            ("browser".to_owned(), hash("bob"))
+        ])
+    );
+
+    // Listing pages walk both pools' tables in one hash order, each session once.
+    for (id, headers) in [
+        ("p2", vec![("x-sandbox-template", "python")]),
+        ("p3", vec![("x-sandbox-template", "python")]),
+    ] {
+        let mut h = headers;
+        h.push(("x-session-id", id));
+        assert_eq!(send(&proxy, "/", &h).await.status, 200);
+    }
+    assert_eq!(
+        send(&proxy, "/browser/", &[("x-session-id", "b2")])
+            .await
+            .status,
+        200
+    );
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    for _ in 0..5 {
+        let page = admin
+            .get(&format!("/api/sessions?limit=2&cursor={cursor}"), &[])
+            .await
+            .json();
+        assert_eq!(page["total"], 5, "{page}");
+        for row in page["sessions"].as_array().unwrap() {
+            seen.push((
+                row["pool"].as_str().unwrap().to_owned(),
+                row["session"].as_str().unwrap().to_owned(),
+            ));
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_owned(),
+            None => break,
+        }
+    }
+    let mut want: Vec<(String, String)> = [
+        ("python", "alice"),
+        ("python", "p2"),
+        ("python", "p3"),
+        ("browser", "bob"),
+        ("browser", "b2"),
+    ]
+    .iter()
+    .map(|(p, id)| ((*p).to_owned(), hash(id)))
+    .collect();
+    want.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(seen, want);
+
+    let mut all_pids = BTreeSet::new();
+    for pool in ["python", "browser"] {
+        for state in ["warm", "bound", "starting"] {
+            all_pids.extend(pids(&admin, pool, state).await);
+        }
+    }
+    assert!(all_pids.contains(&alice_pid) && all_pids.contains(&bob_pid));
     server.shutdown().await;
     for pid in all_pids {
         support::eventually("sandbox processes end with the activator", || async {
@@ -583,4 +654,93 @@ async fn two_knative_services_are_two_pools() {
     assert!(e.starts_with(&format!("{}: ", browser.display())), "{e}");
     assert!(e.contains("server-wide proxy"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Every file named `name` below `dir`, read.
+fn files_named(dir: &std::path::Path, name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            out.extend(files_named(&path, name));
+        } else if path.file_name().is_some_and(|n| n == name) {
+            out.push(std::fs::read_to_string(&path).unwrap_or_default());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn each_pool_applies_its_own_customize_allowlist() {
+    let dir = scratch("customize");
+    let _ = std::fs::remove_dir_all(&dir);
+    // Each sandbox writes the variables it was given into its working directory, then
+    // becomes the demo sandbox.
+    let probe = "echo \"${REGION:--} ${THEME:--}\" > \"$PWD/probe\"; exec \"$0\" demo-sandbox --port \"$1\"";
+    let pool = |name: &str, matcher: &str, customize: &str| {
+        format!(
+            "  - name: {name}\n{matcher}    backend:\n      kind: process\n      command: [\"sh\", \"-c\", {probe:?}, \"{BIN}\", \"{{port}}\"]\n      workdir_root: \"{}\"\n      stop_grace: 2s\n      isolation: none\n    customize:\n      header_prefix: x-sandbox-env-\n{customize}",
+            dir.join(name).display()
+        )
+    };
+    let server = start(&[
+        pool(
+            "python",
+            PYTHON_MATCH,
+            "      env:\n        - {header: X-Sandbox-Env-Region, name: REGION, pattern: \"[a-z]{2}-[a-z]+\"}\n",
+        ),
+        pool(
+            "browser",
+            BROWSER_MATCH,
+            "      env:\n        - {header: X-Sandbox-Env-Theme, name: THEME, pattern: \"dark|light\"}\n",
+        ),
+    ])
+    .await;
+    let proxy = HttpClient::http1(server.proxy_addr());
+
+    let py = send(
+        &proxy,
+        "/x",
+        &[
+            ("x-session-id", "c1"),
+            ("x-sandbox-template", "python"),
+            ("x-sandbox-env-region", "eu-west"),
+        ],
+    )
+    .await;
+    assert_eq!(py.status, 200, "{}", py.text());
+    assert_eq!(files_named(&dir.join("python"), "probe"), ["eu-west -\n"]);
+
+    // The browser pool's rule is not in the python pool's allowlist.
+    let refused = send(
+        &proxy,
+        "/x",
+        &[
+            ("x-session-id", "c2"),
+            ("x-sandbox-template", "python"),
+            ("x-sandbox-env-theme", "dark"),
+        ],
+    )
+    .await;
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert_eq!(refused.error_code(), "invalid_customization");
+    assert!(
+        refused.text().contains("x-sandbox-env-theme"),
+        "{}",
+        refused.text()
+    );
+
+    let br = send(
+        &proxy,
+        "/browser/",
+        &[("x-session-id", "c3"), ("x-sandbox-env-theme", "dark")],
+    )
+    .await;
+    assert_eq!(br.status, 200, "{}", br.text());
+    assert_eq!(files_named(&dir.join("browser"), "probe"), ["- dark\n"]);
+    server.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
