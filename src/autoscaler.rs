@@ -66,6 +66,7 @@ impl Autoscaler {
         metrics: Arc<Metrics>,
         leader: Arc<dyn Leadership>,
         replica: ReplicaId,
+        pool: Option<Arc<str>>,
     ) -> Arc<Autoscaler> {
         // Replicas share one admin token (one Secret), so the leader presents its own.
         let token = config
@@ -79,7 +80,8 @@ impl Autoscaler {
             config.autoscaler.peer_timeout.as_duration(),
             replica,
             token,
-        );
+        )
+        .for_pool(pool);
         Arc::new(Autoscaler {
             config: config.clone(),
             sampler,
@@ -98,9 +100,14 @@ impl Autoscaler {
 
     /// `GET /api/stats`: this replica's signals right now.
     pub fn stats_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.snapshot()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// This replica's signals right now, named with its replica ID.
+    pub fn snapshot(&self) -> crate::stats::StatsSnapshot {
         let mut snapshot = self.sampler.current();
         snapshot.replica_id = self.peers.own_id().to_string();
-        serde_json::to_value(snapshot).unwrap_or(serde_json::Value::Null)
+        snapshot
     }
 
     /// Runs [`Self::step`] every `tick_interval`, and at once when the first request
