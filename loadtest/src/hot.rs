@@ -297,10 +297,12 @@ async fn verify(h: &Harness, target: &Target, sessions: &[String], pins: &[Strin
             .await
             .and_then(|r| probe::parse::<SandboxState>(&r.body, "/state"))
         {
-            Ok(state) => match probe::check_state(session, &state, Some(pin.as_str()), false).first() {
-                None => Outcome::Ok,
-                Some(v) => Outcome::Violation(v.to_string()),
-            },
+            Ok(state) => {
+                match probe::check_state(session, &state, Some(pin.as_str()), false).first() {
+                    None => Outcome::Ok,
+                    Some(v) => Outcome::Violation(v.to_string()),
+                }
+            }
             Err(e) => Outcome::Error(format!("{e:#}")),
         };
         tally.record(outcome, t0.elapsed());

@@ -69,7 +69,10 @@ impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Violation::Moved { session, was, now } => {
-                write!(f, "session {session} moved from sandbox {was} to sandbox {now}")
+                write!(
+                    f,
+                    "session {session} moved from sandbox {was} to sandbox {now}"
+                )
             }
             Violation::Shared { session, seen } => {
                 write!(f, "sandbox of {session} also saw {seen:?}")
@@ -191,9 +194,7 @@ mod tests {
         assert!(check_state("a", &state("i1", &["a", "b"]), Some("i1"), false).is_empty());
         let v = check_state("a", &state("i2", &["a", "b"]), Some("i1"), true);
         assert_eq!(v.len(), 2, "{v:?}");
-        assert!(
-            matches!(&v[0], Violation::Moved { was, now, .. } if was == "i1" && now == "i2")
-        );
+        assert!(matches!(&v[0], Violation::Moved { was, now, .. } if was == "i1" && now == "i2"));
         assert!(matches!(v[1], Violation::Shared { .. }));
         let v = check_state("a", &state("i1", &["b"]), None, false);
         assert!(matches!(v[0], Violation::Unseen { .. }));
