@@ -407,6 +407,10 @@ impl SandboxBackend for KubernetesBackend {
         let mut out = Vec::new();
         for c in claims.items {
             let name = c.metadata.name.clone().unwrap_or_default();
+            // Another pool's (or deployment's) claim in the namespace: not ours to recover.
+            if !name.starts_with(&self.claim_prefix) {
+                continue;
+            }
             let Some(sandbox) = self
                 .cache
                 .read(|st| st.sandbox_of_claim(&name).map(str::to_owned))
