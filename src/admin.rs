@@ -150,9 +150,9 @@ fn refresh_gauges(pool: &Pool) {
     for (s, n) in pool.activator.session_counts() {
         m.sessions.with_label_values(&[s]).set(n);
     }
-    let sandboxes = pool.backend.sandboxes();
+    let counts = pool.backend.sandbox_counts();
     for s in SandboxState::ALL {
-        let n = sandboxes.iter().filter(|x| x.state == s).count();
+        let n = counts.get(s);
         m.sandboxes
             .with_label_values(&[s.as_str()])
             .set(i64::try_from(n).unwrap_or(i64::MAX));

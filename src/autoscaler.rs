@@ -211,10 +211,10 @@ impl Autoscaler {
 
     /// (ready, bound): running sandboxes able to take traffic, and those bound to sessions.
     fn sandbox_counts(&self) -> (u32, u32) {
-        let sandboxes = self.backend.sandboxes();
-        let count = |s: SandboxState| sandboxes.iter().filter(|i| i.state == s).count() as u32;
+        let counts = self.backend.sandbox_counts();
+        let count = |s: SandboxState| u32::try_from(counts.get(s)).unwrap_or(u32::MAX);
         let bound = count(SandboxState::Bound);
-        (bound + count(SandboxState::Warm), bound)
+        (bound.saturating_add(count(SandboxState::Warm)), bound)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LoopState> {

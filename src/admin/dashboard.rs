@@ -62,10 +62,10 @@ pub fn overview(state: &AdminState, query: Option<&str>) -> AdminResponse {
         Err(resp) => return *resp,
     };
     let m = &pool.metrics;
-    let sandboxes = pool.backend.sandboxes();
+    let counts = pool.backend.sandbox_counts();
     let mut by_state = Map::new();
     for s in SandboxState::ALL {
-        let n = sandboxes.iter().filter(|x| x.state == s).count();
+        let n = counts.get(s);
         by_state.insert(s.as_str().to_owned(), json!(n));
     }
     let mut sessions = Map::new();
@@ -81,10 +81,11 @@ pub fn overview(state: &AdminState, query: Option<&str>) -> AdminResponse {
         let h = m.activation_duration.with_label_values(&[kind.as_str()]);
         latency.insert(kind.as_str().to_owned(), json!(distribution(&h)));
     }
-    let running = sandboxes
-        .iter()
-        .filter(|x| x.state != SandboxState::Stopping)
-        .count();
+    let running: usize = SandboxState::ALL
+        .into_iter()
+        .filter(|s| *s != SandboxState::Stopping)
+        .map(|s| counts.get(s))
+        .sum();
     super::json(&json!({
         "pool": &*pool.name,
         "pools": state.pools.iter().map(|p| &*p.name).collect::<Vec<_>>(),
