@@ -150,7 +150,28 @@ impl Activator {
     /// Builds the activator; call [`Activator::spawn_background`] to start idle scheduling
     /// and backend event handling.
     pub fn new(config: &Config, backend: DynBackend, metrics: Arc<Metrics>) -> Arc<Activator> {
-        let transitions = Transitions::new(config, backend, metrics);
+        Activator::build(config, backend, metrics, None)
+    }
+
+    /// An activator of pool `pool` publishing onto `bus`, which every pool shares (one
+    /// `GET /api/events` stream; each event names its pool).
+    pub fn for_pool(
+        config: &Config,
+        backend: DynBackend,
+        metrics: Arc<Metrics>,
+        bus: Arc<crate::events::EventBus>,
+        pool: Arc<str>,
+    ) -> Arc<Activator> {
+        Activator::build(config, backend, metrics, Some((bus, pool)))
+    }
+
+    fn build(
+        config: &Config,
+        backend: DynBackend,
+        metrics: Arc<Metrics>,
+        bus: Option<(Arc<crate::events::EventBus>, Arc<str>)>,
+    ) -> Arc<Activator> {
+        let transitions = Transitions::new(config, backend, metrics, bus);
         Arc::new(Activator {
             idle: IdleScheduler::new(&transitions),
             events: EventRouter::new(&transitions),

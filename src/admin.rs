@@ -19,10 +19,9 @@ use nix::sys::socket::{setsockopt, sockopt};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
-use crate::activation::Activator;
-use crate::autoscaler::Autoscaler;
-use crate::backend::{DynBackend, SandboxState};
+use crate::backend::SandboxState;
 use crate::metrics::Metrics;
+use crate::pool::{Pool, Pools};
 use crate::proxy::error::error_response;
 use crate::shutdown::{Phase, Shutdown};
 use crate::stats::TrafficStats;
@@ -46,8 +45,9 @@ pub type AdminResponse = Response<AdminBody>;
 
 /// What admin handlers can see.
 pub struct AdminState {
-    pub activator: Arc<Activator>,
-    pub backend: DynBackend,
+    /// Every pool: its sessions, sandboxes, signals and metrics.
+    pub pools: Arc<Pools>,
+    /// The server-wide registry (with `pools:` the pools' registries are merged into it).
     pub metrics: Arc<Metrics>,
     pub stats: Arc<TrafficStats>,
     pub shutdown: Shutdown,
@@ -57,8 +57,6 @@ pub struct AdminState {
     pub signer: Option<Arc<crate::session::TokenSigner>>,
     /// `Retry-After` for 503 answers (`activation.retry_after`).
     pub retry_after: HeaderValue,
-    /// Scaling signals for `GET /api/stats`.
-    pub autoscaler: Arc<Autoscaler>,
     /// `GET /api/events` settings and open streams.
     pub event_streams: EventStreams,
     /// `admin.auth`: checked before routing.
@@ -76,7 +74,7 @@ pub async fn route(state: &AdminState, req: Request<Incoming>) -> AdminResponse 
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     match (req.method(), segments.as_slice()) {
         (&Method::GET, []) => dashboard::page(),
-        (&Method::GET, ["api", "overview"]) => dashboard::overview(state),
+        (&Method::GET, ["api", "overview"]) => dashboard::overview(state, query),
         (&Method::GET, ["metrics"]) => metrics(state, wants_openmetrics(&req)),
         (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
         (&Method::GET, ["readyz"]) => readyz(state),
@@ -91,8 +89,8 @@ pub async fn route(state: &AdminState, req: Request<Incoming>) -> AdminResponse 
         (&Method::POST, ["api", "sessions", id, "resume"]) => {
             api::act(state, id, query, Action::Resume).await
         }
-        (&Method::GET, ["api", "sandboxes"]) => api::sandboxes(state),
-        (&Method::GET, ["api", "stats"]) => json(&state.autoscaler.stats_json()),
+        (&Method::GET, ["api", "sandboxes"]) => api::sandboxes(state, query),
+        (&Method::GET, ["api", "stats"]) => api::stats(state, query),
         (&Method::GET, ["api", "events"]) => stream::events(state, &req),
         (
             _,
@@ -126,21 +124,10 @@ fn wants_openmetrics<B>(req: &Request<B>) -> bool {
 /// Refreshes the table-derived gauges, then renders every metric (OpenMetrics, with
 /// exemplars, when asked for).
 fn metrics(state: &AdminState, openmetrics: bool) -> AdminResponse {
+    for pool in state.pools.iter() {
+        refresh_gauges(pool);
+    }
     let m = &state.metrics;
-    m.sessions.reset();
-    for (s, n) in state.activator.session_counts() {
-        m.sessions.with_label_values(&[s]).set(n);
-    }
-    let sandboxes = state.backend.sandboxes();
-    for s in SandboxState::ALL {
-        let n = sandboxes.iter().filter(|x| x.state == s).count();
-        m.sandboxes
-            .with_label_values(&[s.as_str()])
-            .set(i64::try_from(n).unwrap_or(i64::MAX));
-        if s == SandboxState::Warm {
-            m.warm_pool_ready.set(i64::try_from(n).unwrap_or(i64::MAX));
-        }
-    }
     let (body, content_type) = if openmetrics {
         (
             m.encode_openmetrics(),
@@ -153,6 +140,44 @@ fn metrics(state: &AdminState, openmetrics: bool) -> AdminResponse {
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
+}
+
+/// Sets a pool's table-derived gauges (`activator_sessions`, `activator_sandboxes`,
+/// `activator_warm_pool_ready`) from its table and backend.
+fn refresh_gauges(pool: &Pool) {
+    let m = &pool.metrics;
+    m.sessions.reset();
+    for (s, n) in pool.activator.session_counts() {
+        m.sessions.with_label_values(&[s]).set(n);
+    }
+    let counts = pool.backend.sandbox_counts();
+    for s in SandboxState::ALL {
+        let n = counts.get(s);
+        m.sandboxes
+            .with_label_values(&[s.as_str()])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+        if s == SandboxState::Warm {
+            m.warm_pool_ready.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// The pools a `?pool=` query names (all without one), or the 404 to answer with.
+pub(crate) fn selected_pools<'a>(
+    state: &'a AdminState,
+    query: Option<&str>,
+) -> Result<Vec<&'a Arc<Pool>>, Box<AdminResponse>> {
+    match api::query_param(query, "pool") {
+        None => Ok(state.pools.iter().collect()),
+        Some(name) => match state.pools.get(name) {
+            Some(p) => Ok(vec![p]),
+            None => Err(Box::new(error_response(
+                StatusCode::NOT_FOUND,
+                "unknown_pool",
+                &format!("no pool named {name:?}"),
+            ))),
+        },
+    }
 }
 
 fn readyz(state: &AdminState) -> AdminResponse {

@@ -66,6 +66,7 @@ impl Autoscaler {
         metrics: Arc<Metrics>,
         leader: Arc<dyn Leadership>,
         replica: ReplicaId,
+        pool: Option<Arc<str>>,
     ) -> Arc<Autoscaler> {
         // Replicas share one admin token (one Secret), so the leader presents its own.
         let token = config
@@ -79,7 +80,8 @@ impl Autoscaler {
             config.autoscaler.peer_timeout.as_duration(),
             replica,
             token,
-        );
+        )
+        .for_pool(pool);
         Arc::new(Autoscaler {
             config: config.clone(),
             sampler,
@@ -98,9 +100,14 @@ impl Autoscaler {
 
     /// `GET /api/stats`: this replica's signals right now.
     pub fn stats_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.snapshot()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// This replica's signals right now, named with its replica ID.
+    pub fn snapshot(&self) -> crate::stats::StatsSnapshot {
         let mut snapshot = self.sampler.current();
         snapshot.replica_id = self.peers.own_id().to_string();
-        serde_json::to_value(snapshot).unwrap_or(serde_json::Value::Null)
+        snapshot
     }
 
     /// Runs [`Self::step`] every `tick_interval`, and at once when the first request
@@ -204,10 +211,10 @@ impl Autoscaler {
 
     /// (ready, bound): running sandboxes able to take traffic, and those bound to sessions.
     fn sandbox_counts(&self) -> (u32, u32) {
-        let sandboxes = self.backend.sandboxes();
-        let count = |s: SandboxState| sandboxes.iter().filter(|i| i.state == s).count() as u32;
+        let counts = self.backend.sandbox_counts();
+        let count = |s: SandboxState| u32::try_from(counts.get(s)).unwrap_or(u32::MAX);
         let bound = count(SandboxState::Bound);
-        (bound + count(SandboxState::Warm), bound)
+        (bound.saturating_add(count(SandboxState::Warm)), bound)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LoopState> {

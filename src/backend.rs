@@ -140,6 +140,27 @@ impl SandboxState {
     }
 }
 
+/// How many sandboxes a backend holds in each [`SandboxState`]: what gauges and the
+/// autoscaler need, without the per-sandbox session lists of [`SandboxInfo`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateCounts([usize; SandboxState::ALL.len()]);
+
+impl StateCounts {
+    /// Counts the states of `states`.
+    pub fn of(states: impl IntoIterator<Item = SandboxState>) -> StateCounts {
+        let mut c = StateCounts::default();
+        for s in states {
+            c.0[s as usize] += 1;
+        }
+        c
+    }
+
+    /// Sandboxes in `state`.
+    pub fn get(&self, state: SandboxState) -> usize {
+        self.0[state as usize]
+    }
+}
+
 /// One row of `GET /api/sandboxes`.
 #[derive(Debug, Clone, Serialize)]
 pub struct SandboxInfo {
@@ -261,8 +282,15 @@ pub trait SandboxBackend: Send + Sync + 'static {
     /// Spontaneous changes. Each subscriber sees every event sent after it subscribed.
     fn subscribe(&self) -> broadcast::Receiver<BackendEvent>;
 
-    /// A snapshot of all sandboxes, for the admin API and metrics.
+    /// A snapshot of all sandboxes, for the admin API.
     fn sandboxes(&self) -> Vec<SandboxInfo>;
+
+    /// Sandboxes per state, for gauges and the autoscaler (called every tick and scrape):
+    /// backends whose rows are costly to build (the static backend lists every session
+    /// on a sandbox) count without building them.
+    fn sandbox_counts(&self) -> StateCounts {
+        StateCounts::of(self.sandboxes().iter().map(|s| s.state))
+    }
 
     /// Autoscaler output: how many ready, unassigned sandboxes to keep.
     async fn set_warm_pool_target(&self, _target: u32) -> Result<(), BackendError> {

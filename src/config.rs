@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer};
 mod customize;
 mod duration;
 mod freeze;
+mod pools;
 mod session;
 mod size;
 mod telemetry;
@@ -21,6 +22,9 @@ mod validate;
 pub use customize::{CustomizeConfig, EnvRule, LabelRule, SidecarRule, SidecarSet, VolumeRule};
 pub use duration::Dur;
 pub use freeze::{NodeAgentClientConfig, PauseMode};
+pub use pools::{
+    DEFAULT_POOL, EffectivePool, PoolAutoscaler, PoolConfig, PoolIdle, PoolMatch, validate_name,
+};
 pub use session::{CreateRate, HmacConfig, HmacKeyConfig, SessionAuth};
 pub use telemetry::{EventsConfig, OtlpConfig, TelemetryConfig};
 
@@ -68,6 +72,9 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// Claim-time customisation: allowlisted headers -> env, volumes, sidecars, labels.
     pub customize: CustomizeConfig,
+    /// Several kinds of sandbox behind one gateway (see [`PoolConfig`]); empty = one pool
+    /// `default` from the top-level `backend`, `autoscaler`, `idle` and `customize`.
+    pub pools: Vec<PoolConfig>,
     /// The node agent's section (`agent-activator node-agent`); unused by `serve`.
     pub node_agent: Option<crate::node_agent::NodeAgentConfig>,
 }
@@ -89,6 +96,7 @@ impl Default for Config {
             schedules: Vec::new(),
             telemetry: TelemetryConfig::default(),
             customize: CustomizeConfig::default(),
+            pools: Vec::new(),
             node_agent: None,
         }
     }
@@ -774,6 +782,29 @@ impl Config {
         Config::from_yaml(&text)
     }
 
+    /// Loads one file, or several Knative Service manifests as one pool each
+    /// (see [`crate::knative::config_from_manifests`]).
+    pub fn load_all(paths: &[PathBuf]) -> Result<Config, ConfigError> {
+        match paths {
+            [one] => Config::load(one),
+            _ => {
+                let mut docs = Vec::with_capacity(paths.len());
+                for path in paths {
+                    let text =
+                        std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                            path: path.to_owned(),
+                            source,
+                        })?;
+                    let doc = serde_yaml_ng::from_str(&text).map_err(|e| {
+                        ConfigError::invalid(path.display().to_string(), e.to_string())
+                    })?;
+                    docs.push((path.display().to_string(), doc));
+                }
+                crate::knative::config_from_manifests(&docs)
+            }
+        }
+    }
+
     /// Parses and validates YAML text; errors name the key path.
     /// A `serving.knative.dev/v1` Service manifest is accepted too (see [`crate::knative`]).
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
@@ -784,6 +815,13 @@ impl Config {
         }
         let de = serde_yaml_ng::Deserializer::from_str(text);
         let config: Config = deserialize_with_path(de)?;
+        if !config.pools.is_empty() && top_level_backend(text) {
+            return Err(ConfigError::invalid(
+                "backend",
+                "with pools, each pool has its own backend (pools[].backend); \
+                 remove the top-level backend section",
+            ));
+        }
         config.validate()?;
         Ok(config)
     }
@@ -798,6 +836,14 @@ impl Config {
             None => IdlePolicy::Release,
         }
     }
+}
+
+/// Whether the document's top level has a `backend` key (its `BackendConfig` has
+/// defaults, so the parsed value cannot tell).
+fn top_level_backend(text: &str) -> bool {
+    serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text)
+        .ok()
+        .is_some_and(|doc| doc.get("backend").is_some())
 }
 
 /// Deserializes with `serde_path_to_error` so the error names the key path.

@@ -94,6 +94,9 @@ pub struct Event {
     /// Why: `idle`, `admin`, `request`, `peer`, `ttl`, ... (`rejected`: the error code).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
+    /// The session's pool (only with `pools:` configured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<Arc<str>>,
 }
 
 /// The fields an emitter fills in; the bus adds `seq` and `time_ms`.
@@ -105,6 +108,8 @@ pub struct EventDraft {
     pub activation: Option<&'static str>,
     pub wait: Option<Duration>,
     pub reason: Option<&'static str>,
+    /// Set by the pool's [`Publisher`].
+    pub pool: Option<Arc<str>>,
 }
 
 impl EventDraft {
@@ -117,6 +122,7 @@ impl EventDraft {
             activation: None,
             wait: None,
             reason: None,
+            pool: None,
         }
     }
 
@@ -206,6 +212,7 @@ impl EventBus {
             activation: draft.activation,
             wait_ms: draft.wait.map(|d| d.as_secs_f64() * 1000.0),
             reason: draft.reason,
+            pool: draft.pool,
         });
         if ring.events.len() == self.capacity {
             ring.events.pop_front();
@@ -260,6 +267,8 @@ impl EventBus {
 pub struct Publisher {
     bus: Arc<EventBus>,
     counters: [IntCounter; EventKind::ALL.len()],
+    /// Written into every event (several pools share one bus).
+    pool: Option<Arc<str>>,
 }
 
 impl Publisher {
@@ -267,12 +276,25 @@ impl Publisher {
     pub fn new(bus: Arc<EventBus>, metrics: &Metrics) -> Publisher {
         let counters =
             EventKind::ALL.map(|k| metrics.events_total.with_label_values(&[k.as_str()]));
-        Publisher { bus, counters }
+        Publisher {
+            bus,
+            counters,
+            pool: None,
+        }
+    }
+
+    /// Names `pool` in every event this publisher emits.
+    pub fn for_pool(mut self, pool: Option<Arc<str>>) -> Publisher {
+        self.pool = pool;
+        self
     }
 
     /// Publishes one event; never waits.
-    pub fn emit(&self, draft: EventDraft) {
+    pub fn emit(&self, mut draft: EventDraft) {
         self.counters[draft.kind as usize].inc();
+        if draft.pool.is_none() {
+            draft.pool.clone_from(&self.pool);
+        }
         self.bus.emit(draft);
     }
 

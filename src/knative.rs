@@ -20,6 +20,9 @@ use crate::config::{Config, ConfigError, deserialize_with_path};
 mod annotations;
 mod container;
 mod go_duration;
+mod pools;
+
+pub use pools::{POOL_MATCH_ANNOTATION, config_from_manifests};
 
 /// The overlay annotation: native configuration YAML merged under the mapped keys.
 pub const OVERLAY_ANNOTATION: &str = "agent-activator.dev/config";
@@ -110,6 +113,12 @@ pub(crate) fn field<'a>(doc: &'a Value, path: &[&str]) -> Option<&'a Value> {
 
 /// Builds and validates the native configuration from a Knative Service manifest.
 pub fn config_from_manifest(doc: &Value) -> Result<Config, ConfigError> {
+    let tree = native_tree(doc)?;
+    finish(&tree)
+}
+
+/// The native configuration tree of one manifest, not yet deserialised.
+fn native_tree(doc: &Value) -> Result<NativeTree, ConfigError> {
     let annotations = annotations::collect(doc)?;
     let overlay = match annotations.get(OVERLAY_ANNOTATION) {
         None => Mapping::new(),
@@ -135,7 +144,11 @@ pub fn config_from_manifest(doc: &Value) -> Result<Config, ConfigError> {
         let source = "autoscaling.knative.dev/class";
         tree.set(&["autoscaler", "apply"], Value::from(apply), source)?;
     }
+    Ok(tree)
+}
 
+/// Deserialises and validates a tree, naming annotations in errors.
+fn finish(tree: &NativeTree) -> Result<Config, ConfigError> {
     let value = Value::Mapping(tree.root.clone());
     let config: Config = deserialize_with_path(value).map_err(|e| tree.rename(e))?;
     config.validate().map_err(|e| tree.rename(e))?;

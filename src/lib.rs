@@ -6,6 +6,8 @@
 //! - [`session`]: session keys (validation, hashing) and their extraction from requests.
 //! - [`activation`]: the session table; single-flight claim/resume, the bounded wait queue,
 //!   idle pause/release.
+//! - [`pool`]: one activator, backend, stats and autoscaler per kind of sandbox, and the
+//!   router that binds a session to its pool.
 //! - [`backend`]: the `SandboxBackend` trait and its implementations (static endpoints,
 //!   local processes, Kubernetes).
 //! - [`customize`]: claim-time customisation: allowlisted headers of a new session become
@@ -49,6 +51,7 @@ pub mod lock;
 pub mod logging;
 pub mod metrics;
 pub mod node_agent;
+pub mod pool;
 pub mod proxy;
 pub mod schedule;
 pub mod server;

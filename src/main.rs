@@ -27,8 +27,10 @@ struct Cli {
 enum Command {
     /// Run the proxy.
     Serve {
-        #[arg(long, short)]
-        config: PathBuf,
+        /// The configuration; repeat it to load several Knative Service manifests as
+        /// one pool each.
+        #[arg(long, short, required = true)]
+        config: Vec<PathBuf>,
         /// Overrides `listen`.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
@@ -38,8 +40,9 @@ enum Command {
     },
     /// Validate a configuration and exit.
     Check {
-        #[arg(long, short)]
-        config: PathBuf,
+        /// Repeatable, as for `serve`.
+        #[arg(long, short, required = true)]
+        config: Vec<PathBuf>,
     },
     /// Run the node agent: freezes and thaws sandbox pods' cgroups on this node
     /// (the `node_agent` section of the configuration).
@@ -49,6 +52,12 @@ enum Command {
     },
     /// Run the stateful demo sandbox (what `config/local.yaml` starts per session).
     DemoSandbox(agent_activator::demo::DemoOptions),
+}
+
+/// The `--config` files, comma-separated, for messages.
+fn display(paths: &[PathBuf]) -> String {
+    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    names.join(", ")
 }
 
 /// sysexits EX_CONFIG-like code for an invalid configuration (linkerd uses 64).
@@ -71,13 +80,13 @@ fn main() -> ExitCode {
             }
         }
         Command::NodeAgent { config: path } => node_agent(&path),
-        Command::Check { config } => match Config::load(&config) {
+        Command::Check { config } => match Config::load_all(&config) {
             Ok(_) => {
-                println!("{}: ok", config.display());
+                println!("{}: ok", display(&config));
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("{}: {e}", config.display());
+                eprintln!("{}: {e}", display(&config));
                 ExitCode::from(EXIT_CONFIG)
             }
         },
@@ -86,10 +95,10 @@ fn main() -> ExitCode {
             listen,
             admin_listen,
         } => {
-            let mut config = match Config::load(&path) {
+            let mut config = match Config::load_all(&path) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("{}: {e}", path.display());
+                    eprintln!("{}: {e}", display(&path));
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
@@ -97,7 +106,7 @@ fn main() -> ExitCode {
                 eprintln!(
                     "{}: backend.endpoints: kind: static needs at least one endpoint \
                      (this file configures only the node agent: run `node-agent`)",
-                    path.display()
+                    display(&path)
                 );
                 return ExitCode::from(EXIT_CONFIG);
             }

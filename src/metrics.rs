@@ -11,6 +11,8 @@ use prometheus::{
 
 mod openmetrics;
 
+use crate::lock::RwLockExt;
+
 pub use openmetrics::ActivationExemplars;
 
 /// Latency buckets from 100 us to 5 min: proxy overhead and long agent turns both fit.
@@ -19,9 +21,39 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
+/// Families a pool's activator, backend, stats sampler and autoscaler write. With `pools:`
+/// each pool has its own [`Metrics`] whose registry adds the const label `pool`; the
+/// exposition takes these families from the pools and every other one from the
+/// server-wide registry (docs/metrics.md).
+pub const POOL_FAMILIES: &[&str] = &[
+    "activator_sessions",
+    "activator_sandboxes",
+    "activator_queued_requests",
+    "activator_admission_wait_seconds",
+    "activator_waiting_sessions",
+    "activator_activations_total",
+    "activator_activation_duration_seconds",
+    "activator_pauses_total",
+    "activator_releases_total",
+    "activator_sessions_lost_total",
+    "activator_warm_pool_ready",
+    "activator_stable_concurrency",
+    "activator_panic_concurrency",
+    "activator_stable_rps",
+    "activator_panic_rps",
+    "activator_active_sessions",
+    "activator_desired_sandboxes",
+    "activator_panic_mode",
+    "activator_warm_pool_target",
+    "activator_autoscaler_leader",
+    "activator_events_total",
+];
+
 /// The activator's metrics and the registry they live in. Cheap to share behind an `Arc`.
 pub struct Metrics {
     registry: Registry,
+    /// With `pools:`, the pools' registries (const label `pool`), merged at encode time.
+    pools: std::sync::RwLock<Vec<Registry>>,
     /// `activator_requests_total{code}`: finished requests by response status.
     pub requests_total: IntCounterVec,
     /// `activator_request_duration_seconds`: request start to response body end.
@@ -102,8 +134,26 @@ pub struct Metrics {
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Metrics {
-        let registry = Registry::new();
+        Metrics::with_registry(Registry::new())
+    }
+
+    /// One pool's metrics: every series carries `pool="{name}"`. Attach it to the
+    /// server-wide registry with [`Metrics::attach_pool`].
+    pub fn for_pool(name: &str) -> Metrics {
+        let labels = std::collections::HashMap::from([("pool".to_owned(), name.to_owned())]);
+        let registry = Registry::new_custom(None, Some(labels)).expect("valid const label");
+        Metrics::with_registry(registry)
+    }
+
+    /// Makes `pool`'s [`POOL_FAMILIES`] part of this registry's exposition (and those
+    /// families of this registry leave it: the pools own them).
+    pub fn attach_pool(&self, pool: &Metrics) {
+        self.pools.write_recovered().push(pool.registry.clone());
+    }
+
+    fn with_registry(registry: Registry) -> Metrics {
         let m = Metrics {
+            pools: std::sync::RwLock::default(),
             requests_total: IntCounterVec::new(
                 Opts::new(
                     "activator_requests_total",
@@ -361,9 +411,38 @@ impl Metrics {
     pub fn encode(&self) -> String {
         let mut buf = Vec::with_capacity(16 * 1024);
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
+            .encode(&self.gather(), &mut buf)
             .expect("text encoding into a Vec cannot fail");
         String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Metrics {
+    /// This registry's families, with the pools' [`POOL_FAMILIES`] merged in by name.
+    fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let pools = self.pools.read_recovered();
+        if pools.is_empty() {
+            return self.registry.gather();
+        }
+        let mut families: Vec<_> = self
+            .registry
+            .gather()
+            .into_iter()
+            .filter(|f| !POOL_FAMILIES.contains(&f.name()))
+            .collect();
+        for pool in pools.iter() {
+            for mut family in pool.gather() {
+                if !POOL_FAMILIES.contains(&family.name()) {
+                    continue;
+                }
+                match families.iter_mut().find(|f| f.name() == family.name()) {
+                    Some(f) => f.mut_metric().append(family.mut_metric()),
+                    None => families.push(family),
+                }
+            }
+        }
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        families
     }
 }
 

@@ -15,10 +15,10 @@ use http::{HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Incoming};
 use prometheus::{IntCounter, IntGauge};
 
-use crate::activation::Activator;
 use crate::backend::ActivationKind;
 use crate::config::Config;
 use crate::metrics::{ActivationExemplars, Metrics};
+use crate::pool::{Pools, RequestView};
 use crate::session::{
     ExtractedSession, SessionAdmission, SessionExtractor, SessionForwarding, SessionOrigin,
     TokenSigner,
@@ -64,7 +64,8 @@ pub static X_SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
 /// Everything a request needs, shared by every connection.
 pub struct Proxy {
     extractor: SessionExtractor,
-    activator: Arc<Activator>,
+    /// The sandbox pools; a request's session picks one (see [`crate::pool`]).
+    pools: Arc<Pools>,
     upstream: Upstream,
     recorder: Arc<Recorder>,
     strip: Box<[HeaderName]>,
@@ -95,7 +96,7 @@ impl Proxy {
     pub fn new(
         config: &Config,
         signer: Option<Arc<TokenSigner>>,
-        activator: Arc<Activator>,
+        pools: Arc<Pools>,
         metrics: &Metrics,
         stats: Arc<TrafficStats>,
         shutdown: Shutdown,
@@ -103,7 +104,7 @@ impl Proxy {
         let tls = config.tls.is_some();
         Proxy {
             extractor: SessionExtractor::new(&config.session, signer, tls),
-            activator,
+            pools,
             upstream: Upstream::new(&config.proxy, metrics),
             recorder: Arc::new(Recorder::new(
                 metrics,
@@ -245,24 +246,36 @@ impl Proxy {
         conn: &ClientConn,
         completion: &mut Completion,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let lease = match self.activator.try_acquire_ready(&session.key) {
+        let pool = {
+            let path = match &session.rewritten {
+                Some(p) => p.path(),
+                None => req.uri().path(),
+            };
+            let view = RequestView::new(req.uri(), req.headers(), path);
+            self.pools.route(&session.key, &view)?
+        };
+        if self.pools.is_named() {
+            completion.set_pool_stats(&pool.stats);
+        }
+        let activator = &pool.activator;
+        let lease = match activator.try_acquire_ready(&session.key) {
             Some(lease) => lease,
             None => {
-                // A session the table does not hold yet is a new one: bounded, and
-                // customised by its first request's allowlisted headers (read only here:
-                // an existing session keeps what it was created with).
-                let spec = if !self.activator.knows(&session.key) {
-                    let spec = self.activator.claim_spec(req.headers())?;
+                // A session no pool holds yet is a new one: bounded (server-wide), and
+                // customised by its first request's allowlisted headers under its pool's
+                // rules (read only here: an existing session keeps what it was created
+                // with).
+                let spec = if !activator.knows(&session.key) {
+                    let spec = activator.claim_spec(req.headers())?;
                     // Behind trusted proxies the limit keys on the real client.
                     let client = self.client_ip(conn, req.headers());
-                    self.admission
-                        .admit(client, self.activator.session_total())?;
+                    self.admission.admit(client, self.pools.session_total())?;
                     spec
                 } else {
-                    self.activator.plain_spec()
+                    activator.plain_spec()
                 };
                 let waiting = tokio::time::Instant::now();
-                match self.activator.acquire_with(&session.key, &spec).await {
+                match activator.acquire_with(&session.key, &spec).await {
                     Ok(lease) => lease,
                     Err(e) => {
                         let err = ProxyError::from(e);

@@ -13,8 +13,10 @@ use crate::admin::{self, AdminAuth, AdminState};
 use crate::autoscaler::{Scaling, ScalingDeps};
 use crate::backend::{self, DynBackend};
 use crate::cluster::Cluster;
-use crate::config::{Config, ConfigError};
+use crate::config::{BackendKind, Config, ConfigError, EffectivePool};
+use crate::events::EventBus;
 use crate::metrics::Metrics;
+use crate::pool::{Pool, PoolParts, Pools};
 use crate::proxy::{self, Proxy, TlsError};
 use crate::shutdown::{Phase, Shutdown};
 use crate::stats::TrafficStats;
@@ -61,11 +63,9 @@ pub struct DrainOutcome {
 pub struct RunningServer {
     proxy_addr: SocketAddr,
     admin_addr: SocketAddr,
-    activator: Arc<Activator>,
+    pools: Arc<Pools>,
     metrics: Arc<Metrics>,
-    backend: DynBackend,
     stats: Arc<TrafficStats>,
-    scaling: Scaling,
     cluster: Cluster,
     schedules: Vec<JoinHandle<()>>,
     shutdown: Shutdown,
@@ -108,22 +108,34 @@ async fn start_inner(
     let admin_addr = local_addr("admin_listen", &admin_listener, config.admin_listen)?;
 
     let stats = Arc::new(TrafficStats::new());
-    // The one replica identity and kube client; leader election starts here.
-    let cluster = Cluster::start(&config, &metrics).await?;
-    let backend = match backend {
-        Some(b) => b,
-        None => backend::build(&config, &metrics, &cluster).await?,
-    };
-    let activator = Activator::new(&config, backend.clone(), metrics.clone());
-    match activator.recover().await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(sessions = n, "recovered session bindings from the backend"),
-        Err(e) => tracing::warn!(error = %e, "could not recover session bindings; starting empty"),
+    let effective = config.effective_pools();
+    // The one replica identity and kube client (a kubernetes pool's settings, if any);
+    // leader election starts here.
+    let cluster_config = effective
+        .iter()
+        .find(|p| p.config.backend.kind == BackendKind::Kubernetes)
+        .unwrap_or(&effective[0]);
+    let cluster = Cluster::start(&cluster_config.config, &metrics).await?;
+    let named = config.has_pools();
+    // One event stream for every pool: its events name their pool.
+    let bus = Arc::new(EventBus::new(config.telemetry.events.buffer));
+    let mut backend = backend;
+    let mut built = Vec::with_capacity(effective.len());
+    for pool in effective {
+        let parts = build_pool(
+            pool,
+            named,
+            &metrics,
+            &stats,
+            &bus,
+            &cluster,
+            backend.take(),
+        );
+        built.push(parts.await?);
     }
-    activator.spawn_background();
     let shutdown = Shutdown::new();
 
-    let telemetry = Arc::new(Telemetry::new(&config.telemetry, backend.kind())?);
+    let telemetry = Arc::new(Telemetry::new(&config.telemetry, built[0].backend.kind())?);
     if telemetry.enabled() {
         tracing::info!(
             endpoint = config.telemetry.otlp.endpoint.as_deref().unwrap_or(""),
@@ -131,11 +143,41 @@ async fn start_inner(
             "exporting traces over OTLP/HTTP"
         );
     }
+    let pools: Vec<Arc<Pool>> = built
+        .into_iter()
+        .map(|p| {
+            let leader = cluster.leadership();
+            let replica = cluster.replica().clone();
+            let pool_name = named.then(|| p.name.clone());
+            let scaling = Scaling::start(
+                &p.config,
+                ScalingDeps {
+                    stats: p.stats.clone(),
+                    activator: p.activator.clone(),
+                    backend: p.backend.clone(),
+                    metrics: p.metrics.clone(),
+                    leader,
+                    replica,
+                    pool: pool_name,
+                },
+            );
+            Arc::new(Pool::new(PoolParts {
+                name: p.name,
+                matcher: p.matcher,
+                activator: p.activator,
+                backend: p.backend,
+                stats: p.stats,
+                metrics: p.metrics,
+                scaling,
+            }))
+        })
+        .collect();
+    let pools = Arc::new(Pools::new(pools, named));
     let proxy = Arc::new(
         Proxy::new(
             &config,
             signer.clone(),
-            activator.clone(),
+            pools.clone(),
             &metrics,
             stats.clone(),
             shutdown.clone(),
@@ -156,17 +198,6 @@ async fn start_inner(
         )
         .await;
     });
-    let scaling = Scaling::start(
-        &config,
-        ScalingDeps {
-            stats: stats.clone(),
-            activator: activator.clone(),
-            backend: backend.clone(),
-            metrics: metrics.clone(),
-            leader: cluster.leadership(),
-            replica: cluster.replica().clone(),
-        },
-    );
     let schedules = crate::schedule::start(
         &config,
         cluster.ticks(),
@@ -175,28 +206,25 @@ async fn start_inner(
         proxy_addr,
     )?;
     let admin_state = Arc::new(AdminState {
-        activator: activator.clone(),
-        backend: backend.clone(),
+        pools: pools.clone(),
         metrics: metrics.clone(),
         stats: stats.clone(),
         shutdown: shutdown.clone(),
         max_id_length: config.session.max_id_length,
         signer,
         retry_after: proxy::error::retry_after_value(config.activation.retry_after.as_duration()),
-        autoscaler: scaling.autoscaler().clone(),
         event_streams: admin::EventStreams::new(&config.telemetry.events),
         auth: admin_auth,
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
-    tracing::info!(%proxy_addr, %admin_addr, backend = backend.kind(), tls = config.tls.is_some(), "agent-activator listening");
+    let names: Vec<&str> = pools.iter().map(|p| &*p.name).collect();
+    tracing::info!(%proxy_addr, %admin_addr, backend = pools.first().backend.kind(), pools = ?names, tls = config.tls.is_some(), "agent-activator listening");
     Ok(RunningServer {
         proxy_addr,
         admin_addr,
-        activator,
+        pools,
         metrics,
-        backend,
         stats,
-        scaling,
         cluster,
         schedules,
         shutdown,
@@ -206,6 +234,85 @@ async fn start_inner(
         admin_task,
         telemetry,
     })
+}
+
+/// A pool's parts before its autoscaler starts.
+struct BuiltPool {
+    name: Arc<str>,
+    matcher: Option<crate::config::PoolMatch>,
+    config: Config,
+    activator: Arc<Activator>,
+    backend: DynBackend,
+    stats: Arc<TrafficStats>,
+    metrics: Arc<Metrics>,
+}
+
+/// Builds one pool's backend and activator and recovers its bindings. Without `pools:`
+/// (`named` false) it uses the server-wide metrics, stats and the activator's own event
+/// bus, exactly as a single-pool server always did.
+async fn build_pool(
+    pool: EffectivePool,
+    named: bool,
+    metrics: &Arc<Metrics>,
+    stats: &Arc<TrafficStats>,
+    bus: &Arc<EventBus>,
+    cluster: &Cluster,
+    given: Option<DynBackend>,
+) -> Result<BuiltPool, StartError> {
+    let name: Arc<str> = pool.name.into();
+    let (pool_metrics, pool_stats) = if named {
+        let m = Arc::new(Metrics::for_pool(&name));
+        metrics.attach_pool(&m);
+        (m, Arc::new(TrafficStats::new()))
+    } else {
+        (metrics.clone(), stats.clone())
+    };
+    let backend = match given {
+        Some(b) => b,
+        None => backend::build(&pool.config, &pool_metrics, cluster)
+            .await
+            .map_err(|e| pool_key(e, &name, named))?,
+    };
+    let activator = if named {
+        Activator::for_pool(
+            &pool.config,
+            backend.clone(),
+            pool_metrics.clone(),
+            bus.clone(),
+            name.clone(),
+        )
+    } else {
+        Activator::new(&pool.config, backend.clone(), pool_metrics.clone())
+    };
+    match activator.recover().await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(pool = %name, sessions = n, "recovered session bindings from the backend")
+        }
+        Err(e) => {
+            tracing::warn!(pool = %name, error = %e, "could not recover session bindings; starting empty")
+        }
+    }
+    activator.spawn_background();
+    Ok(BuiltPool {
+        name,
+        matcher: pool.matcher,
+        config: pool.config,
+        activator,
+        backend,
+        stats: pool_stats,
+        metrics: pool_metrics,
+    })
+}
+
+/// Names the pool in a backend error's key (`pools.python: backend.command: ...`).
+fn pool_key(e: ConfigError, name: &str, named: bool) -> ConfigError {
+    match e {
+        ConfigError::Invalid { key, message } if named => {
+            ConfigError::invalid(format!("pools.{name}.{key}"), message)
+        }
+        other => other,
+    }
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -234,16 +341,23 @@ impl RunningServer {
         self.admin_addr
     }
 
+    /// The first pool's activator (the only one without `pools:`).
     pub fn activator(&self) -> &Arc<Activator> {
-        &self.activator
+        &self.pools.first().activator
+    }
+
+    /// Every pool.
+    pub fn pools(&self) -> &Arc<Pools> {
+        &self.pools
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
+    /// The first pool's backend (the only one without `pools:`).
     pub fn backend(&self) -> &DynBackend {
-        &self.backend
+        &self.pools.first().backend
     }
 
     pub fn stats(&self) -> &Arc<TrafficStats> {
@@ -296,7 +410,7 @@ impl RunningServer {
     /// requests and streams drained within `proxy.drain_timeout`, then the backend stops.
     async fn finish(self) -> DrainOutcome {
         self.shutdown.advance(Phase::Draining);
-        self.activator.begin_shutdown();
+        self.pools.begin_shutdown();
         let tracker = self.shutdown.tracker();
         let complete = tokio::time::timeout(self.drain_timeout, tracker.idle())
             .await
@@ -308,15 +422,22 @@ impl RunningServer {
             tracing::warn!(cut, "drain window over; closing what is left");
         }
         self.shutdown.advance(Phase::Closed);
-        self.scaling.stop();
+        for p in self.pools.iter() {
+            p.stop_scaling();
+        }
         for s in &self.schedules {
             s.abort();
         }
         // Gives the Lease up so another replica leads at once.
         self.cluster.stop().await;
-        if tokio::time::timeout(BACKEND_SHUTDOWN_BOUND, self.backend.shutdown())
-            .await
-            .is_err()
+        // Every pool's backend stops at once, all within one bound.
+        let stops = self.pools.iter().map(|p| p.backend.shutdown());
+        if tokio::time::timeout(
+            BACKEND_SHUTDOWN_BOUND,
+            futures_util::future::join_all(stops),
+        )
+        .await
+        .is_err()
         {
             tracing::warn!("backend shutdown did not finish within {BACKEND_SHUTDOWN_BOUND:?}");
         }

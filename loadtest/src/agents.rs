@@ -68,7 +68,8 @@ struct Agent {
     conn: HttpConn,
     session: String,
     exclusive: bool,
-    pid: Option<u32>,
+    /// The demo sandbox's `instance` the session is pinned to.
+    instance: Option<String>,
     counter: u64,
     timeout: Duration,
     tally: SessionTally,
@@ -96,7 +97,7 @@ pub async fn run(h: &Harness) -> Result<Vec<TargetReport>> {
                 conn: HttpConn::new(target, h.scenario.request_timeout),
                 session: format!("agent-{}-{ti}-{i}", h.run_id),
                 exclusive: sc.exclusive,
-                pid: None,
+                instance: None,
                 counter: 0,
                 timeout: h.scenario.request_timeout,
                 tally: SessionTally::default(),
@@ -185,7 +186,7 @@ impl Agent {
                 let outcome = self.judge_state(&state, None);
                 let ok = matches!(outcome, Outcome::Ok);
                 self.tally.record("cold_claim", outcome, latency);
-                self.pid = Some(state.pid);
+                self.instance = Some(state.instance.clone());
                 self.counter = state.counter;
                 ok
             }
@@ -223,7 +224,7 @@ impl Agent {
         }
         let t0 = Instant::now();
         let outcome = match self.state().await {
-            Ok((state, _)) => self.judge_state(&state, self.pid),
+            Ok((state, _)) => self.judge_state(&state, self.instance.as_deref()),
             Err(e) => Outcome::Error(format!("{e:#}")),
         };
         self.tally.record("turn", outcome, t0.elapsed());
@@ -272,7 +273,7 @@ impl Agent {
         Ok((probe::parse(&r.body, "/state")?, kind))
     }
 
-    fn judge_state(&self, state: &SandboxState, pinned: Option<u32>) -> Outcome {
+    fn judge_state(&self, state: &SandboxState, pinned: Option<&str>) -> Outcome {
         match probe::check_state(&self.session, state, pinned, self.exclusive).first() {
             None => Outcome::Ok,
             Some(v) => Outcome::Violation(v.to_string()),
@@ -285,12 +286,12 @@ impl Agent {
             Ok(c) => c,
             Err(e) => return Outcome::Error(format!("{e:#}")),
         };
-        if let Some(pid) = self.pid
-            && pid != c.pid
+        if let Some(was) = &self.instance
+            && *was != c.instance
         {
             return Outcome::Violation(format!(
-                "session {} moved from pid {pid} to pid {}",
-                self.session, c.pid
+                "session {} moved from sandbox {was} to sandbox {}",
+                self.session, c.instance
             ));
         }
         let last = self.counter;

@@ -27,7 +27,7 @@ struct HotWorker {
     conn: HttpConn,
     path: String,
     sessions: Arc<Vec<String>>,
-    pins: Arc<Vec<u32>>,
+    pins: Arc<Vec<String>>,
     /// Indexes into `sessions` this worker owns.
     mine: Vec<usize>,
     next: usize,
@@ -50,7 +50,7 @@ impl LoadRequest for HotWorker {
             return Outcome::Error(format!("{e:#}"));
         }
         match probe::parse::<EchoReply>(&reply.body, "hot reply") {
-            Ok(echo) => match probe::check_echo(session, &echo, self.pins[idx]) {
+            Ok(echo) => match probe::check_echo(session, &echo, &self.pins[idx]) {
                 Ok(()) => Outcome::Ok,
                 Err(v) => Outcome::Violation(v.to_string()),
             },
@@ -62,7 +62,7 @@ impl LoadRequest for HotWorker {
 /// Per-target state kept across rounds.
 struct TargetRun {
     target: Target,
-    pins: Arc<Vec<u32>>,
+    pins: Arc<Vec<String>>,
     workers: Vec<HotWorker>,
     sections: Vec<Section>,
 }
@@ -230,13 +230,13 @@ async fn segment(
     total
 }
 
-/// First request of every session through `target`: pins each session to the pid that
+/// First request of every session through `target`: pins each session to the instance that
 /// answered. Runs `connections` at a time.
 async fn establish(
     h: &Harness,
     target: &Target,
     sessions: &Arc<Vec<String>>,
-) -> (Vec<u32>, Section) {
+) -> (Vec<String>, Section) {
     let sc = &h.scenario.hot;
     let next = AtomicU64::new(0);
     let start = Instant::now();
@@ -258,7 +258,7 @@ async fn establish(
                     .and_then(|r| probe::parse::<EchoReply>(&r.body, "hot reply"));
                 match result {
                     Ok(echo) => {
-                        pins.push((i, echo.pid));
+                        pins.push((i, echo.instance));
                         tally.record(Outcome::Ok, t0.elapsed());
                     }
                     Err(e) => tally.record(Outcome::Error(format!("{e:#}")), t0.elapsed()),
@@ -268,12 +268,12 @@ async fn establish(
         }
     });
     let results = futures_util::future::join_all(workers).await;
-    let mut pins = vec![0u32; sessions.len()];
+    let mut pins = vec![String::new(); sessions.len()];
     let mut tally = Tally::default();
     for (t, p) in results {
         tally.merge(&t);
-        for (i, pid) in p {
-            pins[i] = pid;
+        for (i, instance) in p {
+            pins[i] = instance;
         }
     }
     let section = Section::from_tally("establish", &tally, start.elapsed().as_secs_f64());
@@ -282,7 +282,7 @@ async fn establish(
 
 /// `GET /state` for the first `verify_sessions` sessions: each must still be on its pinned
 /// process, and that process must have seen the session header.
-async fn verify(h: &Harness, target: &Target, sessions: &[String], pins: &[u32]) -> Section {
+async fn verify(h: &Harness, target: &Target, sessions: &[String], pins: &[String]) -> Section {
     let mut conn = HttpConn::new(target, h.scenario.request_timeout);
     let mut tally = Tally::default();
     let start = Instant::now();
@@ -297,10 +297,12 @@ async fn verify(h: &Harness, target: &Target, sessions: &[String], pins: &[u32])
             .await
             .and_then(|r| probe::parse::<SandboxState>(&r.body, "/state"))
         {
-            Ok(state) => match probe::check_state(session, &state, Some(*pin), false).first() {
-                None => Outcome::Ok,
-                Some(v) => Outcome::Violation(v.to_string()),
-            },
+            Ok(state) => {
+                match probe::check_state(session, &state, Some(pin.as_str()), false).first() {
+                    None => Outcome::Ok,
+                    Some(v) => Outcome::Violation(v.to_string()),
+                }
+            }
             Err(e) => Outcome::Error(format!("{e:#}")),
         };
         tally.record(outcome, t0.elapsed());

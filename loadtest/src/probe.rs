@@ -1,9 +1,11 @@
 //! What the demo sandbox says about itself, and the correctness checks built on it.
 //!
-//! `GET /state` reports the sandbox's pid, counter and every session ID it has seen; any
-//! unrouted path (the hot-path request) answers `{method, path, session, pid, ...}`. From
-//! these the harness proves a session always lands on the same process, that an exclusive
-//! sandbox never saw another session, and that its counter survived a freeze.
+//! `GET /state` reports the sandbox's `instance` (a random per-process ID), counter and every
+//! session ID it has seen; any unrouted path (the hot-path request) answers `{method, path,
+//! session, instance, ...}`. From these the harness proves a session always lands on the same
+//! process, that an exclusive sandbox never saw another session, and that its counter
+//! survived a freeze. The instance, not the pid, is the identity: under PID namespaces
+//! (`backend.isolation: namespaces`) every sandbox reports the same small pid.
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
@@ -11,7 +13,7 @@ use serde::Deserialize;
 /// The parts of `GET /state` the checks use.
 #[derive(Debug, Clone, Deserialize)]
 pub struct SandboxState {
-    pub pid: u32,
+    pub instance: String,
     pub counter: u64,
     #[serde(default)]
     pub sessions_seen: Vec<String>,
@@ -20,7 +22,7 @@ pub struct SandboxState {
 /// The catch-all echo of the demo sandbox (the hot-path response).
 #[derive(Debug, Clone, Deserialize)]
 pub struct EchoReply {
-    pub pid: u32,
+    pub instance: String,
     #[serde(default)]
     pub session: Option<String>,
 }
@@ -29,7 +31,7 @@ pub struct EchoReply {
 #[derive(Debug, Clone, Deserialize)]
 pub struct CounterReply {
     pub counter: u64,
-    pub pid: u32,
+    pub instance: String,
 }
 
 /// Parses a JSON body, naming `what` in the error.
@@ -46,7 +48,11 @@ pub fn parse<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> Result<T>
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Violation {
     /// The session reached a different process than before.
-    Moved { session: String, was: u32, now: u32 },
+    Moved {
+        session: String,
+        was: String,
+        now: String,
+    },
     /// An exclusive sandbox has seen sessions other than its own.
     Shared { session: String, seen: Vec<String> },
     /// The sandbox did not see the session header we sent.
@@ -63,7 +69,10 @@ impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Violation::Moved { session, was, now } => {
-                write!(f, "session {session} moved from pid {was} to pid {now}")
+                write!(
+                    f,
+                    "session {session} moved from sandbox {was} to sandbox {now}"
+                )
             }
             Violation::Shared { session, seen } => {
                 write!(f, "sandbox of {session} also saw {seen:?}")
@@ -83,22 +92,22 @@ impl std::fmt::Display for Violation {
     }
 }
 
-/// Checks `state` against what `session` expects: same pid as `pinned` (when known), the
+/// Checks `state` against what `session` expects: same instance as `pinned` (when known), the
 /// session seen, and, when `exclusive`, nobody else seen.
 pub fn check_state(
     session: &str,
     state: &SandboxState,
-    pinned: Option<u32>,
+    pinned: Option<&str>,
     exclusive: bool,
 ) -> Vec<Violation> {
     let mut out = Vec::new();
     if let Some(was) = pinned
-        && was != state.pid
+        && was != state.instance
     {
         out.push(Violation::Moved {
             session: session.to_string(),
-            was,
-            now: state.pid,
+            was: was.to_string(),
+            now: state.instance.clone(),
         });
     }
     if !state.sessions_seen.iter().any(|s| s == session) {
@@ -134,12 +143,12 @@ pub fn check_counter(session: &str, last: u64, got: u64, exclusive: bool) -> Res
 }
 
 /// Checks the hot-path echo: same process as `pinned`, and our header arrived.
-pub fn check_echo(session: &str, echo: &EchoReply, pinned: u32) -> Result<(), Violation> {
-    if echo.pid != pinned {
+pub fn check_echo(session: &str, echo: &EchoReply, pinned: &str) -> Result<(), Violation> {
+    if echo.instance != pinned {
         return Err(Violation::Moved {
             session: session.to_string(),
-            was: pinned,
-            now: echo.pid,
+            was: pinned.to_string(),
+            now: echo.instance.clone(),
         });
     }
     match &echo.session {
@@ -171,9 +180,9 @@ pub fn check_sse(body: &[u8], n: u64) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn state(pid: u32, seen: &[&str]) -> SandboxState {
+    fn state(instance: &str, seen: &[&str]) -> SandboxState {
         SandboxState {
-            pid,
+            instance: instance.into(),
             counter: 0,
             sessions_seen: seen.iter().map(|s| s.to_string()).collect(),
         }
@@ -181,13 +190,13 @@ mod tests {
 
     #[test]
     fn state_checks() {
-        assert!(check_state("a", &state(1, &["a"]), Some(1), true).is_empty());
-        assert!(check_state("a", &state(1, &["a", "b"]), Some(1), false).is_empty());
-        let v = check_state("a", &state(2, &["a", "b"]), Some(1), true);
+        assert!(check_state("a", &state("i1", &["a"]), Some("i1"), true).is_empty());
+        assert!(check_state("a", &state("i1", &["a", "b"]), Some("i1"), false).is_empty());
+        let v = check_state("a", &state("i2", &["a", "b"]), Some("i1"), true);
         assert_eq!(v.len(), 2, "{v:?}");
-        assert!(matches!(v[0], Violation::Moved { was: 1, now: 2, .. }));
+        assert!(matches!(&v[0], Violation::Moved { was, now, .. } if was == "i1" && now == "i2"));
         assert!(matches!(v[1], Violation::Shared { .. }));
-        let v = check_state("a", &state(1, &["b"]), None, false);
+        let v = check_state("a", &state("i1", &["b"]), None, false);
         assert!(matches!(v[0], Violation::Unseen { .. }));
     }
 
@@ -198,13 +207,13 @@ mod tests {
         assert!(check_counter("a", 4, 9, false).is_ok());
         assert!(check_counter("a", 4, 1, false).is_err());
         let echo: EchoReply = parse(
-            br#"{"method":"GET","path":"/hot","session":"a","pid":7}"#,
+            br#"{"method":"GET","path":"/hot","session":"a","instance":"i7","pid":2}"#,
             "echo",
         )
         .unwrap();
-        assert!(check_echo("a", &echo, 7).is_ok());
-        assert!(check_echo("a", &echo, 8).is_err());
-        assert!(check_echo("b", &echo, 7).is_err());
+        assert!(check_echo("a", &echo, "i7").is_ok());
+        assert!(check_echo("a", &echo, "i8").is_err());
+        assert!(check_echo("b", &echo, "i7").is_err());
     }
 
     #[test]

@@ -20,7 +20,8 @@ struct StormSession {
     claim: Tally,
     follow_up: Tally,
     activation: Option<String>,
-    pid: Option<u32>,
+    /// The demo sandbox's `instance` that served it.
+    instance: Option<String>,
 }
 
 pub async fn run(h: &Harness) -> Result<Vec<TargetReport>> {
@@ -53,7 +54,7 @@ pub async fn run(h: &Harness) -> Result<Vec<TargetReport>> {
         let mut claim = Tally::default();
         let mut follow_up = Tally::default();
         let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
-        let mut owners: HashMap<u32, u64> = HashMap::new();
+        let mut owners: HashMap<String, u64> = HashMap::new();
         for mut task in tasks {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let joined = tokio::time::timeout(remaining, &mut task).await;
@@ -67,8 +68,8 @@ pub async fn run(h: &Harness) -> Result<Vec<TargetReport>> {
                     if let Some(k) = s.activation {
                         *kinds.entry(format!("activation_{k}")).or_default() += 1;
                     }
-                    if let Some(pid) = s.pid {
-                        *owners.entry(pid).or_default() += 1;
+                    if let Some(instance) = s.instance {
+                        *owners.entry(instance).or_default() += 1;
                     }
                 }
                 Ok(Err(e)) => claim.record(
@@ -82,9 +83,9 @@ pub async fn run(h: &Harness) -> Result<Vec<TargetReport>> {
             }
         }
         if sc.exclusive {
-            for (pid, n) in owners.iter().filter(|(_, n)| **n > 1) {
+            for (instance, n) in owners.iter().filter(|(_, n)| **n > 1) {
                 claim.record(
-                    Outcome::Violation(format!("{n} storm sessions share sandbox pid {pid}")),
+                    Outcome::Violation(format!("{n} storm sessions share sandbox {instance}")),
                     std::time::Duration::ZERO,
                 );
             }
@@ -118,7 +119,7 @@ async fn storm_session(
         claim: Tally::default(),
         follow_up: Tally::default(),
         activation: None,
-        pid: None,
+        instance: None,
     };
     let state = match conn.get_ok("/state", Some(session)).await {
         Ok(r) => {
@@ -142,16 +143,16 @@ async fn storm_session(
             return out;
         }
     };
-    out.pid = Some(state.pid);
+    out.instance = Some(state.instance.clone());
     let t0 = Instant::now();
     let outcome = match conn
         .post_ok("/counter", Some(session))
         .await
         .and_then(|r| probe::parse::<CounterReply>(&r.body, "/counter"))
     {
-        Ok(c) if c.pid != state.pid => Outcome::Violation(format!(
-            "session {session} moved from pid {} to {}",
-            state.pid, c.pid
+        Ok(c) if c.instance != state.instance => Outcome::Violation(format!(
+            "session {session} moved from sandbox {} to {}",
+            state.instance, c.instance
         )),
         Ok(c) => match probe::check_counter(session, state.counter, c.counter, exclusive) {
             Ok(()) => Outcome::Ok,

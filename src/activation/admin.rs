@@ -90,6 +90,9 @@ pub struct SessionPage {
     pub next_cursor: Option<SessionCursor>,
     /// Sessions in the table (every phase but `Gone`), from the live counts.
     pub total: i64,
+    /// Each row's own cursor (the full hash of its ID), aligned with `sessions`: pages
+    /// of several pools are merged by it.
+    pub cursors: Vec<SessionCursor>,
 }
 
 /// A table entry ordered by the SHA-256 of its key (short hash first, the full hash only
@@ -160,12 +163,13 @@ pub(crate) fn sessions_page(
         None
     };
     let now = Instant::now();
-    let sessions = rows
+    let (sessions, cursors) = rows
         .iter()
-        .map(|r| info(transitions, &r.0, now))
+        .map(|r| (info(transitions, &r.0, now), r))
         // An entry being removed: skipped, the cursor still moves past it.
-        .filter(|i| i.state != SessionPhase::Gone.label())
-        .collect();
+        .filter(|(i, _)| i.state != SessionPhase::Gone.label())
+        .map(|(i, r)| (i, SessionCursor(r.0.key.sha256_hex())))
+        .unzip();
     let total = SessionPhase::ALL
         .into_iter()
         .filter(|p| *p != SessionPhase::Gone)
@@ -175,6 +179,7 @@ pub(crate) fn sessions_page(
         sessions,
         next_cursor,
         total,
+        cursors,
     }
 }
 

@@ -88,6 +88,7 @@ impl Transitions {
         config: &Config,
         backend: DynBackend,
         metrics: Arc<Metrics>,
+        bus: Option<(Arc<EventBus>, Arc<str>)>,
     ) -> Arc<Transitions> {
         let settings = Settings::new(config, backend.capabilities().pause);
         let queue = Arc::new(ActivationQueue::new(
@@ -95,10 +96,13 @@ impl Transitions {
             config.activation.max_queued_total,
             metrics.queued_requests.clone(),
         ));
-        let events = Publisher::new(
-            Arc::new(EventBus::new(config.telemetry.events.buffer)),
-            &metrics,
-        );
+        let events = match bus {
+            Some((bus, pool)) => Publisher::new(bus, &metrics).for_pool(Some(pool)),
+            None => Publisher::new(
+                Arc::new(EventBus::new(config.telemetry.events.buffer)),
+                &metrics,
+            ),
+        };
         Arc::new(Transitions {
             events,
             deadlines: Arc::default(),

@@ -1,11 +1,14 @@
 //! `/api/sessions` and `/api/sandboxes`: inspect and steer sessions by their raw ID.
 
+use std::sync::Arc;
+
 use http::StatusCode;
+use serde::Serialize;
 use serde_json::json;
 
-use super::{AdminResponse, AdminState, json};
-use crate::activation::{ActivationError, SessionCursor};
-use crate::backend::BackendError;
+use super::{AdminResponse, AdminState, json, selected_pools};
+use crate::activation::{ActivationError, SessionCursor, SessionInfo};
+use crate::backend::{BackendError, SandboxInfo};
 use crate::proxy::error::{ProxyError, error_response};
 use crate::session::SessionKey;
 
@@ -17,35 +20,75 @@ const DEFAULT_PAGE: usize = 100;
 /// `GET /api/sessions?limit=&cursor=`: one page of sessions ordered by the SHA-256 of their
 /// IDs, the table's total, and `next_cursor` (null on the last page) to pass as `cursor`
 /// for the next. The walk over the table runs on a blocking thread, so a listing of
-/// 500,000 sessions never holds up the workers that proxy requests.
+/// 500,000 sessions never holds up the workers that proxy requests. With several pools
+/// (or `?pool=` for one) each pool's page is taken with the same cursor and limit and the
+/// pages are merged by hash: a session lives in one pool, so the first `limit` of the
+/// union are the page. Every row names its pool.
 pub async fn sessions(state: &AdminState, query: Option<&str>) -> AdminResponse {
     let (after, limit) = match page(query) {
         Ok(p) => p,
         Err(msg) => return error_response(StatusCode::BAD_REQUEST, "invalid_query", &msg),
     };
-    let activator = std::sync::Arc::clone(&state.activator);
-    let page =
-        match tokio::task::spawn_blocking(move || activator.sessions_page(after.as_ref(), limit))
-            .await
-        {
-            Ok(p) => p,
-            Err(e) => {
-                return error_response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    &format!("the listing failed: {e}"),
-                );
-            }
+    let pools: Vec<_> = match selected_pools(state, query) {
+        Ok(p) => p
+            .into_iter()
+            .map(|p| (p.name.clone(), Arc::clone(&p.activator)))
+            .collect(),
+        Err(resp) => return *resp,
+    };
+    let walk = move || {
+        let mut rows: Vec<(SessionCursor, PoolRow<SessionInfo>)> = Vec::new();
+        let (mut total, mut more) = (0, false);
+        for (pool, activator) in pools {
+            let page = activator.sessions_page(after.as_ref(), limit);
+            total += page.total;
+            more |= page.next_cursor.is_some();
+            rows.extend(page.cursors.into_iter().zip(page.sessions).map(|(c, row)| {
+                let pool = pool.clone();
+                (c, PoolRow { pool, row })
+            }));
+        }
+        rows.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        if rows.len() > limit {
+            rows.truncate(limit);
+            more = true;
+        }
+        let next = if more {
+            rows.last().map(|(c, _)| c.clone())
+        } else {
+            None
         };
+        let rows: Vec<_> = rows.into_iter().map(|(_, r)| r).collect();
+        (rows, total, next)
+    };
+    let (rows, total, next) = match tokio::task::spawn_blocking(walk).await {
+        Ok(p) => p,
+        Err(e) => {
+            return error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                &format!("the listing failed: {e}"),
+            );
+        }
+    };
     json(&json!({
-        "sessions": page.sessions,
-        "total": page.total,
+        "sessions": rows,
+        "total": total,
         "limit": limit,
-        "next_cursor": page.next_cursor.as_ref().map(SessionCursor::as_str),
+        "next_cursor": next.as_ref().map(SessionCursor::as_str),
     }))
 }
 
-fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+/// A row of a pool's table with the pool's name in front.
+#[derive(Serialize)]
+struct PoolRow<T: Serialize> {
+    pool: Arc<str>,
+    #[serde(flatten)]
+    row: T,
+}
+
+/// The value of `name` in a query string.
+pub(crate) fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
     query?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         (k == name).then_some(v)
@@ -85,9 +128,36 @@ fn page(query: Option<&str>) -> Result<(Option<SessionCursor>, usize), String> {
     Ok((cursor, limit))
 }
 
-/// `GET /api/sandboxes`.
-pub fn sandboxes(state: &AdminState) -> AdminResponse {
-    json(&json!({ "sandboxes": state.backend.sandboxes() }))
+/// `GET /api/sandboxes`; `?pool=` keeps one pool's. Every row names its pool.
+pub fn sandboxes(state: &AdminState, query: Option<&str>) -> AdminResponse {
+    let pools = match selected_pools(state, query) {
+        Ok(p) => p,
+        Err(resp) => return *resp,
+    };
+    let rows: Vec<PoolRow<SandboxInfo>> = pools
+        .iter()
+        .flat_map(|p| {
+            p.backend.sandboxes().into_iter().map(|row| PoolRow {
+                pool: p.name.clone(),
+                row,
+            })
+        })
+        .collect();
+    json(&json!({ "sandboxes": rows }))
+}
+
+/// `GET /api/stats`: this replica's scaling signals; with `?pool=` one pool's (what a
+/// leader's autoscaler for that pool collects), else every pool's summed.
+pub fn stats(state: &AdminState, query: Option<&str>) -> AdminResponse {
+    let pools = match selected_pools(state, query) {
+        Ok(p) => p,
+        Err(resp) => return *resp,
+    };
+    let mut total = pools[0].autoscaler.snapshot();
+    for p in &pools[1..] {
+        total.add(&p.autoscaler.snapshot());
+    }
+    json(&total)
 }
 
 /// `GET /api/sessions/{id}`.
@@ -96,8 +166,15 @@ pub fn session(state: &AdminState, id: &str) -> AdminResponse {
         Ok(k) => k,
         Err(resp) => return *resp,
     };
-    match state.activator.session(&key) {
-        Some(info) => json(&info),
+    let found = state
+        .pools
+        .iter()
+        .find_map(|p| p.activator.session(&key).map(|row| (p, row)));
+    match found {
+        Some((p, row)) => json(&PoolRow {
+            pool: p.name.clone(),
+            row,
+        }),
         None => unknown(&key),
     }
 }
@@ -135,7 +212,10 @@ pub async fn act(
         Ok(k) => k,
         Err(resp) => return *resp,
     };
-    let a = &state.activator;
+    let Some(pool) = state.pools.owner(&key) else {
+        return unknown(&key);
+    };
+    let a = &pool.activator;
     let result = match action {
         Action::Release => a.release(&key).await,
         Action::Pause => a.pause(&key).await,
@@ -154,11 +234,20 @@ async fn resolve(
         None | Some("id") => parse(state, id),
         Some("hash") => {
             // A scan of the table: off the proxy's workers like the listing.
-            let activator = std::sync::Arc::clone(&state.activator);
+            let activators: Vec<_> = state
+                .pools
+                .iter()
+                .map(|p| Arc::clone(&p.activator))
+                .collect();
             let hash = id.to_owned();
-            let mut keys = tokio::task::spawn_blocking(move || activator.keys_by_hash(&hash))
-                .await
-                .unwrap_or_default();
+            let mut keys = tokio::task::spawn_blocking(move || {
+                activators
+                    .iter()
+                    .flat_map(|a| a.keys_by_hash(&hash))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
             match keys.len() {
                 1 => Ok(keys.remove(0)),
                 0 => Err(Box::new(error_response(

@@ -54,16 +54,22 @@ struct Distribution {
 
 /// `GET /api/overview`: scaling signals, the autoscaler's decision, counts by state and the
 /// activation-latency distribution, in one document.
-pub fn overview(state: &AdminState) -> AdminResponse {
-    let m = &state.metrics;
-    let sandboxes = state.backend.sandboxes();
+pub fn overview(state: &AdminState, query: Option<&str>) -> AdminResponse {
+    // One pool's view: `?pool=`, else the first pool (the only one without `pools:`).
+    let pool = match super::selected_pools(state, query) {
+        Ok(p) if super::api::query_param(query, "pool").is_some() => p[0],
+        Ok(_) => state.pools.first(),
+        Err(resp) => return *resp,
+    };
+    let m = &pool.metrics;
+    let counts = pool.backend.sandbox_counts();
     let mut by_state = Map::new();
     for s in SandboxState::ALL {
-        let n = sandboxes.iter().filter(|x| x.state == s).count();
+        let n = counts.get(s);
         by_state.insert(s.as_str().to_owned(), json!(n));
     }
     let mut sessions = Map::new();
-    for (s, n) in state.activator.session_counts() {
+    for (s, n) in pool.activator.session_counts() {
         sessions.insert(s.to_owned(), json!(n));
     }
     let mut latency = Map::new();
@@ -75,12 +81,15 @@ pub fn overview(state: &AdminState) -> AdminResponse {
         let h = m.activation_duration.with_label_values(&[kind.as_str()]);
         latency.insert(kind.as_str().to_owned(), json!(distribution(&h)));
     }
-    let running = sandboxes
-        .iter()
-        .filter(|x| x.state != SandboxState::Stopping)
-        .count();
+    let running: usize = SandboxState::ALL
+        .into_iter()
+        .filter(|s| *s != SandboxState::Stopping)
+        .map(|s| counts.get(s))
+        .sum();
     super::json(&json!({
-        "stats": state.autoscaler.stats_json(),
+        "pool": &*pool.name,
+        "pools": state.pools.iter().map(|p| &*p.name).collect::<Vec<_>>(),
+        "stats": pool.autoscaler.stats_json(),
         "autoscaler": {
             "desired": m.desired_sandboxes.get(),
             "actual": running,
@@ -90,9 +99,9 @@ pub fn overview(state: &AdminState) -> AdminResponse {
         },
         "sandboxes": Value::Object(by_state),
         "sessions": Value::Object(sessions),
-        "queued_requests": state.activator.queued_requests(),
+        "queued_requests": pool.activator.queued_requests(),
         "activation_latency": Value::Object(latency),
-        "backend": state.backend.kind(),
+        "backend": pool.backend.kind(),
         "draining": state.shutdown.is_draining(),
     }))
 }

@@ -82,7 +82,7 @@ pub fn events<B>(state: &AdminState, req: &Request<B>) -> AdminResponse {
         metrics: state.metrics.clone(),
     };
     slot.metrics.event_subscribers.inc();
-    let subscription = state.activator.events().subscribe(after);
+    let subscription = state.pools.first().activator.events().subscribe(after);
     let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
     let pump = Pump {
         tx,

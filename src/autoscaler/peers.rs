@@ -25,6 +25,8 @@ pub struct PeerCollector {
     client: Client<HttpConnector, Empty<Bytes>>,
     /// `Authorization: Bearer ...` for peers whose admin port needs `admin.auth`.
     authorization: Option<http::HeaderValue>,
+    /// With `pools:`, the pool whose signals are collected (`/api/stats?pool=`).
+    pool: Option<std::sync::Arc<str>>,
 }
 
 impl PeerCollector {
@@ -48,7 +50,14 @@ impl PeerCollector {
                 v.set_sensitive(true);
                 Some(v)
             }),
+            pool: None,
         }
+    }
+
+    /// Collects pool `pool`'s signals from every peer instead of the whole replica's.
+    pub fn for_pool(mut self, pool: Option<std::sync::Arc<str>>) -> PeerCollector {
+        self.pool = pool;
+        self
     }
 
     /// This process's replica ID.
@@ -87,7 +96,11 @@ impl PeerCollector {
     }
 
     async fn fetch(&self, addr: SocketAddr) -> Option<StatsSnapshot> {
-        let uri: http::Uri = format!("http://{addr}/api/stats").parse().ok()?;
+        let uri = match &self.pool {
+            Some(pool) => format!("http://{addr}/api/stats?pool={pool}"),
+            None => format!("http://{addr}/api/stats"),
+        };
+        let uri: http::Uri = uri.parse().ok()?;
         let exchange = async {
             let mut req = http::Request::get(uri)
                 .body(Empty::new())

@@ -29,6 +29,9 @@ pub struct ScalingDeps {
     pub leader: Arc<dyn Leadership>,
     /// This replica's identity in `GET /api/stats`.
     pub replica: ReplicaId,
+    /// With `pools:`, the pool this autoscaler decides for (peers are asked for its
+    /// signals only).
+    pub pool: Option<Arc<str>>,
 }
 
 impl Scaling {
@@ -52,6 +55,7 @@ impl Scaling {
             deps.metrics,
             deps.leader,
             deps.replica,
+            deps.pool,
         );
         if config.autoscaler.enabled {
             tasks.push(autoscaler.spawn());

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{
-    BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, RecoveredBinding,
+    BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, ClaimSpec, RecoveredBinding,
     SandboxBackend, SandboxId, SandboxInfo, SandboxState,
 };
 use crate::cluster::KubeContext;
@@ -221,6 +221,19 @@ impl SandboxBackend for KubernetesBackend {
         session: &SessionKey,
         budget: ClaimBudget,
     ) -> Result<Binding, BackendError> {
+        self.claim_with(session, &ClaimSpec::default(), budget)
+            .await
+    }
+
+    /// The claim carries the session's customisation in the flavour's own fields
+    /// ([`Flavour::claim_spec`]). A claim that already exists (another replica's, or ours
+    /// before a restart) is adopted as it is.
+    async fn claim_with(
+        &self,
+        session: &SessionKey,
+        spec: &ClaimSpec,
+        budget: ClaimBudget,
+    ) -> Result<Binding, BackendError> {
         let started = Instant::now();
         self.wait_synced(budget.deadline).await?;
         let name = self.claim_name(session);
@@ -236,7 +249,9 @@ impl SandboxBackend for KubernetesBackend {
                 self.max_claims
             )));
         }
-        let created = self.ensure_claim(session, &name, budget.deadline).await?;
+        let created = self
+            .ensure_claim(session, spec, &name, budget.deadline)
+            .await?;
         let mut result = self.await_claim(&name, created, budget, started).await;
         // A claim another replica made was checked there.
         if created
@@ -392,6 +407,10 @@ impl SandboxBackend for KubernetesBackend {
         let mut out = Vec::new();
         for c in claims.items {
             let name = c.metadata.name.clone().unwrap_or_default();
+            // Another pool's (or deployment's) claim in the namespace: not ours to recover.
+            if !name.starts_with(&self.claim_prefix) {
+                continue;
+            }
             let Some(sandbox) = self
                 .cache
                 .read(|st| st.sandbox_of_claim(&name).map(str::to_owned))

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::{
     ActivationKind, BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, SandboxBackend,
-    SandboxId, SandboxInfo, SandboxState,
+    SandboxId, SandboxInfo, SandboxState, StateCounts,
 };
 use crate::config::ConfigError;
 use crate::lock::MutexExt;
@@ -152,6 +152,17 @@ impl SandboxBackend for StaticBackend {
         self.events.subscribe()
     }
 
+    fn sandbox_counts(&self) -> StateCounts {
+        let slots = self.slots.lock_recovered();
+        StateCounts::of(slots.iter().map(|s| {
+            if s.sessions.is_empty() {
+                SandboxState::Warm
+            } else {
+                SandboxState::Bound
+            }
+        }))
+    }
+
     fn sandboxes(&self) -> Vec<SandboxInfo> {
         let slots = self.slots.lock_recovered();
         let age = self.started.elapsed().as_secs_f64();
@@ -225,5 +236,19 @@ mod tests {
         ports.sort();
         assert_eq!(ports, vec![1, 1, 2, 2]);
         assert!(b.claim(&key("e"), budget(10)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn counts_agree_with_the_listing() {
+        let b = StaticBackend::new(&["127.0.0.1:1".into(), "127.0.0.1:2".into()], 2).unwrap();
+        let listed = |b: &StaticBackend| StateCounts::of(b.sandboxes().iter().map(|s| s.state));
+        assert_eq!(b.sandbox_counts().get(SandboxState::Warm), 2);
+        let got = b.claim(&key("a"), budget(10)).await.unwrap();
+        assert_eq!(b.sandbox_counts().get(SandboxState::Bound), 1);
+        assert_eq!(b.sandbox_counts().get(SandboxState::Warm), 1);
+        assert_eq!(b.sandbox_counts(), listed(&b));
+        b.release(&key("a"), &got.sandbox).await.unwrap();
+        assert_eq!(b.sandbox_counts().get(SandboxState::Warm), 2);
+        assert_eq!(b.sandbox_counts(), listed(&b));
     }
 }

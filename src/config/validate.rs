@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{BackendKind, Config, ConfigError, IdlePolicy, SessionSource};
+use super::{BackendKind, Config, ConfigError, IdlePolicy, KubernetesApi, SessionSource};
 
 impl Config {
     /// Checks values that parse but make no sense together.
@@ -54,12 +54,6 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if s.max_sessions_per_sandbox > 1 && self.idle.policy == Some(IdlePolicy::Pause) {
-            return Err(ConfigError::invalid(
-                "idle.policy",
-                "pause needs exclusive sandboxes (session.max_sessions_per_sandbox: 1)",
-            ));
-        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(ConfigError::invalid(
                 "log.level",
@@ -78,7 +72,6 @@ impl Config {
             ("proxy.request_timeout", self.proxy.request_timeout),
             ("proxy.connect_timeout", self.proxy.connect_timeout),
             ("session.admission_timeout", s.admission_timeout),
-            ("idle.timeout", self.idle.timeout),
             ("idle.sweep_interval", self.idle.sweep_interval),
             ("activation.timeout", self.activation.timeout),
             ("autoscaler.tick_interval", self.autoscaler.tick_interval),
@@ -101,8 +94,14 @@ impl Config {
         }
         self.validate_connections()?;
         self.validate_admin()?;
-        self.validate_backend()?;
-        self.validate_autoscaler()?;
+        if self.pools.is_empty() {
+            self.validate_backend()?;
+            self.validate_autoscaler()?;
+            self.validate_idle()?;
+        } else {
+            // Each pool's backend, autoscaler and idle, over the top-level defaults.
+            self.validate_pools()?;
+        }
         if !self.schedules.is_empty() && self.tls.is_some() {
             return Err(ConfigError::invalid(
                 "schedules",
@@ -125,6 +124,24 @@ impl Config {
         }
         if let Some(agent) = &self.node_agent {
             agent.validate()?;
+        }
+        Ok(())
+    }
+
+    /// `idle.*` as one pool sees it.
+    pub(super) fn validate_idle(&self) -> Result<(), ConfigError> {
+        if self.idle.timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "idle.timeout",
+                "must be greater than 0s",
+            ));
+        }
+        if self.session.max_sessions_per_sandbox > 1 && self.idle.policy == Some(IdlePolicy::Pause)
+        {
+            return Err(ConfigError::invalid(
+                "idle.policy",
+                "pause needs exclusive sandboxes (session.max_sessions_per_sandbox: 1)",
+            ));
         }
         Ok(())
     }
@@ -234,11 +251,12 @@ impl Config {
     /// default static backend without endpoints. `serve` refuses such a file.
     pub fn is_node_agent_only(&self) -> bool {
         self.node_agent.is_some()
+            && self.pools.is_empty()
             && self.backend.kind == BackendKind::Static
             && self.backend.endpoints.is_empty()
     }
 
-    fn validate_backend(&self) -> Result<(), ConfigError> {
+    pub(super) fn validate_backend(&self) -> Result<(), ConfigError> {
         let b = &self.backend;
         match b.kind {
             BackendKind::Static => {
@@ -323,6 +341,25 @@ impl Config {
                 }
             }
             BackendKind::Kubernetes => {
+                for (name, set) in self.customize.sidecars.iter().flat_map(|s| &s.sets) {
+                    let key = format!("customize.sidecars.sets.{name}");
+                    match b.kubernetes.api {
+                        KubernetesApi::AgentSandbox if set.warm_pool.is_none() => {
+                            return Err(ConfigError::invalid(
+                                format!("{key}.warm_pool"),
+                                "api: agent-sandbox selects sidecars by template variant: \
+                                 name the SandboxWarmPool whose template has them",
+                            ));
+                        }
+                        KubernetesApi::Openkruise if set.runtimes.is_empty() => {
+                            return Err(ConfigError::invalid(
+                                format!("{key}.runtimes"),
+                                "api: openkruise injects sidecars as runtimes: list at least one",
+                            ));
+                        }
+                        _ => {}
+                    }
+                }
                 if b.kubernetes.pool.is_empty() {
                     return Err(ConfigError::invalid(
                         "backend.kubernetes.pool",
@@ -394,7 +431,7 @@ impl Config {
         Ok(())
     }
 
-    fn validate_autoscaler(&self) -> Result<(), ConfigError> {
+    pub(super) fn validate_autoscaler(&self) -> Result<(), ConfigError> {
         let a = &self.autoscaler;
         if a.target.is_nan() || a.target <= 0.0 {
             return Err(ConfigError::invalid("autoscaler.target", "must be > 0"));

@@ -394,7 +394,10 @@ pub fn apply(
                 }
                 _ => {}
             }
-        } else if key != OVERLAY_ANNOTATION && key.starts_with("agent-activator.dev/") {
+        } else if key != OVERLAY_ANNOTATION
+            && key != super::POOL_MATCH_ANNOTATION
+            && key.starts_with("agent-activator.dev/")
+        {
             return Err(ConfigError::invalid(
                 key,
                 format!("unknown annotation; native settings go in {OVERLAY_ANNOTATION}"),

@@ -100,6 +100,9 @@ struct Open {
     access: Option<AccessEntry>,
     /// The request's span when it is traced (`telemetry`); ended at completion.
     trace: Option<RequestTrace>,
+    /// With `pools:`, the traffic stats of the request's pool (its autoscaler's input),
+    /// counted from the moment the pool is known.
+    pool_stats: Option<Arc<TrafficStats>>,
 }
 
 /// One request's end-of-life bookkeeping; runs once, on drop.
@@ -126,6 +129,7 @@ impl Completion {
             lease: None,
             access,
             trace: None,
+            pool_stats: None,
         }))
     }
 
@@ -159,6 +163,16 @@ impl Completion {
         self.0.as_ref().and_then(|o| o.trace.as_ref())
     }
 
+    /// Counts the request in its pool's traffic stats too, until it is over.
+    pub fn set_pool_stats(&mut self, stats: &Arc<TrafficStats>) {
+        if let Some(open) = self.0.as_mut()
+            && open.pool_stats.is_none()
+        {
+            stats.request_started();
+            open.pool_stats = Some(stats.clone());
+        }
+    }
+
     /// Keeps the lease until the request is over.
     pub fn hold_lease(&mut self, lease: Permit) {
         if let Some(open) = self.0.as_mut() {
@@ -188,6 +202,9 @@ impl Completion {
         let elapsed = open.start.elapsed();
         r.in_flight.dec();
         r.stats.request_finished();
+        if let Some(stats) = &open.pool_stats {
+            stats.request_finished();
+        }
         r.status.get(open.status).inc();
         r.duration.observe(elapsed.as_secs_f64());
         if let Some(entry) = &open.access {

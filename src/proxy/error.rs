@@ -17,6 +17,7 @@ use super::body::RequestBodyError;
 use crate::activation::ActivationError;
 use crate::backend::BackendError;
 use crate::customize::CustomizeError;
+use crate::pool::PoolError;
 use crate::session::{AdmissionError, ExtractError};
 
 /// Why a request was not (fully) proxied.
@@ -28,6 +29,10 @@ pub enum ProxyError {
     /// A new session was refused: table cap (503) or per-client creation rate (429).
     #[error(transparent)]
     Admission(#[from] AdmissionError),
+    /// No pool takes the request (404 `no_pool`) or it selects another pool than its
+    /// session's (409 `pool_mismatch`).
+    #[error(transparent)]
+    Pool(#[from] PoolError),
     /// No sandbox could be made ready (502/503/504, see [`ProxyError::status`]).
     #[error(transparent)]
     Activation(#[from] ActivationError),
@@ -148,6 +153,10 @@ impl ProxyError {
             ProxyError::Admission(AdmissionError::RateLimited { .. }) => {
                 present(S::TOO_MANY_REQUESTS, "rate_limited", true)
             }
+            ProxyError::Pool(PoolError::NoPool) => present(S::NOT_FOUND, "no_pool", false),
+            ProxyError::Pool(PoolError::Mismatch { .. }) => {
+                present(S::CONFLICT, "pool_mismatch", false)
+            }
             ProxyError::Activation(e) => match e {
                 ActivationError::QueueFull(_) => {
                     present(S::SERVICE_UNAVAILABLE, "queue_full", true)
@@ -201,6 +210,8 @@ impl ProxyError {
     pub fn client_message(&self) -> std::borrow::Cow<'static, str> {
         match self {
             ProxyError::Session(e) => e.to_string().into(),
+            // Pool names are the operator's public vocabulary (the client selects by them).
+            ProxyError::Pool(e) => e.to_string().into(),
             // Names the header, never its value.
             ProxyError::Customize(e) => e.to_string().into(),
             other => client_message(other.code()).into(),

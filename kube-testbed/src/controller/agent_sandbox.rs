@@ -257,6 +257,41 @@ fn sandbox_spec(template: Option<&Value>) -> Value {
     })
 }
 
+/// The cold-created Sandbox's spec with the claim's customisation applied
+/// (sandboxclaim_controller.go ~L1700-1800): its `volumeClaimTemplates` appended (the
+/// template's policy is not modelled: it allows them), its `env` set on the container named
+/// by `containerName` (else the first), replacing a variable of the same name, and
+/// `additionalPodMetadata.labels` on the pod template.
+fn customized_spec(mut spec: Value, claim: &Value) -> Value {
+    if let Some(vcts) = claim["spec"]["volumeClaimTemplates"].as_array() {
+        spec["volumeClaimTemplates"] = json!(vcts);
+    }
+    if let Some(labels) = claim["spec"]["additionalPodMetadata"]["labels"].as_object() {
+        for (k, v) in labels {
+            spec["podTemplate"]["metadata"]["labels"][k] = v.clone();
+        }
+    }
+    for env in claim["spec"]["env"].as_array().into_iter().flatten() {
+        let Some(containers) = spec["podTemplate"]["spec"]["containers"].as_array_mut() else {
+            continue;
+        };
+        let target = match env["containerName"].as_str() {
+            Some(name) => containers.iter_mut().find(|c| c["name"] == name),
+            None => containers.first_mut(),
+        };
+        let Some(c) = target else { continue };
+        let var = json!({"name": env["name"], "value": env["value"]});
+        match c["env"].as_array_mut() {
+            Some(list) => {
+                list.retain(|e| e["name"] != env["name"]);
+                list.push(var);
+            }
+            None => c["env"] = json!([var]),
+        }
+    }
+    spec
+}
+
 /// `extensions/controllers/sandboxclaim_controller.go` Reconcile (~L258-300): a claim
 /// past `spec.lifecycle.shutdownTime` is deleted with policy Delete/DeleteForeground (its
 /// Sandbox follows by garbage collection); with Retain its Sandbox is deleted
@@ -356,8 +391,12 @@ fn reconcile_claim(
     };
     let pool = find(pools, claim, pool_name);
     let hash = name_hash(pool_name);
+    // A claim with `env` or `volumeClaimTemplates` bypasses the warm pool: warm pods have
+    // neither (sandboxclaim_controller.go ~L2111-2112).
+    let nonempty = |f: &str| claim["spec"][f].as_array().is_some_and(|a| !a.is_empty());
+    let cold_only = nonempty("env") || nonempty("volumeClaimTemplates");
     // getCandidate (~L899): an unclaimed, network-ready member of the pool.
-    let candidate = pool.and_then(|pool| {
+    let candidate = pool.filter(|_| !cold_only).and_then(|pool| {
         sandboxes.iter().find(|s| {
             same_ns(s, claim)
                 && s["metadata"]["labels"][WARM_POOL_LABEL] == hash.as_str()
@@ -393,7 +432,7 @@ fn reconcile_claim(
             "annotations": {"agents.x-k8s.io/sandbox-template-ref": template["metadata"]["name"]},
             "ownerReferences": [controller_ref(claim, "SandboxClaim")],
         },
-        "spec": sandbox_spec(Some(&template)),
+        "spec": customized_spec(sandbox_spec(Some(&template)), claim),
     });
     let ns = claim["metadata"]["namespace"].as_str().unwrap_or("");
     let _ = ctrl.store().create(res.sandboxes, ns, obj);

@@ -56,6 +56,7 @@ fn rig_with(config: Config, leader: Arc<dyn Leadership>) -> Rig {
         metrics.clone(),
         leader,
         ReplicaId::named("replica-under-test"),
+        None,
     );
     Rig {
         waiting,

@@ -12,7 +12,7 @@ use super::{
     HASH_CHARS, KubernetesBackend, MANAGED_BY, MANAGED_BY_LABEL, SESSION_ID_ANNOTATION,
     SESSION_LABEL, SESSION_SHA_ANNOTATION, api,
 };
-use crate::backend::{ActivationKind, BackendError, Binding, ClaimBudget, SandboxId};
+use crate::backend::{ActivationKind, BackendError, Binding, ClaimBudget, ClaimSpec, SandboxId};
 use crate::session::SessionKey;
 
 /// How a claim's sandbox looked when a wait ended.
@@ -48,6 +48,7 @@ impl KubernetesBackend {
     pub(super) async fn ensure_claim(
         &self,
         session: &SessionKey,
+        custom: &ClaimSpec,
         name: &str,
         deadline: Instant,
     ) -> Result<bool, BackendError> {
@@ -83,7 +84,12 @@ impl KubernetesBackend {
                 },
                 "annotations": annotations,
             },
-            "spec": self.api.flavour.claim_spec(&self.pool, &self.backstop.expiry()),
+            "spec": self.api.flavour.claim_spec(
+                &self.pool,
+                &self.backstop.expiry(),
+                custom,
+                session,
+            ),
         }))
         .expect("claim object deserializes");
         let started = Instant::now();

@@ -5,6 +5,8 @@
 //! openkruise/agents `0b72c83ae0bc` (`api/v1alpha1/*_types.go`, `labels.go`,
 //! `annotations.go`); deploy/crds holds the same reduced schemas.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -94,6 +96,56 @@ pub mod agent_sandbox {
         pub warm_pool_ref: NameRef,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub lifecycle: Option<Lifecycle>,
+        /// Labels (and annotations) propagated to the Sandbox's pod.
+        #[serde(default, skip_serializing_if = "PodMetadata::is_empty")]
+        pub additional_pod_metadata: PodMetadata,
+        /// Injected into the pod's containers; forces a cold start from the template
+        /// (`extensions/controllers/sandboxclaim_controller.go` ~L2111 bypasses the pool).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub env: Vec<EnvVar>,
+        /// PVCs created for the Sandbox (`<metadata.name>-<sandbox name>`); forces a cold
+        /// start like `env`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub volume_claim_templates: Vec<PersistentVolumeClaimTemplate>,
+    }
+
+    /// `sandboxv1beta1.PodMetadata` (`api/v1beta1/sandbox_types.go`).
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct PodMetadata {
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        pub labels: BTreeMap<String, String>,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        pub annotations: BTreeMap<String, String>,
+    }
+
+    impl PodMetadata {
+        pub fn is_empty(&self) -> bool {
+            self.labels.is_empty() && self.annotations.is_empty()
+        }
+    }
+
+    /// `extensions/api/v1beta1` `EnvVar`.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct EnvVar {
+        pub name: String,
+        pub value: String,
+        /// Unset: the template's first container.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub container_name: Option<String>,
+    }
+
+    /// `sandboxv1beta1.PersistentVolumeClaimTemplate`: `metadata` (an
+    /// `EmbeddedObjectMetadata`: name, labels, annotations) and a core/v1 PVC spec.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct PersistentVolumeClaimTemplate {
+        pub metadata: EmbeddedObjectMetadata,
+        pub spec: Value,
+    }
+
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct EmbeddedObjectMetadata {
+        pub name: String,
     }
 
     #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -243,6 +295,37 @@ pub mod openkruise {
         /// Claim deleted this long after Completed (default 60m; negative: never).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub ttl_after_completed: Option<String>,
+        /// Added to the claimed Sandbox's labels (and its template's).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        pub labels: BTreeMap<String, String>,
+        /// Added to the claimed Sandbox's annotations.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        pub annotations: BTreeMap<String, String>,
+        /// Passed to the sandbox's envd init endpoint after claiming (no cold start).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        pub env_vars: BTreeMap<String, String>,
+        /// CSI volumes mounted into the claimed sandbox (no cold start).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub dynamic_volumes_mount: Vec<CsiMountConfig>,
+        /// Runtime sidecars injected into the sandbox (`csi`, `agent-runtime`, ...).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub runtimes: Vec<RuntimeConfig>,
+    }
+
+    /// `CSIMountConfig` (`api/v1alpha1/mount_types.go`).
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct CsiMountConfig {
+        pub pv_name: String,
+        pub mount_path: String,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        pub attributes: BTreeMap<String, String>,
+    }
+
+    /// `RuntimeConfig` (`api/v1alpha1/sandbox_types.go`): a name only.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct RuntimeConfig {
+        pub name: String,
     }
 
     /// `SandboxClaim.status`: a phase and a count, **no sandbox name**; the claimed

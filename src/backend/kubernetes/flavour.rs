@@ -7,7 +7,9 @@ use kube::api::{ApiResource, DynamicObject};
 use serde_json::{Value, json};
 
 use super::crd::{agent_sandbox as asb, condition, is_true, openkruise as okr};
-use crate::config::KubernetesApi;
+use crate::config::{KubernetesApi, VolumeRule};
+use crate::customize::ClaimSpec;
+use crate::session::SessionKey;
 
 /// Annotation that overrides `backend.kubernetes.port` for one sandbox, honoured only with
 /// `backend.kubernetes.port_from_annotation: true`: anyone who can annotate a Sandbox
@@ -113,18 +115,56 @@ impl Flavour {
         }
     }
 
-    /// The body of a new claim on `pool`. `shutdown_time` (RFC 3339) is the leak
-    /// backstop: past it the controllers delete the claim (agent-sandbox, policy Delete)
-    /// or the Sandbox (OpenKruise) even if no activator is left to release it.
-    pub fn claim_spec(self, pool: &str, shutdown_time: &str) -> Value {
+    /// The body of a new claim on `pool` for `session`, carrying its customisation.
+    /// `shutdown_time` (RFC 3339) is the leak backstop: past it the controllers delete the
+    /// claim (agent-sandbox, policy Delete) or the Sandbox (OpenKruise) even if no
+    /// activator is left to release it.
+    ///
+    /// Customisation, field by field (agent-sandbox `extensions/api/v1beta1/
+    /// sandboxclaim_types.go` @2fd412d; OpenKruise `api/v1alpha1/sandboxclaim_types.go`,
+    /// `mount_types.go`, `sandbox_types.go` @0b72c83):
+    /// - env: `env[{name, value, containerName}]` / `envVars{name: value}`;
+    /// - volumes: `volumeClaimTemplates[{metadata.name: <volume>, spec}]` (the controller
+    ///   names the PVC `<volume>-<sandbox>`, the sandbox being named after the session's
+    ///   claim, and mounts it as pod volume `<volume>`: the template's container must mount
+    ///   that name) / `dynamicVolumesMount[{pvName: <volume>-<session hash>, mountPath}]`;
+    /// - labels: `additionalPodMetadata.labels` / `labels`;
+    /// - sidecars: the set's `warm_pool` as `warmPoolRef.name` (a template variant) /
+    ///   `runtimes[{name}]`.
+    pub fn claim_spec(
+        self,
+        pool: &str,
+        shutdown_time: &str,
+        custom: &ClaimSpec,
+        session: &SessionKey,
+    ) -> Value {
+        let sidecars = custom.sidecars.as_ref().map(|s| &s.set);
         let spec = match self {
             Flavour::AgentSandbox => serde_json::to_value(asb::SandboxClaimSpec {
-                warm_pool_ref: asb::NameRef { name: pool.into() },
+                warm_pool_ref: asb::NameRef {
+                    name: sidecars
+                        .and_then(|s| s.warm_pool.clone())
+                        .unwrap_or_else(|| pool.into()),
+                },
                 lifecycle: Some(asb::Lifecycle {
                     shutdown_time: Some(shutdown_time.into()),
                     ttl_seconds_after_finished: None,
                     shutdown_policy: Some("Delete".into()),
                 }),
+                additional_pod_metadata: asb::PodMetadata {
+                    labels: custom.labels.clone(),
+                    annotations: Default::default(),
+                },
+                env: custom
+                    .env
+                    .iter()
+                    .map(|e| asb::EnvVar {
+                        name: e.name.clone(),
+                        value: e.value.clone(),
+                        container_name: e.container_name.clone(),
+                    })
+                    .collect(),
+                volume_claim_templates: custom.volumes.iter().map(volume_claim_template).collect(),
             }),
             Flavour::OpenKruise => serde_json::to_value(okr::SandboxClaimSpec {
                 template_name: pool.into(),
@@ -133,6 +173,29 @@ impl Flavour {
                 // The default (60m) deletes the claim of a live session after an hour;
                 // negative means never (api/v1alpha1/sandboxclaim_types.go).
                 ttl_after_completed: Some(NEVER.into()),
+                labels: custom.labels.clone(),
+                env_vars: custom
+                    .env
+                    .iter()
+                    .map(|e| (e.name.clone(), e.value.clone()))
+                    .collect(),
+                dynamic_volumes_mount: custom
+                    .volumes
+                    .iter()
+                    .map(|v| okr::CsiMountConfig {
+                        pv_name: ClaimSpec::volume_name(v, session),
+                        mount_path: v.mount_path.clone(),
+                        attributes: v.attributes.clone(),
+                    })
+                    .collect(),
+                runtimes: sidecars
+                    .map(|s| {
+                        s.runtimes
+                            .iter()
+                            .map(|name| okr::RuntimeConfig { name: name.clone() })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
                 ..okr::SandboxClaimSpec::default()
             }),
         };
@@ -276,5 +339,22 @@ impl Flavour {
                  path deletes the pod; spec.persistentContents needs a vendor runtime)"
             }
         }
+    }
+}
+
+/// A `volumeClaimTemplates` entry for `volume`: one ReadWriteOnce PVC of `size`.
+fn volume_claim_template(volume: &VolumeRule) -> asb::PersistentVolumeClaimTemplate {
+    let mut spec = json!({
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": volume.size}},
+    });
+    if let Some(class) = &volume.storage_class {
+        spec["storageClassName"] = json!(class);
+    }
+    asb::PersistentVolumeClaimTemplate {
+        metadata: asb::EmbeddedObjectMetadata {
+            name: volume.name.clone(),
+        },
+        spec,
     }
 }
