@@ -130,7 +130,7 @@ pub struct SessionInfo {
     /// Short SHA-256 of the session ID (the raw ID only when `log.session_ids: full`).
     pub session: String,
     pub sandbox: Option<SandboxId>,
-    /// unbound | activating | active | pausing | paused | resuming | releasing | lost
+    /// unbound | activating | active | pausing | paused | suspending | resuming | releasing | lost
     pub state: &'static str,
     pub in_flight: u64,
     /// Seconds since the last request ended (0 while one is in flight).

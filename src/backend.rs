@@ -175,6 +175,15 @@ pub struct SandboxInfo {
     pub age_seconds: f64,
 }
 
+/// What the deep idle tier ([`SandboxBackend::deep_pause`]) did to a paused sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeepPause {
+    /// Suspended (its memory released); still bound, a resume starts it cold.
+    Suspended,
+    /// Stopped and gone: the session has no sandbox any more.
+    Stopped,
+}
+
 /// A session found bound in the backend's own store (Kubernetes claims) on startup.
 #[derive(Debug, Clone)]
 pub struct RecoveredBinding {
@@ -274,6 +283,15 @@ pub trait SandboxBackend: Send + Sync + 'static {
 
     /// Freezes a sandbox with its state intact.
     async fn pause(&self, sandbox: &SandboxId) -> Result<(), BackendError>;
+
+    /// The deep idle tier (`idle.deep_after`) for a paused sandbox: release its memory.
+    async fn deep_pause(
+        &self,
+        _session: &SessionKey,
+        _sandbox: &SandboxId,
+    ) -> Result<DeepPause, BackendError> {
+        Err(BackendError::Unsupported("the deep idle tier"))
+    }
 
     /// Unbinds `session` from `sandbox`; the sandbox is destroyed or returned to the pool
     /// when no session is left on it.

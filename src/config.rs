@@ -406,6 +406,11 @@ pub struct IdleConfig {
     pub session_ttl: Dur,
     /// How often idle sessions are looked for.
     pub sweep_interval: Dur,
+    /// The deep idle tier: a session paused this long is paused deeper, releasing its
+    /// memory (Kubernetes: suspended through the Sandbox spec, resume is a cold pod;
+    /// process backend: the process is stopped, the next request gets a new sandbox and
+    /// the session counts as state-lost per `activation.on_sandbox_loss`). 0 = off.
+    pub deep_after: Dur,
 }
 
 impl Default for IdleConfig {
@@ -415,6 +420,7 @@ impl Default for IdleConfig {
             policy: None,
             session_ttl: Dur::secs(24 * 3600),
             sweep_interval: Dur::secs(1),
+            deep_after: Dur::secs(0),
         }
     }
 }

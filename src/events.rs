@@ -35,7 +35,8 @@ pub enum EventKind {
     Frozen,
     /// The session's sandbox runs again (`cause`: request, admin, or peer); `wait_ms`.
     Resumed,
-    /// The session gave its sandbox back; `cause`: idle | ttl | admin | lost | shutdown.
+    /// The session gave its sandbox back; `cause`: idle | ttl | admin | lost | shutdown | deep
+    /// (the deep idle tier stopped it).
     Released,
     /// The session's sandbox died.
     Lost,

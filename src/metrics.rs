@@ -81,6 +81,8 @@ pub struct Metrics {
     pub activation_duration: HistogramVec,
     /// `activator_pauses_total{result}`: idle or admin pauses.
     pub pauses_total: IntCounterVec,
+    /// `activator_deep_pauses_total{result}`: the deep idle tier (`idle.deep_after`).
+    pub deep_pauses_total: IntCounterVec,
     /// `activator_releases_total{reason}`: idle | ttl | admin | lost | shutdown.
     pub releases_total: IntCounterVec,
     /// `activator_sessions_lost_total`: sessions whose sandbox died.
@@ -239,6 +241,14 @@ impl Metrics {
                 &["result"],
             )
             .expect("valid metric"),
+            deep_pauses_total: IntCounterVec::new(
+                Opts::new(
+                    "activator_deep_pauses_total",
+                    "Deep idle tier runs (idle.deep_after) by result.",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
             releases_total: IntCounterVec::new(
                 Opts::new("activator_releases_total", "Session releases by reason."),
                 &["reason"],
@@ -376,6 +386,7 @@ impl Metrics {
             Box::new(self.activation_duration.clone()),
             Box::new(self.customized_claims_total.clone()),
             Box::new(self.pauses_total.clone()),
+            Box::new(self.deep_pauses_total.clone()),
             Box::new(self.releases_total.clone()),
             Box::new(self.sessions_lost_total.clone()),
             Box::new(self.warm_pool_ready.clone()),

@@ -487,3 +487,63 @@ async fn a_pod_with_a_liveness_probe_is_refused_at_claim_unless_allowed() {
     assert_eq!(status, 200, "{body}");
     srv.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    missing_cgroup_v2,
+    ignore = "no writable cgroup v2 hierarchy on this host (build.rs probe)"
+)]
+async fn deep_after_suspends_a_frozen_sandbox_through_its_spec() {
+    let rig = rig("deep", Driver::Systemd, |tb| {
+        tb.seed_agent_sandbox(NS, "default", 1).unwrap()
+    })
+    .await;
+    wait_pods(&rig.tb, 1).await;
+    let idle = "idle:\n  timeout: 500ms\n  sweep_interval: 100ms\n  deep_after: 1500ms\n";
+    let srv = rig.activator("agent-sandbox", "a", idle).await;
+    let (n, pid, _) = counter(&srv, "deep").await;
+    assert_eq!(n, 1);
+    let name = srv
+        .activator()
+        .session(&key("deep"))
+        .unwrap()
+        .sandbox
+        .unwrap();
+    let name = name.as_str().to_owned();
+
+    // Tier one: frozen in place.
+    eventually("the pod is frozen", || {
+        frozen_annotation(&rig.sandbox("agents.x-k8s.io", &name)).is_some()
+    })
+    .await;
+    assert!(kernel_frozen(&rig.pod(&name)));
+    // Tier two: suspended through the spec, the mark gone, the pod (and its memory) gone.
+    wait_until(&rig.tb, "the Sandbox is suspended", |tb| {
+        object(tb, "agents.x-k8s.io", "Sandbox", &name).is_some_and(|s| {
+            s["spec"]["operatingMode"] == "Suspended" && frozen_annotation(&s).is_none()
+        })
+    })
+    .await;
+    wait_until(&rig.tb, "the pod is gone", |tb| {
+        tb.pods().iter().all(|p| p.sandbox != name)
+    })
+    .await;
+    eventually("the deep tier ends, paused", || {
+        state(&srv, "deep") == "paused"
+    })
+    .await;
+    assert_eq!(
+        srv.metrics()
+            .deep_pauses_total
+            .with_label_values(&["suspended"])
+            .get(),
+        1
+    );
+
+    // The next request resumes it cold: a new pod, memory from zero, same session.
+    let (n, new_pid, headers) = counter(&srv, "deep").await;
+    assert_eq!(n, 1);
+    assert_ne!(new_pid, pid);
+    assert_eq!(headers["x-activator-activation"], "resume");
+    srv.shutdown().await;
+}

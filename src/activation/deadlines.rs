@@ -3,8 +3,9 @@
 //! The shape of mini-redis `db.rs`: an ordered set of `(deadline, id)` plus the entry for
 //! each id, one task (the `IdleScheduler`) woken by a `Notify` when an earlier deadline
 //! arrives. A `Ready` session is due when its idle window would end (`idle.timeout` after
-//! it became ready); `Paused`, `Lost` and `Unbound` sessions when `idle.session_ttl` runs
-//! out. Requests do not touch the set: a session found busy when due is put back at its
+//! it became ready); a `Paused` one when `idle.deep_after` runs out (if set and it is not
+//! in the deep tier yet), else, like `Lost` and `Unbound` ones, when `idle.session_ttl`
+//! runs out. Requests do not touch the set: a session found busy when due is put back at its
 //! last activity plus `idle.timeout`, so an active session costs one check per
 //! `idle.timeout`, and an idle one is decided within one check of its deadline, whatever
 //! the table size.

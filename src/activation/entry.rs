@@ -57,6 +57,8 @@ pub(crate) struct EntryState {
     pub lost_meanwhile: bool,
     /// When the idle scheduler looks at the entry next (its key in `Deadlines`).
     pub due: Option<Instant>,
+    /// Paused in the deep tier already (`idle.deep_after`); cleared when it runs again.
+    pub deep: bool,
 }
 
 /// One session: its key, its locked state and its lock-free counters.
@@ -107,6 +109,7 @@ impl SessionEntry {
                 state_lost_pending: false,
                 lost_meanwhile: false,
                 due: None,
+                deep: false,
             }),
             in_flight: AtomicU64::new(0),
             created: now,

@@ -122,6 +122,14 @@ fn check(transitions: &Arc<Transitions>, entry: &Arc<SessionEntry>, at: Instant,
             transitions.set_active(entry, false);
             Event::IdleDue(settings.idle_policy)
         }
+        SessionPhase::Paused if !settings.deep_after.is_zero() && !st.deep => {
+            let deep_at = st.since + settings.deep_after;
+            if now < deep_at {
+                transitions.deadlines.schedule(entry, &mut st, deep_at);
+                return;
+            }
+            Event::DeepDue
+        }
         SessionPhase::Paused | SessionPhase::Lost | SessionPhase::Unbound => {
             let until = st.since + settings.session_ttl;
             if now < until {

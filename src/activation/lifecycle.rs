@@ -27,6 +27,9 @@ pub(crate) enum SessionPhase {
     Pausing,
     /// The sandbox is paused; the next request resumes it.
     Paused,
+    /// The deep idle tier runs (`idle.deep_after`): the paused sandbox is suspended
+    /// through its spec (Kubernetes) or stopped (process backend), releasing its memory.
+    Suspending,
     /// A resume is running.
     Resuming,
     /// A release is running; queued requests get a fresh claim afterwards.
@@ -39,12 +42,13 @@ pub(crate) enum SessionPhase {
 
 impl SessionPhase {
     /// Every phase, in declaration order.
-    pub(crate) const ALL: [SessionPhase; 9] = [
+    pub(crate) const ALL: [SessionPhase; 10] = [
         SessionPhase::Unbound,
         SessionPhase::Activating,
         SessionPhase::Ready,
         SessionPhase::Pausing,
         SessionPhase::Paused,
+        SessionPhase::Suspending,
         SessionPhase::Resuming,
         SessionPhase::Releasing,
         SessionPhase::Lost,
@@ -59,6 +63,7 @@ impl SessionPhase {
             SessionPhase::Ready => "active",
             SessionPhase::Pausing => "pausing",
             SessionPhase::Paused => "paused",
+            SessionPhase::Suspending => "suspending",
             SessionPhase::Resuming => "resuming",
             SessionPhase::Releasing => "releasing",
             SessionPhase::Lost => "lost",
@@ -72,6 +77,7 @@ impl SessionPhase {
             self,
             SessionPhase::Activating
                 | SessionPhase::Pausing
+                | SessionPhase::Suspending
                 | SessionPhase::Resuming
                 | SessionPhase::Releasing
         )
@@ -115,8 +121,16 @@ pub(crate) enum Event {
     PauseTimedOut,
     /// `Busy` (another replica saw traffic) or an error: the sandbox still runs.
     PauseRefused,
-    /// The pause found the sandbox gone.
+    /// The pause (or the deep tier) found the sandbox gone.
     PauseLost,
+    /// Paused for `idle.deep_after` and not yet in the deep tier.
+    DeepDue,
+    /// The deep tier suspended the sandbox; it stays bound (resume = a cold start).
+    DeepOk,
+    /// The deep tier stopped the sandbox: the session has none left, its state is gone.
+    DeepStopped,
+    /// The deep tier failed: the sandbox stays paused as it was.
+    DeepFailed,
     ReleaseDone,
     /// The backend says the sandbox died.
     Lost,
@@ -155,6 +169,8 @@ pub(crate) enum Call {
     Claim,
     Resume,
     Pause,
+    /// The deep idle tier (`SandboxBackend::deep_pause`).
+    DeepPause,
     Release(ReleaseReason),
 }
 
@@ -165,6 +181,7 @@ impl Call {
             Call::Claim => SessionPhase::Activating,
             Call::Resume => SessionPhase::Resuming,
             Call::Pause => SessionPhase::Pausing,
+            Call::DeepPause => SessionPhase::Suspending,
             Call::Release(_) => SessionPhase::Releasing,
         }
     }
@@ -248,6 +265,8 @@ pub(crate) struct Effects {
     pub flag_lost: bool,
     /// Count and log a lost session.
     pub count_loss: bool,
+    /// The session is in the deep tier now (not to be deepened again while paused).
+    pub deep_done: bool,
     pub reply: Reply,
 }
 
@@ -260,6 +279,7 @@ impl Effects {
         state_lost: false,
         flag_lost: false,
         count_loss: false,
+        deep_done: false,
         reply: Reply::None,
     };
 
@@ -304,7 +324,11 @@ pub(crate) fn resolve(event: Event, facts: &Facts) -> Event {
     }
     match event {
         Event::ResumeOk | Event::ResumeFailed => Event::ResumeLost,
-        Event::PauseOk | Event::PauseTimedOut | Event::PauseRefused => Event::PauseLost,
+        Event::PauseOk
+        | Event::PauseTimedOut
+        | Event::PauseRefused
+        | Event::DeepOk
+        | Event::DeepFailed => Event::PauseLost,
         other => other,
     }
 }
@@ -399,6 +423,19 @@ pub(crate) fn step(phase: SessionPhase, event: Event, facts: &Facts) -> Step {
         ),
         (P::Pausing, Event::PauseLost) => lose(facts),
 
+        // === deep idle tier ===
+        (P::Paused, Event::DeepDue) if facts.shutting_down || facts.queued => ignore,
+        (P::Paused, Event::DeepDue) => Step::start(Call::DeepPause, Reply::None),
+        (P::Suspending, Event::DeepOk) => {
+            let mut s = serve_queue(P::Paused, Call::Resume, facts);
+            s.effects.deep_done = true;
+            s
+        }
+        // Not deepened: paused as before; tried again `deep_after` later.
+        (P::Suspending, Event::DeepFailed) => serve_queue(P::Paused, Call::Resume, facts),
+        (P::Suspending, Event::DeepStopped) => stopped(facts),
+        (P::Suspending, Event::PauseLost) => lose(facts),
+
         // === release ===
         (P::Releasing, Event::ReleaseDone) => {
             let mut s = serve_queue(P::Gone, Call::Claim, facts);
@@ -409,7 +446,7 @@ pub(crate) fn step(phase: SessionPhase, event: Event, facts: &Facts) -> Step {
         // === loss and other replicas ===
         (P::Ready | P::Paused, Event::Lost) => lose(facts),
         // The running pause or resume turns its result into a loss when it ends.
-        (P::Pausing | P::Resuming, Event::Lost) => Step::stay(
+        (P::Pausing | P::Resuming | P::Suspending, Event::Lost) => Step::stay(
             phase,
             Effects {
                 flag_lost: true,
@@ -491,6 +528,16 @@ fn serve_queue(settled: SessionPhase, next: Call, facts: &Facts) -> Step {
     } else {
         Step::start(next, Reply::None)
     }
+}
+
+/// The deep tier stopped the sandbox on purpose: like a loss for the session (its state
+/// is gone, `on_sandbox_loss` decides what the next request gets), but nothing died, so
+/// nothing is counted as lost and there is no dead binding left to release.
+fn stopped(facts: &Facts) -> Step {
+    let mut s = lose(facts);
+    s.effects.binding = Some(BindingChange::Clear);
+    s.effects.count_loss = false;
+    s
 }
 
 /// The sandbox died. Never re-pins silently: with `fail` the session is `Lost` until one

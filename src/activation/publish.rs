@@ -64,6 +64,14 @@ impl Transitions {
             Event::PauseOk | Event::PauseTimedOut => {
                 self.publish(EventKind::Paused, entry, sandbox, waited);
             }
+            Event::DeepOk => {
+                self.publish(EventKind::Paused, entry, sandbox, |d| {
+                    waited(d).reason("deep")
+                });
+            }
+            Event::DeepStopped => {
+                self.publish(EventKind::Released, entry, sandbox, |d| d.reason("deep"));
+            }
             Event::PausedElsewhere => {
                 self.publish(EventKind::Frozen, entry, sandbox, |d| d.reason("peer"));
             }
@@ -84,6 +92,7 @@ impl Transitions {
             SessionPhase::Unbound | SessionPhase::Activating => "claim",
             SessionPhase::Paused | SessionPhase::Resuming => "resume",
             SessionPhase::Pausing => "pausing",
+            SessionPhase::Suspending => "suspending",
             _ => "releasing",
         };
         let sandbox = st.bound.as_ref().map(|b| &b.sandbox);

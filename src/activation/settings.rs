@@ -11,6 +11,8 @@ pub(crate) struct Settings {
     pub admission_timeout: Duration,
     pub idle_timeout: Duration,
     pub session_ttl: Duration,
+    /// `idle.deep_after` (zero: no deep tier).
+    pub deep_after: Duration,
     pub sweep_interval: Duration,
     pub idle_policy: IdlePolicy,
     pub on_loss: OnSandboxLoss,
@@ -36,6 +38,7 @@ impl Settings {
             admission_timeout: config.session.admission_timeout.into(),
             idle_timeout: config.idle.timeout.into(),
             session_ttl: config.idle.session_ttl.into(),
+            deep_after: config.idle.deep_after.into(),
             sweep_interval: config.idle.sweep_interval.into(),
             idle_policy,
             on_loss: config.activation.on_sandbox_loss,

@@ -224,6 +224,12 @@ impl Transitions {
             st.phase = step.phase;
             st.since = now;
             st.lost_meanwhile = false;
+            if !matches!(st.phase, SessionPhase::Paused | SessionPhase::Suspending) {
+                st.deep = false;
+            }
+        }
+        if fx.deep_done {
+            st.deep = true;
         }
         if fx.flag_lost {
             st.lost_meanwhile = true;
@@ -288,8 +294,11 @@ impl Transitions {
         changed: bool,
         now: Instant,
     ) {
+        let deep = self.settings.deep_after;
         let wait = match st.phase {
             SessionPhase::Ready => Some(self.settings.idle_timeout),
+            // The deep tier comes first (`deep_after` < `session_ttl`).
+            SessionPhase::Paused if !deep.is_zero() && !st.deep => Some(deep),
             SessionPhase::Paused | SessionPhase::Lost | SessionPhase::Unbound => {
                 Some(self.settings.session_ttl)
             }
@@ -379,6 +388,7 @@ impl Transitions {
             }
             Call::Resume => tokio::spawn(async move { this.run_resume(entry, sandbox).await }),
             Call::Pause => tokio::spawn(async move { this.run_pause(entry, sandbox).await }),
+            Call::DeepPause => tokio::spawn(async move { this.run_deep(entry, sandbox).await }),
             Call::Release(reason) => {
                 tokio::spawn(async move { this.run_release(entry, sandbox, reason.as_str()).await })
             }

@@ -24,8 +24,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{
-    BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, ClaimSpec, RecoveredBinding,
-    SandboxBackend, SandboxId, SandboxInfo, SandboxState,
+    BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, ClaimSpec, DeepPause,
+    RecoveredBinding, SandboxBackend, SandboxId, SandboxInfo, SandboxState,
 };
 use crate::cluster::KubeContext;
 use crate::config::{Config, PauseMode};
@@ -319,6 +319,22 @@ impl SandboxBackend for KubernetesBackend {
                 e => e,
             })?;
         self.strategy.pause(&self.pause_cx, name, deadline).await
+    }
+
+    /// Suspends through the Sandbox spec (a frozen pod is thawed first, so it shuts down
+    /// gracefully and its frozen mark goes): the pod and its memory are released; the
+    /// binding stays, and a resume starts a new pod.
+    async fn deep_pause(
+        &self,
+        _session: &SessionKey,
+        sandbox: &SandboxId,
+    ) -> Result<DeepPause, BackendError> {
+        let deadline = Instant::now() + self.op_timeout;
+        let _own = self.cache.begin_own(sandbox.as_str());
+        self.strategy
+            .deep_pause(&self.pause_cx, sandbox.as_str(), deadline)
+            .await?;
+        Ok(DeepPause::Suspended)
     }
 
     async fn release(&self, session: &SessionKey, sandbox: &SandboxId) -> Result<(), BackendError> {

@@ -21,8 +21,8 @@ use tokio::sync::{Notify, broadcast, oneshot, watch};
 use tokio::time::Instant;
 
 use super::{
-    BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, ClaimSpec, SandboxBackend,
-    SandboxId, SandboxInfo, SandboxState,
+    BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, ClaimSpec, DeepPause,
+    SandboxBackend, SandboxId, SandboxInfo, SandboxState,
 };
 use crate::config::{Config, ConfigError};
 use crate::lock::MutexExt;
@@ -367,6 +367,28 @@ impl SandboxBackend for ProcessBackend {
             tokio::spawn(s.clone().teardown(sandbox.clone()));
         }
         Ok(())
+    }
+
+    /// Stops the paused process (its memory goes with it) and waits until it is gone;
+    /// the session's next request gets a new sandbox.
+    async fn deep_pause(
+        &self,
+        session: &SessionKey,
+        sandbox: &SandboxId,
+    ) -> Result<DeepPause, BackendError> {
+        let s = &self.shared;
+        let stop = {
+            let mut fleet = s.lock();
+            let Some(e) = fleet.entries.get_mut(sandbox) else {
+                return Err(BackendError::Lost(sandbox.clone()));
+            };
+            e.sessions.retain(|k| k != session);
+            e.sessions.is_empty() && matches!(e.state, SandboxState::Bound | SandboxState::Paused)
+        };
+        if stop {
+            s.clone().teardown(sandbox.clone()).await;
+        }
+        Ok(DeepPause::Stopped)
     }
 
     fn subscribe(&self) -> broadcast::Receiver<BackendEvent> {

@@ -80,6 +80,24 @@ impl Config {
                 return Err(ConfigError::invalid(key, "must be greater than 0s"));
             }
         }
+        if !self.idle.deep_after.is_zero() {
+            if self.idle.deep_after >= self.idle.session_ttl {
+                return Err(ConfigError::invalid(
+                    "idle.deep_after",
+                    "must be shorter than idle.session_ttl (a paused session is released \
+                     then: there is no deeper tier after it)",
+                ));
+            }
+            if matches!(
+                self.idle.policy,
+                Some(IdlePolicy::Release) | Some(IdlePolicy::Keep)
+            ) {
+                return Err(ConfigError::invalid(
+                    "idle.deep_after",
+                    "applies to paused sessions: needs idle.policy pause (or unset)",
+                ));
+            }
+        }
         if self.activation.max_queued_per_session == 0 {
             return Err(ConfigError::invalid(
                 "activation.max_queued_per_session",

@@ -231,6 +231,65 @@ fn idleness_and_pauses() {
 }
 
 #[test]
+fn the_deep_idle_tier() {
+    let rows = [
+        // paused | paused > idle.deep_after, not deep yet | suspending | deep pause
+        row(P::Paused, E::DeepDue, facts(), P::Suspending).call(Call::DeepPause),
+        row(P::Paused, E::DeepDue, draining(facts()), P::Paused),
+        // suspending | suspended (Kubernetes) | paused, deep | resume at once if queued
+        row(P::Suspending, E::DeepOk, facts(), P::Paused),
+        row(P::Suspending, E::DeepOk, queued(), P::Resuming).call(Call::Resume),
+        row(P::Suspending, E::DeepFailed, facts(), P::Paused),
+        row(P::Suspending, E::DeepFailed, queued(), P::Resuming).call(Call::Resume),
+        // suspending | stopped (process) | lost / unbound (state lost) | nothing to release
+        row(P::Suspending, E::DeepStopped, facts(), P::Lost).binding(B::Clear),
+        row(P::Suspending, E::DeepStopped, reclaim(facts()), P::Unbound).binding(B::Clear),
+        row(
+            P::Suspending,
+            E::DeepStopped,
+            reclaim(queued()),
+            P::Activating,
+        )
+        .call(Call::Claim)
+        .binding(B::Clear),
+        row(P::Suspending, E::DeepStopped, queued(), P::Gone)
+            .waiters(W::Fail(C::SandboxLost))
+            .binding(B::Clear),
+        // suspending | the sandbox vanished | lost / unbound | release of the dead binding
+        row(P::Suspending, E::PauseLost, facts(), P::Lost).binding(B::ReleaseDead),
+        // Requests wait for the deep tier; a loss meanwhile turns its result into a loss.
+        row(P::Suspending, E::Request, facts(), P::Suspending).reply(Reply::Queue),
+        row(P::Suspending, E::Lost, facts(), P::Suspending),
+        // Only a paused session goes deep.
+        row(P::Ready, E::DeepDue, facts(), P::Ready),
+        row(P::Lost, E::DeepDue, facts(), P::Lost),
+    ];
+    for (n, r) in rows.iter().enumerate() {
+        r.check(n);
+    }
+    assert!(step(P::Suspending, E::DeepOk, &facts()).effects.deep_done);
+    assert!(
+        !step(P::Suspending, E::DeepFailed, &facts())
+            .effects
+            .deep_done
+    );
+    let stopped = step(P::Suspending, E::DeepStopped, &reclaim(facts()));
+    assert!(stopped.effects.state_lost, "the next lease says state_lost");
+    assert!(
+        !stopped.effects.count_loss,
+        "a deliberate stop is not a loss"
+    );
+    let lost_meanwhile = Facts {
+        lost_meanwhile: true,
+        ..facts()
+    };
+    assert_eq!(
+        step(P::Suspending, E::DeepOk, &lost_meanwhile).phase,
+        P::Lost
+    );
+}
+
+#[test]
 fn releases_losses_and_other_replicas() {
     let rows = [
         // releasing | done | (none), or activating if requests queued | claim
@@ -329,16 +388,21 @@ fn unlisted_pairs_change_nothing() {
         E::PauseRefused,
         E::PauseLost,
         E::ReleaseDone,
+        E::DeepOk,
+        E::DeepStopped,
+        E::DeepFailed,
     ];
     let owner = |e: Event| match e {
         E::ClaimOk | E::ClaimFailed => P::Activating,
+        E::DeepOk | E::DeepStopped | E::DeepFailed => P::Suspending,
         E::ResumeOk | E::ResumeFailed | E::ResumeLost => P::Resuming,
         E::ReleaseDone => P::Releasing,
         _ => P::Pausing,
     };
     for from in P::ALL {
         for event in results {
-            if owner(event) == from {
+            // The deep tier reports a vanished sandbox as a pause does.
+            if owner(event) == from || (event == E::PauseLost && from == P::Suspending) {
                 continue;
             }
             for f in [facts(), queued(), draining(reclaim(queued()))] {

@@ -14,7 +14,7 @@ use super::{Payload, Transitions};
 use crate::activation::ActivationError;
 use crate::activation::entry::{Bound, SessionEntry};
 use crate::activation::lifecycle::{self, Event};
-use crate::backend::{ActivationKind, BackendError, ClaimBudget, SandboxId};
+use crate::backend::{ActivationKind, BackendError, ClaimBudget, DeepPause, SandboxId};
 use crate::session::SessionKey;
 
 /// The `result` label of `activator_activations_total` for a backend error.
@@ -218,6 +218,55 @@ impl Transitions {
         };
         self.apply(&entry, st, event, payload);
         result
+    }
+
+    /// The deep idle tier: the backend suspends (binding kept) or stops (binding gone) the
+    /// paused sandbox.
+    pub(super) async fn run_deep(
+        self: Arc<Self>,
+        entry: Arc<SessionEntry>,
+        sandbox: Option<SandboxId>,
+    ) -> Result<(), ActivationError> {
+        let started = Instant::now();
+        let timeout = self.settings.activation_timeout;
+        let outcome = match &sandbox {
+            Some(sandbox) => {
+                tokio::time::timeout(timeout, self.backend.deep_pause(&entry.key, sandbox))
+                    .await
+                    .ok()
+            }
+            None => Some(Err(BackendError::Unsupported(
+                "deep pause without a sandbox",
+            ))),
+        };
+        let st = entry.lock();
+        let (event, label) = match outcome {
+            Some(Ok(DeepPause::Suspended)) => (Event::DeepOk, "suspended"),
+            Some(Ok(DeepPause::Stopped)) => (Event::DeepStopped, "stopped"),
+            Some(Err(BackendError::Lost(_))) => (Event::PauseLost, "lost"),
+            None => (Event::DeepFailed, "timeout"),
+            Some(Err(e)) => {
+                tracing::warn!(session = %entry.key, sandbox = ?sandbox, error = %e, "deep pause failed");
+                (Event::DeepFailed, "error")
+            }
+        };
+        let event = lifecycle::resolve(event, &self.facts(&entry, &st));
+        let label = if event == Event::PauseLost {
+            "lost"
+        } else {
+            label
+        };
+        self.metrics
+            .deep_pauses_total
+            .with_label_values(&[label])
+            .inc();
+        let payload = Payload {
+            waited: Some(started.elapsed()),
+            reason: Some("deep"),
+            ..Payload::default()
+        };
+        self.apply(&entry, st, event, payload);
+        Ok(())
     }
 
     pub(super) async fn run_release(

@@ -284,6 +284,24 @@ impl PauseStrategy for NodeFreeze {
         })
     }
 
+    /// Thaws the frozen pod (and drops its mark), then suspends the Sandbox through its
+    /// spec: the pod shuts down gracefully and its memory is released.
+    async fn deep_pause(
+        &self,
+        cx: &PauseContext,
+        sandbox: &str,
+        deadline: Instant,
+    ) -> Result<(), BackendError> {
+        let frozen = cx.cache.read(|st| {
+            st.sandbox(sandbox)
+                .map(|s| self.flavour.sandbox_view(s).frozen.is_some())
+        });
+        if frozen == Some(true) {
+            self.resume(cx, sandbox, deadline).await?;
+        }
+        self.suspend.pause(cx, sandbox, deadline).await
+    }
+
     /// Refuses pods with liveness or startup probes unless `freeze_with_probes`: a frozen
     /// container fails them and the kubelet restarts it, losing the state a freeze keeps.
     async fn check_claim(

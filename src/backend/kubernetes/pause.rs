@@ -47,6 +47,17 @@ pub trait PauseStrategy: Send + Sync + 'static {
         deadline: Instant,
     ) -> Result<SocketAddr, BackendError>;
 
+    /// The deep idle tier for a paused `sandbox`: release its memory. The default does
+    /// nothing (a suspended sandbox holds none).
+    async fn deep_pause(
+        &self,
+        _cx: &PauseContext,
+        _sandbox: &str,
+        _deadline: Instant,
+    ) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// Whether a freshly claimed `sandbox` can be paused this way; an error refuses the
     /// claim (it is released).
     async fn check_claim(
