@@ -503,9 +503,9 @@ pub struct BackendConfig {
     pub stop_grace: Dur,
     /// process: how to freeze: `auto`, `cgroup_v2`, `cgroup_v1` or `signal`.
     pub freezer: FreezerKind,
-    /// process: how sandboxes are isolated from the host and each other: `none` (default for
-    /// now), `namespaces` (bubblewrap; a clear error where it cannot run), `auto` (namespaces
-    /// where bubblewrap works, else none with a warning).
+    /// process: how sandboxes are isolated from the host and each other: `namespaces`
+    /// (default; bubblewrap, a clear error naming the key where it cannot run), `auto`
+    /// (namespaces where bubblewrap works, else none with a warning), `none`.
     pub isolation: IsolationKind,
     /// process: the bubblewrap executable used for namespace isolation.
     pub bwrap: PathBuf,
@@ -533,7 +533,7 @@ impl Default for BackendConfig {
             cpu_weight: None,
             stop_grace: Dur::secs(5),
             freezer: FreezerKind::Auto,
-            isolation: IsolationKind::None,
+            isolation: IsolationKind::Namespaces,
             bwrap: PathBuf::from("bwrap"),
             volumes_root: std::env::temp_dir().join("agent-activator-volumes"),
             kubernetes: KubernetesConfig::default(),
