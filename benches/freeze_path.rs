@@ -91,9 +91,12 @@ async fn run() {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();
+        let status = resp.status();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        (activation, v["counter"].as_u64().unwrap())
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let counter = v["counter"].as_u64();
+        let counter = counter.unwrap_or_else(|| panic!("{status}: {v}"));
+        (activation, counter)
     };
     let (activation, mut counter) = read(post().await.expect("first request")).await;
     assert_eq!(activation, "claim");
