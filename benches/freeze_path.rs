@@ -103,7 +103,7 @@ async fn run() {
     let session = key("bench");
     let mut freeze = Histogram::<u64>::new(3).unwrap();
     let mut thaw = Histogram::<u64>::new(3).unwrap();
-    for _ in 0..cycles {
+    for cycle in 0..cycles {
         let t = Instant::now();
         assert_eq!(
             srv.activator().pause(&session).await.ok(),
@@ -113,6 +113,7 @@ async fn run() {
         freeze.record(t.elapsed().as_micros() as u64).unwrap();
         let t = Instant::now();
         let resp = post().await.expect("the thawing request");
+        eprintln!("cycle {cycle}: answer after {:?}", t.elapsed());
         let (activation, n) = read(resp).await;
         thaw.record(t.elapsed().as_micros() as u64).unwrap();
         assert_eq!(activation, "resume", "held for the thaw");
