@@ -248,7 +248,16 @@ impl PauseStrategy for NodeFreeze {
             .cache
             .read(|st| st.sandbox(sandbox).map(|s| flavour.sandbox_view(s)))
             .ok_or_else(|| BackendError::Lost(SandboxId::new(sandbox)))?;
-        let Some(frozen_uid) = view.frozen.clone() else {
+        // Our own freeze may not have reached the watch cache yet: the annotation was
+        // written a moment ago and a request can ask for the thaw before the watch event
+        // arrives (seen in release builds: benches/freeze_path.rs). What this replica froze
+        // it thaws; if another replica already thawed it, the agent's thaw is a no-op.
+        let remembered = self
+            .remembered
+            .lock_recovered()
+            .get(sandbox)
+            .map(|p| p.uid.clone());
+        let Some(frozen_uid) = view.frozen.clone().or(remembered) else {
             // Not frozen: running (maybe resumed by another replica) or suspended.
             self.forget(sandbox);
             return self.suspend.resume(cx, sandbox, deadline).await;
