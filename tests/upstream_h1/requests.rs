@@ -1,0 +1,189 @@
+//! Request framing towards the sandbox: no body framing on a GET, byte-exact bodies,
+//! chunked uploads, `Expect`, hop-by-hop headers and `Host`.
+
+use super::*;
+
+#[tokio::test]
+async fn get_reaches_the_sandbox_without_body_framing_and_alone() {
+    let sandbox = always(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = raw(&server).await;
+    client
+        .write(
+            b"GET /path/x?q=1&r=%20 HTTP/1.1\r\nHost: app.example\r\nX-Session-ID: s1\r\n\
+              Accept: */*\r\nX-Custom: v 1\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let resp = bounded("response", client.read_response("GET"))
+        .await
+        .unwrap();
+    assert_eq!(resp.head.status, 200);
+    assert_eq!(resp.body.data, b"ok");
+
+    let got = only_request(&sandbox);
+    assert_eq!(got.head.start_line, "GET /path/x?q=1&r=%20 HTTP/1.1");
+    assert_eq!(
+        field_set(&got.head),
+        expected_fields(
+            "app.example",
+            "s1",
+            &[("accept", "*/*"), ("x-custom", "v 1")]
+        ),
+        "no content-length, no transfer-encoding: {:?}",
+        String::from_utf8_lossy(&got.head.raw)
+    );
+    assert!(got.body.raw.is_empty());
+    assert!(
+        got.extra.is_empty(),
+        "nothing after the request: {:?}",
+        got.extra
+    );
+    server.shutdown().await;
+}
+
+/// 64 KiB + 7 bytes of every byte value, CRLFs and NULs included.
+fn binary_payload() -> Vec<u8> {
+    (0..64 * 1024 + 7).map(|i| (i * 7 % 256) as u8).collect()
+}
+
+#[tokio::test]
+async fn content_length_body_arrives_byte_exact() {
+    let sandbox = always(b"HTTP/1.1 201 Created\r\ncontent-length: 4\r\n\r\ndone").await;
+    let server = proxy(&[&sandbox], "").await;
+    let payload = binary_payload();
+    let mut client = Client::open(server.proxy_addr()).await;
+    let req = Request::post("/upload")
+        .header("host", "app.example")
+        .header("x-session-id", "up")
+        .header("content-type", "application/octet-stream")
+        .body(Full::new(Bytes::from(payload.clone())).boxed())
+        .unwrap();
+    let got = client.fetch(req).await;
+    assert_eq!((got.status, got.text().as_str()), (201, "done"));
+
+    let req = only_request(&sandbox);
+    assert_eq!(req.head.start_line, "POST /upload HTTP/1.1");
+    assert_eq!(
+        field_set(&req.head),
+        expected_fields(
+            "app.example",
+            "up",
+            &[
+                ("content-length", &payload.len().to_string()),
+                ("content-type", "application/octet-stream")
+            ]
+        )
+    );
+    assert!(req.body.raw == payload, "body byte exact");
+    assert!(req.extra.is_empty());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn chunked_client_body_arrives_complete_and_well_framed() {
+    let sandbox = always(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = raw(&server).await;
+    // Chunks of several sizes, one with an extension (hop-by-hop framing: not relayed).
+    let mut wire = b"POST /stream HTTP/1.1\r\nhost: app.example\r\nx-session-id: ch\r\n\
+                     transfer-encoding: chunked\r\n\r\n"
+        .to_vec();
+    let parts: [&[u8]; 3] = [b"hello ", b"\r\n0\r\n", &[b'z'; 5000]];
+    wire.extend_from_slice(b"6;note=first\r\nhello \r\n");
+    wire.extend_from_slice(b"5\r\n\r\n0\r\n\r\n");
+    wire.extend_from_slice(b"1388\r\n");
+    wire.extend_from_slice(parts[2]);
+    wire.extend_from_slice(b"\r\n0\r\n\r\n");
+    client.write(&wire).await.unwrap();
+    let resp = bounded("response", client.read_response("POST"))
+        .await
+        .unwrap();
+    assert_eq!(resp.head.status, 200);
+
+    let req = only_request(&sandbox);
+    let expected: Vec<u8> = parts.concat();
+    assert!(
+        req.body.data == expected,
+        "body complete: {} of {} bytes",
+        req.body.data.len(),
+        expected.len()
+    );
+    // Either re-chunked or given a length, never both, never neither.
+    match h1_wire::request_framing(&req.head) {
+        Framing::Chunked => assert!(!req.head.has("content-length")),
+        Framing::Length(n) => assert_eq!(n, expected.len()),
+        other => panic!("unframed body ({other:?}): {:?}", req.head),
+    }
+    assert!(req.extra.is_empty());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_and_never_forwarded() {
+    let sandbox = always(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nthanks").await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = raw(&server).await;
+    client
+        .write(
+            b"PUT /file HTTP/1.1\r\nhost: app.example\r\nx-session-id: ex\r\n\
+              content-length: 5\r\nexpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    // The body is held back until the 100 arrives, as a real client does.
+    let interim = bounded("100 Continue", client.read_response_head())
+        .await
+        .unwrap();
+    assert_eq!(interim.status, 100, "{:?}", interim.start_line);
+    client.write(b"hello").await.unwrap();
+    let resp = bounded("final response", client.read_response("PUT"))
+        .await
+        .unwrap();
+    assert_eq!(resp.head.status, 200);
+    assert_eq!(resp.body.data, b"thanks");
+
+    let req = only_request(&sandbox);
+    assert!(!req.head.has("expect"), "{:?}", req.head.headers);
+    assert_eq!(req.head.get("content-length"), Some("5"));
+    assert_eq!(req.body.raw, b"hello");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn hop_by_hop_request_headers_are_not_forwarded_and_host_is_kept() {
+    let sandbox = always(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = raw(&server).await;
+    let requests: [&[u8]; 2] = [
+        b"GET /a HTTP/1.1\r\nHost: App.Example:8443\r\nx-session-id: hop\r\n\
+          Connection: keep-alive, X-Hop-A\r\nConnection: x-hop-b\r\nX-Hop-A: 1\r\nX-Hop-B: 2\r\n\
+          Keep-Alive: timeout=5\r\nTE: trailers, deflate;q=0.5\r\nProxy-Authorization: Basic eDp5\r\n\
+          Proxy-Connection: keep-alive\r\nUpgrade: foo/1\r\nX-End: kept\r\n\r\n",
+        b"GET /b HTTP/1.1\r\nHost: App.Example:8443\r\nx-session-id: hop\r\nTE: deflate\r\n\r\n",
+    ];
+    for r in requests {
+        client.write(r).await.unwrap();
+        let resp = bounded("response", client.read_response("GET"))
+            .await
+            .unwrap();
+        assert_eq!(resp.head.status, 200);
+    }
+    let got = sandbox.requests();
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        field_set(&got[0].head),
+        expected_fields(
+            "App.Example:8443",
+            "hop",
+            &[("te", "trailers"), ("x-end", "kept")]
+        ),
+        "only end-to-end headers, TE reduced to trailers"
+    );
+    assert_eq!(
+        field_set(&got[1].head),
+        expected_fields("App.Example:8443", "hop", &[]),
+        "TE without trailers is dropped"
+    );
+    server.shutdown().await;
+}
