@@ -214,3 +214,14 @@ async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
         .await
         .unwrap_or_else(|_| panic!("{what} within {WAIT:?}"))
 }
+
+/// `activator_upstream_errors_total{kind}` as the admin `/metrics` shows it now.
+async fn upstream_errors(server: &RunningServer, kind: &str) -> f64 {
+    let admin = support::HttpClient::http1(server.admin_addr());
+    let text = admin.get("/metrics", &[]).await.text();
+    support::metric_value(
+        &text,
+        &format!("activator_upstream_errors_total{{kind=\"{kind}\"}}"),
+    )
+    .unwrap_or(0.0)
+}

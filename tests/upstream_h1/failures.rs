@@ -31,6 +31,7 @@ async fn garbage_answer_is_502_upstream_protocol_and_the_connection_dropped() {
         log.late
     );
     assert_eq!(log.requests[1].conn, 1);
+    assert_eq!(upstream_errors(&server, "protocol").await, 1.0);
     server.shutdown().await;
 }
 
@@ -56,6 +57,7 @@ async fn close_without_answer_is_502_upstream_reset_and_never_retried() {
     // A request the sandbox received must not be sent again (it may have acted on it).
     assert_eq!(log.count("/once"), 1, "{log:#?}");
     assert_eq!(log.requests[0].body.data, b"pay once");
+    assert_eq!(upstream_errors(&server, "reset").await, 1.0);
     server.shutdown().await;
 }
 
@@ -98,6 +100,7 @@ async fn silent_sandbox_is_504_and_its_late_answer_reaches_nobody() {
         "nothing more on the timed-out connection: {log:#?}"
     );
     assert!(log.late.is_empty(), "{:?}", log.late);
+    assert_eq!(upstream_errors(&server, "timeout").await, 1.0);
     server.shutdown().await;
 }
 
@@ -135,6 +138,7 @@ async fn oversized_response_head_is_502_and_the_proxy_stays_healthy() {
             log.closed_by_peer.contains(&0)
         })
         .await;
+    assert_eq!(upstream_errors(&server, "protocol").await, 1.0);
     server.shutdown().await;
 }
 
@@ -205,5 +209,77 @@ async fn slow_chunked_body_streams_complete_and_in_order() {
         }
     }
     assert_eq!(String::from_utf8(got).unwrap(), "part0part1part2part3part4");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn refused_connect_is_502_upstream_connect() {
+    let closed = support::closed_port().await;
+    let server = support::start(&static_backend(&[closed.addr])).await;
+    let mut client = Client::open(server.proxy_addr()).await;
+    for i in 0..2 {
+        let got = client.get("/x", "rf").await;
+        assert_eq!(
+            (got.status, got.code().as_str()),
+            (502, "upstream_connect"),
+            "request {i}"
+        );
+    }
+    assert_eq!(upstream_errors(&server, "connect").await, 2.0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn conflicting_content_lengths_are_502_upstream_protocol() {
+    // RFC 9112 6.3 (5): differing Content-Length values are an unrecoverable framing error;
+    // relaying either length would let the sandbox split the response stream.
+    let sandbox = ScriptedSandbox::start(|req, _| match req.target() {
+        "/two" => vec![
+            Step::Send(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!".to_vec(),
+            ),
+            Step::Hang,
+        ],
+        _ => vec![Step::Send(ok(b"fine"))],
+    })
+    .await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = Client::open(server.proxy_addr()).await;
+    let got = client.get("/two", "cl2").await;
+    assert_eq!(
+        (got.status, got.code().as_str()),
+        (502, "upstream_protocol")
+    );
+    let next = client.get("/next", "cl2").await;
+    assert_eq!((next.status, next.text().as_str()), (200, "fine"));
+    assert_ne!(
+        sandbox.log().requests[1].conn,
+        0,
+        "the garbled connection is not reused"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_chunk_aborts_the_client_connection() {
+    let sandbox = always(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nmore\r\n0\r\n\r\n",
+    )
+    .await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = raw(&server).await;
+    client
+        .write(b"GET /bad HTTP/1.1\r\nhost: a\r\nx-session-id: bc\r\n\r\n")
+        .await
+        .unwrap();
+    let head = bounded("head", client.read_response_head()).await.unwrap();
+    assert_eq!(head.status, 200);
+    let framing = h1_wire::response_framing(&head, "GET");
+    let body = bounded("body", client.read_body(framing)).await;
+    assert!(
+        body.is_err(),
+        "a broken body must not end cleanly: {body:?}"
+    );
+    let _ = bounded("the close", client.read_until_closed()).await;
     server.shutdown().await;
 }

@@ -84,3 +84,70 @@ async fn sandbox_closing_an_idle_connection_is_neither_a_502_nor_a_duplicate() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn pipelined_client_requests_are_answered_in_order_one_at_a_time_upstream() {
+    let sandbox =
+        ScriptedSandbox::start(|req, _| vec![Step::Send(ok(req.target().as_bytes()))]).await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = raw(&server).await;
+    // Three requests in one write: the client pipelines.
+    let mut burst = Vec::new();
+    for i in 0..3 {
+        burst.extend_from_slice(
+            format!("GET /p/{i} HTTP/1.1\r\nhost: a\r\nx-session-id: pl\r\n\r\n").as_bytes(),
+        );
+    }
+    client.write(&burst).await.unwrap();
+    for i in 0..3 {
+        let resp = bounded("response", client.read_response("GET"))
+            .await
+            .unwrap();
+        assert_eq!(resp.head.status, 200);
+        assert_eq!(resp.body.data, format!("/p/{i}").as_bytes(), "in order");
+    }
+    let log = sandbox.log();
+    assert_eq!(log.requests.len(), 3);
+    // Never pipelined towards the sandbox: each request alone, after the previous answer.
+    assert!(log.requests.iter().all(|r| r.extra.is_empty()), "{log:#?}");
+    assert_eq!(log.accepted, 1);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sandbox_closing_idle_pooled_connections_is_neither_a_502_nor_a_duplicate() {
+    // Two sessions on one client connection: from the second session on, requests take
+    // the shared pool; the sandbox closes every connection right after answering.
+    let closing =
+        ScriptedSandbox::start(|req, _| vec![Step::Send(ok(req.target().as_bytes())), Step::Close])
+            .await;
+    let steady = always(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsteady").await;
+    let server = proxy(&[&closing, &steady], "").await;
+    let mut client = Client::open(server.proxy_addr()).await;
+    // Bind both sessions; which sandbox each got is read from the answers.
+    let a = client.get("/bind", "pc-1").await;
+    let b = client.get("/bind", "pc-2").await;
+    let session = if a.text() == "/bind" { "pc-1" } else { "pc-2" };
+    assert_eq!((a.status, b.status), (200, 200));
+    for i in 0..10 {
+        let path = format!("/pooled/{i}");
+        let got = client.get(&path, session).await;
+        assert_eq!((got.status, got.text()), (200, path.clone()), "request {i}");
+        if i % 2 == 0 {
+            closing
+                .wait_for("the sandbox to close", WAIT, |log| {
+                    log.closed_by_sandbox.len() > i + 1
+                })
+                .await;
+        }
+    }
+    let log = closing.log();
+    for i in 0..10 {
+        assert_eq!(
+            log.count(&format!("/pooled/{i}")),
+            1,
+            "delivered exactly once"
+        );
+    }
+    server.shutdown().await;
+}
