@@ -77,7 +77,10 @@ struct Client {
 
 impl Client {
     async fn open(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).await.unwrap();
+        Client::over(TcpStream::connect(addr).await.unwrap()).await
+    }
+
+    async fn over(stream: TcpStream) -> Client {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .unwrap();

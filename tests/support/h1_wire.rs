@@ -422,6 +422,9 @@ pub enum Step {
     Pause(Duration),
     /// Wait until the test calls [`ScriptedSandbox::release`].
     AwaitRelease,
+    /// Read the request body now (only for a sandbox started with
+    /// [`ScriptedSandbox::start_on_head`]), recording it in the request's [`Received`].
+    ReadBody,
     /// Record this mark in [`Log::marks`] (to wait for a point in the script).
     Mark(&'static str),
     /// Close the connection (after the steps before it).
@@ -471,6 +474,8 @@ struct Shared {
     changed: Notify,
     release: Semaphore,
     script: Box<Script>,
+    /// Run the script as soon as a head arrives (the body is read by [`Step::ReadBody`]).
+    on_head: bool,
 }
 
 impl Shared {
@@ -500,13 +505,27 @@ impl ScriptedSandbox {
     pub async fn start(
         script: impl Fn(&Received, usize) -> Vec<Step> + Send + Sync + 'static,
     ) -> ScriptedSandbox {
+        ScriptedSandbox::launch(Box::new(script), false).await
+    }
+
+    /// Like [`ScriptedSandbox::start`], but the script runs as soon as a request head has
+    /// arrived, before its body (an early answer, or a body read later with
+    /// [`Step::ReadBody`]); a script that leaves the body unread must end the connection.
+    pub async fn start_on_head(
+        script: impl Fn(&Received, usize) -> Vec<Step> + Send + Sync + 'static,
+    ) -> ScriptedSandbox {
+        ScriptedSandbox::launch(Box::new(script), true).await
+    }
+
+    async fn launch(script: Box<Script>, on_head: bool) -> ScriptedSandbox {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
             log: Mutex::new(Log::default()),
             changed: Notify::new(),
             release: Semaphore::new(0),
-            script: Box::new(script),
+            script,
+            on_head,
         });
         let accept_shared = shared.clone();
         let task = tokio::spawn(async move {
@@ -580,9 +599,14 @@ async fn serve(shared: Arc<Shared>, conn: usize, mut wire: Wire) {
                 return;
             }
         };
-        let Ok(body) = wire.read_body(request_framing(&head)).await else {
-            shared.update(|log| log.closed_by_peer.push(conn));
-            return;
+        let body = if shared.on_head {
+            Body::default()
+        } else {
+            let Ok(body) = wire.read_body(request_framing(&head)).await else {
+                shared.update(|log| log.closed_by_peer.push(conn));
+                return;
+            };
+            body
         };
         let received = Received {
             conn,
@@ -597,6 +621,13 @@ async fn serve(shared: Arc<Shared>, conn: usize, mut wire: Wire) {
         });
         for step in (shared.script)(&received, index) {
             match step {
+                Step::ReadBody => {
+                    let Ok(body) = wire.read_body(request_framing(&received.head)).await else {
+                        shared.update(|log| log.closed_by_peer.push(conn));
+                        return;
+                    };
+                    shared.update(|log| log.requests[index].body = body);
+                }
                 Step::Send(bytes) => {
                     if wire.write(&bytes).await.is_err() {
                         shared.update(|log| log.closed_by_peer.push(conn));

@@ -187,3 +187,111 @@ async fn hop_by_hop_request_headers_are_not_forwarded_and_host_is_kept() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn upload_streams_to_the_sandbox_before_it_is_complete() {
+    let sandbox = ScriptedSandbox::start_on_head(|_, _| {
+        vec![Step::Mark("head"), Step::ReadBody, Step::Send(ok(b"got"))]
+    })
+    .await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = raw(&server).await;
+    client
+        .write(
+            b"POST /up HTTP/1.1\r\nhost: a\r\nx-session-id: st\r\ntransfer-encoding: chunked\r\n\r\n\
+              4\r\nfirs\r\n",
+        )
+        .await
+        .unwrap();
+    // The head reaches the sandbox while the client still holds back the rest of the body:
+    // the upload is streamed, not collected first.
+    sandbox
+        .wait_for("the request head at the sandbox", WAIT, |log| {
+            log.marked("head")
+        })
+        .await;
+    client.write(b"6\r\nt part\r\n0\r\n\r\n").await.unwrap();
+    let resp = bounded("response", client.read_response("POST"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (resp.head.status, resp.body.data.as_slice()),
+        (200, &b"got"[..])
+    );
+    assert_eq!(only_request(&sandbox).body.data, b"first part");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn early_final_response_is_relayed_while_the_body_is_unsent() {
+    // The sandbox refuses the upload from its head alone and reads no body (it drains
+    // what arrives until the proxy closes, as a lingering close does).
+    let sandbox = ScriptedSandbox::start_on_head(|_, _| {
+        vec![
+            Step::Send(
+                b"HTTP/1.1 413 Content Too Large\r\nconnection: close\r\ncontent-length: 7\r\n\r\ntoo big"
+                    .to_vec(),
+            ),
+            Step::Hang,
+        ]
+    })
+    .await;
+    let server = proxy(&[&sandbox], "proxy: {body_timeout: 1s}\n").await;
+    let mut client = raw(&server).await;
+    client
+        .write(b"POST /big HTTP/1.1\r\nhost: a\r\nx-session-id: eb\r\ncontent-length: 10000000\r\n\r\n")
+        .await
+        .unwrap();
+    client.write(&[b'u'; 64 * 1024]).await.unwrap();
+    let resp = bounded("the early answer", client.read_response("POST"))
+        .await
+        .unwrap();
+    assert_eq!(resp.head.status, 413);
+    assert_eq!(resp.body.data, b"too big");
+    // The rest of the body can no longer go anywhere: the connection ends, with nothing
+    // (no second response such as a 408) after the 413. TODAY: it ends when
+    // `proxy.body_timeout` (1 s here) passes without body bytes, not at once.
+    let rest = bounded("the client connection to close", client.read_until_closed()).await;
+    assert!(rest.as_ref().map_or(true, Vec::is_empty), "{rest:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn large_repeated_and_opaque_request_fields_arrive_intact() {
+    let sandbox = always(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = raw(&server).await;
+    let big = "b".repeat(48 * 1024);
+    let mut req = format!(
+        "PURGE /cache/item HTTP/1.1\r\nhost: a\r\nx-session-id: lf\r\nx-multi: one\r\n\
+         x-big: {big}\r\nx-multi: two\r\n"
+    )
+    .into_bytes();
+    // obs-text (RFC 9110 5.5): bytes above 0x7f are opaque, relayed as they are.
+    req.extend_from_slice(b"x-latin: caf\xe9\r\n\r\n");
+    client.write(&req).await.unwrap();
+    let resp = bounded("response", client.read_response("PURGE"))
+        .await
+        .unwrap();
+    assert_eq!(resp.head.status, 200);
+    let got = only_request(&sandbox);
+    assert_eq!(got.head.start_line, "PURGE /cache/item HTTP/1.1");
+    let multi: Vec<&str> = got
+        .head
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "x-multi")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(multi, ["one", "two"], "repeated fields in order");
+    assert_eq!(got.head.get("x-big"), Some(big.as_str()));
+    let raw_head = &got.head.raw;
+    assert!(
+        raw_head
+            .windows(15)
+            .any(|w| w.eq_ignore_ascii_case(b"x-latin: caf\xe9\r\n")),
+        "{:?}",
+        String::from_utf8_lossy(raw_head)
+    );
+    server.shutdown().await;
+}

@@ -323,3 +323,80 @@ async fn unsolicited_100_continue_from_the_sandbox_is_not_the_response() {
     assert_eq!(sandbox.accepted(), 1);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn repeated_and_opaque_response_fields_are_relayed_intact() {
+    let sandbox = always(
+        b"HTTP/1.1 200 OK\r\nset-cookie: a=1; Path=/\r\nx-one: 1\r\nset-cookie: b=2\r\n\
+          set-cookie: c=3; HttpOnly\r\nx-latin: caf\xe9\r\ncontent-length: 2\r\n\r\nok",
+    )
+    .await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = raw(&server).await;
+    client
+        .write(b"GET / HTTP/1.1\r\nhost: a\r\nx-session-id: rf\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = bounded("response", client.read_response("GET"))
+        .await
+        .unwrap();
+    assert_eq!(resp.head.status, 200);
+    let cookies: Vec<&str> = resp
+        .head
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "set-cookie")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(cookies, ["a=1; Path=/", "b=2", "c=3; HttpOnly"]);
+    assert!(
+        resp.head
+            .raw
+            .windows(15)
+            .any(|w| w.eq_ignore_ascii_case(b"x-latin: caf\xe9\r\n")),
+        "{:?}",
+        String::from_utf8_lossy(&resp.head.raw)
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_slow_reader_holds_the_sandbox_back() {
+    // 96 MiB, well over what both hops' socket buffers can hold (Linux autotuning caps:
+    // tcp_rmem 32 MiB + tcp_wmem 4 MiB per hop; the client's receive buffer is pinned
+    // small): unless the proxy buffers without bound, the sandbox cannot finish writing
+    // while the client reads nothing.
+    const SIZE: usize = 96 * 1024 * 1024;
+    let sandbox = ScriptedSandbox::start(|_, _| {
+        let mut v = format!("HTTP/1.1 200 OK\r\ncontent-length: {SIZE}\r\n\r\n").into_bytes();
+        v.resize(v.len() + SIZE, b'd');
+        vec![Step::Send(v), Step::Mark("all written")]
+    })
+    .await;
+    let server = proxy(&[&sandbox], "").await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let stream = socket.connect(server.proxy_addr()).await.unwrap();
+    let mut client = Client::over(stream).await;
+    let mut body = client.send(get("/huge", "bp")).await.into_body();
+    // A negative can only be observed over time: 500 ms of not reading.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !sandbox.log().marked("all written"),
+        "the proxy took 96 MiB the client did not read"
+    );
+    let mut got = 0;
+    while let Some(frame) = bounded("a frame", body.frame()).await {
+        if let Ok(data) = frame.expect("no body error").into_data() {
+            assert!(data.iter().all(|b| *b == b'd'));
+            got += data.len();
+        }
+    }
+    assert_eq!(got, SIZE);
+    sandbox
+        .wait_for("the sandbox to finish writing", WAIT, |log| {
+            log.marked("all written")
+        })
+        .await;
+    server.shutdown().await;
+}
