@@ -151,3 +151,23 @@ async fn sandbox_closing_idle_pooled_connections_is_neither_a_502_nor_a_duplicat
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn idle_upstream_connection_is_closed_after_pool_idle_timeout() {
+    let sandbox =
+        ScriptedSandbox::start(|req, _| vec![Step::Send(ok(req.target().as_bytes()))]).await;
+    let server = proxy(&[&sandbox], "proxy: {pool_idle_timeout: 200ms}\n").await;
+    // One client connection, kept open and idle: the sandbox connection it used must not
+    // outlive proxy.pool_idle_timeout (the sandbox's own keep-alive timeout may be close).
+    let mut client = Client::open(server.proxy_addr()).await;
+    assert_eq!(client.get("/1", "it").await.text(), "/1");
+    sandbox
+        .wait_for("the proxy to close the idle connection", WAIT, |log| {
+            log.closed_by_peer.contains(&0)
+        })
+        .await;
+    assert_eq!(client.get("/2", "it").await.text(), "/2");
+    let log = sandbox.log();
+    assert_eq!((log.accepted, log.requests[1].conn), (2, 1));
+    server.shutdown().await;
+}

@@ -295,3 +295,100 @@ async fn large_repeated_and_opaque_request_fields_arrive_intact() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn absolute_form_and_empty_bodies_reach_the_sandbox_in_origin_form() {
+    let sandbox = always(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = raw(&server).await;
+    let requests: [&[u8]; 2] = [
+        // RFC 9112 3.2.2: absolute-form; the host in it wins over Host.
+        b"GET http://app.example/abs?x=1 HTTP/1.1\r\nhost: app.example\r\nx-session-id: af\r\n\r\n",
+        b"POST /empty HTTP/1.1\r\nhost: app.example\r\nx-session-id: af\r\ncontent-length: 0\r\n\r\n",
+    ];
+    for r in requests {
+        client.write(r).await.unwrap();
+        let resp = bounded("response", client.read_response("GET"))
+            .await
+            .unwrap();
+        assert_eq!(resp.head.status, 200);
+    }
+    let got = sandbox.requests();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].head.start_line, "GET /abs?x=1 HTTP/1.1");
+    assert_eq!(got[0].head.get("host"), Some("app.example"));
+    assert_eq!(got[1].head.start_line, "POST /empty HTTP/1.1");
+    // An empty body: `content-length: 0` or no framing at all (equivalent for a request).
+    assert!(
+        matches!(
+            h1_wire::request_framing(&got[1].head),
+            Framing::Length(0) | Framing::Empty
+        ),
+        "{:?}",
+        got[1].head.headers
+    );
+    assert!(
+        got.iter()
+            .all(|r| r.body.raw.is_empty() && r.extra.is_empty())
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn websocket_upgrade_reaches_the_sandbox_and_bytes_flow_both_ways() {
+    let sandbox = ScriptedSandbox::start(|_, _| {
+        vec![
+            Step::Send(
+                b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+                  sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+                    .to_vec(),
+            ),
+            Step::Send(b"from-sandbox".to_vec()),
+            Step::Hang,
+        ]
+    })
+    .await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = raw(&server).await;
+    client
+        .write(
+            b"GET /ws HTTP/1.1\r\nhost: a\r\nx-session-id: wsu\r\nconnection: Upgrade\r\n\
+              upgrade: websocket\r\nsec-websocket-version: 13\r\n\
+              sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let head = bounded("101", client.read_response_head()).await.unwrap();
+    assert_eq!(head.status, 101);
+    assert_eq!(head.get("upgrade"), Some("websocket"));
+    assert_eq!(
+        head.get("sec-websocket-accept"),
+        Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    );
+    // The sandbox's first tunnel bytes, then the client's, raw both ways.
+    let first = bounded("tunnel bytes", client.read_body(Framing::Length(12)))
+        .await
+        .unwrap();
+    assert_eq!(first.data, b"from-sandbox");
+    client.write(b"from-client").await.unwrap();
+    drop(client);
+    sandbox
+        .wait_for("the tunnel to end", WAIT, |log| {
+            log.closed_by_peer.contains(&0)
+        })
+        .await;
+    let log = sandbox.log();
+    let req = &log.requests[0];
+    assert_eq!(req.head.get("upgrade"), Some("websocket"));
+    assert_eq!(req.head.get("connection"), Some("upgrade"));
+    assert_eq!(
+        req.head.get("sec-websocket-key"),
+        Some("dGhlIHNhbXBsZSBub25jZQ==")
+    );
+    assert_eq!(
+        log.late,
+        [(0, b"from-client".to_vec())],
+        "tunnel bytes after the 101"
+    );
+    server.shutdown().await;
+}

@@ -61,3 +61,63 @@ async fn interleaved_sessions_on_one_connection_never_cross() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn concurrent_h2_streams_of_one_session_are_not_held_behind_each_other() {
+    // Each request is answered only once all three have reached the sandbox: a proxy that
+    // queued one session's streams behind a single upstream HTTP/1.1 connection (which
+    // cannot carry two exchanges at once) would never get there. Think of an open SSE
+    // stream next to ordinary requests of the same agent session.
+    let sandbox = ScriptedSandbox::start(|req, _| {
+        vec![Step::AwaitRelease, Step::Send(ok(req.target().as_bytes()))]
+    })
+    .await;
+    let server = proxy(&[&sandbox], "").await;
+    let stream = TcpStream::connect(server.proxy_addr()).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake::<_, _, ReqBody>(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..3 {
+        let mut sender = sender.clone();
+        calls.spawn(async move {
+            let req = Request::get(format!("http://app.example/c/{i}"))
+                .header("x-session-id", "h2c")
+                .body(Empty::new().boxed())
+                .unwrap();
+            let resp = sender.send_request(req).await.expect("a response");
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (i, status, body)
+        });
+    }
+    sandbox
+        .wait_for("all three requests at the sandbox at once", WAIT, |log| {
+            log.requests.len() == 3
+        })
+        .await;
+    for _ in 0..3 {
+        sandbox.release();
+    }
+    let mut answers = Vec::new();
+    while let Some(done) = bounded("the answers", calls.join_next()).await {
+        answers.push(done.unwrap());
+    }
+    answers.sort();
+    for (i, status, body) in answers {
+        assert_eq!((status, body), (200, Bytes::from(format!("/c/{i}"))));
+    }
+    let log = sandbox.log();
+    assert_eq!(
+        log.accepted, 3,
+        "one upstream connection per exchange in flight"
+    );
+    for i in 0..3 {
+        assert_eq!(log.count(&format!("/c/{i}")), 1);
+    }
+    server.shutdown().await;
+}
