@@ -8,7 +8,7 @@
 //! Run (as root, cgroup v2 writable): `cargo bench --bench node_agent`
 //! Optional: `NODE_AGENT_BENCH_CYCLES=500` (default 300).
 
-#[path = "../tests/support/cgroup_tree.rs"]
+#[path = "../tests/it/support/cgroup_tree.rs"]
 mod cgroup_tree;
 
 use std::net::SocketAddr;
