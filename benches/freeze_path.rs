@@ -20,6 +20,8 @@ mod cgroup_tree;
 mod freeze_rig;
 #[path = "../tests/it/support/kube.rs"]
 mod kube_support;
+#[path = "../tests/it/support/node_agent_process.rs"]
+mod node_agent_process;
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;

@@ -4,19 +4,17 @@
 //! bound to 127.0.0.2, while 127.0.0.1 is the trusted proxy.
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncBufReadExt;
+use nix::sys::signal::Signal;
 use tokio::net::TcpSocket;
 
 use crate::support;
 
+use support::serve_process::{ServeProcess, access_lines};
 use support::{EchoUpstream, WAIT};
-
-const BIN: &str = env!("CARGO_BIN_EXE_agent-activator");
 
 /// One HTTP/1.1 request over a socket bound to `from`: (status, `X-Request-ID`, body).
 async fn get_from(
@@ -82,27 +80,8 @@ async fn access_lines_carry_the_request_id_the_client_and_sandbox_saw() {
         ),
     )
     .unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let proxy: SocketAddr = tokio::time::timeout(WAIT, async {
-        loop {
-            let line = lines.next_line().await.unwrap().expect("exited early");
-            let j: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if let Some(a) = j["proxy_addr"].as_str() {
-                return a.parse().unwrap();
-            }
-        }
-    })
-    .await
-    .expect("listening line");
+    let activator = ServeProcess::start(&path).await;
+    let proxy = activator.proxy;
 
     // A trusted proxy's ID is kept end to end.
     let (status, id, body) = get_from(
@@ -133,20 +112,12 @@ async fn access_lines_carry_the_request_id_the_client_and_sandbox_saw() {
     assert_eq!(status, 400, "{body}");
     assert!(is_generated(&refused_id), "{refused_id}");
 
-    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let exit = tokio::time::timeout(WAIT, child.wait())
-        .await
-        .expect("SIGTERM stops the activator")
-        .unwrap();
+    let (exit, logged) = activator.stop(Signal::SIGTERM).await;
     assert_eq!(exit.code(), Some(0));
     let mut by_path = std::collections::HashMap::new();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let j: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if j["target"] == "access" {
-            let p = j["path"].as_str().unwrap().to_owned();
-            assert!(by_path.insert(p, j).is_none(), "one line per request");
-        }
+    for j in access_lines(&logged) {
+        let p = j["path"].as_str().unwrap().to_owned();
+        assert!(by_path.insert(p, j).is_none(), "one line per request");
     }
     assert_eq!(by_path.len(), 3, "{by_path:?}");
     assert_eq!(by_path["/trusted"]["request_id"], "gw-4711");

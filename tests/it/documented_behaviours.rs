@@ -7,7 +7,6 @@
 use crate::support;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,12 +14,14 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use agent_activator::server::RunningServer;
+use support::serve_process::{ServeProcess, access_lines};
 use support::{EchoUpstream, HttpClient, Reply, WAIT, start, static_backend, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agent-activator");
@@ -485,46 +486,15 @@ async fn session_ids_full_logs_the_raw_id_and_sigint_exits_zero() {
         ),
     )
     .unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let proxy: SocketAddr = tokio::time::timeout(WAIT, async {
-        loop {
-            let line = lines.next_line().await.unwrap().expect("exited early");
-            let j: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if let Some(a) = j["proxy_addr"].as_str() {
-                return a.parse().unwrap();
-            }
-        }
-    })
-    .await
-    .expect("listening line");
-    let r = HttpClient::http1(proxy)
+    let activator = ServeProcess::start(&path).await;
+    let r = HttpClient::http1(activator.proxy)
         .get_session("/logged", "raw-session-id-42")
         .await;
     assert_eq!(r.status, 200);
 
-    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let status = tokio::time::timeout(WAIT, child.wait())
-        .await
-        .expect("SIGINT stops the activator")
-        .unwrap();
+    let (status, logged) = activator.stop(Signal::SIGINT).await;
     assert_eq!(status.code(), Some(0), "a drained SIGINT exits 0");
-    let mut access = Vec::new();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let j: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if j["target"] == "access" {
-            access.push(j);
-        }
-    }
+    let access = access_lines(&logged);
     assert_eq!(access.len(), 1, "{access:?}");
     assert_eq!(access[0]["session"], "raw-session-id-42");
     assert_eq!(access[0]["path"], "/logged");

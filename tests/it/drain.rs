@@ -3,12 +3,12 @@
 
 use crate::support;
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::AsyncBufReadExt;
+use nix::sys::signal::Signal;
 use tokio::net::TcpStream;
 
+use support::serve_process::{ServeProcess, access_lines};
 use support::{EchoUpstream, HttpClient, WAIT, start, static_backend, wait_until};
 
 #[tokio::test]
@@ -110,36 +110,13 @@ async fn binary_drains_and_exits_zero_on_sigterm() {
         ),
     )
     .unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agent-activator"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut log = Vec::new();
-    let proxy_addr: std::net::SocketAddr = tokio::time::timeout(WAIT, async {
-        loop {
-            let line = lines
-                .next_line()
-                .await
-                .unwrap()
-                .expect("activator exited early");
-            let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            log.push(line);
-            if let Some(addr) = json["proxy_addr"].as_str() {
-                return addr.parse().unwrap();
-            }
-        }
-    })
-    .await
-    .expect("listening line");
+    let activator = ServeProcess::start_with(
+        &path,
+        &["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+    )
+    .await;
 
-    let c = HttpClient::http1(proxy_addr);
+    let c = HttpClient::http1(activator.proxy);
     let by_path = c.get("/s/path-raw-id/hello?q=1", &[]).await;
     assert_eq!(by_path.status, 200);
     let slow = tokio::spawn(async move { c.get_session("/slow?ms=700", "sigterm-raw-id").await });
@@ -151,27 +128,11 @@ async fn binary_drains_and_exits_zero_on_sigterm() {
             >= 2
     })
     .await;
-    let pid = child.id().unwrap().to_string();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    let (status, log) = activator.stop(Signal::SIGTERM).await;
     let reply = slow.await.unwrap();
     assert_eq!(reply.status, 200);
-    let status = tokio::time::timeout(WAIT, child.wait())
-        .await
-        .unwrap()
-        .unwrap();
     assert_eq!(status.code(), Some(0));
-    while let Ok(Some(line)) = lines.next_line().await {
-        log.push(line);
-    }
-    let access: Vec<serde_json::Value> = log
-        .iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|j| j["target"] == "access")
-        .collect();
+    let access = access_lines(&log);
     assert_eq!(access.len(), 2, "one access line per request: {log:#?}");
     assert_eq!(
         access[0]["path"], "/hello",

@@ -9,13 +9,16 @@
 
 mod support;
 // Also included by benches/ (`#[path]`) under these names at their crate root, where
-// `freeze_rig` finds the other two as `crate::cgroup_tree` and `crate::kube_support`.
+// `freeze_rig` finds the others as `crate::cgroup_tree`, `crate::kube_support` and
+// `crate::node_agent_process`.
 #[path = "support/cgroup_tree.rs"]
 mod cgroup_tree;
 #[path = "support/freeze_rig.rs"]
 mod freeze_rig;
 #[path = "support/kube.rs"]
 mod kube_support;
+#[path = "support/node_agent_process.rs"]
+mod node_agent_process;
 
 mod access_log_request_id;
 mod activation;

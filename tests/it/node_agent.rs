@@ -4,6 +4,7 @@
 //! allowlist checks refuse before any cgroup is touched.
 
 use crate::cgroup_tree;
+use crate::node_agent_process::NodeAgentProcess;
 use crate::support;
 
 use std::net::SocketAddr;
@@ -12,8 +13,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 use cgroup_tree::{Hierarchy, TestRoot, makes_progress};
 use kube_testbed::node_pods::{self, PodSpec};
@@ -57,7 +56,7 @@ impl Layout {
 
 /// A running node agent process and the testbed it asks.
 struct Agent {
-    _child: Child,
+    _process: NodeAgentProcess,
     api: HttpClient,
     api_addr: SocketAddr,
     metrics: HttpClient,
@@ -96,37 +95,13 @@ async fn start_agent(tb: Testbed, root: &TestRoot) -> Agent {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_agent-activator"))
-        .args(["node-agent", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn node-agent");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut api, mut metrics) = (None::<SocketAddr>, None::<SocketAddr>);
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while api.is_none() || metrics.is_none() {
-            let line = lines
-                .next_line()
-                .await
-                .unwrap()
-                .expect("agent exited early");
-            if let Some(a) = line.strip_prefix("node-agent listening on ") {
-                api = Some(a.parse().unwrap());
-            } else if let Some(a) = line.strip_prefix("node-agent metrics on ") {
-                metrics = Some(a.parse().unwrap());
-            }
-        }
-    })
-    .await
-    .expect("node-agent printed its addresses");
+    let agent = NodeAgentProcess::start(&config).await;
     let token = tb.tokens.issue_service_account(NS, CLIENT_SA, &[AUDIENCE]);
     Agent {
-        _child: child,
-        api: HttpClient::http1(api.unwrap()),
-        api_addr: api.unwrap(),
-        metrics: HttpClient::http1(metrics.unwrap()),
+        api: HttpClient::http1(agent.api),
+        api_addr: agent.api,
+        metrics: HttpClient::http1(agent.metrics),
+        _process: agent,
         tb,
         token,
         _dir: TempDir(dir),

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use nix::sys::signal::Signal;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
@@ -19,6 +20,7 @@ use prost::Message;
 use crate::support;
 
 use support::HttpClient;
+use support::serve_process::{ServeProcess, access_lines};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agent-activator");
 
@@ -307,10 +309,6 @@ async fn spans_are_exported_with_parent_links_and_the_sandbox_gets_the_context()
 /// makes a request traced. The logged ID is the one exported.
 #[tokio::test]
 async fn the_access_log_carries_the_trace_id_of_traced_requests_only() {
-    use std::net::SocketAddr;
-    use std::process::Stdio;
-    use tokio::io::AsyncBufReadExt;
-
     let (otlp, received) = receiver().await;
     let up = support::EchoUpstream::start().await;
     let dir = std::env::temp_dir().join(format!("aa-trace-log-{}", std::process::id()));
@@ -328,29 +326,9 @@ async fn the_access_log_carries_the_trace_id_of_traced_requests_only() {
         ),
     )
     .unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let proxy: SocketAddr = tokio::time::timeout(support::WAIT, async {
-        loop {
-            let line = lines.next_line().await.unwrap().expect("exited early");
-            let j: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if let Some(a) = j["proxy_addr"].as_str() {
-                return a.parse().unwrap();
-            }
-        }
-    })
-    .await
-    .expect("listening line");
+    let activator = ServeProcess::start(&path).await;
 
-    let c = HttpClient::http1(proxy);
+    let c = HttpClient::http1(activator.proxy);
     let trace = "0af7651916cd43dd8448eb211c80319c";
     let sampled = format!("00-{trace}-b7ad6b7169203331-01");
     let unsampled = "00-11111111111111111111111111111111-2222222222222222-00";
@@ -365,20 +343,12 @@ async fn the_access_log_carries_the_trace_id_of_traced_requests_only() {
         assert_eq!(r.status, 200, "{path}: {}", r.text());
     }
 
-    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let status = tokio::time::timeout(support::WAIT, child.wait())
-        .await
-        .expect("SIGINT stops the activator")
-        .unwrap();
+    let (status, logged) = activator.stop(Signal::SIGINT).await;
     assert_eq!(status.code(), Some(0));
-    let mut access = std::collections::BTreeMap::new();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let j: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if j["target"] == "access" {
-            access.insert(j["path"].as_str().unwrap_or("?").to_owned(), j);
-        }
-    }
+    let access: std::collections::BTreeMap<_, _> = access_lines(&logged)
+        .into_iter()
+        .map(|j| (j["path"].as_str().unwrap_or("?").to_owned(), j))
+        .collect();
     assert_eq!(access.len(), 3, "one access line per request: {access:#?}");
     assert_eq!(access["/traced"]["trace_id"], trace, "{access:#?}");
     assert_eq!(access["/untraced"]["trace_id"], "-", "{access:#?}");

@@ -1,18 +1,15 @@
-//! The freeze rig shared by tests/kubernetes_freeze.rs and benches/freeze_path.rs: a
+//! The freeze rig shared by tests/it/kubernetes_freeze.rs and benches/freeze_path.rs: a
 //! kube-testbed whose pods run in kubelet-style pod cgroups under a cgroup v2 test root, a
 //! real node agent process serving them, and the ServiceAccount token the activator
-//! presents. The including crate declares `cgroup_tree` and `kube_support` (tests/support)
-//! at its root.
+//! presents. The including crate declares `cgroup_tree`, `kube_support` and
+//! `node_agent_process` (tests/it/support) at its root.
 
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 use agent_activator::config::{Config, PauseMode};
 use agent_activator::server::{self, RunningServer};
@@ -22,6 +19,7 @@ use kube_testbed::{PodInfo, Testbed};
 
 use crate::cgroup_tree::{Hierarchy, TestRoot};
 use crate::kube_support::*;
+use crate::node_agent_process::NodeAgentProcess;
 
 pub const NS: &str = "default";
 pub const AGENT_NS: &str = "agent-activator-system";
@@ -35,7 +33,7 @@ pub struct Rig {
     // Dropped in this order: the testbed stops (its controller kills the pods and removes
     // their cgroups, on another runtime worker), then the root waits for that and goes.
     pub tb: Testbed,
-    _agent: Child,
+    _agent: NodeAgentProcess,
     pub agent_port: u16,
     pub dir: PathBuf,
     _root: RootGuard,
@@ -99,29 +97,8 @@ pub async fn rig(name: &str, driver: Driver, seed: impl FnOnce(&Testbed)) -> Rig
         ),
     )
     .unwrap();
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_agent-activator"))
-        .args(["node-agent", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn node-agent");
-    let mut lines = BufReader::new(agent.stdout.take().unwrap()).lines();
-    let agent_port = tokio::time::timeout(WAIT, async {
-        loop {
-            let line = lines
-                .next_line()
-                .await
-                .unwrap()
-                .expect("agent exited early");
-            if let Some(a) = line.strip_prefix("node-agent listening on ") {
-                return a.parse::<std::net::SocketAddr>().unwrap().port();
-            }
-        }
-    })
-    .await
-    .expect("node-agent printed its address");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let agent = NodeAgentProcess::start(&config).await;
+    let agent_port = agent.api.port();
     // The agent's own pod on the sandboxes' node, as its DaemonSet would make it.
     node_pods::create(
         &tb.store,

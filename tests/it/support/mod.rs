@@ -1,7 +1,7 @@
 //! Shared helpers for integration tests: start the activator from YAML, in-process
 //! upstream servers, the demo-sandbox process, and an HTTP client.
 //!
-//! Each test binary compiles this module separately and uses a subset of it.
+//! Compiled once into the `it` test crate (tests/it/main.rs); each module uses a subset.
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -28,6 +28,7 @@ use agent_activator::config::Config;
 use agent_activator::server::{self, RunningServer};
 
 pub mod procs;
+pub mod serve_process;
 
 /// Every wait in a test is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -335,26 +336,12 @@ pub async fn closed_port() -> ClosedPort {
 /// Reads an activator process's JSON log (`log.format: json`) from its stderr until the
 /// "agent-activator listening" line, and returns the proxy and admin addresses it bound
 /// (start it with `listen`/`admin_listen` on port 0: no port is guessed in advance). The
-/// rest of stderr is drained in the background so the child never blocks on a full pipe.
+/// rest of stderr is drained in the background so the child never blocks on a full pipe;
+/// a test that reads the later log uses [`serve_process::listening_lines`] instead.
 pub async fn listening_addrs(stderr: tokio::process::ChildStderr) -> (SocketAddr, SocketAddr) {
-    let mut lines = tokio::io::BufReader::new(stderr).lines();
-    let addrs = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let line = lines
-                .next_line()
-                .await
-                .unwrap()
-                .expect("the activator exited before listening");
-            let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if let (Some(p), Some(a)) = (json["proxy_addr"].as_str(), json["admin_addr"].as_str()) {
-                return (p.parse().unwrap(), a.parse().unwrap());
-            }
-        }
-    })
-    .await
-    .expect("the activator logged its listening line within 30 s");
+    let (proxy, admin, mut lines) = serve_process::listening_lines(stderr).await;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    addrs
+    (proxy, admin)
 }
 
 // === demo sandbox process ===
