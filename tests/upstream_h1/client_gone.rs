@@ -1,5 +1,6 @@
-//! A client that leaves mid-response: the upstream connection it used must never hand
-//! the rest of that response to another request.
+//! A client that leaves mid-response or mid-upload: the upstream connection it used must
+//! never hand the rest of that exchange to another request, and a cut upload must never
+//! reach the sandbox as a complete request.
 
 use super::*;
 

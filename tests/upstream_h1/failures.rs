@@ -1,5 +1,6 @@
-//! Sandbox failures: garbage, a close without answer, silence, an oversized head, a
-//! truncated body; and a slow body that must still stream.
+//! Sandbox failures and their codes: garbage, a close without answer, silence, a refused
+//! connect, an oversized head, conflicting lengths, truncated and malformed bodies; and the
+//! bodies that must still stream (slowly, or past `proxy.request_timeout`).
 
 use super::*;
 

@@ -1,5 +1,5 @@
-//! Keep-alive towards the sandbox: connection reuse, `Connection: close`, and a sandbox
-//! that closes an idle connection.
+//! Keep-alive towards the sandbox: connection reuse, `Connection: close`, a sandbox that
+//! closes an idle connection, pipelining clients, idle expiry, and bytes after a response.
 
 use super::*;
 

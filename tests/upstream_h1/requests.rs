@@ -1,5 +1,6 @@
-//! Request framing towards the sandbox: no body framing on a GET, byte-exact bodies,
-//! chunked uploads, `Expect`, hop-by-hop headers and `Host`.
+//! Request framing towards the sandbox: no body framing on a GET, byte-exact and streamed
+//! bodies, `Expect`, early answers, hop-by-hop headers, `Host`, large and opaque fields,
+//! absolute-form targets and WebSocket upgrades.
 
 use super::*;
 

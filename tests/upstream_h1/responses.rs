@@ -1,5 +1,6 @@
 //! Response framing from the sandbox: length, chunked (extensions, trailers),
-//! close-delimited, HEAD, 204/304 and interim 1xx responses.
+//! close-delimited, HEAD, 204/304, interim 1xx, HTTP/1.0, Transfer-Encoding with
+//! Content-Length, repeated and opaque fields, and backpressure on a slow reader.
 
 use super::*;
 
