@@ -393,3 +393,36 @@ async fn websocket_upgrade_reaches_the_sandbox_and_bytes_flow_both_ways() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn http_1_0_client_without_host_is_forwarded_as_http_1_1_with_a_host() {
+    let sandbox = always(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n",
+    )
+    .await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = raw(&server).await;
+    client
+        .write(b"GET /old HTTP/1.0\r\nx-session-id: old\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = bounded("response", client.read_response("GET"))
+        .await
+        .unwrap();
+    assert_eq!(resp.head.status, 200);
+    // An HTTP/1.0 client cannot read chunked framing (RFC 9112 7.1).
+    assert!(
+        !resp.head.has("transfer-encoding"),
+        "{:?}",
+        resp.head.headers
+    );
+    assert_eq!(resp.body.data, b"hello");
+    let got = only_request(&sandbox);
+    assert_eq!(got.head.start_line, "GET /old HTTP/1.1");
+    // HTTP/1.1 requires Host (RFC 9112 3.2): the sandbox's own address stands in.
+    assert_eq!(
+        got.head.get("host"),
+        Some(sandbox.addr.to_string().as_str())
+    );
+    server.shutdown().await;
+}

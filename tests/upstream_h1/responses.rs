@@ -107,38 +107,43 @@ async fn close_delimited_response_is_complete_and_its_connection_not_reused() {
 
 #[tokio::test]
 async fn head_response_has_no_body_and_the_connection_is_reused() {
-    let sandbox = ScriptedSandbox::start(|req, _| match req.head.method() {
-        // Content-Length of the GET it mirrors, no body bytes.
-        "HEAD" => vec![Step::Send(
+    let sandbox = ScriptedSandbox::start(|req, _| match req.target() {
+        // The framing fields of the GET it mirrors, no body bytes.
+        "/h-length" => vec![Step::Send(
             b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n".to_vec(),
+        )],
+        "/h-chunked" => vec![Step::Send(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec(),
         )],
         _ => vec![Step::Send(ok(b"after"))],
     })
     .await;
     let server = proxy(&[&sandbox], "").await;
     let mut client = raw(&server).await;
-    client
-        .write(b"HEAD /h HTTP/1.1\r\nhost: a\r\nx-session-id: hd\r\n\r\n")
-        .await
-        .unwrap();
-    let resp = bounded("HEAD response", client.read_response("HEAD"))
-        .await
-        .unwrap();
-    assert_eq!(resp.head.status, 200);
-    assert_eq!(resp.head.get("content-length"), Some("1234"));
-    client
-        .write(b"GET /g HTTP/1.1\r\nhost: a\r\nx-session-id: hd\r\n\r\n")
-        .await
-        .unwrap();
-    let resp = bounded("GET response", client.read_response("GET"))
-        .await
-        .unwrap();
-    assert_eq!(resp.head.status, 200);
-    assert_eq!(resp.body.data, b"after", "no stray body bytes before it");
+    for target in ["/h-length", "/h-chunked"] {
+        let req = format!("HEAD {target} HTTP/1.1\r\nhost: a\r\nx-session-id: hd\r\n\r\n");
+        client.write(req.as_bytes()).await.unwrap();
+        let resp = bounded("HEAD response", client.read_response("HEAD"))
+            .await
+            .unwrap();
+        assert_eq!(resp.head.status, 200, "{target}");
+        if target == "/h-length" {
+            assert_eq!(resp.head.get("content-length"), Some("1234"));
+        }
+        client
+            .write(b"GET /g HTTP/1.1\r\nhost: a\r\nx-session-id: hd\r\n\r\n")
+            .await
+            .unwrap();
+        let resp = bounded("GET response", client.read_response("GET"))
+            .await
+            .unwrap();
+        assert_eq!(resp.head.status, 200);
+        assert_eq!(resp.body.data, b"after", "no stray body bytes before it");
+    }
     assert_eq!(
         sandbox.accepted(),
         1,
-        "the HEAD left the connection reusable"
+        "the HEADs left the connection reusable"
     );
     server.shutdown().await;
 }
