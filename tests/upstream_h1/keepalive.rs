@@ -52,6 +52,43 @@ async fn connection_close_from_the_sandbox_means_a_new_connection() {
 }
 
 #[tokio::test]
+async fn connection_close_is_honoured_even_if_the_sandbox_keeps_the_socket_open() {
+    let sandbox = ScriptedSandbox::start(|req, _| {
+        vec![
+            Step::Send(
+                format!(
+                    "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{}",
+                    req.target().len(),
+                    req.target()
+                )
+                .into_bytes(),
+            ),
+            Step::Hang,
+        ]
+    })
+    .await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = Client::open(server.proxy_addr()).await;
+    for i in 0..3 {
+        let path = format!("/k/{i}");
+        assert_eq!(client.get(&path, "kc").await.text(), path);
+    }
+    let log = sandbox.log();
+    assert_eq!(
+        log.requests.iter().map(|r| r.conn).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    // The proxy closes each of them itself: nothing is left open on the sandbox.
+    sandbox
+        .wait_for("the proxy to close every connection", WAIT, |log| {
+            (0..3).all(|c| log.closed_by_peer.contains(&c))
+        })
+        .await;
+    assert!(sandbox.log().late.is_empty());
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn sandbox_closing_an_idle_connection_is_neither_a_502_nor_a_duplicate() {
     // Every response is followed at once by the sandbox closing the connection without
     // announcing it (its keep-alive timeout firing), so the next request races that close.

@@ -332,11 +332,15 @@ async fn unsolicited_100_continue_from_the_sandbox_is_not_the_response() {
 
 #[tokio::test]
 async fn repeated_and_opaque_response_fields_are_relayed_intact() {
-    let sandbox = always(
-        b"HTTP/1.1 200 OK\r\nset-cookie: a=1; Path=/\r\nx-one: 1\r\nset-cookie: b=2\r\n\
-          set-cookie: c=3; HttpOnly\r\nx-latin: caf\xe9\r\ncontent-length: 2\r\n\r\nok",
+    // A 40 KiB field too: large, but under any sane head bound (64 KiB in the issue).
+    let large = "l".repeat(40 * 1024);
+    let mut answer = format!(
+        "HTTP/1.1 200 OK\r\nset-cookie: a=1; Path=/\r\nx-one: 1\r\nset-cookie: b=2\r\n\
+         x-large: {large}\r\nset-cookie: c=3; HttpOnly\r\n"
     )
-    .await;
+    .into_bytes();
+    answer.extend_from_slice(b"x-latin: caf\xe9\r\ncontent-length: 2\r\n\r\nok");
+    let sandbox = ScriptedSandbox::start(move |_, _| vec![Step::Send(answer.clone())]).await;
     let server = proxy(&[&sandbox], "").await;
     let mut client = raw(&server).await;
     client
@@ -355,6 +359,8 @@ async fn repeated_and_opaque_response_fields_are_relayed_intact() {
         .map(|(_, v)| v.as_str())
         .collect();
     assert_eq!(cookies, ["a=1; Path=/", "b=2", "c=3; HttpOnly"]);
+    assert_eq!(resp.head.get("x-large"), Some(large.as_str()));
+    assert_eq!(resp.body.data, b"ok");
     assert!(
         resp.head
             .raw
@@ -404,5 +410,31 @@ async fn a_slow_reader_holds_the_sandbox_back() {
             log.marked("all written")
         })
         .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_response_dribbled_byte_by_byte_is_relayed_whole() {
+    // Every byte its own write, so each read ends at an awkward place: inside the status
+    // line, between CR and LF, inside a chunk-size line, inside a trailer.
+    let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-a: 1\r\n\r\n\
+                   3;e=1\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+    let sandbox = ScriptedSandbox::start(move |_, _| {
+        let mut steps = Vec::new();
+        for b in answer {
+            steps.push(Step::Send(vec![*b]));
+            steps.push(Step::Pause(Duration::from_millis(1)));
+        }
+        steps
+    })
+    .await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = Client::open(server.proxy_addr()).await;
+    for _ in 0..2 {
+        let got = client.get("/drip", "dr").await;
+        assert_eq!((got.status, got.text().as_str()), (200, "abcde"));
+        assert_eq!(got.headers["x-a"], "1");
+    }
+    assert_eq!(sandbox.accepted(), 1, "and the connection stays usable");
     server.shutdown().await;
 }
