@@ -309,3 +309,31 @@ async fn request_timeout_bounds_the_head_not_the_body() {
     assert_eq!(upstream_errors(&server, "timeout").await, 0.0);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_trickled_head_is_bounded_by_request_timeout() {
+    // One byte every 100 ms: the head would take seconds; the bound is on the whole head,
+    // not on the gap between bytes.
+    let sandbox = ScriptedSandbox::start(|req, _| match req.target() {
+        "/trickle" => {
+            let mut steps = Vec::new();
+            for b in b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-pad: 0123456789\r\n\r\nok" {
+                steps.push(Step::Send(vec![*b]));
+                steps.push(Step::Pause(Duration::from_millis(100)));
+            }
+            steps
+        }
+        _ => vec![Step::Send(ok(b"fine"))],
+    })
+    .await;
+    let server = proxy(&[&sandbox], "proxy: {request_timeout: 300ms}\n").await;
+    let mut client = Client::open(server.proxy_addr()).await;
+    let started = tokio::time::Instant::now();
+    let got = client.get("/trickle", "tk").await;
+    let waited = started.elapsed();
+    assert_eq!((got.status, got.code().as_str()), (504, "upstream_timeout"));
+    assert!(waited < Duration::from_secs(2), "{waited:?}");
+    let next = client.get("/next", "tk").await;
+    assert_eq!((next.status, next.text().as_str()), (200, "fine"));
+    server.shutdown().await;
+}
