@@ -267,7 +267,7 @@ fn framing(
         let last = headers
             .get_all(TRANSFER_ENCODING)
             .iter()
-            .last()
+            .next_back()
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.rsplit(',').next())
             .map(str::trim);
