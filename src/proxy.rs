@@ -28,12 +28,13 @@ use crate::stats::TrafficStats;
 use crate::telemetry::Telemetry;
 
 mod activity;
-mod affinity;
 mod body;
 mod client_addr;
 mod completion;
 pub mod error;
 mod forward;
+mod h1;
+mod h1client;
 mod listener;
 mod relay;
 mod request_id;
@@ -338,12 +339,9 @@ impl Proxy {
             .map(|(t, sandbox)| t.forward(&mut parts.headers, sandbox.as_str(), parts.uri.path()));
         let req = Request::from_parts(parts, body);
         let sent = if upgrade || self.upstream.is_h2() {
-            self.upstream.send(req, endpoint, upgrade).await
+            (self.upstream.send(req, endpoint, upgrade).await).map(|r| r.map(ProxyBody::Upstream))
         } else {
-            let affinity = &conn.affinity;
-            (self.upstream)
-                .send_affine(req, affinity, &session.key, &sandbox, endpoint)
-                .await
+            self.upstream.send_h1(req, &sandbox, endpoint).await
         }
         .map_err(ProxyError::blame_request_body);
         if let Some(span) = span {
@@ -367,7 +365,7 @@ impl Proxy {
             headers.insert(&X_ACTIVATOR_STATE_LOST, HeaderValue::from_static("true"));
         }
         if !switching {
-            return Ok(resp.map(ProxyBody::Upstream));
+            return Ok(resp);
         }
         let Some(client) = client_upgrade else {
             return Err(ProxyError::UpstreamProtocol(

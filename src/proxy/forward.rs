@@ -7,7 +7,6 @@
 //! in `X-Forwarded-Host` either way.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use http::header::{
@@ -16,8 +15,6 @@ use http::header::{
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Uri};
-
-use super::affinity::Affinity;
 
 /// `X-Forwarded-For`.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -38,8 +35,6 @@ pub struct ClientConn {
     pub peer_ip: HeaderValue,
     /// Served over TLS (`X-Forwarded-Proto: https`, `Secure` cookies).
     pub tls: bool,
-    /// The dedicated upstream connection of the one session this connection carries.
-    pub(super) affinity: Arc<Affinity>,
     /// The peer is in `proxy.trusted_proxies`: its forwarding headers are believed.
     pub trusted: bool,
 }
@@ -52,7 +47,6 @@ impl ClientConn {
                 .expect("an IP address is a valid header value"),
             tls,
             trusted,
-            affinity: Arc::default(),
         }
     }
 

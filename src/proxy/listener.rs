@@ -146,8 +146,9 @@ pub async fn serve(
     tracing::info!("proxy listener closed; draining connections");
 }
 
-/// TCP keepalive probes: first after `idle`, then every third of it, 3 probes.
-fn tcp_keepalive(idle: Duration) -> Option<socket2::TcpKeepalive> {
+/// TCP keepalive probes: first after `idle`, then every third of it, 3 probes (client
+/// sockets, and sandbox connections of the inline HTTP/1.1 client).
+pub(super) fn tcp_keepalive(idle: Duration) -> Option<socket2::TcpKeepalive> {
     if idle.is_zero() {
         return None;
     }

@@ -1,35 +1,33 @@
-//! `Upstream`: the way to a sandbox: a client connection's dedicated connection (see
-//! [`super::affinity`]) or the shared pools (hyper-util legacy client); the connect and
-//! response-head timeouts, and classification of their failures.
+//! `Upstream`: the way to a sandbox: HTTP/1.1 requests through the inline client and its
+//! per-sandbox pool ([`super::h1client`]), HTTP/2 requests and WebSocket handshakes through
+//! hyper-util's pooled client; the connect and response-head timeouts, and classification
+//! of their failures (the same for both).
 //!
-//! The pool's idle timeout only fires because a timer is installed (`pool_timer`); keep
-//! `proxy.pool_idle_timeout` below the sandboxes' keep-alive timeout. WebSocket
-//! handshakes always use the HTTP/1.1 client, whatever `upstream_protocol` says.
+//! Keep `proxy.pool_idle_timeout` below the sandboxes' keep-alive timeout. The hyper
+//! pool's idle timeout only fires because a timer is installed (`pool_timer`). WebSocket
+//! handshakes always use hyper's HTTP/1.1 client, whatever `upstream_protocol` says.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
 use http::header::HOST;
 use http::uri::Authority;
-use http::{HeaderValue, Request, Response, Version};
+use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::IntCounter;
-use tokio::net::TcpStream;
-use tokio::time::Instant;
 
-use super::affinity::{Affinity, Route, Sender};
-use super::body::RequestBody;
+use super::body::{ProxyBody, RequestBody};
 use super::error::ProxyError;
 use super::forward::{endpoint_authority, upstream_uri};
+use super::h1client::{H1Client, H1Error, H1Pool};
+use super::listener::tcp_keepalive;
 use crate::backend::SandboxId;
 use crate::config::{ProxyConfig, UpstreamProtocol};
 use crate::metrics::Metrics;
-use crate::session::SessionKey;
 
 /// Beyond this many distinct endpoints the authority cache starts over (process and
 /// Kubernetes backends keep minting new addresses).
@@ -43,10 +41,10 @@ pub struct Upstream {
     primary: HttpClient,
     /// HTTP/1.1 client for upgrades (same as `primary` when that is HTTP/1.1).
     http1: HttpClient,
+    /// The inline HTTP/1.1 client for ordinary requests to HTTP/1.1 sandboxes.
+    h1: H1Client,
     h2: bool,
     request_timeout: Duration,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
     authorities: DashMap<SocketAddr, Authority>,
     connect_errors: IntCounter,
     reset_errors: IntCounter,
@@ -67,10 +65,16 @@ impl Upstream {
         Upstream {
             primary,
             http1,
+            h1: H1Client::new(
+                H1Pool::new(
+                    config.pool_max_idle_per_host,
+                    config.pool_idle_timeout.as_duration(),
+                ),
+                config.connect_timeout.as_duration(),
+                tcp_keepalive(config.tcp_keepalive.as_duration()),
+            ),
             h2,
             request_timeout: config.request_timeout.as_duration(),
-            connect_timeout: config.connect_timeout.as_duration(),
-            idle_timeout: config.pool_idle_timeout.as_duration(),
             authorities: DashMap::new(),
             connect_errors: errors.with_label_values(&["connect"]),
             reset_errors: errors.with_label_values(&["reset"]),
@@ -97,112 +101,49 @@ impl Upstream {
         a
     }
 
-    /// Sends an HTTP/1.1 request of `session` (leased to `sandbox` at `endpoint`) on the
-    /// client connection's dedicated upstream connection when [`Affinity`] allows, else
-    /// through the pool; waits for the response head, at most `proxy.request_timeout`
-    /// (connecting included). `req` carries an origin-form URI.
-    pub async fn send_affine(
+    /// Sends an HTTP/1.1 request (origin-form URI) to `sandbox` at `endpoint` with the
+    /// inline client ([`super::h1client`]): a pooled connection of that sandbox or a new
+    /// one. Waits for the response head at most `proxy.request_timeout` (connecting
+    /// included); the body then streams for as long as it lasts.
+    pub async fn send_h1(
         &self,
-        mut req: Request<RequestBody>,
-        affinity: &Arc<Affinity>,
-        session: &SessionKey,
+        req: Request<RequestBody>,
         sandbox: &SandboxId,
         endpoint: SocketAddr,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let sender = match affinity.route(session, sandbox, endpoint, self.idle_timeout) {
-            Route::Pool => return self.send(req, endpoint, false).await,
-            Route::Dedicated(sender) => sender,
-            Route::Open(generation) => match self.open(endpoint, affinity, generation).await {
-                Ok(sender) => sender,
-                Err(err) => {
-                    affinity.forget(session);
-                    return Err(err);
-                }
-            },
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let (parts, body) = req.into_parts();
+        // What the pooled client's `set_host` does for a client without a host.
+        let authority;
+        let host = if parts.headers.contains_key(HOST) {
+            ""
+        } else {
+            authority = self.authority(endpoint);
+            authority.as_str()
         };
-        let mut sender = sender;
-        *req.version_mut() = Version::HTTP_11;
-        if !req.headers().contains_key(HOST) {
-            // What the pooled client's `set_host` does for a client without a host.
-            let authority = self.authority(endpoint);
-            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-                req.headers_mut().insert(HOST, host);
+        let sent = self.h1.send(&parts, body, sandbox, endpoint, host);
+        let (head, body) = match tokio::time::timeout(self.request_timeout, sent).await {
+            Ok(Ok(sent)) => sent,
+            Ok(Err(H1Error::Connect(source))) => {
+                self.connect_errors.inc();
+                return Err(ProxyError::UpstreamConnect { endpoint, source });
             }
-        }
-        let sent = sender.try_send_request(req);
-        // The request is queued on the connection; the sender goes back at once so a
-        // dropped request (client gone) cannot lose the connection with it.
-        affinity.put_back(session, sandbox, endpoint, sender);
-        match tokio::time::timeout(self.request_timeout, sent).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(mut err)) => match err.take_message() {
-                // Never written (the sandbox closed the idle connection): the pool sends
-                // it on a fresh connection, as the pooled client retries its own.
-                Some(req) => self.send(req, endpoint, false).await,
-                None => {
-                    let source = err.into_error();
-                    if source.is_parse() {
-                        return Err(self.protocol_error(endpoint, &source));
-                    }
-                    Err(self.reset_error(endpoint, source.into()))
-                }
-            },
-            Err(_) => Err(self.timeout_error(endpoint)),
-        }
-    }
-
-    /// Opens a dedicated HTTP/1.1 connection to `endpoint` (`TCP_NODELAY`, bounded by
-    /// `proxy.connect_timeout`). Its connection task ends when the sender is dropped, and
-    /// drops it itself (through [`Affinity::expire`]) once it is idle for
-    /// `proxy.pool_idle_timeout`.
-    async fn open(
-        &self,
-        endpoint: SocketAddr,
-        affinity: &Arc<Affinity>,
-        generation: u64,
-    ) -> Result<Sender, ProxyError> {
-        let connect_error = |source: Box<dyn std::error::Error + Send + Sync>| {
-            self.connect_errors.inc();
-            ProxyError::UpstreamConnect { endpoint, source }
+            Ok(Err(H1Error::Reset(source))) => return Err(self.reset_error(endpoint, source)),
+            Ok(Err(H1Error::Protocol(m))) => return Err(self.protocol_error(endpoint, &m)),
+            // The client's fault, not the sandbox's: `blame_request_body` names it.
+            Ok(Err(H1Error::Body(b))) => {
+                return Err(ProxyError::UpstreamReset {
+                    endpoint,
+                    source: Box::new(b),
+                });
+            }
+            Err(_) => return Err(self.timeout_error(endpoint)),
         };
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(endpoint)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return Err(connect_error(e.into())),
-                Err(_) => {
-                    return Err(connect_error(
-                        format!("connect timed out after {:?}", self.connect_timeout).into(),
-                    ));
-                }
-            };
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| connect_error(e.into()))?;
-        let affinity = Arc::downgrade(affinity);
-        let idle_timeout = self.idle_timeout;
-        tokio::spawn(async move {
-            tokio::pin!(conn);
-            let mut check = Some(Instant::now() + idle_timeout);
-            loop {
-                tokio::select! {
-                    result = conn.as_mut() => {
-                        if let Err(e) = result {
-                            tracing::debug!(%endpoint, error = %e, "dedicated upstream connection ended");
-                        }
-                        return;
-                    }
-                    () = sleep_until_some(check) => {
-                        // Once the client connection is gone, or this connection left its
-                        // slot, its sender is dropped and the connection ends by itself.
-                        check = affinity
-                            .upgrade()
-                            .and_then(|a| a.expire(generation, idle_timeout));
-                    }
-                }
-            }
-        });
-        Ok(sender)
+        let mut resp = Response::new(ProxyBody::H1(body));
+        *resp.status_mut() = head.status;
+        // The version stays the proxy's own (HTTP/1.1), not the sandbox's: RFC 9110 6.2,
+        // an intermediary sends its own version; the sandbox's is hop-by-hop.
+        *resp.headers_mut() = head.headers;
+        Ok(resp)
     }
 
     /// Sends `req` (origin-form URI) through the pool and waits for the response head, at
@@ -267,14 +208,6 @@ impl Upstream {
             endpoint,
             timeout: self.request_timeout,
         }
-    }
-}
-
-/// Sleeps until `at`, or forever.
-async fn sleep_until_some(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

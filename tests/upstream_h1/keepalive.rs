@@ -1,5 +1,5 @@
-//! Keep-alive towards the sandbox: connection reuse, `Connection: close`, and a sandbox
-//! that closes an idle connection.
+//! Keep-alive towards the sandbox: connection reuse, `Connection: close`, a sandbox that
+//! closes an idle connection, pipelining clients, idle expiry, and bytes after a response.
 
 use super::*;
 
@@ -48,6 +48,43 @@ async fn connection_close_from_the_sandbox_means_a_new_connection() {
     assert_eq!(log.accepted, 3);
     let conns: Vec<usize> = log.requests.iter().map(|r| r.conn).collect();
     assert_eq!(conns, [0, 1, 2]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn connection_close_is_honoured_even_if_the_sandbox_keeps_the_socket_open() {
+    let sandbox = ScriptedSandbox::start(|req, _| {
+        vec![
+            Step::Send(
+                format!(
+                    "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{}",
+                    req.target().len(),
+                    req.target()
+                )
+                .into_bytes(),
+            ),
+            Step::Hang,
+        ]
+    })
+    .await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = Client::open(server.proxy_addr()).await;
+    for i in 0..3 {
+        let path = format!("/k/{i}");
+        assert_eq!(client.get(&path, "kc").await.text(), path);
+    }
+    let log = sandbox.log();
+    assert_eq!(
+        log.requests.iter().map(|r| r.conn).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    // The proxy closes each of them itself: nothing is left open on the sandbox.
+    sandbox
+        .wait_for("the proxy to close every connection", WAIT, |log| {
+            (0..3).all(|c| log.closed_by_peer.contains(&c))
+        })
+        .await;
+    assert!(sandbox.log().late.is_empty());
     server.shutdown().await;
 }
 
@@ -169,5 +206,97 @@ async fn idle_upstream_connection_is_closed_after_pool_idle_timeout() {
     assert_eq!(client.get("/2", "it").await.text(), "/2");
     let log = sandbox.log();
     assert_eq!((log.accepted, log.requests[1].conn), (2, 1));
+    server.shutdown().await;
+}
+
+/// Answers `/same-write` and `/later` with their target plus an unsolicited second
+/// response (`EXTRA`): in the same write, or 20 ms after it (then marks "extra sent");
+/// every other request with its target.
+fn with_unsolicited_extra(req: &Received, _: usize) -> Vec<Step> {
+    let mut first = ok(req.target().as_bytes());
+    let extra = ok(b"EXTRA");
+    match req.target() {
+        "/same-write" => {
+            first.extend_from_slice(&extra);
+            vec![Step::Send(first), Step::Hang]
+        }
+        "/later" => vec![
+            Step::Send(first),
+            Step::Pause(Duration::from_millis(20)),
+            Step::Send(extra),
+            Step::Mark("extra sent"),
+            Step::Hang,
+        ],
+        _ => vec![Step::Send(first)],
+    }
+}
+
+/// RFC 9112 6.3: bytes after a complete response belong to no request; a client "MUST
+/// NOT process, cache, or forward such extra data as a separate response". The
+/// connection is unusable and the next requests get their own answers.
+async fn extra_bytes_never_answer(
+    sandbox: &ScriptedSandbox,
+    client: &mut Client,
+    session: &str,
+    first: &str,
+) {
+    let got = client.get(first, session).await;
+    assert_eq!((got.status, got.text().as_str()), (200, first));
+    if first == "/later" {
+        // Written (and, the sandbox's sockets having TCP_NODELAY, on the wire) before the
+        // next request leaves the client: a correct proxy finds them on the idle connection.
+        sandbox
+            .wait_for("the unsolicited bytes", WAIT, |log| {
+                log.marked("extra sent")
+            })
+            .await;
+    }
+    for i in 0..2 {
+        let path = format!("{first}/next/{i}");
+        let got = client.get(&path, session).await;
+        assert_eq!((got.status, got.text()), (200, path.clone()), "never EXTRA");
+        let log = sandbox.log();
+        let conn_of = |t: &str| log.requests.iter().find(|r| r.target() == t).unwrap().conn;
+        assert_ne!(
+            conn_of(&path),
+            conn_of(first),
+            "not on the spoilt connection"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bytes_after_a_complete_response_never_answer_the_next_request() {
+    let sandbox = ScriptedSandbox::start(with_unsolicited_extra).await;
+    let server = proxy(&[&sandbox], "").await;
+    for first in ["/same-write", "/later"] {
+        // A warm connection: the spoilt exchange is not the first on it.
+        let mut client = Client::open(server.proxy_addr()).await;
+        assert_eq!(client.get("/warm", "ex").await.text(), "/warm");
+        extra_bytes_never_answer(&sandbox, &mut client, "ex", first).await;
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bytes_after_a_complete_response_never_answer_the_next_pooled_request() {
+    let sandbox = ScriptedSandbox::start(with_unsolicited_extra).await;
+    let other = always(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nother").await;
+    let server = proxy(&[&sandbox, &other], "").await;
+    let mut setup = Client::open(server.proxy_addr()).await;
+    let a = setup.get("/bind", "ep-1").await;
+    assert_eq!(setup.get("/bind", "ep-2").await.status, 200);
+    let (session, other_session) = if a.text() == "/bind" {
+        ("ep-1", "ep-2")
+    } else {
+        ("ep-2", "ep-1")
+    };
+    drop(setup);
+    for first in ["/same-write", "/later"] {
+        // A mixed client connection: the session's requests take the pool.
+        let mut client = Client::open(server.proxy_addr()).await;
+        assert_eq!(client.get("/", other_session).await.text(), "other");
+        extra_bytes_never_answer(&sandbox, &mut client, session, first).await;
+    }
     server.shutdown().await;
 }

@@ -1,4 +1,5 @@
-//! Several sessions (and sandboxes) interleaved on one client connection.
+//! Several sessions (and sandboxes) on one client connection, and concurrent HTTP/2
+//! streams of one session.
 
 use super::*;
 
