@@ -428,3 +428,52 @@ async fn http_1_0_client_without_host_is_forwarded_as_http_1_1_with_a_host() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn request_trailers_of_a_chunked_upload_reach_the_sandbox() {
+    let sandbox = always(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = raw(&server).await;
+    client
+        .write(
+            b"POST /sum HTTP/1.1\r\nhost: a\r\nx-session-id: rt\r\ntrailer: x-sum\r\n\
+              transfer-encoding: chunked\r\n\r\n4\r\ndata\r\n0\r\nx-sum: 7\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let resp = bounded("response", client.read_response("POST"))
+        .await
+        .unwrap();
+    assert_eq!(resp.head.status, 200);
+    let got = only_request(&sandbox);
+    assert_eq!(got.body.data, b"data");
+    assert_eq!(got.head.get("trailer"), Some("x-sum"));
+    assert_eq!(h1_wire::request_framing(&got.head), Framing::Chunked);
+    assert_eq!(got.body.trailers, [("x-sum".to_owned(), "7".to_owned())]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn asterisk_form_options_reaches_the_sandbox_as_sent() {
+    let sandbox = always(b"HTTP/1.1 204 No Content\r\nallow: GET, POST\r\n\r\n").await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = raw(&server).await;
+    client
+        .write(b"OPTIONS * HTTP/1.1\r\nhost: a\r\nx-session-id: op\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = bounded("response", client.read_response("OPTIONS"))
+        .await
+        .unwrap();
+    eprintln!(
+        "DBG {:?} {:?}",
+        resp.head.start_line,
+        sandbox
+            .requests()
+            .first()
+            .map(|r| r.head.start_line.clone())
+    );
+    assert_eq!(resp.head.status, 204);
+    assert_eq!(only_request(&sandbox).head.start_line, "OPTIONS * HTTP/1.1");
+    server.shutdown().await;
+}
