@@ -9,6 +9,7 @@
 //! correct HTTP/1.1 proxy does, not how today's client does it. Where a test records
 //! today's behaviour rather than a requirement, a `TODAY:` comment says so.
 
+#[path = "it/support/mod.rs"]
 mod support;
 
 #[path = "support/h1_wire.rs"]
