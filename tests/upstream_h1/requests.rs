@@ -465,14 +465,6 @@ async fn asterisk_form_options_reaches_the_sandbox_as_sent() {
     let resp = bounded("response", client.read_response("OPTIONS"))
         .await
         .unwrap();
-    eprintln!(
-        "DBG {:?} {:?}",
-        resp.head.start_line,
-        sandbox
-            .requests()
-            .first()
-            .map(|r| r.head.start_line.clone())
-    );
     assert_eq!(resp.head.status, 204);
     assert_eq!(only_request(&sandbox).head.start_line, "OPTIONS * HTTP/1.1");
     server.shutdown().await;
