@@ -273,25 +273,26 @@ async fn malformed_chunk_aborts_the_client_connection() {
 
 #[tokio::test]
 async fn request_timeout_bounds_the_head_not_the_body() {
-    // proxy.request_timeout is 300 ms; the body takes about 800 ms after a prompt head.
+    // proxy.request_timeout is 1 s (room for a starved runner before the prompt head);
+    // the body then takes about 1.5 s.
     let sandbox = ScriptedSandbox::start(|_, _| {
         let mut steps = vec![Step::Send(
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec(),
         )];
-        for i in 0..4 {
-            steps.push(Step::Pause(Duration::from_millis(200)));
+        for i in 0..5 {
+            steps.push(Step::Pause(Duration::from_millis(300)));
             steps.push(Step::Send(format!("2\r\nb{i}\r\n").into_bytes()));
         }
         steps.push(Step::Send(b"0\r\n\r\n".to_vec()));
         steps
     })
     .await;
-    let server = proxy(&[&sandbox], "proxy: {request_timeout: 300ms}\n").await;
+    let server = proxy(&[&sandbox], "proxy: {request_timeout: 1s}\n").await;
     let mut client = Client::open(server.proxy_addr()).await;
     let started = tokio::time::Instant::now();
     let got = client.get("/long", "rt").await;
-    assert!(started.elapsed() >= Duration::from_millis(800));
-    assert_eq!((got.status, got.text().as_str()), (200, "b0b1b2b3"));
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_eq!((got.status, got.text().as_str()), (200, "b0b1b2b3b4"));
     assert_eq!(upstream_errors(&server, "timeout").await, 0.0);
     server.shutdown().await;
 }
