@@ -9,6 +9,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStderr};
+use tokio::task::JoinHandle;
 
 /// How long a starting activator may take to log its listening line, and a signalled one to
 /// exit (a drain included).
@@ -47,14 +48,14 @@ async fn until_listening(lines: &mut LogLines, seen: &mut Vec<String>) -> (Socke
 }
 
 /// `agent-activator serve --config PATH` (with `RUST_LOG` unset, so the config's `log`
-/// section decides), killed on drop. The config must set `log.format: json`.
+/// section decides), killed on drop. The config must set `log.format: json`. Its stderr is
+/// read all along (never a full pipe that blocks the process) and kept for [`Self::stop`].
 pub struct ServeProcess {
     pub child: Child,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
-    lines: LogLines,
-    /// stderr up to and including the listening line.
-    seen: Vec<String>,
+    /// Every stderr line, in order, once stderr closes.
+    log: JoinHandle<Vec<String>>,
 }
 
 impl ServeProcess {
@@ -78,12 +79,17 @@ impl ServeProcess {
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let mut seen = Vec::new();
         let (proxy, admin) = until_listening(&mut lines, &mut seen).await;
+        let log = tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                seen.push(line);
+            }
+            seen
+        });
         ServeProcess {
             child,
             proxy,
             admin,
-            lines,
-            seen,
+            log,
         }
     }
 
@@ -96,14 +102,10 @@ impl ServeProcess {
             .await
             .unwrap_or_else(|_| panic!("{signal} stops the activator within 30 s"))
             .unwrap();
-        let mut logged = self.seen;
-        tokio::time::timeout(START_STOP, async {
-            while let Ok(Some(line)) = self.lines.next_line().await {
-                logged.push(line);
-            }
-        })
-        .await
-        .expect("the exited activator's stderr closes");
+        let logged = tokio::time::timeout(START_STOP, self.log)
+            .await
+            .expect("the exited activator's stderr closes")
+            .expect("the stderr reader ends");
         (status, logged)
     }
 }
