@@ -28,11 +28,67 @@ pub enum RequestBodyError {
     Client(#[source] hyper::Error),
 }
 
+/// A request body as the client connection delivered it: hyper's stream, or the bytes the
+/// HTTP/1.1 fast path ([`super::h1server`]) read whole with the head.
+pub enum ClientBody {
+    Hyper(Incoming),
+    Buffered(Option<Bytes>),
+    /// The fast path waited `proxy.body_timeout` for the rest of a declared body: these
+    /// bytes arrived, then nothing. [`RequestBody`] yields them, then its timeout error.
+    Stalled {
+        got: Option<Bytes>,
+        declared: u64,
+    },
+}
+
+impl ClientBody {
+    /// No body.
+    pub fn empty() -> ClientBody {
+        ClientBody::Buffered(None)
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+            ClientBody::Buffered(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ClientBody::Stalled { got, .. } => match got.take() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::Buffered(b) => b.is_none(),
+            ClientBody::Stalled { .. } => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::Buffered(None) => SizeHint::with_exact(0),
+            ClientBody::Buffered(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ClientBody::Stalled { declared, .. } => SizeHint::with_exact(*declared),
+        }
+    }
+}
+
 /// The client's request body on its way to the sandbox: every gap between frames is
 /// bounded by `proxy.body_timeout` and the total by `proxy.max_body_bytes`. The error
 /// aborts the upstream request; [`super::error`] turns it into 408 or 413.
 pub struct RequestBody {
-    inner: Incoming,
+    inner: ClientBody,
     gap: Duration,
     /// Allocated only when the client makes us wait (most bodies arrive with the head).
     timer: Option<Pin<Box<Sleep>>>,
@@ -43,7 +99,7 @@ pub struct RequestBody {
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, gap: Duration, limit: Option<u64>) -> RequestBody {
+    pub fn new(inner: ClientBody, gap: Duration, limit: Option<u64>) -> RequestBody {
         RequestBody {
             inner,
             gap,
@@ -67,6 +123,13 @@ impl Body for RequestBody {
         let this = self.get_mut();
         if this.failed {
             return Poll::Ready(None);
+        }
+        if let ClientBody::Stalled { got, .. } = &mut this.inner
+            && got.is_none()
+        {
+            // The gap already passed while the fast path waited for these bytes.
+            this.failed = true;
+            return Poll::Ready(Some(Err(RequestBodyError::Timeout(this.gap))));
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
