@@ -17,7 +17,9 @@
 //! the body's length is known, else chunked; `connection: close` when the client asked
 //! for it or the proxy is draining.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -28,7 +30,7 @@ use http_body_util::BodyExt;
 use hyper::body::Body;
 use prometheus::IntCounterVec;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::activity::{ConnActivity, ConnTimeouts};
 use super::body::{ClientBody, ResponseBody};
@@ -61,6 +63,15 @@ pub struct FastPath<'a> {
     pub body_timeout: std::time::Duration,
 }
 
+/// What a connection waits on besides its socket, made once per connection: the
+/// deadline timer and the shutdown phases. Each ends the connection when it fires, so
+/// none is polled after completing.
+struct Waits<'a> {
+    deadline: Pin<Box<Sleep>>,
+    draining: Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
+    closed: Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
+}
+
 /// A request head the fast path takes.
 struct Head {
     request: Request<ClientBody>,
@@ -85,16 +96,27 @@ impl FastPath<'_> {
     {
         let mut rbuf = BytesMut::with_capacity(8 * 1024);
         let mut wbuf = Vec::with_capacity(8 * 1024);
+        let mut waits = Waits {
+            deadline: Box::pin(tokio::time::sleep_until(self.deadline())),
+            draining: Box::pin(self.shutdown.reached(Phase::Draining)),
+            closed: Box::pin(self.shutdown.reached(Phase::Closed)),
+        };
         loop {
             let head = loop {
                 if !rbuf.is_empty() {
                     match parse_request(&mut rbuf, self.max_head) {
                         Parsed::Take(head) => break head,
                         Parsed::Other => return Handoff::ToHyper(rbuf),
-                        Parsed::Partial => {}
+                        Parsed::Partial => {
+                            // A started head has its own, possibly earlier, deadline.
+                            let at = self.deadline();
+                            if at < waits.deadline.deadline() {
+                                waits.deadline.as_mut().reset(at);
+                            }
+                        }
                     }
                 }
-                if !self.read_head_bytes(io, &mut rbuf).await {
+                if !self.read_head_bytes(io, &mut rbuf, &mut waits).await {
                     return Handoff::Done;
                 }
             };
@@ -109,7 +131,8 @@ impl FastPath<'_> {
                 }
                 *head.request.body_mut() = body;
             }
-            let keep_alive = match self.exchange(io, &mut rbuf, &mut wbuf, head).await {
+            let exchanged = self.exchange(io, &mut rbuf, &mut wbuf, head, &mut waits);
+            let keep_alive = match exchanged.await {
                 Ok(keep_alive) => keep_alive,
                 Err(()) => return Handoff::Done,
             };
@@ -120,31 +143,47 @@ impl FastPath<'_> {
         }
     }
 
+    /// The connection's current deadline (there is one: nothing is in flight here).
+    fn deadline(&self) -> Instant {
+        self.activity
+            .deadline(self.timeouts)
+            .map_or_else(|| Instant::now() + self.timeouts.header, |(at, _)| at)
+    }
+
     /// Waits for more bytes of a head, within the connection's deadline; false when the
-    /// connection is over (EOF, error, expired, draining while idle).
-    async fn read_head_bytes<I>(&self, io: &mut I, rbuf: &mut BytesMut) -> bool
+    /// connection is over (EOF, error, expired, draining while idle). The deadline timer
+    /// is armed once and moved only when it fires early (the deadline moves later with
+    /// every request), so a request costs no timer registration.
+    async fn read_head_bytes<I>(
+        &self,
+        io: &mut I,
+        rbuf: &mut BytesMut,
+        waits: &mut Waits<'_>,
+    ) -> bool
     where
         I: AsyncRead + Unpin,
     {
-        let Some((deadline, why)) = self.activity.deadline(self.timeouts) else {
-            // Nothing is in flight here, so there is always a deadline; be safe anyway.
-            return false;
-        };
         if rbuf.capacity() - rbuf.len() < 1024 {
             rbuf.reserve(8 * 1024);
         }
         tokio::select! {
             read = io.read_buf(rbuf) => matches!(read, Ok(n) if n > 0),
-            _ = tokio::time::sleep_until(deadline) => {
-                if self.activity.deadline(self.timeouts).is_some_and(|(at, _)| at <= Instant::now()) {
-                    self.closed.with_label_values(&[why.reason()]).inc();
-                    tracing::debug!(reason = why.reason(), "closing a client connection");
-                    return false;
+            () = waits.deadline.as_mut() => {
+                match self.activity.deadline(self.timeouts) {
+                    Some((at, why)) if at <= Instant::now() => {
+                        self.closed.with_label_values(&[why.reason()]).inc();
+                        tracing::debug!(reason = why.reason(), "closing a client connection");
+                        false
+                    }
+                    // Not yet: requests moved it; wait again until then.
+                    _ => {
+                        let at = self.deadline();
+                        waits.deadline.as_mut().reset(at);
+                        true
+                    }
                 }
-                // The deadline moved (bytes arrived): wait again.
-                true
             }
-            _ = self.shutdown.reached(Phase::Draining) => false,
+            () = waits.draining.as_mut() => false,
         }
     }
 
@@ -180,6 +219,7 @@ impl FastPath<'_> {
         rbuf: &mut BytesMut,
         wbuf: &mut Vec<u8>,
         head: Head,
+        waits: &mut Waits<'_>,
     ) -> Result<bool, ()>
     where
         I: AsyncRead + AsyncWrite + Unpin,
@@ -201,14 +241,14 @@ impl FastPath<'_> {
                     Ok(n) if n > 0 => {}
                     _ => return Err(()),
                 },
-                _ = self.shutdown.reached(Phase::Closed) => return Err(()),
+                () = waits.closed.as_mut() => return Err(()),
             }
         };
         let resp = resp.map(|b| b.hold(guard));
         let keep_alive = head.keep_alive && !self.shutdown.is_draining();
         let written = tokio::select! {
             w = write_response(io, wbuf, resp, head.head_request, head.trailers_ok, keep_alive) => w,
-            _ = self.shutdown.reached(Phase::Closed) => Err(io::ErrorKind::Interrupted.into()),
+            () = waits.closed.as_mut() => Err(io::ErrorKind::Interrupted.into()),
         };
         match written {
             Ok(()) => Ok(keep_alive),
