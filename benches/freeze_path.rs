@@ -14,12 +14,14 @@
 //! (`cargo test --all-targets`, no `--bench`) it measures nothing unless that variable is
 //! set (tests/kubernetes_freeze.rs covers the behaviour; this is the timing).
 
-#[path = "../tests/support/cgroup_tree.rs"]
+#[path = "../tests/it/support/cgroup_tree.rs"]
 mod cgroup_tree;
-#[path = "../tests/support/freeze_rig.rs"]
+#[path = "../tests/it/support/freeze_rig.rs"]
 mod freeze_rig;
-#[path = "../tests/support/kube.rs"]
+#[path = "../tests/it/support/kube.rs"]
 mod kube_support;
+#[path = "../tests/it/support/node_agent_process.rs"]
+mod node_agent_process;
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;

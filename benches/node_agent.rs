@@ -8,8 +8,10 @@
 //! Run (as root, cgroup v2 writable): `cargo bench --bench node_agent`
 //! Optional: `NODE_AGENT_BENCH_CYCLES=500` (default 300).
 
-#[path = "../tests/support/cgroup_tree.rs"]
+#[path = "../tests/it/support/cgroup_tree.rs"]
 mod cgroup_tree;
+#[path = "../tests/it/support/node_agent_process.rs"]
+mod node_agent_process;
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -28,6 +30,7 @@ use tokio::time::Instant;
 use cgroup_tree::{Hierarchy, TestRoot};
 use kube_testbed::node_pods::{self, PodSpec};
 use kube_testbed::{Testbed, TestbedOptions};
+use node_agent_process::NodeAgentProcess;
 
 const NS: &str = "agents";
 const NODE: &str = "node-a";
@@ -158,19 +161,8 @@ async fn run() {
         ),
     )
     .unwrap();
-    let mut agent = Command::new(bin)
-        .args(["node-agent", "--config"])
-        .arg(dir.join("agent.yaml"))
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let addrs = lines_until(
-        &mut agent,
-        &["node-agent listening on ", "node-agent metrics on "],
-    )
-    .await;
-    let (api, metrics) = (addrs[0].clone(), addrs[1].clone());
+    let agent = NodeAgentProcess::start(&dir.join("agent.yaml")).await;
+    let (api, metrics) = (agent.api, agent.metrics);
     let token =
         tb.tokens
             .issue_service_account(NS, "agent-activator", &["agent-activator-node-agent"]);

@@ -9,6 +9,7 @@
 //! correct HTTP/1.1 proxy does, not how today's client does it. Where a test records
 //! today's behaviour rather than a requirement, a `TODAY:` comment says so.
 
+#[path = "it/support/mod.rs"]
 mod support;
 
 #[path = "support/h1_wire.rs"]
@@ -102,6 +103,19 @@ impl Client {
         })
         .await
         .expect("response head within the test bound")
+    }
+
+    /// Sends `req`; the response head, or hyper's error if the connection ended first.
+    async fn try_send(
+        &mut self,
+        req: Request<ReqBody>,
+    ) -> Result<http::Response<Incoming>, hyper::Error> {
+        tokio::time::timeout(WAIT, async {
+            self.sender.ready().await?;
+            self.sender.send_request(req).await
+        })
+        .await
+        .expect("response head or error within the test bound")
     }
 
     /// Sends `req` and reads the whole response, trailers included.
@@ -227,4 +241,44 @@ async fn upstream_errors(server: &RunningServer, kind: &str) -> f64 {
         &format!("activator_upstream_errors_total{{kind=\"{kind}\"}}"),
     )
     .unwrap_or(0.0)
+}
+
+/// Sends `request` (raw bytes, a GET for `session`-less framing rules) and checks that the
+/// client never gets a complete message: either the connection closes before any
+/// response head, or the sandbox's 200 head comes and its body never completes. Then the
+/// connection is closed. Both are aborts; a clean short body would not be.
+async fn assert_aborted(server: &RunningServer, request: &[u8]) {
+    let mut client = raw(server).await;
+    client.write(request).await.unwrap();
+    match bounded("head or close", client.read_response_head()).await {
+        // Closed (or reset) before any head: nothing was relayed.
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ),
+            "{e:?}"
+        ),
+        Ok(head) => {
+            assert_eq!(head.status, 200, "{:?}", head.start_line);
+            let framing = h1_wire::response_framing(&head, "GET");
+            let body = bounded("body", client.read_body(framing)).await;
+            assert!(
+                body.is_err(),
+                "a broken body must not look complete ({framing:?}): {body:?}"
+            );
+            // ... and the connection is closed, not left waiting for the missing bytes.
+            let _ = bounded("the close", client.read_until_closed()).await;
+        }
+    }
+}
+
+/// The same through hyper: the request fails, or its body does; never a clean response.
+async fn assert_aborted_for_hyper(server: &RunningServer, req: Request<ReqBody>) {
+    let mut client = Client::open(server.proxy_addr()).await;
+    if let Ok(resp) = client.try_send(req).await {
+        assert_eq!(resp.status(), 200);
+        let body = bounded("body", resp.into_body().collect()).await;
+        assert!(body.is_err(), "{body:?}");
+    }
 }

@@ -162,11 +162,11 @@ pub enum Framing {
     Close,
 }
 
-/// A parsed response head.
+/// A parsed response head. The sandbox's HTTP version is not kept: it decides framing and
+/// reuse only; the client is answered in the proxy's own version (RFC 9110 section 6.2).
 #[derive(Debug)]
 pub struct ResponseHead {
     pub status: StatusCode,
-    pub version: Version,
     pub headers: HeaderMap,
     pub framing: Framing,
     /// The connection may carry another request once this response's body is read.
@@ -231,12 +231,16 @@ pub fn parse_response(
         headers.append(name, value);
     }
     let (framing, mut keep_alive) = framing(&headers, status, version, head_request)?;
+    if headers.contains_key(TRANSFER_ENCODING) {
+        // Section 6.3, rule 3: an intermediary forwarding such a message removes the
+        // received Content-Length first (relayed, it would describe the encoded length).
+        headers.remove(CONTENT_LENGTH);
+    }
     if version == Version::HTTP_10 || has_token(&headers, CONNECTION, "close") {
         keep_alive = false;
     }
     Ok(Some(ResponseHead {
         status,
-        version,
         headers,
         framing,
         keep_alive,
@@ -564,7 +568,6 @@ mod tests {
         );
         let h = r.unwrap().unwrap();
         assert_eq!(h.status, StatusCode::OK);
-        assert_eq!(h.version, Version::HTTP_11);
         assert_eq!(h.framing, Framing::Length(5));
         assert!(h.keep_alive);
         assert_eq!(h.headers["x-y"], "a b");
@@ -593,6 +596,14 @@ mod tests {
             parse(&many, false).0.unwrap_err(),
             Malformed("too many response header fields")
         );
+    }
+
+    #[test]
+    fn content_length_beside_transfer_encoding_is_not_relayed() {
+        let h = head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 4\r\n\r\n");
+        assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
+        assert!(!h.headers.contains_key(CONTENT_LENGTH));
+        assert!(h.headers.contains_key(TRANSFER_ENCODING));
     }
 
     #[test]

@@ -140,7 +140,8 @@ impl Upstream {
         };
         let mut resp = Response::new(ProxyBody::H1(body));
         *resp.status_mut() = head.status;
-        *resp.version_mut() = head.version;
+        // The version stays the proxy's own (HTTP/1.1), not the sandbox's: RFC 9110 6.2,
+        // an intermediary sends its own version; the sandbox's is hop-by-hop.
         *resp.headers_mut() = head.headers;
         Ok(resp)
     }

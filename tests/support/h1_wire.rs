@@ -534,6 +534,10 @@ impl ScriptedSandbox {
                 tokio::select! {
                     accepted = listener.accept() => {
                         let Ok((stream, _)) = accepted else { continue };
+                        // Every scripted write goes out at once: with Nagle a small write
+                        // behind an unacknowledged one waits for the peer's next segment,
+                        // and would reach the proxy after, not before, its next request.
+                        let _ = stream.set_nodelay(true);
                         let mut index = 0;
                         accept_shared.update(|log| {
                             index = log.accepted;

@@ -231,3 +231,94 @@ async fn client_leaving_mid_upload_on_a_mixed_connection_leaves_nothing_in_the_p
     }
     server.shutdown().await;
 }
+
+// === a client that leaves before the response head ===
+
+/// Answers `/thinking` only after a release (then marks "late sent"); everything else at
+/// once with its target.
+fn thinking_or_fresh(req: &Received, _: usize) -> Vec<Step> {
+    match req.target() {
+        "/thinking" => vec![
+            Step::AwaitRelease,
+            Step::Send(ok(b"late")),
+            Step::Mark("late sent"),
+        ],
+        t => vec![Step::Send(ok(t.as_bytes()))],
+    }
+}
+
+/// Sends `/thinking` (after `prelude`), waits until the sandbox has it, and leaves.
+async fn leave_before_the_head(
+    server: &RunningServer,
+    sandbox: &ScriptedSandbox,
+    prelude: &[u8],
+    session: &str,
+) {
+    let mut client = raw(server).await;
+    client.write(prelude).await.unwrap();
+    if !prelude.is_empty() {
+        bounded("prelude answer", client.read_response("GET"))
+            .await
+            .unwrap();
+    }
+    let req = format!("GET /thinking HTTP/1.1\r\nhost: a\r\nx-session-id: {session}\r\n\r\n");
+    client.write(req.as_bytes()).await.unwrap();
+    sandbox
+        .wait_for("the request at the sandbox", WAIT, |log| {
+            log.count("/thinking") == 1
+        })
+        .await;
+    drop(client);
+}
+
+/// The sandbox answers the abandoned request now; later requests get their own answers.
+async fn late_answer_reaches_nobody(sandbox: &ScriptedSandbox, client: &mut Client, session: &str) {
+    sandbox.release();
+    sandbox
+        .wait_for("the late answer to be written or refused", WAIT, |log| {
+            log.marked("late sent") || !log.closed_by_peer.is_empty()
+        })
+        .await;
+    for i in 0..3 {
+        let path = format!("/fresh/{i}");
+        let got = client.get(&path, session).await;
+        assert_eq!(
+            (got.status, got.text()),
+            (200, path.clone()),
+            "never the late answer"
+        );
+        assert_eq!(sandbox.log().count(&path), 1);
+    }
+}
+
+#[tokio::test]
+async fn client_leaving_before_the_head_leaves_no_answer_for_the_next_request() {
+    let sandbox = ScriptedSandbox::start(thinking_or_fresh).await;
+    let server = proxy(&[&sandbox], "").await;
+    leave_before_the_head(&server, &sandbox, b"", "lh").await;
+    let mut client = Client::open(server.proxy_addr()).await;
+    late_answer_reaches_nobody(&sandbox, &mut client, "lh").await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_leaving_before_the_head_on_a_mixed_connection_leaves_nothing_in_the_pool() {
+    let sandbox = ScriptedSandbox::start(thinking_or_fresh).await;
+    let other = always(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nother").await;
+    let server = proxy(&[&sandbox, &other], "").await;
+    let mut setup = Client::open(server.proxy_addr()).await;
+    let a = setup.get("/bind", "lp-1").await;
+    assert_eq!(setup.get("/bind", "lp-2").await.status, 200);
+    let (session, other_session) = if a.text() == "/bind" {
+        ("lp-1", "lp-2")
+    } else {
+        ("lp-2", "lp-1")
+    };
+    drop(setup);
+    let prelude = format!("GET / HTTP/1.1\r\nhost: a\r\nx-session-id: {other_session}\r\n\r\n");
+    leave_before_the_head(&server, &sandbox, prelude.as_bytes(), session).await;
+    let mut client = Client::open(server.proxy_addr()).await;
+    assert_eq!(client.get("/", other_session).await.text(), "other");
+    late_answer_reaches_nobody(&sandbox, &mut client, session).await;
+    server.shutdown().await;
+}

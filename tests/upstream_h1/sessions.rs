@@ -122,3 +122,71 @@ async fn concurrent_h2_streams_of_one_session_are_not_held_behind_each_other() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn idle_upstream_connections_per_sandbox_are_capped() {
+    // Five exchanges of one session at once need five connections; afterwards at most
+    // `proxy.pool_max_idle_per_host` (2) stay open, the rest are closed by the proxy.
+    let sandbox = ScriptedSandbox::start(|req, _| {
+        vec![Step::AwaitRelease, Step::Send(ok(req.target().as_bytes()))]
+    })
+    .await;
+    let server = proxy(&[&sandbox], "proxy: {pool_max_idle_per_host: 2}\n").await;
+    let stream = TcpStream::connect(server.proxy_addr()).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake::<_, _, ReqBody>(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..5 {
+        let mut sender = sender.clone();
+        calls.spawn(async move {
+            let req = Request::get(format!("http://app.example/p/{i}"))
+                .header("x-session-id", "cap")
+                .body(Empty::new().boxed())
+                .unwrap();
+            let resp = sender.send_request(req).await.expect("a response");
+            resp.into_body().collect().await.unwrap().to_bytes()
+        });
+    }
+    sandbox
+        .wait_for("five requests at once", WAIT, |log| log.requests.len() == 5)
+        .await;
+    for _ in 0..5 {
+        sandbox.release();
+    }
+    while let Some(done) = bounded("the answers", calls.join_next()).await {
+        assert!(done.unwrap().starts_with(b"/p/"));
+    }
+    sandbox
+        .wait_for("all but two connections closed by the proxy", WAIT, |log| {
+            log.closed_by_peer.len() == 3
+        })
+        .await;
+    assert_eq!(sandbox.accepted(), 5);
+    // The two kept are used again: two more exchanges at once open nothing new.
+    for i in 0..2 {
+        let mut sender = sender.clone();
+        calls.spawn(async move {
+            let req = Request::get(format!("http://app.example/q/{i}"))
+                .header("x-session-id", "cap")
+                .body(Empty::new().boxed())
+                .unwrap();
+            let resp = sender.send_request(req).await.expect("a response");
+            resp.into_body().collect().await.unwrap().to_bytes()
+        });
+    }
+    sandbox
+        .wait_for("two more requests", WAIT, |log| log.requests.len() == 7)
+        .await;
+    sandbox.release();
+    sandbox.release();
+    while let Some(done) = bounded("the answers", calls.join_next()).await {
+        assert!(done.unwrap().starts_with(b"/q/"));
+    }
+    assert_eq!(sandbox.accepted(), 5, "the idle connections were reused");
+    server.shutdown().await;
+}
