@@ -33,12 +33,6 @@ pub enum RequestBodyError {
 pub enum ClientBody {
     Hyper(Incoming),
     Buffered(Option<Bytes>),
-    /// The fast path waited `proxy.body_timeout` for the rest of a declared body: these
-    /// bytes arrived, then nothing. [`RequestBody`] yields them, then its timeout error.
-    Stalled {
-        got: Option<Bytes>,
-        declared: u64,
-    },
 }
 
 impl ClientBody {
@@ -59,10 +53,6 @@ impl Body for ClientBody {
         match self.get_mut() {
             ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx),
             ClientBody::Buffered(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            ClientBody::Stalled { got, .. } => match got.take() {
-                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
-                None => Poll::Pending,
-            },
         }
     }
 
@@ -70,7 +60,6 @@ impl Body for ClientBody {
         match self {
             ClientBody::Hyper(b) => b.is_end_stream(),
             ClientBody::Buffered(b) => b.is_none(),
-            ClientBody::Stalled { .. } => false,
         }
     }
 
@@ -79,7 +68,6 @@ impl Body for ClientBody {
             ClientBody::Hyper(b) => b.size_hint(),
             ClientBody::Buffered(None) => SizeHint::with_exact(0),
             ClientBody::Buffered(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            ClientBody::Stalled { declared, .. } => SizeHint::with_exact(*declared),
         }
     }
 }
@@ -124,13 +112,7 @@ impl Body for RequestBody {
         if this.failed {
             return Poll::Ready(None);
         }
-        if let ClientBody::Stalled { got, .. } = &mut this.inner
-            && got.is_none()
-        {
-            // The gap already passed while the fast path waited for these bytes.
-            this.failed = true;
-            return Poll::Ready(Some(Err(RequestBodyError::Timeout(this.gap))));
-        }
+
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.armed = false;

@@ -4,14 +4,15 @@
 //! `Content-Length`) they are parsed, proxied through [`Proxy::handle`] and answered
 //! here, in the connection's task, without hyper's server state machine. The first
 //! request that is anything else (HTTP/2's preface, HTTP/1.0, an upgrade, a chunked or
-//! large body, a head hyper would refuse: malformed, too large, too many fields) hands
+//! large body, a body not yet fully received, a head hyper would refuse: malformed, too
+//! large, too many fields) hands
 //! the connection, with every byte read so far, to hyper for the rest of its life, so
 //! hyper's well-tested rules decide every case this path does not take.
 //!
 //! The same bounds apply as under hyper (see [`super::listener`]): the first head within
 //! `proxy.client_header_timeout` of accept, later heads and idleness through the
-//! connection's [`ConnActivity`] deadline, the body within `proxy.body_timeout`, heads
-//! up to `proxy.max_header_bytes`. While a request is being proxied the socket is still
+//! connection's [`ConnActivity`] deadline, heads up to `proxy.max_header_bytes` (a body
+//! still arriving is hyper's, under `proxy.body_timeout`). While a request is being proxied the socket is still
 //! read, so a client that goes away cancels its request (recorded as 499), as hyper does.
 //! Responses: status line, the response's fields, `date`, then `content-length` when
 //! the body's length is known, else chunked; `connection: close` when the client asked
@@ -60,7 +61,6 @@ pub struct FastPath<'a> {
     pub shutdown: &'a Shutdown,
     pub closed: &'a IntCounterVec,
     pub max_head: usize,
-    pub body_timeout: std::time::Duration,
 }
 
 /// What a connection waits on besides its socket, made once per connection: the
@@ -74,6 +74,8 @@ struct Waits<'a> {
 
 /// A request head the fast path takes.
 struct Head {
+    /// The head's bytes, to hand back to hyper if the body is not here yet.
+    raw: Bytes,
     request: Request<ClientBody>,
     body_len: usize,
     keep_alive: bool,
@@ -122,14 +124,16 @@ impl FastPath<'_> {
             };
             let mut head = head;
             if head.body_len > 0 {
-                let Some(body) = self.read_body(io, &mut rbuf, head.body_len).await else {
-                    return Handoff::Done;
-                };
-                if matches!(body, ClientBody::Stalled { .. }) {
-                    // The rest of the body may still come: never read it as a request.
-                    head.keep_alive = false;
+                // Only a body that is already here is taken whole; one still on its way is
+                // streamed by hyper (gap timeout, early answers, a client that leaves).
+                if !body_arrived(io, &mut rbuf, head.body_len) {
+                    let mut all = BytesMut::with_capacity(head.raw.len() + rbuf.len());
+                    all.extend_from_slice(&head.raw);
+                    all.extend_from_slice(&rbuf);
+                    return Handoff::ToHyper(all);
                 }
-                *head.request.body_mut() = body;
+                let body = rbuf.split_to(head.body_len).freeze();
+                *head.request.body_mut() = ClientBody::Buffered(Some(body));
             }
             let exchanged = self.exchange(io, &mut rbuf, &mut wbuf, head, &mut waits);
             let keep_alive = match exchanged.await {
@@ -187,30 +191,6 @@ impl FastPath<'_> {
         }
     }
 
-    /// Reads a declared body of `len` bytes; a gap of `proxy.body_timeout` makes it a
-    /// [`ClientBody::Stalled`] (answered 408 like a slow streamed body). `None`: the
-    /// client closed the connection.
-    async fn read_body<I>(&self, io: &mut I, rbuf: &mut BytesMut, len: usize) -> Option<ClientBody>
-    where
-        I: AsyncRead + Unpin,
-    {
-        while rbuf.len() < len {
-            rbuf.reserve(len - rbuf.len());
-            match tokio::time::timeout(self.body_timeout, io.read_buf(rbuf)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                Ok(_) => return None,
-                Err(_) => {
-                    let got = rbuf.split();
-                    return Some(ClientBody::Stalled {
-                        got: (!got.is_empty()).then(|| got.freeze()),
-                        declared: len as u64,
-                    });
-                }
-            }
-        }
-        Some(ClientBody::Buffered(Some(rbuf.split_to(len).freeze())))
-    }
-
     /// Proxies one request and writes its response. `Ok(keep_alive)`; `Err` when the
     /// connection must end (client gone, write failed, body broken off).
     async fn exchange<I>(
@@ -258,6 +238,18 @@ impl FastPath<'_> {
             }
         }
     }
+}
+
+/// Reads what is already readable until `rbuf` holds `len` bytes; never waits.
+fn body_arrived<I: AsyncRead + Unpin>(io: &mut I, rbuf: &mut BytesMut, len: usize) -> bool {
+    while rbuf.len() < len {
+        rbuf.reserve(len - rbuf.len());
+        match futures_util::FutureExt::now_or_never(io.read_buf(rbuf)) {
+            Some(Ok(n)) if n > 0 => {}
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// Parses a request head from the front of `rbuf`; takes it only when it is plain (see
@@ -371,6 +363,7 @@ fn build(
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
     Some(Head {
+        raw: head.clone(),
         request,
         body_len: body_len.unwrap_or(0),
         keep_alive,

@@ -70,8 +70,6 @@ struct Listener {
     closed: IntCounterVec,
     /// `proxy.max_header_bytes` (the fast path's head bound; hyper's is the same).
     max_head: usize,
-    /// `proxy.body_timeout` (the fast path reads small bodies whole).
-    body_timeout: Duration,
 }
 
 /// Serves the proxy on `listener` until the shutdown reaches `Draining`, then lets
@@ -117,7 +115,6 @@ pub async fn serve(
         refused: metrics.client_connections_refused_total.clone(),
         closed: metrics.client_connections_closed_total.clone(),
         max_head: config.max_header_bytes,
-        body_timeout: config.body_timeout.as_duration(),
     });
     loop {
         let (stream, peer) = tokio::select! {
@@ -232,7 +229,6 @@ impl Listener {
             shutdown: &self.shutdown,
             closed: &self.closed,
             max_head: self.max_head,
-            body_timeout: self.body_timeout,
         };
         let read = match fast.serve(&mut io).await {
             Handoff::Done => return,
