@@ -222,7 +222,9 @@ pub fn parse_response(
         Version::HTTP_11
     };
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for the fields the proxy adds (activation, request ID, date, session cookie)
+    // without growing the map.
+    let mut headers = HeaderMap::with_capacity(count + 6);
     for &(ns, ne, vs, ve) in &spans[..count] {
         let name =
             HeaderName::from_bytes(&head[ns..ne]).map_err(|_| Malformed("invalid field name"))?;

@@ -308,7 +308,9 @@ fn build(
     spans: &[(usize, usize, usize, usize)],
 ) -> Option<Head> {
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1)).ok()?;
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for the fields the proxy adds (X-Forwarded-*, X-Request-ID, trace context)
+    // without growing the map.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 8);
     let mut body_len = None;
     let mut keep_alive = true;
     let mut trailers_ok = false;
