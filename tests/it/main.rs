@@ -64,3 +64,4 @@ mod security_requests;
 mod security_sessions;
 mod session_props;
 mod tracing;
+mod upstream_h1;

@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 use agent_activator::config::Config;
 use agent_activator::server::{self, RunningServer};
 
+pub mod h1_wire;
 pub mod procs;
 pub mod serve_process;
 

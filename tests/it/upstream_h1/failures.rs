@@ -80,10 +80,9 @@ async fn silent_sandbox_is_504_and_its_late_answer_reaches_nobody() {
     let got = client.get("/silent", "sl").await;
     let waited = started.elapsed();
     assert_eq!((got.status, got.code().as_str()), (504, "upstream_timeout"));
-    assert!(
-        waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
-        "{waited:?}"
-    );
+    // Not before the bound (the upper side is the test's own WAIT: a starved CI runner
+    // may deliver the 504 late, and its code already says which timeout fired).
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
     // The sandbox answers now, too late: that response must never reach a later request.
     sandbox.release();
     sandbox
@@ -274,33 +273,34 @@ async fn malformed_chunk_aborts_the_client_connection() {
 
 #[tokio::test]
 async fn request_timeout_bounds_the_head_not_the_body() {
-    // proxy.request_timeout is 300 ms; the body takes about 800 ms after a prompt head.
+    // proxy.request_timeout is 1 s (room for a starved runner before the prompt head);
+    // the body then takes about 1.5 s.
     let sandbox = ScriptedSandbox::start(|_, _| {
         let mut steps = vec![Step::Send(
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec(),
         )];
-        for i in 0..4 {
-            steps.push(Step::Pause(Duration::from_millis(200)));
+        for i in 0..5 {
+            steps.push(Step::Pause(Duration::from_millis(300)));
             steps.push(Step::Send(format!("2\r\nb{i}\r\n").into_bytes()));
         }
         steps.push(Step::Send(b"0\r\n\r\n".to_vec()));
         steps
     })
     .await;
-    let server = proxy(&[&sandbox], "proxy: {request_timeout: 300ms}\n").await;
+    let server = proxy(&[&sandbox], "proxy: {request_timeout: 1s}\n").await;
     let mut client = Client::open(server.proxy_addr()).await;
     let started = tokio::time::Instant::now();
     let got = client.get("/long", "rt").await;
-    assert!(started.elapsed() >= Duration::from_millis(800));
-    assert_eq!((got.status, got.text().as_str()), (200, "b0b1b2b3"));
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_eq!((got.status, got.text().as_str()), (200, "b0b1b2b3b4"));
     assert_eq!(upstream_errors(&server, "timeout").await, 0.0);
     server.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_trickled_head_is_bounded_by_request_timeout() {
-    // One byte every 100 ms: the head would take seconds; the bound is on the whole head,
-    // not on the gap between bytes.
+    // One byte every 100 ms: the whole head takes ~5.8 s, so a bound on the gap between
+    // bytes (instead of on the whole head) would end in a 200, not a 504.
     let sandbox = ScriptedSandbox::start(|req, _| match req.target() {
         "/trickle" => {
             let mut steps = Vec::new();
@@ -315,11 +315,8 @@ async fn a_trickled_head_is_bounded_by_request_timeout() {
     .await;
     let server = proxy(&[&sandbox], "proxy: {request_timeout: 300ms}\n").await;
     let mut client = Client::open(server.proxy_addr()).await;
-    let started = tokio::time::Instant::now();
     let got = client.get("/trickle", "tk").await;
-    let waited = started.elapsed();
     assert_eq!((got.status, got.code().as_str()), (504, "upstream_timeout"));
-    assert!(waited < Duration::from_secs(2), "{waited:?}");
     let next = client.get("/next", "tk").await;
     assert_eq!((next.status, next.text().as_str()), (200, "fine"));
     server.shutdown().await;

@@ -122,6 +122,42 @@ async fn sandbox_closing_an_idle_connection_is_neither_a_502_nor_a_duplicate() {
     server.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_closing_an_idle_connection_never_fails_a_post() {
+    // As above, with bodies: a request with a body is never retried, so the proxy must
+    // notice the close before it writes, not after (the sandbox never saw the POST).
+    let sandbox =
+        ScriptedSandbox::start(|req, _| vec![Step::Send(ok(req.target().as_bytes())), Step::Close])
+            .await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = Client::open(server.proxy_addr()).await;
+    for i in 0..30 {
+        let path = format!("/post/{i}");
+        let req = Request::post(path.as_str())
+            .header("host", "a")
+            .header("x-session-id", "ip")
+            .body(Full::new(Bytes::from(format!("body {i}"))).boxed())
+            .unwrap();
+        let got = client.fetch(req).await;
+        assert_eq!((got.status, got.text()), (200, path.clone()), "request {i}");
+        // The sandbox's FIN follows its answer at once: wait until it is sent.
+        sandbox
+            .wait_for("the sandbox to close", WAIT, |log| {
+                log.closed_by_sandbox.len() > i
+            })
+            .await;
+    }
+    let log = sandbox.log();
+    for i in 0..30 {
+        assert_eq!(
+            log.count(&format!("/post/{i}")),
+            1,
+            "delivered exactly once"
+        );
+    }
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn pipelined_client_requests_are_answered_in_order_one_at_a_time_upstream() {
     let sandbox =

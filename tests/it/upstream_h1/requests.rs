@@ -237,7 +237,7 @@ async fn early_final_response_is_relayed_while_the_body_is_unsent() {
         ]
     })
     .await;
-    let server = proxy(&[&sandbox], "proxy: {body_timeout: 1s}\n").await;
+    let server = proxy(&[&sandbox], "proxy: {body_timeout: 8s}\n").await;
     let mut client = raw(&server).await;
     client
         .write(b"POST /big HTTP/1.1\r\nhost: a\r\nx-session-id: eb\r\ncontent-length: 10000000\r\n\r\n")
@@ -250,9 +250,9 @@ async fn early_final_response_is_relayed_while_the_body_is_unsent() {
     assert_eq!(resp.head.status, 413);
     assert_eq!(resp.body.data, b"too big");
     // The rest of the body can no longer go anywhere: the connection ends at once (well
-    // before `proxy.body_timeout`, 1 s here), with nothing after the 413 (no 408). hyper's
-    // client, before the inline one, held it until the body timeout.
-    let rest = tokio::time::timeout(Duration::from_millis(900), client.read_until_closed())
+    // before `proxy.body_timeout`, 8 s here; the margin is for starved CI runners), with
+    // nothing after the 413 (no 408). hyper's client held it until the body timeout.
+    let rest = tokio::time::timeout(Duration::from_secs(6), client.read_until_closed())
         .await
         .expect("the client connection closes before the body timeout");
     assert!(rest.as_ref().map_or(true, Vec::is_empty), "{rest:?}");
@@ -467,5 +467,53 @@ async fn asterisk_form_options_reaches_the_sandbox_as_sent() {
         .unwrap();
     assert_eq!(resp.head.status, 204);
     assert_eq!(only_request(&sandbox).head.start_line, "OPTIONS * HTTP/1.1");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_response_streams_while_the_upload_is_still_going() {
+    // Full duplex: the sandbox answers from the request head, streams a first chunk, then
+    // reads the body and ends its answer with what it read.
+    let sandbox = ScriptedSandbox::start_on_head(|_, _| {
+        vec![
+            Step::Send(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n7\r\nstarted\r\n".to_vec(),
+            ),
+            Step::ReadBody,
+            Step::Send(b"5\r\n done\r\n0\r\n\r\n".to_vec()),
+        ]
+    })
+    .await;
+    let server = proxy(&[&sandbox], "").await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(hyper::body::Frame::data(b)), rx))
+    });
+    let req = Request::post("/duplex")
+        .header("host", "a")
+        .header("x-session-id", "fd")
+        .body(http_body_util::StreamBody::new(frames).boxed())
+        .unwrap();
+    tx.send(Bytes::from_static(b"part1")).await.unwrap();
+    let mut client = Client::open(server.proxy_addr()).await;
+    // The head and the first chunk arrive while the upload is still open.
+    let resp = client.send(req).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = bounded("the first chunk", body.frame())
+        .await
+        .expect("a frame")
+        .expect("no error");
+    assert_eq!(first.into_data().unwrap(), "started");
+    tx.send(Bytes::from_static(b"part2")).await.unwrap();
+    drop(tx);
+    let rest = bounded("the rest", body.collect())
+        .await
+        .expect("the rest of the answer")
+        .to_bytes();
+    assert_eq!(rest, " done");
+    assert_eq!(only_request(&sandbox).body.data, b"part1part2");
     server.shutdown().await;
 }

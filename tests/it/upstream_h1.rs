@@ -8,24 +8,14 @@
 //! These are the regression net for the upstream client (issue 11): they state what a
 //! correct HTTP/1.1 proxy does, not how today's client does it. Where a test records
 //! today's behaviour rather than a requirement, a `TODAY:` comment says so.
+//! Run them alone with `cargo test --test it upstream_h1::`; the scripted sandbox is
+//! `support/h1_wire.rs`.
 
-#[path = "it/support/mod.rs"]
-mod support;
-
-#[path = "support/h1_wire.rs"]
-mod h1_wire;
-
-#[path = "upstream_h1/client_gone.rs"]
 mod client_gone;
-#[path = "upstream_h1/failures.rs"]
 mod failures;
-#[path = "upstream_h1/keepalive.rs"]
 mod keepalive;
-#[path = "upstream_h1/requests.rs"]
 mod requests;
-#[path = "upstream_h1/responses.rs"]
 mod responses;
-#[path = "upstream_h1/sessions.rs"]
 mod sessions;
 
 use std::convert::Infallible;
@@ -40,9 +30,11 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::support::h1_wire::{
+    self, Framing, Head, Received, ScriptedSandbox, Step, Wire, ok, ok_chunked,
+};
+use crate::support::{self, WAIT, static_backend};
 use agent_activator::server::RunningServer;
-use h1_wire::{Framing, Head, Received, ScriptedSandbox, Step, Wire, ok, ok_chunked};
-use support::{WAIT, static_backend};
 
 // === harness ===
 
