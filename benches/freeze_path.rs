@@ -12,7 +12,7 @@
 //! Run (as root, cgroup v2 writable): `cargo bench --bench freeze_path`
 //! Optional: `FREEZE_PATH_BENCH_CYCLES=300` (default 200). Under the test suite
 //! (`cargo test --all-targets`, no `--bench`) it measures nothing unless that variable is
-//! set (tests/kubernetes_freeze.rs covers the behaviour; this is the timing).
+//! set (tests/it/kubernetes_freeze.rs covers the behaviour; this is the timing).
 
 #[path = "../tests/it/support/cgroup_tree.rs"]
 mod cgroup_tree;

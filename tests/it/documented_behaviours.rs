@@ -432,6 +432,10 @@ async fn wss_relays_a_websocket_over_tls() {
         assert_eq!(got.into_text().unwrap().as_str(), format!("secure {i}"));
     }
     ws.close(None).await.unwrap();
+    // Finish the close handshake and hang up: a relay still open holds the server's
+    // shutdown for the whole drain window (30 s), which this test is not about.
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
+    drop(ws);
     server.shutdown().await;
     let _ = std::fs::remove_dir_all(tls.dir);
 }
@@ -467,6 +471,10 @@ async fn websocket_goes_over_http1_even_with_an_http2_upstream() {
         .unwrap();
     assert_eq!(got.into_text().unwrap().as_str(), "over h1");
     ws.close(None).await.unwrap();
+    // Finish the close handshake and hang up: a relay still open holds the server's
+    // shutdown for the whole drain window (30 s), which this test is not about.
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
+    drop(ws);
     server.shutdown().await;
 }
 

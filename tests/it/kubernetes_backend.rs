@@ -3,7 +3,7 @@
 //! step, with demo-sandbox processes as pods on their own loopback addresses: warm
 //! claims, cold creates, the adoption race, the suspend/resume condition sequence,
 //! Unschedulable, Finished, two replicas, restart recovery. What the testbed itself
-//! writes is pinned in tests/kubernetes_testbed_controller.rs.
+//! writes is pinned in tests/it/kubernetes_testbed_controller.rs.
 
 use crate::kube_support;
 

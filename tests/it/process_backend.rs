@@ -43,7 +43,7 @@ fn rand_suffix() -> u64 {
 
 /// A process config running the demo sandbox (ticking every 10 ms) with `extra` YAML.
 /// These tests examine the process tree itself (group members, pids, CPU ticks), so they
-/// run unisolated; tests/process_isolation.rs covers the same lifecycle under bubblewrap.
+/// run unisolated; tests/it/process_isolation.rs covers the same lifecycle under bubblewrap.
 fn config(workdir: &std::path::Path, extra: &str) -> Config {
     let yaml = format!(
         "backend:\n  kind: process\n  command: [\"{BIN}\", \"demo-sandbox\", \"--port\", \"{{port}}\", \"--tick-ms\", \"10\"]\n  workdir_root: \"{}\"\n  stop_grace: 2s\n  isolation: none\n{extra}",

@@ -20,7 +20,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_agent-activator");
 /// Starts the activator with the demo sandbox as process backend and `extra` YAML
 /// appended under `backend:` (indented) followed by `rest` at top level. Unisolated: these
 /// tests match the pid a sandbox reports with the backend's rows, and inside a PID
-/// namespace a sandbox sees its own pid numbering (tests/process_isolation.rs covers the
+/// namespace a sandbox sees its own pid numbering (tests/it/process_isolation.rs covers the
 /// full path under isolation).
 async fn start(name: &str, backend_extra: &str, rest: &str) -> (RunningServer, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("aa-full-{name}-{}", std::process::id()));

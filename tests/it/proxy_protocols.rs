@@ -22,7 +22,7 @@ async fn http1_forwarding_hygiene_and_pinning() {
     let ups = support::echo_upstreams(2).await;
     let server = start(&format!(
         // Loopback is a trusted proxy here, so its X-Forwarded-For is appended to (from
-        // an untrusted peer it is replaced: tests/security_requests.rs).
+        // an untrusted peer it is replaced: tests/it/security_requests.rs).
         "{}proxy: {{strip_headers: [X-Internal-Route], trusted_proxies: [127.0.0.1]}}\n",
         static_backend(&[ups[0].addr, ups[1].addr])
     ))
