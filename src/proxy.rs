@@ -12,7 +12,7 @@ use std::time::Duration;
 use http::header::{HeaderName, SET_COOKIE};
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Version};
-use hyper::body::{Body, Incoming};
+use hyper::body::Body;
 use prometheus::{IntCounter, IntGauge};
 
 use crate::backend::ActivationKind;
@@ -35,13 +35,14 @@ pub mod error;
 mod forward;
 mod h1;
 mod h1client;
+mod h1server;
 mod listener;
 mod relay;
 mod request_id;
 mod tls;
 mod upstream;
 
-pub use body::{ProxyBody, RequestBody, RequestBodyError, ResponseBody};
+pub use body::{ClientBody, ProxyBody, RequestBody, RequestBodyError, ResponseBody};
 pub use client_addr::{TrustedProxies, client_ip, parse_cidr};
 pub use completion::{CLIENT_CLOSED, StatusCounters};
 use completion::{Completion, Recorder};
@@ -179,7 +180,7 @@ impl Proxy {
     /// Proxies one request. Never fails: every failure is a response.
     pub async fn handle(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         conn: &ClientConn,
     ) -> Response<ResponseBody> {
         let mut completion = Completion::begin(&self.recorder, req.method(), req.uri());
@@ -242,7 +243,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         session: ExtractedSession,
         conn: &ClientConn,
         completion: &mut Completion,

@@ -28,11 +28,55 @@ pub enum RequestBodyError {
     Client(#[source] hyper::Error),
 }
 
+/// A request body as the client connection delivered it: hyper's stream, or the bytes the
+/// HTTP/1.1 fast path ([`super::h1server`]) read whole with the head.
+pub enum ClientBody {
+    Hyper(Incoming),
+    Buffered(Option<Bytes>),
+}
+
+impl ClientBody {
+    /// No body.
+    pub fn empty() -> ClientBody {
+        ClientBody::Buffered(None)
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+            ClientBody::Buffered(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::Buffered(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::Buffered(None) => SizeHint::with_exact(0),
+            ClientBody::Buffered(Some(b)) => SizeHint::with_exact(b.len() as u64),
+        }
+    }
+}
+
 /// The client's request body on its way to the sandbox: every gap between frames is
 /// bounded by `proxy.body_timeout` and the total by `proxy.max_body_bytes`. The error
 /// aborts the upstream request; [`super::error`] turns it into 408 or 413.
 pub struct RequestBody {
-    inner: Incoming,
+    inner: ClientBody,
     gap: Duration,
     /// Allocated only when the client makes us wait (most bodies arrive with the head).
     timer: Option<Pin<Box<Sleep>>>,
@@ -43,7 +87,7 @@ pub struct RequestBody {
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, gap: Duration, limit: Option<u64>) -> RequestBody {
+    pub fn new(inner: ClientBody, gap: Duration, limit: Option<u64>) -> RequestBody {
         RequestBody {
             inner,
             gap,
@@ -68,6 +112,7 @@ impl Body for RequestBody {
         if this.failed {
             return Poll::Ready(None);
         }
+
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.armed = false;

@@ -79,7 +79,8 @@ pub fn encode_request_head(
     out.extend_from_slice(b"\r\n");
 }
 
-fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+/// Appends one `name: value` line.
+pub fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -87,18 +88,19 @@ fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 /// A u64 in decimal without allocating.
-struct Digits {
+pub struct Digits {
     buf: [u8; 20],
     start: usize,
 }
 
 impl Digits {
-    fn as_bytes(&self) -> &[u8] {
+    pub fn as_bytes(&self) -> &[u8] {
         &self.buf[self.start..]
     }
 }
 
-fn itoa_u64(mut n: u64) -> Digits {
+/// `n` in decimal.
+pub fn itoa_u64(mut n: u64) -> Digits {
     let mut d = Digits {
         buf: [0; 20],
         start: 20,
@@ -220,7 +222,9 @@ pub fn parse_response(
         Version::HTTP_11
     };
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for the fields the proxy adds (activation, request ID, date, session cookie)
+    // without growing the map.
+    let mut headers = HeaderMap::with_capacity(count + 6);
     for &(ns, ne, vs, ve) in &spans[..count] {
         let name =
             HeaderName::from_bytes(&head[ns..ne]).map_err(|_| Malformed("invalid field name"))?;

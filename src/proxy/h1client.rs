@@ -32,6 +32,7 @@ use dashmap::DashMap;
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -302,7 +303,7 @@ async fn read_head(
             if let Err(e) = stream.readable().await {
                 break Err(e);
             }
-            match stream.try_read_buf(rbuf) {
+            match read_drained(stream, rbuf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 other => break other,
             }
@@ -322,6 +323,34 @@ async fn read_head(
                 });
             }
         }
+    }
+}
+
+/// One non-blocking read into `rbuf`. A read that did not fill the buffer's free space
+/// emptied the socket, so its readiness is cleared on the spot, as tokio's own
+/// `poll_read` does on epoll (tokio-rs/tokio#5866): an idle pooled connection then
+/// checks as open without a system call (see [`Conn::still_open`]). The clear applies
+/// to the readiness event the read was made under; an event that arrives later (the
+/// sandbox closing) is newer and stays.
+fn read_drained(stream: &TcpStream, rbuf: &mut BytesMut) -> io::Result<usize> {
+    let mut got = Ok(0);
+    let cleared = stream.try_io(Interest::READABLE, || {
+        let room = rbuf.capacity() - rbuf.len();
+        let n = stream.try_read_buf(rbuf)?;
+        got = Ok(n);
+        if n > 0 && n < room {
+            // Reported as WouldBlock only so `try_io` clears the readiness.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(())
+    });
+    match cleared {
+        Ok(()) => got,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => match got {
+            Ok(0) => Err(e),
+            n => n,
+        },
+        Err(e) => Err(e),
     }
 }
 
@@ -626,7 +655,7 @@ fn poll_fill(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
     }
     loop {
         ready!(conn.stream.poll_read_ready(cx))?;
-        match conn.stream.try_read_buf(&mut conn.rbuf) {
+        match read_drained(&conn.stream, &mut conn.rbuf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             other => return Poll::Ready(other),
         }

@@ -15,20 +15,24 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus::{IntCounter, IntCounterVec, IntGauge};
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use super::activity::{ConnActivity, ConnTimeouts, Expiry, Watched};
-use super::{ClientConn, Proxy};
+use super::h1server::{FastPath, Handoff};
+use super::{ClientBody, ClientConn, Proxy};
 use crate::config::ProxyConfig;
 use crate::metrics::Metrics;
 use crate::shutdown::{Phase, Shutdown, TrackGuard};
@@ -64,6 +68,8 @@ struct Listener {
     open: IntGauge,
     refused: IntCounter,
     closed: IntCounterVec,
+    /// `proxy.max_header_bytes` (the fast path's head bound; hyper's is the same).
+    max_head: usize,
 }
 
 /// Serves the proxy on `listener` until the shutdown reaches `Draining`, then lets
@@ -108,6 +114,7 @@ pub async fn serve(
         open: metrics.client_connections.clone(),
         refused: metrics.client_connections_refused_total.clone(),
         closed: metrics.client_connections_closed_total.clone(),
+        max_head: config.max_header_bytes,
     });
     loop {
         let (stream, peer) = tokio::select! {
@@ -211,14 +218,33 @@ impl Listener {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let proxy = self.proxy.clone();
         let conn = Arc::new(conn);
+        // Plain HTTP/1.1 requests are served by the fast path until one is not.
+        let mut io = io;
+        let fast = FastPath {
+            proxy: &self.proxy,
+            conn: &conn,
+            activity: &activity,
+            timeouts: self.timeouts,
+            shutdown: &self.shutdown,
+            closed: &self.closed,
+            max_head: self.max_head,
+        };
+        let read = match fast.serve(&mut io).await {
+            Handoff::Done => return,
+            Handoff::ToHyper(read) => read.freeze(),
+        };
+        let io = Prefixed::new(read, io);
+        let proxy = self.proxy.clone();
         let requests = activity.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let guard = requests.begin_request(req.version() == Version::HTTP_2);
             let proxy = proxy.clone();
             let conn = conn.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, &conn).await.map(|b| b.hold(guard))) }
+            async move {
+                let req = req.map(ClientBody::Hyper);
+                Ok::<_, Infallible>(proxy.handle(req, &conn).await.map(|b| b.hold(guard)))
+            }
         });
         let served = self
             .builder
@@ -272,5 +298,64 @@ impl Listener {
                 tracing::info!("drain window over: closing a client connection");
             }
         }
+    }
+}
+
+/// An I/O that first yields bytes already read from it (the fast path's hand-off to
+/// hyper), then reads from the socket; writes go straight through.
+struct Prefixed<I> {
+    read: Bytes,
+    io: I,
+}
+
+impl<I> Prefixed<I> {
+    fn new(read: Bytes, io: I) -> Prefixed<I> {
+        Prefixed { read, io }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.read.is_empty() {
+            let n = this.read.len().min(buf.remaining());
+            buf.put_slice(&this.read.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }

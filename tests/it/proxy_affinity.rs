@@ -1,6 +1,8 @@
-//! Upstream affinity over real sockets: a client connection's dedicated upstream
-//! connection carries only its own session, mixed connections fall back to the pool,
-//! and a session's new binding (resume onto a new endpoint) drops the old connection.
+//! Upstream connection reuse over real sockets (the inline HTTP/1.1 client's per-sandbox
+//! pool, `proxy/h1client.rs`): a session's requests reuse one upstream connection to its
+//! sandbox, sessions on one client connection never reach each other's sandbox, and a
+//! session's new binding (resume onto a new endpoint) closes the old connection instead
+//! of leaving it idle.
 
 use crate::support;
 
@@ -82,7 +84,7 @@ async fn one_client_connection_alternating_two_sessions_never_mixes_them() {
     let server = support::start(&static_backend(&[a.addr, b.addr])).await;
     let mut conn = OneConnection::open(server.proxy_addr()).await;
 
-    // One session: every request on one dedicated upstream connection to its sandbox.
+    // One session: every request on one pooled upstream connection to its sandbox.
     for _ in 0..3 {
         assert_eq!(conn.get("alpha").await, seen(&a, "alpha"));
     }
@@ -98,11 +100,11 @@ async fn one_client_connection_alternating_two_sessions_never_mixes_them() {
         assert_eq!(conn.get("beta").await, seen(&b, "beta"), "round {round}");
         assert_eq!(conn.get("alpha").await, seen(&a, "alpha"), "round {round}");
     }
-    // Once mixed, the connection stopped holding the dedicated one: alpha's requests went
-    // through the pool, which also reaches only alpha's sandbox.
+    // Mixed sessions on one client connection: the per-sandbox pool reaches only alpha's
+    // sandbox for alpha.
     assert_eq!(conn.get("alpha").await, seen(&a, "alpha"));
 
-    // A fresh client connection of beta alone gets its own dedicated connection.
+    // A fresh client connection of beta alone reuses beta's pooled connection.
     let mut other = OneConnection::open(server.proxy_addr()).await;
     let before = b.accepted.load(Ordering::SeqCst);
     for _ in 0..3 {
@@ -116,7 +118,7 @@ async fn one_client_connection_alternating_two_sessions_never_mixes_them() {
 }
 
 #[tokio::test]
-async fn dedicated_connection_is_dropped_when_the_binding_moves() {
+async fn pooled_connection_is_closed_when_the_binding_moves() {
     let first = EchoUpstream::start().await;
     let second = EchoUpstream::start().await;
     // One sandbox, `box-0`, that moves on resume: claimed at `first`, resumed at `second`
@@ -140,7 +142,7 @@ async fn dedicated_connection_is_dropped_when_the_binding_moves() {
     assert_eq!(
         first.open.load(Ordering::SeqCst),
         1,
-        "dedicated connection open"
+        "pooled connection open"
     );
 
     // Pause through the admin API; the next request resumes the sandbox elsewhere.
@@ -162,7 +164,7 @@ async fn dedicated_connection_is_dropped_when_the_binding_moves() {
     assert_eq!(
         second.accepted.load(Ordering::SeqCst),
         1,
-        "a new dedicated one"
+        "a new connection to the new endpoint"
     );
     assert_eq!(
         first.accepted.load(Ordering::SeqCst),
@@ -170,7 +172,7 @@ async fn dedicated_connection_is_dropped_when_the_binding_moves() {
         "nothing new to the old endpoint"
     );
     // The old endpoint's connection was dropped, not left idle in a slot or the pool.
-    support::wait_until("the old dedicated connection closed", || {
+    support::wait_until("the old endpoint's connection closed", || {
         first.open.load(Ordering::SeqCst) == 0
     })
     .await;

@@ -321,3 +321,41 @@ async fn a_trickled_head_is_bounded_by_request_timeout() {
     assert_eq!((next.status, next.text().as_str()), (200, "fine"));
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_get_dropped_on_a_reused_connection_is_retried_at_most_once() {
+    // The sandbox answers /warm, then reads /dropped and closes without answering: on a
+    // reused connection that looks exactly like its keep-alive timeout racing the request.
+    // RFC 9110 9.2.2 lets a proxy retry an idempotent request then; a POST never (see
+    // close_without_answer_is_502_upstream_reset_and_never_retried).
+    let sandbox = ScriptedSandbox::start(|req, i| match (req.target(), i) {
+        ("/dropped", 1) => vec![Step::Close],
+        (t, _) => vec![Step::Send(ok(t.as_bytes()))],
+    })
+    .await;
+    let server = proxy(&[&sandbox], "").await;
+    let mut client = Client::open(server.proxy_addr()).await;
+    assert_eq!(client.get("/warm", "gr").await.text(), "/warm");
+    let got = client.get("/dropped", "gr").await;
+    let log = sandbox.log();
+    let deliveries: Vec<usize> = log
+        .requests
+        .iter()
+        .filter(|r| r.target() == "/dropped")
+        .map(|r| r.conn)
+        .collect();
+    match got.status {
+        // TODAY (inline client): retried once on a new connection, so the sandbox saw the
+        // GET twice; the client gets the second answer.
+        200 => {
+            assert_eq!(got.text(), "/dropped");
+            assert_eq!(deliveries, [0, 1], "once on the reused, once on a new one");
+        }
+        502 => {
+            assert_eq!(got.code(), "upstream_reset");
+            assert_eq!(deliveries, [0]);
+        }
+        other => panic!("{other}: {}", got.text()),
+    }
+    server.shutdown().await;
+}
