@@ -13,7 +13,8 @@
 //! close`, no close-delimited body, no leftover bytes, request body fully written).
 //!
 //! Before reuse a connection is checked without blocking: readable means the sandbox
-//! closed it (or sent bytes nobody asked for), and it is dropped. A request whose
+//! closed it (or sent bytes nobody asked for), and it is dropped; one idle for a second
+//! or more is also peeked at, which sees a close the runtime has not processed yet. A request whose
 //! reused connection still fails before any response byte is retried once on a fresh
 //! connection when that cannot duplicate it: the request was not fully written, or its
 //! method is idempotent (RFC 9110 section 9.2.2) and it has no body (nginx's
@@ -43,6 +44,10 @@ use crate::backend::SandboxId;
 
 /// Boxed error of a streamed response body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A pooled connection idle this long is checked with a socket peek before reuse (see
+/// `Conn::still_open`).
+const PEEK_AFTER: Duration = Duration::from_secs(1);
 
 /// Read buffer growth step; a connection's buffer starts at this size.
 const READ_CHUNK: usize = 16 * 1024;
@@ -131,13 +136,25 @@ struct Conn {
 type Exchanged = (ResponseHead, Option<JoinHandle<()>>);
 
 impl Conn {
-    /// Is this idle connection still usable? Never blocks: not readable means nothing
-    /// happened since its last response; readable is confirmed with one non-blocking
-    /// read (readiness may be left over from that response's last read).
-    fn still_open(&mut self) -> bool {
+    /// Is this idle connection still usable? Never blocks. Readable means the sandbox
+    /// closed it or sent bytes nobody asked for (confirmed with one non-blocking read,
+    /// since readiness may be left over from the last response). Not readable is
+    /// trusted for a connection idle less than [`PEEK_AFTER`]: a close the runtime has
+    /// not yet taken from epoll would be missed, but sandboxes close idle connections
+    /// after a keep-alive timeout of seconds, not microseconds. Idle longer, the socket
+    /// itself is asked (`MSG_PEEK`), which sees a close the runtime has not processed.
+    fn still_open(&mut self, idle: Duration) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
         match self.stream.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
+            Poll::Pending if idle < PEEK_AFTER => true,
+            Poll::Pending => {
+                let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+                match socket2::SockRef::from(&*self.stream).peek(&mut byte) {
+                    Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+                    // EOF, or bytes nobody asked for.
+                    Ok(_) => false,
+                }
+            }
             Poll::Ready(Err(_)) => false,
             Poll::Ready(Ok(())) => match self.stream.try_read_buf(&mut self.rbuf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
@@ -393,7 +410,8 @@ impl H1Pool {
             } else {
                 let mut found = None;
                 while let Some((mut conn, since)) = entry.conns.pop() {
-                    if since.elapsed() < self.idle_timeout && conn.still_open() {
+                    let idle = since.elapsed();
+                    if idle < self.idle_timeout && conn.still_open(idle) {
                         found = Some(conn);
                         break;
                     }
@@ -759,5 +777,38 @@ impl Body for H1Body {
             BodyState::Length(n) => SizeHint::with_exact(n),
             _ => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A close the runtime has not taken from epoll yet: readiness alone misses it (a
+    /// connection idle for microseconds is trusted), the peek of a longer-idle one sees it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_long_idle_connection_is_peeked_and_a_close_is_seen() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (peer, _) = listener.accept().unwrap();
+        let mut conn = Conn {
+            stream: Arc::new(stream),
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            wbuf: Vec::new(),
+            endpoint: addr,
+        };
+        assert!(conn.still_open(Duration::from_secs(5)), "open and silent");
+        drop(peer);
+        // Let the FIN reach the socket without yielding to the runtime's I/O driver.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            conn.still_open(Duration::ZERO),
+            "freshly idle: readiness is trusted (the close is not processed yet)"
+        );
+        assert!(
+            !conn.still_open(PEEK_AFTER),
+            "idle long enough: the peek sees EOF"
+        );
     }
 }
