@@ -63,15 +63,27 @@ impl ClientConn {
 
 /// Is this an HTTP/1.1 upgrade request (`Connection: upgrade` + `Upgrade: ...`)?
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
-    headers.contains_key(UPGRADE) && connection_has(headers, "upgrade")
+    headers.contains_key(UPGRADE) && has_token(headers, CONNECTION, "upgrade")
 }
 
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers.get_all(CONNECTION).iter().any(|v| {
-        v.to_str()
-            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-            .unwrap_or(false)
+/// Does a comma-separated field value (`Connection`, `TE`) list `token`? Parameters after
+/// `;` are not part of the token.
+pub(super) fn list_has(list: &str, token: &str) -> bool {
+    list.split(',').any(|t| {
+        t.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case(token)
     })
+}
+
+/// Does any `name` field list `token` (see [`list_has`])?
+pub(super) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|s| list_has(s, token)))
 }
 
 /// Removes hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`,
@@ -108,15 +120,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     headers.remove(PROXY_AUTHENTICATE);
     headers.remove(PROXY_AUTHORIZATION);
     if let Some(te) = headers.get(TE) {
-        let trailers = te.to_str().is_ok_and(|s| {
-            s.split(',').any(|t| {
-                t.split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .eq_ignore_ascii_case("trailers")
-            })
-        });
+        let trailers = te.to_str().is_ok_and(|s| list_has(s, "trailers"));
         if trailers {
             headers.insert(TE, HeaderValue::from_static("trailers"));
         } else {

@@ -8,6 +8,8 @@
 //! chunk-size line at most [`MAX_CHUNK_LINE`], trailers at most [`MAX_TRAILER_BYTES`].
 
 use bytes::{Bytes, BytesMut};
+
+use super::forward::has_token;
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
@@ -291,13 +293,7 @@ fn framing(
             .map_err(|_| Malformed("invalid Content-Length"))?;
         // A list of identical values is one length (section 6.3, rule 5).
         for part in text.split(',') {
-            let part = part.trim();
-            if part.is_empty() || part.len() > 19 || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(Malformed("invalid Content-Length"));
-            }
-            let n: u64 = part
-                .parse()
-                .map_err(|_| Malformed("invalid Content-Length"))?;
+            let n = parse_length(part.trim()).ok_or(Malformed("invalid Content-Length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(Malformed("conflicting Content-Length values"));
             }
@@ -311,12 +307,13 @@ fn framing(
     })
 }
 
-/// Does a comma-separated field (`Connection`) list `token`?
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
+/// One `Content-Length` value: decimal digits only (no sign, no spaces), at most 19 of
+/// them, so it fits a u64.
+pub fn parse_length(text: &str) -> Option<u64> {
+    if text.is_empty() || text.len() > 19 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 
 /// One step of [`ChunkedDecoder::decode`].

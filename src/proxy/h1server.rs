@@ -35,6 +35,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::activity::{ConnActivity, ConnTimeouts};
 use super::body::{ClientBody, ResponseBody};
+use super::forward::list_has;
 use super::h1::{self, field};
 use super::{ClientConn, Proxy};
 use crate::shutdown::{Phase, Shutdown};
@@ -325,40 +326,22 @@ fn build(
             return None;
         }
         if name == CONTENT_LENGTH {
-            let text = value.to_str().ok()?;
-            if body_len.is_some()
-                || text.is_empty()
-                || text.len() > 19
-                || !text.bytes().all(|b| b.is_ascii_digit())
-            {
-                return None;
-            }
-            let n: u64 = text.parse().ok()?;
-            if n > FAST_BODY_MAX {
+            // One length, no list: anything else is hyper's to judge.
+            let n = h1::parse_length(value.to_str().ok()?)?;
+            if body_len.is_some() || n > FAST_BODY_MAX {
                 return None;
             }
             body_len = Some(n as usize);
         }
         if name == CONNECTION {
-            for token in value.to_str().ok()?.split(',') {
-                let token = token.trim();
-                if token.eq_ignore_ascii_case("close") {
-                    keep_alive = false;
-                } else if token.eq_ignore_ascii_case("upgrade") {
-                    return None;
-                }
+            let text = value.to_str().ok()?;
+            if list_has(text, "upgrade") {
+                return None;
             }
+            keep_alive &= !list_has(text, "close");
         }
         if name == TE {
-            trailers_ok = value.to_str().is_ok_and(|v| {
-                v.split(',').any(|t| {
-                    t.split(';')
-                        .next()
-                        .unwrap_or("")
-                        .trim()
-                        .eq_ignore_ascii_case("trailers")
-                })
-            });
+            trailers_ok = value.to_str().is_ok_and(|v| list_has(v, "trailers"));
         }
         headers.append(name, value);
     }
