@@ -427,28 +427,34 @@ impl H1Pool {
 
     /// Takes a connection back after a complete response (the caller checked it may be
     /// reused). Starts the idle reaper on first use.
-    fn checkin(self: &Arc<Self>, sandbox: SandboxId, conn: Conn) {
+    fn checkin(self: &Arc<Self>, sandbox: &SandboxId, conn: Conn) {
         if self.max_idle == 0 || self.idle_timeout.is_zero() {
             return;
         }
-        if !self.reaper_started.swap(true, Ordering::Relaxed) {
+        // Read first: after the first check-in this is a shared load, not a write.
+        if !self.reaper_started.load(Ordering::Relaxed)
+            && !self.reaper_started.swap(true, Ordering::Relaxed)
+        {
             tokio::spawn(reap(Arc::downgrade(self)));
         }
-        let mut surplus = None;
-        {
-            let mut entry = self.idle.entry(sandbox).or_insert_with(|| Idle {
-                endpoint: conn.endpoint,
-                conns: Vec::new(),
-            });
-            if entry.endpoint != conn.endpoint {
-                // The sandbox moved while this response streamed.
-                surplus = Some(conn);
-            } else if entry.conns.len() >= self.max_idle {
-                surplus = Some(conn);
+        let surplus = {
+            // The sandbox's entry usually exists: no key clone then.
+            let mut entry = match self.idle.get_mut(sandbox) {
+                Some(entry) => entry,
+                None => self.idle.entry(sandbox.clone()).or_insert_with(|| Idle {
+                    endpoint: conn.endpoint,
+                    conns: Vec::new(),
+                }),
+            };
+            // The sandbox moved while this response streamed, or enough are idle.
+            if entry.endpoint != conn.endpoint || entry.conns.len() >= self.max_idle {
+                Some(conn)
             } else {
                 entry.conns.push((conn, Instant::now()));
+                None
             }
-        }
+        };
+        // Closed outside the map's shard lock.
         drop(surplus);
     }
 
@@ -653,7 +659,7 @@ impl H1Body {
             && self.keep_alive
             && conn.rbuf.is_empty()
         {
-            self.pool.checkin(self.sandbox.clone(), conn);
+            self.pool.checkin(&self.sandbox, conn);
         }
     }
 
