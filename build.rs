@@ -4,8 +4,16 @@
 //! Each missing prerequisite sets a cfg `missing_<name>`; a test that needs it carries
 //! `#[cfg_attr(missing_<name>, ignore = "<reason>")]`. Under `CI=true` nothing is marked
 //! missing: every test runs, and one whose prerequisite is absent fails (`.ci/run` installs
-//! them). The probes only read the machine; they run again when `CI` changes or when a
-//! directory that installing a tool or mounting a hierarchy touches changes.
+//! them). The probes only read the machine.
+//!
+//! The build must depend on the code only (issue 22): cargo scans a `rerun-if-changed`
+//! directory recursively, so watching `/sys/fs/cgroup` (which changes whenever a sandbox
+//! starts) or `/usr/bin` (a package install) recompiled the crate on nearly every build.
+//! This script watches just the files each *found* prerequisite is: replacing or removing one
+//! re-probes. A prerequisite installed after the last probe is seen after `touch build.rs`
+//! or with `AGENT_ACTIVATOR_REPROBE` changed (cargo re-runs a script whose watched file is
+//! missing on every build, so a missing tool cannot be watched). The cgroup probes read
+//! mounts, which do not change while the machine runs.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -49,6 +57,36 @@ fn probes() -> Vec<(&'static str, bool)> {
         // hybrid host) or the unified hierarchy offering all three.
         ("cgroup_limits", cgroup_limits()),
     ]
+}
+
+/// The file `program` resolves to on `PATH`, if any.
+fn on_path(program: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+/// The files whose change should re-probe: each prerequisite found, nothing for one missing.
+fn watched_files() -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = ["promtool", "kubectl", "chromium", "bwrap"]
+        .iter()
+        .filter_map(|p| on_path(p))
+        .collect();
+    // The Python module's own file (pip reinstalls or removes it), not site-packages.
+    if let Ok(out) = Command::new("python3")
+        .args(["-c", "import kubernetes_validate; print(kubernetes_validate.__file__)"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        && out.status.success()
+    {
+        let file = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if Path::new(&file).is_file() {
+            files.push(file.into());
+        }
+    }
+    files
 }
 
 fn runs(program: &str, args: &[&str]) -> bool {
@@ -100,11 +138,9 @@ fn cgroup_limits() -> bool {
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-env-changed=CI");
-    // Installing a Debian or PyPI package changes one of these directories' mtime.
-    for dir in ["/usr/bin", "/usr/local/bin", "/sys/fs/cgroup"] {
-        if Path::new(dir).exists() {
-            println!("cargo::rerun-if-changed={dir}");
-        }
+    println!("cargo::rerun-if-env-changed=AGENT_ACTIVATOR_REPROBE");
+    for file in watched_files() {
+        println!("cargo::rerun-if-changed={}", file.display());
     }
     let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     for (name, present) in probes() {
