@@ -9,15 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-
 use agent_activator::events::EventKind;
 use agent_activator::metrics::Metrics;
 use agent_activator::server::{self, RunningServer};
 use agent_activator::testing::ScriptedBackend;
 use support::h1_wire::{ScriptedSandbox, Step, ok};
-use support::{HttpClient, Reply, WAIT};
+use support::{HttpClient, WAIT};
 
 /// A scripted backend whose one sandbox is `sandbox`, with `hooks` (YAML flow mapping).
 async fn start(sandbox: &ScriptedSandbox, hooks: &str) -> (RunningServer, Arc<ScriptedBackend>) {
@@ -31,17 +28,6 @@ async fn start(sandbox: &ScriptedSandbox, hooks: &str) -> (RunningServer, Arc<Sc
         .await
         .expect("activator starts");
     (server, backend)
-}
-
-async fn post(admin: &HttpClient, path: &str) -> Reply {
-    admin
-        .send(
-            admin
-                .request("POST", path)
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
 }
 
 fn targets(sandbox: &ScriptedSandbox) -> Vec<String> {
@@ -78,7 +64,7 @@ async fn hooks_run_before_the_pause_and_after_the_resume_before_held_requests() 
 
     let pausing = tokio::spawn({
         let admin = admin.clone();
-        async move { post(&admin, "/api/sessions/ann/pause").await }
+        async move { admin.call("POST", "/api/sessions/ann/pause").await }
     });
     sandbox
         .wait_for("the before_pause hook", WAIT, |l| {
@@ -185,7 +171,10 @@ async fn a_hung_hook_holds_requests_no_longer_than_its_timeout() {
     let admin = HttpClient::http1(server.admin_addr());
     assert_eq!(proxy.get_session("/", "bea").await.status, 200);
     let started = tokio::time::Instant::now();
-    assert_eq!(post(&admin, "/api/sessions/bea/pause").await.status, 200);
+    assert_eq!(
+        admin.call("POST", "/api/sessions/bea/pause").await.status,
+        200
+    );
     assert!(started.elapsed() >= Duration::from_millis(300));
     assert_eq!(
         ScriptedBackend::count(&backend.pauses),
@@ -229,7 +218,7 @@ async fn abort_keeps_the_sandbox_running_or_fails_the_held_requests() {
     let admin = HttpClient::http1(server.admin_addr());
     assert_eq!(proxy.get_session("/", "cid").await.status, 200);
     // before_pause fails: no pause, the session stays active, the admin gets 409.
-    let refused = post(&admin, "/api/sessions/cid/pause").await;
+    let refused = admin.call("POST", "/api/sessions/cid/pause").await;
     assert_eq!(refused.status, 409, "{}", refused.text());
     assert_eq!(refused.error_code(), "hook_failed");
     assert_eq!(ScriptedBackend::count(&backend.pauses), 0);
@@ -237,7 +226,10 @@ async fn abort_keeps_the_sandbox_running_or_fails_the_held_requests() {
     assert_eq!(row["state"], "active");
     assert_eq!(proxy.get_session("/x", "cid").await.status, 200);
     // Second try: the hook answers 200, the pause happens.
-    assert_eq!(post(&admin, "/api/sessions/cid/pause").await.status, 200);
+    assert_eq!(
+        admin.call("POST", "/api/sessions/cid/pause").await.status,
+        200
+    );
     assert_eq!(ScriptedBackend::count(&backend.pauses), 1);
     // after_resume fails: the sandbox is paused again and the held request gets 502.
     let failed = proxy.get_session("/work", "cid").await;

@@ -75,12 +75,7 @@ impl Rig {
     async fn mint(&self, session: &str) -> (String, Option<String>) {
         let r = self
             .admin
-            .send(
-                self.admin
-                    .request("POST", &format!("/api/sessions/{session}/previews"))
-                    .body(Full::new(Bytes::new()))
-                    .unwrap(),
-            )
+            .call("POST", &format!("/api/sessions/{session}/previews"))
             .await;
         assert_eq!(r.status, 201, "{}", r.text());
         let j = r.json();
@@ -190,36 +185,18 @@ async fn every_refusal_has_its_status_and_code() {
     // Minting: an unknown session, then the per-session bound (default 8).
     let unknown = rig
         .admin
-        .send(
-            rig.admin
-                .request("POST", "/api/sessions/nobody/previews")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
+        .call("POST", "/api/sessions/nobody/previews")
         .await;
     assert_refused(&unknown, 404, "unknown_session");
     for _ in 1..8 {
         rig.mint("carol").await;
     }
-    let ninth = rig
-        .admin
-        .send(
-            rig.admin
-                .request("POST", "/api/sessions/carol/previews")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await;
+    let ninth = rig.admin.call("POST", "/api/sessions/carol/previews").await;
     assert_refused(&ninth, 409, "too_many_previews");
     // Revoked: gone at once.
     let revoke = rig
         .admin
-        .send(
-            rig.admin
-                .request("DELETE", &format!("/api/sessions/carol/previews/{id}"))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
+        .call("DELETE", &format!("/api/sessions/carol/previews/{id}"))
         .await;
     assert_eq!(revoke.status, 200, "{}", revoke.text());
     assert_refused(&rig.get(5173, &id, "/", &[]).await, 404, "unknown_preview");
@@ -236,15 +213,7 @@ async fn every_refusal_has_its_status_and_code() {
         )
     };
     assert_eq!(rig.get(5173, &live, "/", &[]).await.status, 200);
-    let released = rig
-        .admin
-        .send(
-            rig.admin
-                .request("DELETE", "/api/sessions/carol")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await;
+    let released = rig.admin.call("DELETE", "/api/sessions/carol").await;
     assert_eq!(released.status, 200, "{}", released.text());
     assert_refused(
         &rig.get(5173, &live, "/", &[]).await,
@@ -309,12 +278,7 @@ async fn a_preview_expires() {
     let admin = HttpClient::http1(server.admin_addr());
     assert_eq!(rig_proxy.get_session("/", "dora").await.status, 200);
     let minted = admin
-        .send(
-            admin
-                .request("POST", "/api/sessions/dora/previews")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
+        .call("POST", "/api/sessions/dora/previews")
         .await
         .json();
     let id = minted["preview"].as_str().unwrap().to_owned();
@@ -424,15 +388,7 @@ async fn a_preview_request_resumes_a_paused_sandbox_and_counts_as_activity() {
     let rig = rig("public", "").await;
     rig.session("gina").await;
     let (id, _) = rig.mint("gina").await;
-    let paused = rig
-        .admin
-        .send(
-            rig.admin
-                .request("POST", "/api/sessions/gina/pause")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await;
+    let paused = rig.admin.call("POST", "/api/sessions/gina/pause").await;
     assert_eq!(paused.status, 200, "{}", paused.text());
     let r = rig.get(5173, &id, "/", &[]).await;
     assert_eq!(r.status, 200, "{}", r.text());
