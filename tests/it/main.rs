@@ -44,6 +44,7 @@ mod kubernetes_proxy;
 mod kubernetes_rbac;
 mod kubernetes_testbed;
 mod kubernetes_testbed_controller;
+mod layers;
 mod leader_election;
 mod node_agent;
 mod pools;

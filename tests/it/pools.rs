@@ -516,7 +516,7 @@ fn the_check_command_exits_64_naming_the_pool_key() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let pools = Config::load(std::path::Path::new(shipped))
+    let pools = agent_activator::loader::load(std::path::Path::new(shipped))
         .unwrap()
         .effective_pools();
     assert_eq!(pools.len(), 2);
@@ -595,7 +595,7 @@ async fn two_knative_services_are_two_pools() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let config = Config::load_all(&[python.clone(), browser.clone()]).unwrap();
+    let config = agent_activator::loader::load_all(&[python.clone(), browser.clone()]).unwrap();
     let pools = config.effective_pools();
     let names: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["python", "browser"]);
@@ -649,7 +649,7 @@ async fn two_knative_services_are_two_pools() {
         ),
     )
     .unwrap();
-    let e = Config::load_all(&[python, browser.clone()])
+    let e = agent_activator::loader::load_all(&[python, browser.clone()])
         .unwrap_err()
         .to_string();
     assert!(e.starts_with(&format!("{}: ", browser.display())), "{e}");
