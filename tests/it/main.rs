@@ -47,6 +47,7 @@ mod kubernetes_testbed_controller;
 mod layers;
 mod leader_election;
 mod node_agent;
+mod pool_metrics;
 mod pools;
 mod pools_kubernetes;
 mod process_backend;

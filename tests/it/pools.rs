@@ -10,7 +10,7 @@ use agent_activator::server::RunningServer;
 
 use crate::support;
 
-use support::{HttpClient, Reply};
+use support::{HttpClient, Reply, sample};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agent-activator");
 
@@ -54,25 +54,6 @@ async fn pids(admin: &HttpClient, pool: &str, state: &str) -> BTreeSet<u64> {
         // A sandbox still starting may have no process yet.
         .filter_map(|r| r["pid"].as_u64())
         .collect()
-}
-
-/// The value of the sample `name{labels}` in a Prometheus text exposition, whatever the
-/// label order.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?;
-        let (set, value) = match rest.strip_prefix('{') {
-            Some(r) => r.split_once("} ")?,
-            None => ("", rest.strip_prefix(' ')?),
-        };
-        let have: BTreeSet<String> = set
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect();
-        let want: BTreeSet<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-        (have == want).then(|| value.trim().parse().unwrap())
-    })
 }
 
 fn is_alive(pid: u64) -> bool {
