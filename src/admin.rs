@@ -34,7 +34,7 @@ mod previews;
 mod stream;
 
 use api::Action;
-pub use auth::{AdminAuth, read_token};
+pub use auth::AdminAuth;
 pub use body::AdminBody;
 pub use stream::{ConnectionCut, EventStreams};
 
