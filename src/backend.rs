@@ -5,7 +5,6 @@
 //! session is pinned to which sandbox. Results are async; spontaneous changes (a sandbox
 //! died, another replica paused it) arrive as [`BackendEvent`]s.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,38 +15,12 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 pub use crate::customize::ClaimSpec;
+pub use crate::sandbox::SandboxId;
 use crate::session::SessionKey;
 
 pub mod kubernetes;
 pub mod process;
 pub mod static_set;
-
-/// A backend-unique sandbox name (process: `sbx-<n>`, Kubernetes: the Sandbox's name).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(transparent)]
-pub struct SandboxId(Arc<str>);
-
-impl SandboxId {
-    pub fn new(name: impl Into<Arc<str>>) -> SandboxId {
-        SandboxId(name.into())
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for SandboxId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for SandboxId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SandboxId({})", self.0)
-    }
-}
 
 /// What a request had to wait for before it could be forwarded.
 /// Sent to clients as `X-Activator-Activation` and used as the `kind` metric label.
@@ -324,6 +297,15 @@ pub trait SandboxBackend: Send + Sync + 'static {
     /// Bindings that survive an activator restart (Kubernetes claims).
     async fn recover(&self) -> Result<Vec<RecoveredBinding>, BackendError> {
         Ok(Vec::new())
+    }
+
+    /// Where the sandbox's own port `port` is reachable from the activator (preview URLs,
+    /// `preview.ports`): Kubernetes the pod IP and that port, the process backend a
+    /// per-sandbox host-loopback forward into the sandbox's network namespace
+    /// (`backend.expose_ports`), static endpoints their host and that port. `None`: this
+    /// backend cannot reach it (the preview request gets 502 `preview_port_unreachable`).
+    fn port_endpoint(&self, _sandbox: &SandboxId, _port: u16) -> Option<SocketAddr> {
+        None
     }
 
     /// Called (at most once per request) when a session sees traffic, so shared stores

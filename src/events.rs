@@ -18,9 +18,9 @@ use prometheus::IntCounter;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::backend::SandboxId;
 use crate::lock::MutexExt;
 use crate::metrics::Metrics;
+use crate::sandbox::SandboxId;
 
 /// What happened. `as_str` is the `kind` field of the JSON event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -44,11 +44,14 @@ pub enum EventKind {
     Queued,
     /// A request for the session was refused; `reason`: the error code it got.
     Rejected,
+    /// A pause/resume hook was called (`hook`: before_pause | after_resume; `reason`: ok |
+    /// status | error | timeout; `wait_ms`: how long it took).
+    Hook,
 }
 
 impl EventKind {
     /// Every kind, in documentation order.
-    pub const ALL: [EventKind; 8] = [
+    pub const ALL: [EventKind; 9] = [
         EventKind::Claimed,
         EventKind::Paused,
         EventKind::Frozen,
@@ -57,6 +60,7 @@ impl EventKind {
         EventKind::Lost,
         EventKind::Queued,
         EventKind::Rejected,
+        EventKind::Hook,
     ];
 
     /// The `kind` field and the `kind` label of `activator_events_total`.
@@ -70,6 +74,7 @@ impl EventKind {
             EventKind::Lost => "lost",
             EventKind::Queued => "queued",
             EventKind::Rejected => "rejected",
+            EventKind::Hook => "hook",
         }
     }
 }
@@ -103,6 +108,9 @@ pub struct Event {
     /// clients never see it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<Arc<str>>,
+    /// `hook` events: which hook (`before_pause`, `after_resume`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook: Option<&'static str>,
 }
 
 /// Longest [`Event::detail`], in bytes (cut at a character boundary).
@@ -120,6 +128,7 @@ pub struct EventDraft {
     /// Set by the pool's [`Publisher`].
     pub pool: Option<Arc<str>>,
     pub detail: Option<Arc<str>>,
+    pub hook: Option<&'static str>,
 }
 
 impl EventDraft {
@@ -134,6 +143,7 @@ impl EventDraft {
             reason: None,
             pool: None,
             detail: None,
+            hook: None,
         }
     }
 
@@ -164,6 +174,11 @@ impl EventDraft {
             end -= 1;
         }
         self.detail = Some(Arc::from(&detail[..end]));
+        self
+    }
+
+    pub fn hook(mut self, hook: &'static str) -> Self {
+        self.hook = Some(hook);
         self
     }
 }
@@ -235,6 +250,7 @@ impl EventBus {
             reason: draft.reason,
             pool: draft.pool,
             detail: draft.detail,
+            hook: draft.hook,
         });
         if ring.events.len() == self.capacity {
             ring.events.pop_front();

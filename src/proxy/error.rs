@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::header::RETRY_AFTER;
 use http::{HeaderValue, Response, StatusCode};
 
 use super::body::RequestBodyError;
@@ -18,7 +18,10 @@ use crate::activation::ActivationError;
 use crate::backend::BackendError;
 use crate::customize::CustomizeError;
 use crate::pool::PoolError;
+use crate::preview::PreviewError;
 use crate::session::{AdmissionError, ExtractError};
+
+pub use crate::error_body::error_response;
 
 /// Why a request was not (fully) proxied.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +36,10 @@ pub enum ProxyError {
     /// session's (409 `pool_mismatch`).
     #[error(transparent)]
     Pool(#[from] PoolError),
+    /// A preview request refused (4xx, or 502 for an unreachable port; see
+    /// [`PreviewError::status`]).
+    #[error(transparent)]
+    Preview(#[from] PreviewError),
     /// No sandbox could be made ready (502/503/504, see [`ProxyError::status`]).
     #[error(transparent)]
     Activation(#[from] ActivationError),
@@ -168,9 +175,11 @@ impl ProxyError {
                     present(S::GATEWAY_TIMEOUT, "activation_timeout", false)
                 }
                 ActivationError::SandboxLost => present(S::BAD_GATEWAY, "sandbox_lost", false),
+                ActivationError::Hook(_) => present(S::BAD_GATEWAY, "hook_failed", false),
                 ActivationError::Backend(b) => backend_presentation(b),
             },
             ProxyError::Customize(_) => present(S::BAD_REQUEST, "invalid_customization", false),
+            ProxyError::Preview(e) => present(e.status(), e.code(), false),
             ProxyError::UpstreamConnect { .. } => {
                 present(S::BAD_GATEWAY, "upstream_connect", false)
             }
@@ -214,6 +223,8 @@ impl ProxyError {
             ProxyError::Pool(e) => e.to_string().into(),
             // Names the header, never its value.
             ProxyError::Customize(e) => e.to_string().into(),
+            // Names only what the client sent (a port, its own host or token).
+            ProxyError::Preview(e) => e.to_string().into(),
             other => client_message(other.code()).into(),
         }
     }
@@ -231,7 +242,7 @@ impl ProxyError {
         } else if p.retry {
             resp.headers_mut().insert(RETRY_AFTER, retry_after.clone());
         }
-        if p.status == StatusCode::UNAUTHORIZED {
+        if p.status == StatusCode::UNAUTHORIZED && !matches!(self, ProxyError::Preview(_)) {
             // RFC 9110 15.5.2: a 401 names the scheme; the token travels wherever the
             // session sources say, not in Authorization, hence a private scheme name.
             resp.headers_mut().insert(
@@ -272,6 +283,7 @@ fn client_message(code: &str) -> &'static str {
         "shutting_down" => "the activator is shutting down; retry",
         "activation_timeout" => "the session's sandbox did not become ready in time",
         "sandbox_lost" => "the session's sandbox is gone",
+        "hook_failed" => "the session's sandbox failed its pause/resume hook",
         "no_capacity" => "no sandbox is available; retry later",
         "sandbox_busy" => "the session's sandbox is busy; retry later",
         "unsupported" => "this operation is not supported by the backend",
@@ -293,20 +305,6 @@ fn client_message(code: &str) -> &'static str {
 pub fn backend_status(e: &BackendError) -> (StatusCode, &'static str) {
     let p = backend_presentation(e);
     (p.status, p.code)
-}
-
-/// A JSON error response: `{"error":{"code":code,"message":message}}`.
-pub fn error_response<B: From<Bytes>>(
-    status: StatusCode,
-    code: &str,
-    message: &str,
-) -> Response<B> {
-    let body = serde_json::json!({ "error": { "code": code, "message": message } });
-    let mut resp = Response::new(B::from(Bytes::from(body.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
 }
 
 /// The `Retry-After` value for `activation.retry_after` (whole seconds, at least 1).
