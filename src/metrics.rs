@@ -36,6 +36,7 @@ pub const POOL_FAMILIES: &[&str] = &[
     "activator_pauses_total",
     "activator_releases_total",
     "activator_sessions_lost_total",
+    "activator_sandbox_oom_kills_total",
     "activator_warm_pool_ready",
     "activator_stable_concurrency",
     "activator_panic_concurrency",
@@ -87,6 +88,9 @@ pub struct Metrics {
     pub releases_total: IntCounterVec,
     /// `activator_sessions_lost_total`: sessions whose sandbox died.
     pub sessions_lost_total: IntCounter,
+    /// `activator_sandbox_oom_kills_total`: processes the kernel OOM-killed inside process
+    /// sandboxes at `backend.memory_max`.
+    pub sandbox_oom_kills_total: IntCounter,
     /// `activator_warm_pool_ready`: ready, unassigned sandboxes.
     pub warm_pool_ready: IntGauge,
     /// `activator_upstream_errors_total{kind}`: connect | reset | protocol | timeout.
@@ -259,6 +263,11 @@ impl Metrics {
                 "Sessions whose pinned sandbox died.",
             )
             .expect("valid metric"),
+            sandbox_oom_kills_total: IntCounter::new(
+                "activator_sandbox_oom_kills_total",
+                "Processes OOM-killed inside process sandboxes at backend.memory_max.",
+            )
+            .expect("valid metric"),
             warm_pool_ready: IntGauge::new(
                 "activator_warm_pool_ready",
                 "Ready, unassigned sandboxes in the warm pool.",
@@ -389,6 +398,7 @@ impl Metrics {
             Box::new(self.deep_pauses_total.clone()),
             Box::new(self.releases_total.clone()),
             Box::new(self.sessions_lost_total.clone()),
+            Box::new(self.sandbox_oom_kills_total.clone()),
             Box::new(self.warm_pool_ready.clone()),
             Box::new(self.upstream_errors_total.clone()),
             Box::new(self.stable_concurrency.clone()),
