@@ -124,12 +124,20 @@ impl ProcessBackend {
         })?;
         let isolation = match b.isolation {
             IsolationKind::None => None,
-            kind => isolation::Isolation::detect(
-                kind == IsolationKind::Auto,
-                isolation_settings(config, &workdir)?,
-            )
-            .await
-            .map_err(|e| ConfigError::invalid("backend.isolation", e))?,
+            kind => {
+                let detected = match isolation_settings(config, &workdir) {
+                    Ok(settings) => {
+                        isolation::Isolation::detect(kind == IsolationKind::Auto, settings)
+                            .await
+                            .map_err(|e| ConfigError::invalid("backend.isolation", e))
+                    }
+                    Err(e) => Err(e),
+                };
+                detected.inspect_err(|_| {
+                    freezer.remove_instance_dir();
+                    let _ = std::fs::remove_dir_all(&workdir);
+                })?
+            }
         };
         if isolation.is_none() && !b.expose_ports.is_empty() {
             tracing::warn!(
@@ -143,7 +151,10 @@ impl ProcessBackend {
             freezer.instance_dir(),
             instance.as_str(),
         )
-        .inspect_err(|_| freezer.remove_instance_dir())?;
+        .inspect_err(|_| {
+            freezer.remove_instance_dir();
+            let _ = std::fs::remove_dir_all(&workdir);
+        })?;
         if let Some(iso) = &isolation {
             for (i, v) in config.customize.volumes.iter().enumerate() {
                 if !iso.can_mount_at(&v.mount_path) {
@@ -514,6 +525,8 @@ impl SandboxBackend for ProcessBackend {
         }
         s.freezer.remove_instance_dir();
         s.limits.remove_instance_dirs();
+        // Empty by now but for the generated /etc of isolated sandboxes.
+        let _ = std::fs::remove_dir_all(s.workdir.join("etc"));
         let _ = std::fs::remove_dir(&s.workdir);
     }
 }

@@ -140,6 +140,12 @@ async fn create_private_dir(
     let session_dir = session_dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
         use std::os::unix::fs::DirBuilderExt;
+        // `volumes_root` itself with the default mode: the sandbox user (bubblewrap binds
+        // as that user) must traverse it; the per-session directories are private.
+        if let Some(root) = session_dir.parent() {
+            std::fs::create_dir_all(root)
+                .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+        }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)

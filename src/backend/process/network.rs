@@ -87,23 +87,20 @@ impl Network {
             .map(str::to_owned),
         );
         argv.push("--".into());
-        match &self.ip {
-            Some(ip) => {
-                // Runs as root of pasta's user namespace (capable in the sandbox's network
-                // namespace only), then execs bubblewrap, which drops that for good.
-                let ip = ip.to_string_lossy();
-                let blocks: Vec<String> = BLOCKED_V4
-                    .iter()
-                    .map(|net| format!("{ip} route add unreachable {net} && "))
-                    .collect();
-                argv.extend([
-                    "/bin/sh".to_owned(),
-                    "-c".to_owned(),
-                    format!("{}exec \"$@\"", blocks.concat()),
-                    "sh".to_owned(),
-                ]);
-            }
-            None => {}
+        if let Some(ip) = &self.ip {
+            // Runs as root of pasta's user namespace (capable in the sandbox's network
+            // namespace only), then execs bubblewrap, which drops that for good.
+            let ip = ip.to_string_lossy();
+            let blocks: Vec<String> = BLOCKED_V4
+                .iter()
+                .map(|net| format!("{ip} route add unreachable {net} && "))
+                .collect();
+            argv.extend([
+                "/bin/sh".to_owned(),
+                "-c".to_owned(),
+                format!("{}exec \"$@\"", blocks.concat()),
+                "sh".to_owned(),
+            ]);
         }
         argv.extend(inner);
         argv
