@@ -74,7 +74,7 @@ impl Autoscaler {
             .auth
             .bearer_token_file
             .as_deref()
-            .and_then(|f| crate::admin::read_token(f).ok());
+            .and_then(|f| crate::config::read_token(f).ok());
         let peers = PeerCollector::new(
             config.autoscaler.peers.clone(),
             config.autoscaler.peer_timeout.as_duration(),
