@@ -98,6 +98,11 @@ impl Autoscaler {
         self.peers.own_id()
     }
 
+    /// The pool's configuration it decides with (`autoscaler.*`, `backend.*`).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// `GET /api/stats`: this replica's signals right now.
     pub fn stats_json(&self) -> serde_json::Value {
         serde_json::to_value(self.snapshot()).unwrap_or(serde_json::Value::Null)

@@ -25,6 +25,7 @@ mod activation;
 mod admin_pagination;
 mod cli_check;
 mod dashboard;
+mod dashboard_scaler;
 mod deep_idle;
 mod demo_sandbox;
 mod deploy_examples;
