@@ -139,7 +139,7 @@ impl ProcessBackend {
                 })?
             }
         };
-        if isolation.is_none() && !b.expose_ports.is_empty() {
+        if isolation.is_none() && !exposed_ports(config).is_empty() {
             tracing::warn!(
                 "backend.expose_ports: sandboxes are not isolated (no network \
                 namespace of their own), so their ports are not forwarded"
@@ -185,7 +185,7 @@ impl ProcessBackend {
                 ready_path: b.ready_path.clone(),
                 self_exe,
                 isolation,
-                expose_ports: b.expose_ports.clone(),
+                expose_ports: exposed_ports(config),
             },
             freezer,
             limits,
@@ -270,6 +270,18 @@ impl Shared {
     fn publish(&self, fleet: &Fleet) {
         self.metrics.warm_pool_ready.set(fleet.warm.len() as i64);
     }
+}
+
+/// The sandbox ports forwarded per sandbox: `backend.expose_ports` plus this pool's
+/// `preview.ports` (a preview URL needs its port reachable), each once.
+fn exposed_ports(config: &Config) -> Vec<u16> {
+    let mut ports = config.backend.expose_ports.clone();
+    for p in config.preview.iter().flat_map(|p| &p.ports) {
+        if !ports.contains(p) {
+            ports.push(*p);
+        }
+    }
+    ports
 }
 
 /// What isolation needs from the config: the sandbox user, network, read-only additions
