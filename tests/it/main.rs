@@ -56,6 +56,7 @@ mod pool_metrics;
 mod pools;
 mod pools_kubernetes;
 mod preview;
+mod preview_browser;
 mod process_backend;
 mod process_customize;
 mod process_full_path;
