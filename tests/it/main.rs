@@ -57,6 +57,7 @@ mod pools;
 mod pools_kubernetes;
 mod preview;
 mod preview_browser;
+mod preview_deploy;
 mod process_backend;
 mod process_customize;
 mod process_full_path;
