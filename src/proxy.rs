@@ -31,6 +31,7 @@ mod activity;
 mod body;
 mod client_addr;
 mod completion;
+mod conn_local;
 pub mod error;
 mod forward;
 mod h1;
@@ -46,6 +47,7 @@ pub use body::{ClientBody, ProxyBody, RequestBody, RequestBodyError, ResponseBod
 pub use client_addr::{TrustedProxies, client_ip, parse_cidr};
 pub use completion::{CLIENT_CLOSED, StatusCounters};
 use completion::{Completion, Recorder};
+use conn_local::ConnLocal;
 use error::ProxyError;
 pub use forward::{ClientConn, strip_hop_by_hop};
 use forward::{is_upgrade_request, prepare_request_headers};
@@ -178,10 +180,17 @@ impl Proxy {
     }
 
     /// Proxies one request. Never fails: every failure is a response.
-    pub async fn handle(
+    pub async fn handle(&self, req: Request<ClientBody>, conn: &ClientConn) -> Response<ResponseBody> {
+        self.handle_on(req, conn, None).await
+    }
+
+    /// [`Proxy::handle`], with the state a fast-path connection keeps between its
+    /// requests (`local`: its lease cache and response-head timer) when it has one.
+    async fn handle_on(
         &self,
         mut req: Request<ClientBody>,
         conn: &ClientConn,
+        local: Option<&mut ConnLocal>,
     ) -> Response<ResponseBody> {
         let mut completion = Completion::begin(&self.recorder, req.method(), req.uri());
         if self.telemetry.enabled() {
@@ -202,7 +211,7 @@ impl Proxy {
             Ok(session) => {
                 completion.set_session(&session.key, session.rewritten.as_ref());
                 let minted = (session.origin == SessionOrigin::Minted).then(|| session.key.clone());
-                let mut resp = match self.forward(req, session, conn, &mut completion).await {
+                let mut resp = match self.forward(req, session, conn, &mut completion, local).await {
                     Ok(resp) => resp,
                     Err(err) => self.failure(err, &request_id),
                 };
@@ -247,6 +256,7 @@ impl Proxy {
         session: ExtractedSession,
         conn: &ClientConn,
         completion: &mut Completion,
+        mut local: Option<&mut ConnLocal>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let pool = {
             let path = match &session.rewritten {
@@ -260,7 +270,11 @@ impl Proxy {
             completion.set_pool_stats(&pool.stats);
         }
         let activator = &pool.activator;
-        let lease = match activator.try_acquire_ready(&session.key) {
+        let ready = match local.as_deref_mut() {
+            Some(local) => activator.try_acquire_ready_cached(&session.key, &mut local.leases),
+            None => activator.try_acquire_ready(&session.key),
+        };
+        let lease = match ready {
             Some(lease) => lease,
             None => {
                 // A session no pool holds yet is a new one: bounded (server-wide), and
@@ -342,7 +356,7 @@ impl Proxy {
         let sent = if upgrade || self.upstream.is_h2() {
             (self.upstream.send(req, endpoint, upgrade).await).map(|r| r.map(ProxyBody::Upstream))
         } else {
-            self.upstream.send_h1(req, &sandbox, endpoint).await
+            self.upstream.send_h1(req, &sandbox, endpoint, local).await
         }
         .map_err(ProxyError::blame_request_body);
         if let Some(span) = span {

@@ -35,6 +35,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::activity::{ConnActivity, ConnTimeouts};
 use super::body::{ClientBody, ResponseBody};
+use super::conn_local::ConnLocal;
 use super::forward::list_has;
 use super::h1::{self, field};
 use super::{ClientConn, Proxy};
@@ -103,6 +104,7 @@ impl FastPath<'_> {
     {
         let mut rbuf = BytesMut::with_capacity(8 * 1024);
         let mut wbuf = Vec::with_capacity(8 * 1024);
+        let mut local = ConnLocal::default();
         let mut waits = Waits {
             deadline: Box::pin(tokio::time::sleep_until(self.deadline())),
             draining: Box::pin(self.shutdown.reached(Phase::Draining)),
@@ -140,7 +142,7 @@ impl FastPath<'_> {
                 let body = rbuf.split_to(head.body_len).freeze();
                 *head.request.body_mut() = ClientBody::Buffered(Some(body));
             }
-            let exchanged = self.exchange(io, &mut rbuf, &mut wbuf, head, &mut waits);
+            let exchanged = self.exchange(io, &mut rbuf, &mut wbuf, head, &mut waits, &mut local);
             let keep_alive = match exchanged.await {
                 Ok(keep_alive) => keep_alive,
                 Err(()) => return Handoff::Done,
@@ -205,12 +207,13 @@ impl FastPath<'_> {
         wbuf: &mut Vec<u8>,
         head: Head,
         waits: &mut Waits<'_>,
+        local: &mut ConnLocal,
     ) -> Result<bool, ()>
     where
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let guard = self.activity.begin_request(false);
-        let handled = self.proxy.handle(head.request, self.conn);
+        let handled = self.proxy.handle_on(head.request, self.conn, Some(local));
         tokio::pin!(handled);
         // The socket is watched while the request is proxied: EOF cancels it (hyper's
         // behaviour); early bytes of a pipelined next request are kept, up to one head.
