@@ -201,7 +201,11 @@ impl Proxy {
         completion.set_request_id(&request_id);
         let https = conn.https(req.headers());
         let declared = req.body().size_hint().lower();
-        let mut resp = match self.extractor.extract(req.uri(), req.headers()) {
+        let leases = local.as_deref().map(|l| &l.leases);
+        let extracted = self.extractor.extract_reusing(req.uri(), req.headers(), |raw| {
+            leases.and_then(|c| c.key(raw))
+        });
+        let mut resp = match extracted {
             // A declared length over the cap is refused before any sandbox is woken.
             _ if self.max_body_bytes.is_some_and(|max| declared > max) => self.failure(
                 ProxyError::BodyTooLarge(self.max_body_bytes.unwrap_or(0)),

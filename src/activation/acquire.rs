@@ -67,6 +67,18 @@ pub struct LeaseCache {
     next: usize,
 }
 
+impl LeaseCache {
+    /// The key of a cached session whose ID is `raw` (shared, not allocated). Keys are
+    /// values: any equal key names the same session, whatever the table did since.
+    pub fn key(&self, raw: &str) -> Option<SessionKey> {
+        self.entries
+            .iter()
+            .flatten()
+            .find(|e| e.key.as_str() == raw)
+            .map(|e| e.key.clone())
+    }
+}
+
 /// Sessions a [`LeaseCache`] remembers.
 const LEASE_CACHE_ENTRIES: usize = 8;
 

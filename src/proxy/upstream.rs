@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::IntCounter;
 
 use super::body::{ProxyBody, RequestBody};
-use super::conn_local::ConnLocal;
+use super::conn_local::{self, ConnLocal};
 use super::error::ProxyError;
 use super::forward::{endpoint_authority, upstream_uri};
 use super::h1client::{H1Client, H1Error, H1Pool};
@@ -123,13 +123,23 @@ impl Upstream {
             authority = self.authority(endpoint);
             authority.as_str()
         };
-        let sent = self.h1.send(&parts, body, sandbox, endpoint, host);
-        // A fast-path connection bounds it with its one timer; otherwise a timer per request.
+        // A fast-path connection bounds it with its one timer (otherwise a timer per
+        // request), lends its spare map to the response head, and gets the request's map
+        // back, emptied, for its next request.
         let bounded = match local {
-            Some(local) => local.bounded(self.request_timeout, sent).await.ok_or(()),
-            None => tokio::time::timeout(self.request_timeout, sent)
-                .await
-                .map_err(|_| ()),
+            Some(local) => {
+                let spare = local.spare_response.take();
+                let sent = self.h1.send(&parts, body, sandbox, endpoint, host, spare);
+                let bounded = local.bounded(self.request_timeout, sent).await.ok_or(());
+                conn_local::recycle(&mut local.spare_request, parts.headers);
+                bounded
+            }
+            None => {
+                let sent = self.h1.send(&parts, body, sandbox, endpoint, host, None);
+                tokio::time::timeout(self.request_timeout, sent)
+                    .await
+                    .map_err(|_| ())
+            }
         };
         let (head, body) = match bounded {
             Ok(Ok(sent)) => sent,
