@@ -180,7 +180,11 @@ impl Proxy {
     }
 
     /// Proxies one request. Never fails: every failure is a response.
-    pub async fn handle(&self, req: Request<ClientBody>, conn: &ClientConn) -> Response<ResponseBody> {
+    pub async fn handle(
+        &self,
+        req: Request<ClientBody>,
+        conn: &ClientConn,
+    ) -> Response<ResponseBody> {
         self.handle_on(req, conn, None).await
     }
 
@@ -202,9 +206,11 @@ impl Proxy {
         let https = conn.https(req.headers());
         let declared = req.body().size_hint().lower();
         let leases = local.as_deref().map(|l| &l.leases);
-        let extracted = self.extractor.extract_reusing(req.uri(), req.headers(), |raw| {
-            leases.and_then(|c| c.key(raw))
-        });
+        let extracted = self
+            .extractor
+            .extract_reusing(req.uri(), req.headers(), |raw| {
+                leases.and_then(|c| c.key(raw))
+            });
         let mut resp = match extracted {
             // A declared length over the cap is refused before any sandbox is woken.
             _ if self.max_body_bytes.is_some_and(|max| declared > max) => self.failure(
@@ -215,7 +221,10 @@ impl Proxy {
             Ok(session) => {
                 completion.set_session(&session.key, session.rewritten.as_ref());
                 let minted = (session.origin == SessionOrigin::Minted).then(|| session.key.clone());
-                let mut resp = match self.forward(req, session, conn, &mut completion, local).await {
+                let mut resp = match self
+                    .forward(req, session, conn, &mut completion, local)
+                    .await
+                {
                     Ok(resp) => resp,
                     Err(err) => self.failure(err, &request_id),
                 };

@@ -41,11 +41,9 @@ impl ConnLocal {
     /// The field name `raw` spells (any case), shared with an earlier request's when this
     /// connection sent it before; `None` when it is not a valid name.
     pub fn name(&mut self, raw: &[u8]) -> Option<HeaderName> {
-        if let Some(known) = self
-            .names
-            .iter()
-            .find(|n| n.as_str().len() == raw.len() && n.as_str().as_bytes().eq_ignore_ascii_case(raw))
-        {
+        if let Some(known) = self.names.iter().find(|n| {
+            n.as_str().len() == raw.len() && n.as_str().as_bytes().eq_ignore_ascii_case(raw)
+        }) {
             return Some(known.clone());
         }
         let name = HeaderName::from_bytes(raw).ok()?;
@@ -102,7 +100,10 @@ mod tests {
         assert!(local.name(b"bad name").is_none());
         assert!(local.name(b"").is_none());
         for i in 0..NAMES_MAX * 2 {
-            assert_eq!(local.name(format!("x-{i}").as_bytes()).unwrap().as_str(), format!("x-{i}"));
+            assert_eq!(
+                local.name(format!("x-{i}").as_bytes()).unwrap().as_str(),
+                format!("x-{i}")
+            );
         }
         assert_eq!(local.names.len(), NAMES_MAX);
     }

@@ -216,22 +216,24 @@ impl FastPath<'_> {
         // The socket is watched while the request is proxied: EOF cancels it (hyper's
         // behaviour); early bytes of a pipelined next request are kept, up to one head.
         let resp = {
-            let handled = self.proxy.handle_on(head.request, self.conn, Some(&mut *local));
+            let handled = self
+                .proxy
+                .handle_on(head.request, self.conn, Some(&mut *local));
             tokio::pin!(handled);
             loop {
-            let watch = rbuf.len() < self.max_head;
-            if rbuf.capacity() - rbuf.len() < 1024 {
-                rbuf.reserve(8 * 1024);
-            }
-            tokio::select! {
-                biased;
-                resp = &mut handled => break resp,
-                read = io.read_buf(rbuf), if watch => match read {
-                    Ok(n) if n > 0 => {}
-                    _ => return Err(()),
-                },
-                () = waits.closed.as_mut() => return Err(()),
-            }
+                let watch = rbuf.len() < self.max_head;
+                if rbuf.capacity() - rbuf.len() < 1024 {
+                    rbuf.reserve(8 * 1024);
+                }
+                tokio::select! {
+                    biased;
+                    resp = &mut handled => break resp,
+                    read = io.read_buf(rbuf), if watch => match read {
+                        Ok(n) if n > 0 => {}
+                        _ => return Err(()),
+                    },
+                    () = waits.closed.as_mut() => return Err(()),
+                }
             }
         };
         let resp = resp.map(|b| b.hold(guard));

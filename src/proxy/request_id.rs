@@ -93,7 +93,11 @@ mod tests {
         let ids: Vec<HeaderValue> = (0..IDS_PER_SLAB * 3 + 5).map(|_| generate()).collect();
         let distinct: std::collections::HashSet<&[u8]> = ids.iter().map(|v| v.as_bytes()).collect();
         assert_eq!(distinct.len(), ids.len());
-        assert!(ids.iter().all(|v| v.len() == ID_LEN
-            && v.as_bytes().iter().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())));
+        assert!(ids.iter().all(|v| {
+            v.len() == ID_LEN
+                && v.as_bytes()
+                    .iter()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        }));
     }
 }
