@@ -169,10 +169,15 @@ pub struct RecoveredBinding {
     pub paused: bool,
 }
 
+/// How a [`BackendEvent::Lost`] reason starts when the kernel OOM-killed the sandbox at
+/// its memory limit (`backend.memory_max`).
+pub const LOST_OOM: &str = "out of memory";
+
 /// Something that happened to a sandbox outside of a call made by this activator.
 #[derive(Debug, Clone)]
 pub enum BackendEvent {
-    /// The sandbox died or was deleted; its sessions are lost.
+    /// The sandbox died or was deleted; its sessions are lost. A `reason` starting with
+    /// [`LOST_OOM`] is an out-of-memory kill (the event stream's `lost` says `oom`).
     Lost { sandbox: SandboxId, reason: String },
     /// Paused by someone else (another replica, an operator).
     Paused { sandbox: SandboxId },
@@ -291,6 +296,15 @@ pub trait SandboxBackend: Send + Sync + 'static {
     /// Bindings that survive an activator restart (Kubernetes claims).
     async fn recover(&self) -> Result<Vec<RecoveredBinding>, BackendError> {
         Ok(Vec::new())
+    }
+
+    /// Where the sandbox's own port `port` is reachable from the activator (preview URLs,
+    /// `preview.ports`): Kubernetes the pod IP and that port, the process backend a
+    /// per-sandbox host-loopback forward into the sandbox's network namespace
+    /// (`backend.expose_ports`), static endpoints their host and that port. `None`: this
+    /// backend cannot reach it (the preview request gets 502 `preview_port_unreachable`).
+    fn port_endpoint(&self, _sandbox: &SandboxId, _port: u16) -> Option<SocketAddr> {
+        None
     }
 
     /// Called (at most once per request) when a session sees traffic, so shared stores

@@ -56,10 +56,19 @@ pub struct Metrics {
     pub pauses_total: IntCounterVec,
     /// `activator_deep_pauses_total{result}`: the deep idle tier (`idle.deep_after`).
     pub deep_pauses_total: IntCounterVec,
+    /// `activator_preview_requests_total{result}`: requests on preview hosts: `forwarded`,
+    /// `exchanged` (token -> cookie redirect), or the refusal's error code.
+    pub preview_requests_total: IntCounterVec,
+    /// `activator_hook_calls_total{hook,result}`: pause/resume hooks (`before_pause`,
+    /// `after_resume`) by result: ok | status | error | timeout.
+    pub hook_calls_total: IntCounterVec,
     /// `activator_releases_total{reason}`: idle | ttl | admin | lost | shutdown.
     pub releases_total: IntCounterVec,
     /// `activator_sessions_lost_total`: sessions whose sandbox died.
     pub sessions_lost_total: IntCounter,
+    /// `activator_sandbox_oom_kills_total`: processes the kernel OOM-killed inside process
+    /// sandboxes at `backend.memory_max`.
+    pub sandbox_oom_kills_total: IntCounter,
     /// `activator_warm_pool_ready`: ready, unassigned sandboxes.
     pub warm_pool_ready: IntGauge,
     /// `activator_upstream_errors_total{kind}`: connect | reset | protocol | timeout.
@@ -227,6 +236,22 @@ impl Metrics {
                 &["result"],
             )
             .expect("valid metric"),
+            preview_requests_total: IntCounterVec::new(
+                Opts::new(
+                    "activator_preview_requests_total",
+                    "Requests on preview hosts by result (forwarded, exchanged, or the refusal's code).",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+            hook_calls_total: IntCounterVec::new(
+                Opts::new(
+                    "activator_hook_calls_total",
+                    "Pause/resume hook calls into sandboxes by hook and result.",
+                ),
+                &["hook", "result"],
+            )
+            .expect("valid metric"),
             deep_pauses_total: IntCounterVec::new(
                 Opts::new(
                     "activator_deep_pauses_total",
@@ -243,6 +268,11 @@ impl Metrics {
             sessions_lost_total: IntCounter::new(
                 "activator_sessions_lost_total",
                 "Sessions whose pinned sandbox died.",
+            )
+            .expect("valid metric"),
+            sandbox_oom_kills_total: IntCounter::new(
+                "activator_sandbox_oom_kills_total",
+                "Processes OOM-killed inside process sandboxes at backend.memory_max.",
             )
             .expect("valid metric"),
             warm_pool_ready: IntGauge::new(
@@ -399,8 +429,11 @@ impl Metrics {
             Box::new(self.customized_claims_total.clone()),
             Box::new(self.pauses_total.clone()),
             Box::new(self.deep_pauses_total.clone()),
+            Box::new(self.preview_requests_total.clone()),
+            Box::new(self.hook_calls_total.clone()),
             Box::new(self.releases_total.clone()),
             Box::new(self.sessions_lost_total.clone()),
+            Box::new(self.sandbox_oom_kills_total.clone()),
             Box::new(self.warm_pool_ready.clone()),
             Box::new(self.stable_concurrency.clone()),
             Box::new(self.panic_concurrency.clone()),

@@ -32,7 +32,12 @@ impl Transitions {
         }
         let sandbox = st.bound.as_ref().map(|b| &b.sandbox);
         if step.effects.count_loss {
-            self.publish(EventKind::Lost, entry, sandbox, |d| d);
+            // `reason` set only for a loss the backend explained (`oom`).
+            let reason = payload.reason.filter(|_| event == Event::Lost);
+            self.publish(EventKind::Lost, entry, sandbox, |d| match reason {
+                Some(r) => d.reason(r),
+                None => d,
+            });
         }
         let waited = |d: EventDraft| match payload.waited {
             Some(w) => d.wait(w),
@@ -140,6 +145,7 @@ pub(crate) fn reject_reason(err: &ActivationError) -> &'static str {
         ActivationError::Timeout(_) => "activation_timeout",
         ActivationError::SandboxLost => "sandbox_lost",
         ActivationError::ShuttingDown => "shutting_down",
+        ActivationError::Hook(_) => "hook_failed",
         ActivationError::Backend(BackendError::NoCapacity(_)) => "no_capacity",
         ActivationError::Backend(BackendError::Timeout(_)) => "activation_timeout",
         ActivationError::Backend(BackendError::Lost(_)) => "sandbox_lost",
