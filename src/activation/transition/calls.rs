@@ -11,9 +11,9 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::{Payload, Transitions};
-use crate::activation::ActivationError;
 use crate::activation::entry::{Bound, SessionEntry};
 use crate::activation::lifecycle::{self, Event};
+use crate::activation::{ActivationError, HeldFor};
 use crate::backend::{ActivationKind, BackendError, ClaimBudget, DeepPause, SandboxId};
 use crate::session::SessionKey;
 
@@ -74,6 +74,7 @@ impl Transitions {
 
         let (event, payload, result) = match outcome {
             Some(Ok(binding)) => {
+                let held_for = HeldFor::of_claim(&binding);
                 self.count_activation(binding.kind, "ok", started);
                 if !entry.spec.is_empty() {
                     let cold = binding.kind == ActivationKind::Create;
@@ -88,6 +89,7 @@ impl Transitions {
                         endpoint: Some(binding.endpoint),
                     }),
                     kind: Some(binding.kind),
+                    held_for: Some(held_for),
                     ..Payload::default()
                 };
                 (Event::ClaimOk, payload, Ok(()))
@@ -115,6 +117,7 @@ impl Transitions {
         self: Arc<Self>,
         entry: Arc<SessionEntry>,
         sandbox: Option<SandboxId>,
+        held_for: HeldFor,
     ) -> Result<(), ActivationError> {
         let started = Instant::now();
         let budget = self.settings.activation_timeout;
@@ -133,6 +136,7 @@ impl Transitions {
                 let payload = Payload {
                     endpoint: Some(endpoint),
                     kind: Some(ActivationKind::Resume),
+                    held_for: Some(held_for),
                     ..Payload::default()
                 };
                 (Event::ResumeOk, payload, Ok(()))

@@ -148,6 +148,7 @@ impl Fleet {
                     sandbox: id.clone(),
                     endpoint,
                     kind: ActivationKind::Claim,
+                    queued_for_capacity: false,
                 });
             }
         }
@@ -192,6 +193,7 @@ impl Fleet {
             sandbox: id.clone(),
             endpoint: e.endpoint?,
             kind,
+            queued_for_capacity: false,
         })
     }
 
