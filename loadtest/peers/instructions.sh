@@ -14,7 +14,7 @@
 #
 # Environment: ACTIVATOR (default target/release/agent-activator), BASELINE (optional
 # second activator binary), SESSIONS (64), CONNECTIONS (8), DURATION (seconds per target, 10), OUT
-# (target/loadtest-instructions). Needs valgrind, wrk, nginx, haproxy; installs nothing.
+# (target/loadtest-instructions), SKIP_PEERS (set: activators only). Needs valgrind, wrk, nginx, haproxy; installs nothing.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -81,7 +81,10 @@ measure() {
         "http://127.0.0.1:$port/" >"$run/$name.wrk"
     callgrind_control -d "$pid" >/dev/null
     sleep 1
+    # HAProxy under valgrind may ignore SIGINT: end it harder after 5 s.
     kill -INT "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
     local requests ir
     requests=$(awk '/requests in/ { print $1 }' "$run/$name.wrk")
@@ -99,5 +102,6 @@ TOKIO_WORKER_THREADS=1 measure activator "$activator" serve -c "$run/activator.y
 if [[ -n $baseline ]]; then
     TOKIO_WORKER_THREADS=1 measure baseline "$baseline" serve -c "$run/activator.yaml"
 fi
+[[ -n ${SKIP_PEERS:-} ]] && exit 0
 measure nginx nginx -p "$run" -c "$run/nginx.conf" -e "$run/nginx-error.log" -g 'master_process off;'
 measure haproxy haproxy -f "$run/haproxy.cfg" -db
