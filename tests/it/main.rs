@@ -58,6 +58,7 @@ mod layers;
 mod leader_election;
 mod node_agent;
 mod pool_metrics;
+mod pool_views;
 mod pools;
 mod pools_kubernetes;
 mod preview;
