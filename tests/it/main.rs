@@ -51,6 +51,7 @@ mod kubernetes_outage;
 mod kubernetes_proxy;
 mod kubernetes_rbac;
 mod kubernetes_rejections;
+mod kubernetes_release;
 mod kubernetes_stale_claims;
 mod kubernetes_testbed;
 mod kubernetes_testbed_controller;
