@@ -75,7 +75,10 @@ fn watched_files() -> Vec<std::path::PathBuf> {
         .collect();
     // The Python module's own file (pip reinstalls or removes it), not site-packages.
     if let Ok(out) = Command::new("python3")
-        .args(["-c", "import kubernetes_validate; print(kubernetes_validate.__file__)"])
+        .args([
+            "-c",
+            "import kubernetes_validate; print(kubernetes_validate.__file__)",
+        ])
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output()

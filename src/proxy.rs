@@ -39,6 +39,7 @@ mod h1server;
 mod listener;
 mod relay;
 mod request_id;
+pub mod rules;
 mod tls;
 mod upstream;
 
@@ -48,10 +49,11 @@ pub use completion::{CLIENT_CLOSED, StatusCounters};
 use completion::{Completion, Recorder};
 use error::ProxyError;
 pub use forward::{ClientConn, strip_hop_by_hop};
-use forward::{is_upgrade_request, prepare_request_headers};
+use forward::{is_upgrade_request, prepare_request_headers, strip_request_hop_by_hop};
 pub use listener::serve;
 use relay::Relay;
 pub use request_id::X_REQUEST_ID;
+use rules::{EdgeRules, EdgeViolation};
 pub use tls::{TlsError, acceptor as tls_acceptor};
 use upstream::Upstream;
 
@@ -90,6 +92,8 @@ pub struct Proxy {
     max_body_bytes: Option<u64>,
     tunnel_idle_timeout: Duration,
     tunnels_closed: IntCounter,
+    /// The request-edge rules (CONNECT, look-alike and duplicate fields, Host).
+    edge: EdgeRules,
 }
 
 impl Proxy {
@@ -140,6 +144,7 @@ impl Proxy {
             tunnels_closed: metrics
                 .client_connections_closed_total
                 .with_label_values(&["tunnel_idle_timeout"]),
+            edge: EdgeRules::new(config),
         }
     }
 
@@ -177,32 +182,73 @@ impl Proxy {
             })
     }
 
+    /// The request-edge rules, for a path that applies them while it parses (the
+    /// HTTP/1.1 fast path) and then calls [`Proxy::handle_checked`].
+    pub(crate) fn edge(&self) -> &EdgeRules {
+        &self.edge
+    }
+
     /// Proxies one request. Never fails: every failure is a response.
     pub async fn handle(
         &self,
         mut req: Request<ClientBody>,
         conn: &ClientConn,
     ) -> Response<ResponseBody> {
+        let authority = req.uri().authority().cloned();
+        let (method, version) = (req.method().clone(), req.version());
+        let verdict = self.edge.check_request(
+            &method,
+            version,
+            authority.as_ref().map(|a| a.as_str().as_bytes()),
+            req.headers_mut(),
+        );
+        self.handle_checked(req, conn, verdict).await
+    }
+
+    /// Proxies one request whose fields already went through the edge rules
+    /// (`verdict`: refused when `Err`). Never fails: every failure is a response.
+    pub(crate) async fn handle_checked(
+        &self,
+        mut req: Request<ClientBody>,
+        conn: &ClientConn,
+        verdict: Result<(), EdgeViolation>,
+    ) -> Response<ResponseBody> {
         let mut completion = Completion::begin(&self.recorder, req.method(), req.uri());
         if self.telemetry.enabled() {
             completion.set_trace(self.telemetry.start_request(req.method(), req.headers()));
+        }
+        // Hop-by-hop fields go before the proxy adds any of its own, so `Connection` can
+        // name none of them (RFC 9110 7.6.1). An upgrade is decided on the fields as sent.
+        let upgrade = req.version() <= Version::HTTP_11
+            && is_upgrade_request(req.headers())
+            && self.upgrade_allowed(req.headers());
+        if verdict.is_ok() {
+            strip_request_hop_by_hop(req.headers_mut(), upgrade, &self.edge);
         }
         let request_id = request_id::request_id(conn, req.headers());
         req.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
         completion.set_request_id(&request_id);
         let https = conn.https(req.headers());
         let declared = req.body().size_hint().lower();
-        let mut resp = match self.extractor.extract(req.uri(), req.headers()) {
+        let extracted = match verdict {
+            Err(v) => Err(ProxyError::Edge(v)),
+            Ok(()) => self
+                .extractor
+                .extract(req.uri(), req.headers())
+                .map_err(ProxyError::from),
+        };
+        let mut resp = match extracted {
             // A declared length over the cap is refused before any sandbox is woken.
             _ if self.max_body_bytes.is_some_and(|max| declared > max) => self.failure(
                 ProxyError::BodyTooLarge(self.max_body_bytes.unwrap_or(0)),
                 &request_id,
             ),
-            Err(err) => self.failure(err.into(), &request_id),
+            Err(err) => self.failure(err, &request_id),
             Ok(session) => {
                 completion.set_session(&session.key, session.rewritten.as_ref());
                 let minted = (session.origin == SessionOrigin::Minted).then(|| session.key.clone());
-                let mut resp = match self.forward(req, session, conn, &mut completion).await {
+                let forwarded = self.forward(req, session, conn, upgrade, &mut completion);
+                let mut resp = match forwarded.await {
                     Ok(resp) => resp,
                     Err(err) => self.failure(err, &request_id),
                 };
@@ -246,6 +292,7 @@ impl Proxy {
         mut req: Request<ClientBody>,
         session: ExtractedSession,
         conn: &ClientConn,
+        upgrade: bool,
         completion: &mut Completion,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let pool = {
@@ -309,10 +356,7 @@ impl Proxy {
         completion.hold_lease(lease);
 
         // An upgrade outside `proxy.allowed_upgrades` is forwarded as a plain request
-        // (its `Upgrade`/`Connection` headers stripped as hop-by-hop).
-        let upgrade = req.version() <= Version::HTTP_11
-            && is_upgrade_request(req.headers())
-            && self.upgrade_allowed(req.headers());
+        // (its `Upgrade`/`Connection` headers were stripped as hop-by-hop).
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let body = RequestBody::new(body, self.body_timeout, self.max_body_bytes);
@@ -321,7 +365,6 @@ impl Proxy {
             parts.uri.authority(),
             conn,
             &self.strip,
-            upgrade,
             self.upstream.is_h2() && !upgrade,
         );
         self.forwarding
@@ -356,6 +399,7 @@ impl Proxy {
 
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(resp.headers_mut(), switching);
+        rules::fix_response_length(resp.status(), resp.headers_mut());
         self.forwarding.filter_response(resp.headers_mut());
         let headers = resp.headers_mut();
         headers.insert(

@@ -25,7 +25,9 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HOST, TE, TRANSFER_ENCODING, UPGRADE,
+};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Body;
@@ -37,6 +39,7 @@ use super::activity::{ConnActivity, ConnTimeouts};
 use super::body::{ClientBody, ResponseBody};
 use super::forward::list_has;
 use super::h1::{self, field};
+use super::rules::{self, EdgeRules, EdgeViolation, FieldVerdict, Seen};
 use super::{ClientConn, Proxy};
 use crate::shutdown::{Phase, Shutdown};
 
@@ -82,6 +85,8 @@ struct Head {
     keep_alive: bool,
     head_request: bool,
     trailers_ok: bool,
+    /// The edge rules' verdict, reached during the same scan as the fields.
+    verdict: Result<(), EdgeViolation>,
 }
 
 #[expect(
@@ -111,7 +116,7 @@ impl FastPath<'_> {
         loop {
             let head = loop {
                 if !rbuf.is_empty() {
-                    match parse_request(&mut rbuf, self.max_head) {
+                    match parse_request(&mut rbuf, self.max_head, self.proxy.edge()) {
                         Parsed::Take(head) => break head,
                         Parsed::Other => return Handoff::ToHyper(rbuf),
                         Parsed::Partial => {
@@ -210,7 +215,9 @@ impl FastPath<'_> {
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let guard = self.activity.begin_request(false);
-        let handled = self.proxy.handle(head.request, self.conn);
+        let handled = self
+            .proxy
+            .handle_checked(head.request, self.conn, head.verdict);
         tokio::pin!(handled);
         // The socket is watched while the request is proxied: EOF cancels it (hyper's
         // behaviour); early bytes of a pipelined next request are kept, up to one head.
@@ -259,7 +266,7 @@ fn body_arrived<I: AsyncRead + Unpin>(io: &mut I, rbuf: &mut BytesMut, len: usiz
 
 /// Parses a request head from the front of `rbuf`; takes it only when it is plain (see
 /// the module documentation).
-fn parse_request(rbuf: &mut BytesMut, max_head: usize) -> Parsed {
+fn parse_request(rbuf: &mut BytesMut, max_head: usize, rules: &EdgeRules) -> Parsed {
     let mut spans = [(0usize, 0usize, 0usize, 0usize); h1::MAX_HEADERS];
     let (len, method, target, count) = {
         let mut raw = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
@@ -294,7 +301,7 @@ fn parse_request(rbuf: &mut BytesMut, max_head: usize) -> Parsed {
         return Parsed::Other;
     }
     let head = rbuf.split_to(len).freeze();
-    match build(&head, method, target, &spans[..count]) {
+    match build(&head, method, target, &spans[..count], rules) {
         Some(parsed) => Parsed::Take(parsed),
         None => {
             // Give the bytes back, in order, for hyper.
@@ -311,6 +318,7 @@ fn build(
     method: Method,
     target: (usize, usize),
     spans: &[(usize, usize, usize, usize)],
+    rules: &EdgeRules,
 ) -> Option<Head> {
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1)).ok()?;
     // Room for the fields the proxy adds (X-Forwarded-*, X-Request-ID, trace context)
@@ -319,7 +327,13 @@ fn build(
     let mut body_len = None;
     let mut keep_alive = true;
     let mut trailers_ok = false;
+    // The edge rules ride on this scan: one call per field, no second pass.
+    let mut seen = Seen::default();
+    let mut host = None;
     for &(ns, ne, vs, ve) in spans {
+        if rules.field(&head[ns..ne], &mut seen) == FieldVerdict::Drop {
+            continue;
+        }
         let name = HeaderName::from_bytes(&head[ns..ne]).ok()?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).ok()?;
         if name == TRANSFER_ENCODING || name == UPGRADE || name == EXPECT {
@@ -343,8 +357,18 @@ fn build(
         if name == TE {
             trailers_ok = value.to_str().is_ok_and(|v| list_has(v, "trailers"));
         }
+        if name == HOST {
+            host = Some((vs, ve));
+        }
         headers.append(name, value);
     }
+    let verdict = rules.finish(
+        &method,
+        Version::HTTP_11,
+        None,
+        host.map(|(vs, ve)| &head[vs..ve]),
+        &seen,
+    );
     let head_request = method == Method::HEAD;
     let mut request = Request::new(ClientBody::empty());
     *request.method_mut() = method;
@@ -358,6 +382,7 @@ fn build(
         keep_alive,
         head_request,
         trailers_ok,
+        verdict,
     })
 }
 
@@ -388,9 +413,13 @@ where
     wbuf.extend_from_slice(b"\r\n");
     let exact = body.size_hint().exact();
     let mut chunked = !bodiless && exact.is_none();
+    // A response to HEAD keeps the length it describes; a 1xx/204/304 never has one.
+    let keep_length = bodiless && rules::response_keeps_content_length(status);
     for (name, value) in &parts.headers {
-        // Framing is ours to write (a HEAD/304 keeps the length it describes).
-        if name == TRANSFER_ENCODING || (name == CONTENT_LENGTH && !bodiless) || name == CONNECTION
+        // Framing is ours to write.
+        if name == TRANSFER_ENCODING
+            || (name == CONTENT_LENGTH && !keep_length)
+            || name == CONNECTION
         {
             continue;
         }
@@ -404,6 +433,13 @@ where
             Some(n) => field(wbuf, b"content-length", h1::itoa_u64(n).as_bytes()),
             None => field(wbuf, b"transfer-encoding", b"chunked"),
         }
+    } else if keep_length
+        && !parts.headers.contains_key(CONTENT_LENGTH)
+        && let Some(n @ 1..) = exact
+    {
+        // A generated response to HEAD (an error) states the length GET would get, as
+        // hyper's server does.
+        field(wbuf, b"content-length", h1::itoa_u64(n).as_bytes());
     }
     if !keep_alive {
         field(wbuf, b"connection", b"close");

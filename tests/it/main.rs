@@ -33,6 +33,7 @@ mod deploy_render;
 mod documented_behaviours;
 mod drain;
 mod drain_streams;
+mod edge_rules;
 mod events;
 mod knative_examples;
 mod kubernetes_backend;
