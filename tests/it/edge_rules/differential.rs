@@ -7,7 +7,7 @@
 //! and code.
 //!
 //! The suite runs 64 cases (about a second); a longer run is
-//! `PROPTEST_CASES=5000 cargo test --release --test it edge_rules::differential`
+//! `PROPTEST_CASES=5000 cargo test --test it edge_rules::differential`
 //! (docs/security.md records its last result).
 
 use proptest::prelude::*;
@@ -124,6 +124,9 @@ fn case() -> impl Strategy<Value = Case> {
         })
 }
 
+/// A request as the sandbox got it: request line, fields (`x-request-id` masked), body.
+type Forwarded = (String, Vec<(String, String)>, Vec<u8>);
+
 /// What one activator did with a case.
 #[derive(Debug, PartialEq)]
 struct Outcome {
@@ -133,7 +136,7 @@ struct Outcome {
     fields: Vec<(String, String)>,
     code: String,
     /// Request line, fields (`x-request-id` masked) and body as the sandbox got them.
-    forwarded: Vec<(String, Vec<(String, String)>, Vec<u8>)>,
+    forwarded: Vec<Forwarded>,
 }
 
 struct Side {
@@ -193,7 +196,7 @@ impl Side {
     }
 }
 
-fn masked(r: &Received) -> (String, Vec<(String, String)>, Vec<u8>) {
+fn masked(r: &Received) -> Forwarded {
     let fields = r
         .head
         .headers
