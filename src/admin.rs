@@ -33,7 +33,7 @@ mod dashboard;
 mod stream;
 
 use api::Action;
-pub use auth::{AdminAuth, read_token};
+pub use auth::AdminAuth;
 pub use body::AdminBody;
 pub use stream::{ConnectionCut, EventStreams};
 

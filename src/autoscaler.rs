@@ -74,7 +74,7 @@ impl Autoscaler {
             .auth
             .bearer_token_file
             .as_deref()
-            .and_then(|f| crate::admin::read_token(f).ok());
+            .and_then(|f| crate::config::read_token(f).ok());
         let peers = PeerCollector::new(
             config.autoscaler.peers.clone(),
             config.autoscaler.peer_timeout.as_duration(),
@@ -96,6 +96,11 @@ impl Autoscaler {
     /// This replica's identity in `/api/stats` (peers skip themselves by it).
     pub fn replica_id(&self) -> &ReplicaId {
         self.peers.own_id()
+    }
+
+    /// The pool's configuration it decides with (`autoscaler.*`, `backend.*`).
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// `GET /api/stats`: this replica's signals right now.

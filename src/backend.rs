@@ -5,7 +5,6 @@
 //! session is pinned to which sandbox. Results are async; spontaneous changes (a sandbox
 //! died, another replica paused it) arrive as [`BackendEvent`]s.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,38 +15,12 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 pub use crate::customize::ClaimSpec;
+pub use crate::sandbox::SandboxId;
 use crate::session::SessionKey;
 
 pub mod kubernetes;
 pub mod process;
 pub mod static_set;
-
-/// A backend-unique sandbox name (process: `sbx-<n>`, Kubernetes: the Sandbox's name).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(transparent)]
-pub struct SandboxId(Arc<str>);
-
-impl SandboxId {
-    pub fn new(name: impl Into<Arc<str>>) -> SandboxId {
-        SandboxId(name.into())
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for SandboxId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for SandboxId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SandboxId({})", self.0)
-    }
-}
 
 /// What a request had to wait for before it could be forwarded.
 /// Sent to clients as `X-Activator-Activation` and used as the `kind` metric label.

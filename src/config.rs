@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer};
 
-mod customize;
+pub mod customize;
 mod duration;
 mod freeze;
+pub mod node_agent;
 mod pools;
 mod session;
 mod size;
@@ -25,7 +26,10 @@ pub use freeze::{NodeAgentClientConfig, PauseMode};
 pub use pools::{
     DEFAULT_POOL, EffectivePool, PoolAutoscaler, PoolConfig, PoolIdle, PoolMatch, validate_name,
 };
-pub use session::{CreateRate, HmacConfig, HmacKeyConfig, SessionAuth};
+pub use session::{
+    CreateRate, HmacConfig, HmacKeyConfig, MAX_KEY_ID_LEN, MIN_SECRET_LEN, SessionAuth,
+    check_key_id,
+};
 pub use telemetry::{EventsConfig, OtlpConfig, TelemetryConfig};
 
 /// A configuration problem, always naming the key path (e.g. `session.sources[1].cookie`).
@@ -76,7 +80,7 @@ pub struct Config {
     /// `default` from the top-level `backend`, `autoscaler`, `idle` and `customize`.
     pub pools: Vec<PoolConfig>,
     /// The node agent's section (`agent-activator node-agent`); unused by `serve`.
-    pub node_agent: Option<crate::node_agent::NodeAgentConfig>,
+    pub node_agent: Option<node_agent::NodeAgentConfig>,
 }
 
 impl Default for Config {
@@ -130,6 +134,23 @@ pub struct AdminAuthConfig {
     /// File holding the bearer token (surrounding whitespace ignored); every admin request
     /// outside `admin.public_paths` needs `Authorization: Bearer <token>`.
     pub bearer_token_file: Option<PathBuf>,
+}
+
+/// Reads a token file: trimmed, non-empty, visible ASCII (it travels in a header).
+pub fn read_token(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{}: the token must be visible ASCII without spaces",
+            path.display()
+        ));
+    }
+    Ok(token.to_owned())
 }
 
 /// `log.*`
@@ -798,46 +819,9 @@ fn default_method() -> String {
 // === impl Config ===
 
 impl Config {
-    /// Reads, parses and validates a YAML file.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Config::from_yaml(&text)
-    }
-
-    /// Loads one file, or several Knative Service manifests as one pool each
-    /// (see [`crate::knative::config_from_manifests`]).
-    pub fn load_all(paths: &[PathBuf]) -> Result<Config, ConfigError> {
-        match paths {
-            [one] => Config::load(one),
-            _ => {
-                let mut docs = Vec::with_capacity(paths.len());
-                for path in paths {
-                    let text =
-                        std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                            path: path.to_owned(),
-                            source,
-                        })?;
-                    let doc = serde_yaml_ng::from_str(&text).map_err(|e| {
-                        ConfigError::invalid(path.display().to_string(), e.to_string())
-                    })?;
-                    docs.push((path.display().to_string(), doc));
-                }
-                crate::knative::config_from_manifests(&docs)
-            }
-        }
-    }
-
-    /// Parses and validates YAML text; errors name the key path.
-    /// A `serving.knative.dev/v1` Service manifest is accepted too (see [`crate::knative`]).
+    /// Parses and validates native YAML text; errors name the key path. (A file that may
+    /// be a Knative Service manifest is read by `crate::loader`, one floor up.)
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
-        if let Ok(doc) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text)
-            && crate::knative::is_knative_service(&doc)
-        {
-            return crate::knative::config_from_manifest(&doc);
-        }
         let de = serde_yaml_ng::Deserializer::from_str(text);
         let config: Config = deserialize_with_path(de)?;
         if !config.pools.is_empty() && top_level_backend(text) {

@@ -13,13 +13,11 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName};
 use regex::Regex;
 
+use crate::config::customize::{anchored_pattern, header_name, is_label_value};
 use crate::config::{ConfigError, CustomizeConfig, SidecarSet, VolumeRule};
 use crate::session::SessionKey;
 
-/// Hex characters of the session's SHA-256 in a per-session volume's name.
-pub const VOLUME_HASH_CHARS: usize = 32;
-/// Longest `customize.volumes[].name`, so `<name>-<hash>` stays a 63-character DNS label.
-const MAX_VOLUME_NAME: usize = 63 - 1 - VOLUME_HASH_CHARS;
+pub use crate::config::customize::VOLUME_HASH_CHARS;
 
 /// What a session asks of its sandbox, carried to [`crate::backend::SandboxBackend::claim`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -131,31 +129,13 @@ impl std::fmt::Debug for Customizer {
 impl Customizer {
     /// Compiles `config`; errors name the key below `key` (e.g. `customize.env[1].pattern`).
     pub fn new(config: &CustomizeConfig, key: &str) -> Result<Customizer, ConfigError> {
-        let header = |k: String, h: &str| {
-            HeaderName::from_bytes(h.as_bytes())
-                .map_err(|_| ConfigError::invalid(k, "not a valid header name"))
-        };
-        let pattern = |k: String, p: &str| {
-            Regex::new(&format!("^(?:{p})$")).map_err(|e| ConfigError::invalid(k, e.to_string()))
-        };
+        config.validate(key)?;
         let mut env = Vec::new();
         for (i, r) in config.env.iter().enumerate() {
             let k = format!("{key}.env[{i}]");
-            if !is_env_name(&r.name) {
-                return Err(ConfigError::invalid(
-                    format!("{k}.name"),
-                    "must match [A-Za-z_][A-Za-z0-9_]*",
-                ));
-            }
-            if r.name == "PORT" || r.name.starts_with("ACTIVATOR_") {
-                return Err(ConfigError::invalid(
-                    format!("{k}.name"),
-                    "PORT and ACTIVATOR_* are set by the activator",
-                ));
-            }
             env.push(Rule {
-                header: header(format!("{k}.header"), &r.header)?,
-                pattern: pattern(format!("{k}.pattern"), &r.pattern)?,
+                header: header_name(format!("{k}.header"), &r.header)?,
+                pattern: anchored_pattern(format!("{k}.pattern"), &r.pattern)?,
                 target: r.name.clone(),
                 container_name: r.container_name.clone(),
                 required: r.required,
@@ -164,74 +144,21 @@ impl Customizer {
         let mut labels = Vec::new();
         for (i, r) in config.labels.iter().enumerate() {
             let k = format!("{key}.labels[{i}]");
-            if !is_label_key(&r.label) {
-                return Err(ConfigError::invalid(
-                    format!("{k}.label"),
-                    "not a Kubernetes label key ([prefix/]name, name at most 63 characters)",
-                ));
-            }
             labels.push(Rule {
-                header: header(format!("{k}.header"), &r.header)?,
-                pattern: pattern(format!("{k}.pattern"), &r.pattern)?,
+                header: header_name(format!("{k}.header"), &r.header)?,
+                pattern: anchored_pattern(format!("{k}.pattern"), &r.pattern)?,
                 target: r.label.clone(),
                 container_name: None,
                 required: r.required,
             });
         }
-        for (i, v) in config.volumes.iter().enumerate() {
-            let k = format!("{key}.volumes[{i}]");
-            if !is_dns_label(&v.name) || v.name.len() > MAX_VOLUME_NAME {
-                return Err(ConfigError::invalid(
-                    format!("{k}.name"),
-                    format!("must be a DNS label of at most {MAX_VOLUME_NAME} characters"),
-                ));
-            }
-            if !v.mount_path.starts_with('/') || v.mount_path.split('/').any(|c| c == "..") {
-                return Err(ConfigError::invalid(
-                    format!("{k}.mount_path"),
-                    "must be an absolute path without '..'",
-                ));
-            }
-            if config.volumes[..i].iter().any(|o| o.name == v.name) {
-                return Err(ConfigError::invalid(format!("{k}.name"), "used twice"));
-            }
-        }
         let sidecars = match &config.sidecars {
-            Some(s) => {
-                if s.sets.is_empty() {
-                    return Err(ConfigError::invalid(
-                        format!("{key}.sidecars.sets"),
-                        "at least one set is required",
-                    ));
-                }
-                Some((
-                    header(format!("{key}.sidecars.header"), &s.header)?,
-                    s.sets.clone(),
-                ))
-            }
+            Some(s) => Some((
+                header_name(format!("{key}.sidecars.header"), &s.header)?,
+                s.sets.clone(),
+            )),
             None => None,
         };
-        let mut seen: Vec<&HeaderName> = Vec::new();
-        for h in env
-            .iter()
-            .chain(&labels)
-            .map(|r| &r.header)
-            .chain(sidecars.as_ref().map(|s| &s.0))
-        {
-            if seen.contains(&h) {
-                return Err(ConfigError::invalid(
-                    key,
-                    format!("header {h} is used by two rules"),
-                ));
-            }
-            seen.push(h);
-        }
-        if config.max_value_bytes == 0 {
-            return Err(ConfigError::invalid(
-                format!("{key}.max_value_bytes"),
-                "must be at least 1",
-            ));
-        }
         let plain = ClaimSpec {
             volumes: config.volumes.clone(),
             ..ClaimSpec::default()
@@ -353,44 +280,6 @@ fn single<'a>(
 /// characters); capped so a huge name does not become a huge error body.
 fn safe_name(name: &HeaderName) -> String {
     name.as_str().chars().take(64).collect()
-}
-
-fn is_env_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-/// RFC 1123 label: lowercase alphanumerics and '-', alphanumeric at both ends, <= 63.
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-/// A label value: empty, or <= 63 of `[A-Za-z0-9_.-]` with alphanumerics at both ends.
-fn is_label_value(s: &str) -> bool {
-    s.is_empty()
-        || (s.len() <= 63
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-            && s.as_bytes()[0].is_ascii_alphanumeric()
-            && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric())
-}
-
-/// `[prefix/]name`: prefix a DNS subdomain (<= 253), name a non-empty label value.
-fn is_label_key(s: &str) -> bool {
-    let (prefix, name) = match s.rsplit_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, s),
-    };
-    let prefix_ok = prefix.is_none_or(|p| p.len() <= 253 && p.split('.').all(is_dns_label));
-    prefix_ok && !name.is_empty() && is_label_value(name)
 }
 
 #[cfg(test)]

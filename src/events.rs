@@ -18,9 +18,9 @@ use prometheus::IntCounter;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::backend::SandboxId;
 use crate::lock::MutexExt;
 use crate::metrics::Metrics;
+use crate::sandbox::SandboxId;
 
 /// What happened. `as_str` is the `kind` field of the JSON event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

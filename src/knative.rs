@@ -1,6 +1,6 @@
 //! Knative vocabulary: a `serving.knative.dev/v1` Service manifest as the configuration.
 //!
-//! [`Config::from_yaml`] hands a document with `apiVersion: serving.knative.dev/v1` and
+//! [`crate::loader::from_yaml`] hands a document with `apiVersion: serving.knative.dev/v1` and
 //! `kind: Service` to [`config_from_manifest`]. It builds a native configuration tree from:
 //! 1. the overlay annotation `agent-activator.dev/config` (native YAML, any key);
 //! 2. every annotation on `metadata` and `spec.template.metadata` (see [`annotations`]);
@@ -109,6 +109,13 @@ impl NativeTree {
 /// The value at `path` below `doc`, if every step exists.
 pub(crate) fn field<'a>(doc: &'a Value, path: &[&str]) -> Option<&'a Value> {
     path.iter().try_fold(doc, |v, p| v.get(*p))
+}
+
+/// The configuration of `text` if it is a Knative Service manifest; `None` for anything
+/// else (then it is native YAML: `crate::loader::from_yaml` tells them apart).
+pub fn config_from_yaml(text: &str) -> Option<Result<Config, ConfigError>> {
+    let doc = serde_yaml_ng::from_str::<Value>(text).ok()?;
+    is_knative_service(&doc).then(|| config_from_manifest(&doc))
 }
 
 /// Builds and validates the native configuration from a Knative Service manifest.

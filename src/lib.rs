@@ -2,7 +2,13 @@
 //!
 //! # Layout
 //!
+//! The modules stand on floors and import only downward (docs/architecture.md, "Module map";
+//! `tests/it/layers.rs` holds them there).
+//!
 //! - [`config`]: the YAML configuration, defaults and validation.
+//! - [`loader`]: reads configuration files: native YAML, Knative manifests, several as pools.
+//! - [`sandbox`], [`cidr`], [`error_body`]: small shared types on the ground floor (a
+//!   sandbox's name, a network as operators write it, the JSON error body).
 //! - [`session`]: session keys (validation, hashing) and their extraction from requests.
 //! - [`activation`]: the session table; single-flight claim/resume, the bounded wait queue,
 //!   idle pause/release.
@@ -41,18 +47,22 @@ pub mod activation;
 pub mod admin;
 pub mod autoscaler;
 pub mod backend;
+pub mod cidr;
 pub mod cluster;
 pub mod config;
 pub mod customize;
 pub mod demo;
+pub mod error_body;
 pub mod events;
 pub mod knative;
+pub mod loader;
 pub mod lock;
 pub mod logging;
 pub mod metrics;
 pub mod node_agent;
 pub mod pool;
 pub mod proxy;
+pub mod sandbox;
 pub mod schedule;
 pub mod server;
 pub mod session;

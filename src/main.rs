@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use agent_activator::config::Config;
-use agent_activator::{logging, server, shutdown};
+use agent_activator::{loader, logging, server, shutdown};
 
 #[derive(Parser)]
 #[command(
@@ -80,7 +80,7 @@ fn main() -> ExitCode {
             }
         }
         Command::NodeAgent { config: path } => node_agent(&path),
-        Command::Check { config } => match Config::load_all(&config) {
+        Command::Check { config } => match loader::load_all(&config) {
             Ok(_) => {
                 println!("{}: ok", display(&config));
                 ExitCode::SUCCESS
@@ -95,7 +95,7 @@ fn main() -> ExitCode {
             listen,
             admin_listen,
         } => {
-            let mut config = match Config::load_all(&path) {
+            let mut config = match loader::load_all(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{}: {e}", display(&path));
@@ -154,7 +154,7 @@ fn serve(config: Config) -> ExitCode {
 }
 
 fn node_agent(path: &std::path::Path) -> ExitCode {
-    let config = match Config::load(path) {
+    let config = match loader::load(path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{}: {e}", path.display());

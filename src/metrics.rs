@@ -21,38 +21,11 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
-/// Families a pool's activator, backend, stats sampler and autoscaler write. With `pools:`
-/// each pool has its own [`Metrics`] whose registry adds the const label `pool`; the
-/// exposition takes these families from the pools and every other one from the
-/// server-wide registry (docs/metrics.md).
-pub const POOL_FAMILIES: &[&str] = &[
-    "activator_sessions",
-    "activator_sandboxes",
-    "activator_queued_requests",
-    "activator_admission_wait_seconds",
-    "activator_waiting_sessions",
-    "activator_activations_total",
-    "activator_activation_duration_seconds",
-    "activator_pauses_total",
-    "activator_releases_total",
-    "activator_sessions_lost_total",
-    "activator_warm_pool_ready",
-    "activator_stable_concurrency",
-    "activator_panic_concurrency",
-    "activator_stable_rps",
-    "activator_panic_rps",
-    "activator_active_sessions",
-    "activator_desired_sandboxes",
-    "activator_panic_mode",
-    "activator_warm_pool_target",
-    "activator_autoscaler_leader",
-    "activator_events_total",
-];
-
 /// The activator's metrics and the registry they live in. Cheap to share behind an `Arc`.
 pub struct Metrics {
     registry: Registry,
-    /// With `pools:`, the pools' registries (const label `pool`), merged at encode time.
+    /// With `pools:`, the pools' registries (const label `pool`), merged at encode time:
+    /// every family a pool registry has is exported from the pools, with `pool`.
     pools: std::sync::RwLock<Vec<Registry>>,
     /// `activator_requests_total{code}`: finished requests by response status.
     pub requests_total: IntCounterVec,
@@ -136,25 +109,38 @@ pub struct Metrics {
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Metrics {
-        Metrics::with_registry(Registry::new())
+        let m = Metrics::with_registry(Registry::new());
+        m.register_all();
+        m
     }
 
-    /// One pool's metrics: every series carries `pool="{name}"`. Attach it to the
-    /// server-wide registry with [`Metrics::attach_pool`].
+    /// One pool's metrics: every series carries `pool="{name}"`. Its registry holds the
+    /// families a pool writes ([`Metrics::pool_collectors`]) and any a caller registers
+    /// with [`Metrics::register`]. Attach it to the server-wide registry with
+    /// [`Metrics::attach_pool`].
     pub fn for_pool(name: &str) -> Metrics {
         let labels = std::collections::HashMap::from([("pool".to_owned(), name.to_owned())]);
         let registry = Registry::new_custom(None, Some(labels)).expect("valid const label");
-        Metrics::with_registry(registry)
+        let m = Metrics::with_registry(registry);
+        m.register_each(m.pool_collectors());
+        m
     }
 
-    /// Makes `pool`'s [`POOL_FAMILIES`] part of this registry's exposition (and those
-    /// families of this registry leave it: the pools own them).
+    /// Makes every family `pool`'s registry has part of this registry's exposition, with
+    /// its `pool` label (and this registry's own copies of the pool families leave it: the
+    /// pools own them).
     pub fn attach_pool(&self, pool: &Metrics) {
         self.pools.write_recovered().push(pool.registry.clone());
     }
 
+    /// Registers one more family in this registry; in a pool's, it is exported with the
+    /// pool's label like every other family there. Fails on a name already registered.
+    pub fn register(&self, family: Box<dyn prometheus::core::Collector>) -> prometheus::Result<()> {
+        self.registry.register(family)
+    }
+
     fn with_registry(registry: Registry) -> Metrics {
-        let m = Metrics {
+        Metrics {
             pools: std::sync::RwLock::default(),
             requests_total: IntCounterVec::new(
                 Opts::new(
@@ -366,17 +352,43 @@ impl Metrics {
             )
             .expect("valid metric"),
             registry,
-        };
-        m.register_all();
-        m
+        }
     }
 
+    /// The server-wide registry: every family.
     fn register_all(&self) {
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+        self.register_each(self.server_collectors());
+        self.register_each(self.pool_collectors());
+    }
+
+    fn register_each(&self, collectors: Vec<Box<dyn prometheus::core::Collector>>) {
+        for c in collectors {
+            self.registry.register(c).expect("metric registered once");
+        }
+    }
+
+    /// Families the proxy, the connections, schedules and event subscribers write: counted
+    /// before a request's pool is known, so never per pool.
+    fn server_collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
             Box::new(self.requests_total.clone()),
             Box::new(self.request_duration.clone()),
             Box::new(self.requests_in_flight.clone()),
             Box::new(self.websockets_open.clone()),
+            Box::new(self.upstream_errors_total.clone()),
+            Box::new(self.schedule_runs_total.clone()),
+            Box::new(self.event_subscribers.clone()),
+            Box::new(self.event_subscribers_dropped.clone()),
+            Box::new(self.client_connections.clone()),
+            Box::new(self.client_connections_refused_total.clone()),
+            Box::new(self.client_connections_closed_total.clone()),
+        ]
+    }
+
+    /// Families a pool's activator, backend, stats sampler and autoscaler write: with
+    /// `pools:` each pool's registry has them, with the `pool` label.
+    fn pool_collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
             Box::new(self.sessions.clone()),
             Box::new(self.sandboxes.clone()),
             Box::new(self.queued_requests.clone()),
@@ -390,7 +402,6 @@ impl Metrics {
             Box::new(self.releases_total.clone()),
             Box::new(self.sessions_lost_total.clone()),
             Box::new(self.warm_pool_ready.clone()),
-            Box::new(self.upstream_errors_total.clone()),
             Box::new(self.stable_concurrency.clone()),
             Box::new(self.panic_concurrency.clone()),
             Box::new(self.stable_rps.clone()),
@@ -400,17 +411,8 @@ impl Metrics {
             Box::new(self.panic_mode.clone()),
             Box::new(self.warm_pool_target.clone()),
             Box::new(self.autoscaler_leader.clone()),
-            Box::new(self.schedule_runs_total.clone()),
             Box::new(self.events_total.clone()),
-            Box::new(self.event_subscribers.clone()),
-            Box::new(self.event_subscribers_dropped.clone()),
-            Box::new(self.client_connections.clone()),
-            Box::new(self.client_connections_refused_total.clone()),
-            Box::new(self.client_connections_closed_total.clone()),
-        ];
-        for c in collectors {
-            self.registry.register(c).expect("metric registered once");
-        }
+        ]
     }
 
     /// The OpenMetrics 1.0 exposition, with activation-latency exemplars.
@@ -429,27 +431,32 @@ impl Metrics {
 }
 
 impl Metrics {
-    /// This registry's families, with the pools' [`POOL_FAMILIES`] merged in by name.
+    /// This registry's families, with every family of the pools' registries merged in by
+    /// name (the pools own those: this registry's copies leave the exposition).
     fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
         let pools = self.pools.read_recovered();
         if pools.is_empty() {
             return self.registry.gather();
         }
+        let from_pools: Vec<_> = pools.iter().flat_map(Registry::gather).collect();
+        // A pool family nobody wrote yet has no series (so no gathered family): its
+        // server-wide copy leaves too, by the pools' collectors' names.
+        let mut owned: std::collections::HashSet<String> = self
+            .pool_collectors()
+            .iter()
+            .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
+            .collect();
+        owned.extend(from_pools.iter().map(|f| f.name().to_owned()));
         let mut families: Vec<_> = self
             .registry
             .gather()
             .into_iter()
-            .filter(|f| !POOL_FAMILIES.contains(&f.name()))
+            .filter(|f| !owned.contains(f.name()))
             .collect();
-        for pool in pools.iter() {
-            for mut family in pool.gather() {
-                if !POOL_FAMILIES.contains(&family.name()) {
-                    continue;
-                }
-                match families.iter_mut().find(|f| f.name() == family.name()) {
-                    Some(f) => f.mut_metric().append(family.mut_metric()),
-                    None => families.push(family),
-                }
+        for mut family in from_pools {
+            match families.iter_mut().find(|f| f.name() == family.name()) {
+                Some(f) => f.mut_metric().append(family.mut_metric()),
+                None => families.push(family),
             }
         }
         families.sort_by(|a, b| a.name().cmp(b.name()));

@@ -28,9 +28,11 @@ pub mod api;
 pub mod auth;
 pub mod cgroup;
 pub mod client;
-pub mod config;
 pub mod metrics;
 pub mod pods;
+
+/// The `node_agent.*` section lives with the rest of the configuration (floor 0).
+pub use crate::config::node_agent as config;
 
 use crate::config::ConfigError;
 use crate::lock::MutexExt;

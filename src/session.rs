@@ -11,4 +11,4 @@ pub use admission::{AdmissionError, SessionAdmission};
 pub use extract::{ExtractError, ExtractedSession, SessionExtractor, SessionOrigin};
 pub use forwarding::SessionForwarding;
 pub use key::{InvalidSessionId, SessionKey, validate};
-pub use token::{TokenError, TokenSigner, check_key_id, now_unix};
+pub use token::{TokenError, TokenSigner, now_unix};

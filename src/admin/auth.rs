@@ -1,14 +1,12 @@
 //! Admin authentication: a bearer token from a file, compared in constant time, with a
 //! list of public paths (metrics, probes) that stay open.
 
-use std::path::Path;
-
 use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use http::{HeaderValue, Request, StatusCode};
 use subtle::ConstantTimeEq;
 
 use super::AdminResponse;
-use crate::config::AdminConfig;
+use crate::config::{AdminConfig, read_token};
 use crate::proxy::error::error_response;
 
 /// Who may call the admin API: nobody checks (no token configured) or bearer token.
@@ -16,23 +14,6 @@ pub struct AdminAuth {
     /// The expected token; `None` = authentication off.
     token: Option<Box<[u8]>>,
     public_paths: Box<[String]>,
-}
-
-/// Reads a token file: trimmed, non-empty, visible ASCII (it travels in a header).
-pub fn read_token(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(format!("{} is empty", path.display()));
-    }
-    if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(format!(
-            "{}: the token must be visible ASCII without spaces",
-            path.display()
-        ));
-    }
-    Ok(token.to_owned())
 }
 
 impl AdminAuth {

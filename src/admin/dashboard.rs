@@ -17,6 +17,7 @@ use serde_json::{Map, Value, json};
 use super::body::AdminBody;
 use super::{AdminResponse, AdminState};
 use crate::backend::{ActivationKind, SandboxState};
+use crate::config::{BackendKind, Config, KubernetesApi};
 
 /// The page: HTML, CSS and JS in one file.
 const PAGE: &str = include_str!("dashboard.html");
@@ -91,6 +92,9 @@ pub fn overview(state: &AdminState, query: Option<&str>) -> AdminResponse {
         "pools": state.pools.iter().map(|p| &*p.name).collect::<Vec<_>>(),
         "stats": pool.autoscaler.stats_json(),
         "autoscaler": {
+            "enabled": pool.autoscaler.config().autoscaler.enabled,
+            "apply": pool.autoscaler.config().autoscaler.apply,
+            "warm_pool": warm_pool_source(pool.autoscaler.config(), state.pools.is_named()),
             "desired": m.desired_sandboxes.get(),
             "actual": running,
             "panic": m.panic_mode.get() == 1,
@@ -104,6 +108,31 @@ pub fn overview(state: &AdminState, query: Option<&str>) -> AdminResponse {
         "backend": pool.backend.kind(),
         "draining": state.shutdown.is_draining(),
     }))
+}
+
+/// Where the pool's warm pool size comes from while nothing scales it: `{size, from}`, the
+/// size `null` where the activator does not set it (a Kubernetes warm pool's replicas).
+fn warm_pool_source(config: &Config, pools: bool) -> Value {
+    let key = |k: &str| match pools {
+        true => format!("pools[].backend.{k}"),
+        false => format!("backend.{k}"),
+    };
+    let b = &config.backend;
+    match b.kind {
+        BackendKind::Static => json!({"size": b.endpoints.len(), "from": key("endpoints")}),
+        BackendKind::Process => json!({"size": b.warm_pool, "from": key("warm_pool")}),
+        BackendKind::Kubernetes => json!({
+            "size": null,
+            "from": format!(
+                "the replicas of {} `{}` in the cluster",
+                match b.kubernetes.api {
+                    KubernetesApi::AgentSandbox => "SandboxWarmPool",
+                    KubernetesApi::Openkruise => "SandboxSet",
+                },
+                b.kubernetes.pool
+            ),
+        }),
+    }
 }
 
 fn distribution(h: &prometheus::Histogram) -> Distribution {

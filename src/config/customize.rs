@@ -7,7 +7,17 @@
 
 use std::collections::BTreeMap;
 
+use http::HeaderName;
+use regex::Regex;
 use serde::Deserialize;
+
+use super::ConfigError;
+use super::node_agent::is_dns_label;
+
+/// Hex characters of the session's SHA-256 in a per-session volume's name.
+pub const VOLUME_HASH_CHARS: usize = 32;
+/// Longest `customize.volumes[].name`, so `<name>-<hash>` stays a 63-character DNS label.
+const MAX_VOLUME_NAME: usize = 63 - 1 - VOLUME_HASH_CHARS;
 
 /// `customize.*` (one per activator today; per pool when pools exist).
 #[derive(Debug, Clone, Deserialize)]
@@ -51,6 +61,93 @@ impl CustomizeConfig {
             && self.labels.is_empty()
             && self.header_prefix.is_none()
     }
+
+    /// Checks the section; errors name the key below `key` (e.g. `customize.env[1].pattern`).
+    /// `crate::customize::Customizer::new` runs it before compiling.
+    pub fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        let mut headers = Vec::new();
+        for (i, r) in self.env.iter().enumerate() {
+            let k = format!("{key}.env[{i}]");
+            if !is_env_name(&r.name) {
+                return Err(ConfigError::invalid(
+                    format!("{k}.name"),
+                    "must match [A-Za-z_][A-Za-z0-9_]*",
+                ));
+            }
+            if r.name == "PORT" || r.name.starts_with("ACTIVATOR_") {
+                return Err(ConfigError::invalid(
+                    format!("{k}.name"),
+                    "PORT and ACTIVATOR_* are set by the activator",
+                ));
+            }
+            headers.push(header_name(format!("{k}.header"), &r.header)?);
+            anchored_pattern(format!("{k}.pattern"), &r.pattern)?;
+        }
+        for (i, r) in self.labels.iter().enumerate() {
+            let k = format!("{key}.labels[{i}]");
+            if !is_label_key(&r.label) {
+                return Err(ConfigError::invalid(
+                    format!("{k}.label"),
+                    "not a Kubernetes label key ([prefix/]name, name at most 63 characters)",
+                ));
+            }
+            headers.push(header_name(format!("{k}.header"), &r.header)?);
+            anchored_pattern(format!("{k}.pattern"), &r.pattern)?;
+        }
+        for (i, v) in self.volumes.iter().enumerate() {
+            let k = format!("{key}.volumes[{i}]");
+            if !is_dns_label(&v.name) || v.name.len() > MAX_VOLUME_NAME {
+                return Err(ConfigError::invalid(
+                    format!("{k}.name"),
+                    format!("must be a DNS label of at most {MAX_VOLUME_NAME} characters"),
+                ));
+            }
+            if !v.mount_path.starts_with('/') || v.mount_path.split('/').any(|c| c == "..") {
+                return Err(ConfigError::invalid(
+                    format!("{k}.mount_path"),
+                    "must be an absolute path without '..'",
+                ));
+            }
+            if self.volumes[..i].iter().any(|o| o.name == v.name) {
+                return Err(ConfigError::invalid(format!("{k}.name"), "used twice"));
+            }
+        }
+        if let Some(s) = &self.sidecars {
+            if s.sets.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{key}.sidecars.sets"),
+                    "at least one set is required",
+                ));
+            }
+            headers.push(header_name(format!("{key}.sidecars.header"), &s.header)?);
+        }
+        for (i, h) in headers.iter().enumerate() {
+            if headers[..i].contains(h) {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("header {h} is used by two rules"),
+                ));
+            }
+        }
+        if self.max_value_bytes == 0 {
+            return Err(ConfigError::invalid(
+                format!("{key}.max_value_bytes"),
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A rule's request header name (errors name `key`).
+pub fn header_name(key: String, header: &str) -> Result<HeaderName, ConfigError> {
+    HeaderName::from_bytes(header.as_bytes())
+        .map_err(|_| ConfigError::invalid(key, "not a valid header name"))
+}
+
+/// A rule's value pattern, anchored at both ends (errors name `key`).
+pub fn anchored_pattern(key: String, pattern: &str) -> Result<Regex, ConfigError> {
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| ConfigError::invalid(key, e.to_string()))
 }
 
 /// `customize.env[]`: header -> environment variable.
@@ -128,4 +225,32 @@ pub struct LabelRule {
     pub pattern: String,
     #[serde(default)]
     pub required: bool,
+}
+
+fn is_env_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// A label value: empty, or <= 63 of `[A-Za-z0-9_.-]` with alphanumerics at both ends.
+pub fn is_label_value(s: &str) -> bool {
+    s.is_empty()
+        || (s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && s.as_bytes()[0].is_ascii_alphanumeric()
+            && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric())
+}
+
+/// `[prefix/]name`: prefix a DNS subdomain (<= 253), name a non-empty label value.
+fn is_label_key(s: &str) -> bool {
+    let (prefix, name) = match s.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    let prefix_ok = prefix.is_none_or(|p| p.len() <= 253 && p.split('.').all(is_dns_label));
+    prefix_ok && !name.is_empty() && is_label_value(name)
 }

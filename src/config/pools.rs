@@ -366,7 +366,7 @@ impl Config {
             }
             let effective = self.for_pool(pool);
             if let Some(customize) = &pool.customize {
-                crate::customize::Customizer::new(customize, &format!("{key}.customize"))?;
+                customize.validate(&format!("{key}.customize"))?;
             }
             let rename = |e: ConfigError| prefix_key(e, &key, pool);
             effective.validate_backend().map_err(rename)?;

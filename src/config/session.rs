@@ -47,6 +47,50 @@ pub struct HmacKeyConfig {
     pub secret_file: PathBuf,
 }
 
+/// Longest key ID (`session.hmac.keys[].id`).
+pub const MAX_KEY_ID_LEN: usize = 32;
+/// Fewest secret bytes a key file must hold (256 bits).
+pub const MIN_SECRET_LEN: usize = 32;
+
+impl HmacKeyConfig {
+    /// Reads `secret_file`: trimmed, at least [`MIN_SECRET_LEN`] bytes (errors name `key`).
+    pub fn read_secret(&self, key: &str) -> Result<Vec<u8>, ConfigError> {
+        let raw = std::fs::read(&self.secret_file).map_err(|e| {
+            ConfigError::invalid(
+                key,
+                format!("cannot read {}: {e}", self.secret_file.display()),
+            )
+        })?;
+        let secret = raw.trim_ascii();
+        if secret.len() < MIN_SECRET_LEN {
+            return Err(ConfigError::invalid(
+                key,
+                format!(
+                    "holds {} bytes; at least {MIN_SECRET_LEN} are required \
+                     (e.g. `head -c 32 /dev/urandom | base64`)",
+                    secret.len()
+                ),
+            ));
+        }
+        Ok(secret.to_vec())
+    }
+}
+
+/// Checks a `session.hmac.keys[].id`.
+pub fn check_key_id(id: &str) -> Result<(), String> {
+    if id.is_empty()
+        || id.len() > MAX_KEY_ID_LEN
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(format!(
+            "key id {id:?} must be 1..={MAX_KEY_ID_LEN} characters of A-Z a-z 0-9 _ -"
+        ));
+    }
+    Ok(())
+}
+
 /// `session.create_rate`: a token bucket per client IP (IPv6: per /64).
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -154,7 +198,7 @@ impl Config {
                 ));
             }
             for (i, k) in s.hmac.keys.iter().enumerate() {
-                crate::session::check_key_id(&k.id)
+                check_key_id(&k.id)
                     .map_err(|m| ConfigError::invalid(format!("session.hmac.keys[{i}].id"), m))?;
             }
             if s.hmac.ttl.is_zero() {
@@ -164,7 +208,17 @@ impl Config {
                 ));
             }
             // Reads the secret files: `check` fails on a missing or short one.
-            crate::session::TokenSigner::from_config(s)?;
+            for (i, k) in s.hmac.keys.iter().enumerate() {
+                k.read_secret(&format!("session.hmac.keys[{i}].secret_file"))?;
+            }
+            for (i, k) in s.hmac.keys.iter().enumerate() {
+                if s.hmac.keys[..i].iter().any(|o| o.id == k.id) {
+                    return Err(ConfigError::invalid(
+                        "session.hmac.keys",
+                        format!("key id {:?} is used twice", k.id),
+                    ));
+                }
+            }
         }
         Ok(())
     }

@@ -8,7 +8,7 @@ impl Config {
     /// Checks values that parse but make no sense together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.telemetry.validate()?;
-        crate::customize::Customizer::new(&self.customize, "customize")?;
+        self.customize.validate("customize")?;
         let s = &self.session;
         if s.sources.is_empty() {
             return Err(ConfigError::invalid(
@@ -220,7 +220,7 @@ impl Config {
             }
         }
         for (i, cidr) in p.trusted_proxies.iter().enumerate() {
-            if crate::proxy::parse_cidr(cidr).is_none() {
+            if crate::cidr::parse_cidr(cidr).is_none() {
                 return Err(ConfigError::invalid(
                     format!("proxy.trusted_proxies[{i}]"),
                     format!("{cidr:?} is not an address or CIDR such as 10.0.0.0/8"),

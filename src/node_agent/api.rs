@@ -27,7 +27,7 @@ use super::cgroup::CgroupError;
 use super::config::is_dns_label;
 use super::pods::PodError;
 use super::{AgentError, NodeAgent, Operation};
-use crate::proxy::error::error_response;
+use crate::error_body::error_response;
 
 /// Largest accepted request body (`{"uid": "<36 chars>"}` needs ~50 bytes).
 const MAX_BODY: usize = 4096;

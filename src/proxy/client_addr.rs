@@ -7,14 +7,7 @@ use http::HeaderMap;
 use ipnet::IpNet;
 
 use super::forward::{ClientConn, X_FORWARDED_FOR};
-
-/// Parses `10.0.0.0/8`, `fd00::/8` or a single address (`/32`, `/128`).
-pub fn parse_cidr(text: &str) -> Option<IpNet> {
-    let text = text.trim();
-    text.parse::<IpNet>()
-        .ok()
-        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
-}
+pub use crate::cidr::parse_cidr;
 
 /// The networks whose forwarding headers are believed.
 #[derive(Debug, Clone, Default)]

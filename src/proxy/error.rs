@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::header::RETRY_AFTER;
 use http::{HeaderValue, Response, StatusCode};
 
 use super::body::RequestBodyError;
@@ -20,6 +20,8 @@ use crate::backend::BackendError;
 use crate::customize::CustomizeError;
 use crate::pool::PoolError;
 use crate::session::{AdmissionError, ExtractError};
+
+pub use crate::error_body::error_response;
 
 /// Why a request was not (fully) proxied.
 #[derive(Debug, thiserror::Error)]
@@ -310,20 +312,6 @@ fn client_message(code: &str) -> &'static str {
 pub fn backend_status(e: &BackendError) -> (StatusCode, &'static str) {
     let p = backend_presentation(e);
     (p.status, p.code)
-}
-
-/// A JSON error response: `{"error":{"code":code,"message":message}}`.
-pub fn error_response<B: From<Bytes>>(
-    status: StatusCode,
-    code: &str,
-    message: &str,
-) -> Response<B> {
-    let body = serde_json::json!({ "error": { "code": code, "message": message } });
-    let mut resp = Response::new(B::from(Bytes::from(body.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
 }
 
 /// The `Retry-After` value for `activation.retry_after` (whole seconds, at least 1).

@@ -15,7 +15,7 @@ use sha2::Sha256;
 
 use super::key::validate;
 use super::{InvalidSessionId, SessionKey};
-use crate::config::{ConfigError, SessionAuth, SessionConfig};
+use crate::config::{ConfigError, MAX_KEY_ID_LEN, SessionAuth, SessionConfig, check_key_id};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -23,10 +23,6 @@ type HmacSha256 = Hmac<Sha256>;
 const MAC_HEX_LEN: usize = 64;
 /// Digits of the largest `u64`.
 const MAX_EXPIRY_DIGITS: usize = 20;
-/// Longest key ID (`session.hmac.keys[].id`).
-pub const MAX_KEY_ID_LEN: usize = 32;
-/// Fewest secret bytes a key file must hold (256 bits).
-pub const MIN_SECRET_LEN: usize = 32;
 
 /// Why a presented token was refused (401 `invalid_session_token`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,25 +78,8 @@ impl TokenSigner {
         }
         let mut keys = Vec::with_capacity(config.hmac.keys.len());
         for (i, k) in config.hmac.keys.iter().enumerate() {
-            let key = format!("session.hmac.keys[{i}].secret_file");
-            let raw = std::fs::read(&k.secret_file).map_err(|e| {
-                ConfigError::invalid(
-                    &key,
-                    format!("cannot read {}: {e}", k.secret_file.display()),
-                )
-            })?;
-            let secret = raw.trim_ascii();
-            if secret.len() < MIN_SECRET_LEN {
-                return Err(ConfigError::invalid(
-                    key,
-                    format!(
-                        "holds {} bytes; at least {MIN_SECRET_LEN} are required \
-                         (e.g. `head -c 32 /dev/urandom | base64`)",
-                        secret.len()
-                    ),
-                ));
-            }
-            keys.push((k.id.as_str(), secret.to_vec()));
+            let secret = k.read_secret(&format!("session.hmac.keys[{i}].secret_file"))?;
+            keys.push((k.id.as_str(), secret));
         }
         let pairs: Vec<(&str, &[u8])> = keys.iter().map(|(id, s)| (*id, s.as_slice())).collect();
         let signer = TokenSigner::new(
@@ -203,21 +182,6 @@ impl TokenSigner {
         let id = std::str::from_utf8(id).map_err(|_| TokenError::Malformed)?;
         SessionKey::parse(id, self.max_id_len).map_err(|_| TokenError::Malformed)
     }
-}
-
-/// Checks a `session.hmac.keys[].id`.
-pub fn check_key_id(id: &str) -> Result<(), String> {
-    if id.is_empty()
-        || id.len() > MAX_KEY_ID_LEN
-        || !id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
-        return Err(format!(
-            "key id {id:?} must be 1..={MAX_KEY_ID_LEN} characters of A-Z a-z 0-9 _ -"
-        ));
-    }
-    Ok(())
 }
 
 /// `(before, after)` the last `.`.

@@ -11,7 +11,7 @@ use http_body_util::Full;
 
 use agent_activator::server::RunningServer;
 
-mod cdp;
+pub(crate) mod cdp;
 use crate::support;
 
 use cdp::Browser;
@@ -21,16 +21,16 @@ const BIN: &str = env!("CARGO_BIN_EXE_agent-activator");
 
 /// One headless Chromium at a time: with two running side by side on the 2-core CI machine,
 /// DevTools calls of one of them went unanswered for 30 s in 4 of 11 runs.
-static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Where screenshots go: `target/tmp/dashboard/`.
-fn output_dir() -> PathBuf {
+pub(crate) fn output_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
-async fn start(name: &str, extra: &str) -> (RunningServer, PathBuf) {
+pub(crate) async fn start(name: &str, extra: &str) -> (RunningServer, PathBuf) {
     let dir = std::env::temp_dir().join(format!("aa-dash-{name}-{}", std::process::id()));
     let yaml = format!(
         "backend:\n  kind: process\n  command: [\"{BIN}\", \"demo-sandbox\", \"--port\", \"{{port}}\"]\n  workdir_root: \"{}\"\n  stop_grace: 2s\n  warm_pool: 1\nidle:\n  timeout: 10m\n  policy: pause\nautoscaler:\n  enabled: false\n{extra}",

@@ -5,7 +5,6 @@ use crate::support;
 
 use std::path::PathBuf;
 
-use agent_activator::config::Config;
 use agent_activator::server::{self, RunningServer};
 use bytes::Bytes;
 use http_body_util::Full;
@@ -106,7 +105,7 @@ async fn check_accepts_both_examples_and_names_a_bad_annotation() {
 /// Starts an example as written, except: ephemeral ports, a private work directory, and
 /// `{self}` spelled as the built binary (inside a test, the current exe is the harness).
 async fn start_example(name: &str) -> (RunningServer, PathBuf) {
-    let mut config = Config::load(&example(name)).expect("example loads");
+    let mut config = agent_activator::loader::load(&example(name)).expect("example loads");
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.admin_listen = "127.0.0.1:0".parse().unwrap();
     let unique: u64 = rand::random();

@@ -10,7 +10,7 @@ use agent_activator::server::RunningServer;
 
 use crate::support;
 
-use support::{HttpClient, Reply};
+use support::{HttpClient, Reply, sample};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agent-activator");
 
@@ -54,25 +54,6 @@ async fn pids(admin: &HttpClient, pool: &str, state: &str) -> BTreeSet<u64> {
         // A sandbox still starting may have no process yet.
         .filter_map(|r| r["pid"].as_u64())
         .collect()
-}
-
-/// The value of the sample `name{labels}` in a Prometheus text exposition, whatever the
-/// label order.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?;
-        let (set, value) = match rest.strip_prefix('{') {
-            Some(r) => r.split_once("} ")?,
-            None => ("", rest.strip_prefix(' ')?),
-        };
-        let have: BTreeSet<String> = set
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect();
-        let want: BTreeSet<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-        (have == want).then(|| value.trim().parse().unwrap())
-    })
 }
 
 fn is_alive(pid: u64) -> bool {
@@ -516,7 +497,7 @@ fn the_check_command_exits_64_naming_the_pool_key() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let pools = Config::load(std::path::Path::new(shipped))
+    let pools = agent_activator::loader::load(std::path::Path::new(shipped))
         .unwrap()
         .effective_pools();
     assert_eq!(pools.len(), 2);
@@ -595,7 +576,7 @@ async fn two_knative_services_are_two_pools() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let config = Config::load_all(&[python.clone(), browser.clone()]).unwrap();
+    let config = agent_activator::loader::load_all(&[python.clone(), browser.clone()]).unwrap();
     let pools = config.effective_pools();
     let names: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["python", "browser"]);
@@ -649,7 +630,7 @@ async fn two_knative_services_are_two_pools() {
         ),
     )
     .unwrap();
-    let e = Config::load_all(&[python, browser.clone()])
+    let e = agent_activator::loader::load_all(&[python, browser.clone()])
         .unwrap_err()
         .to_string();
     assert!(e.starts_with(&format!("{}: ", browser.display())), "{e}");

@@ -54,6 +54,12 @@ async fn metrics_pass_promtool_check() {
         );
     }
 
+    promtool_check(&text).await;
+    server.shutdown().await;
+}
+
+/// Runs `promtool check metrics` over `text`; fails on an error or any lint finding.
+pub async fn promtool_check(text: &str) {
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -86,5 +92,4 @@ async fn metrics_pass_promtool_check() {
         report.trim().is_empty(),
         "promtool lint findings:\n{report}"
     );
-    server.shutdown().await;
 }

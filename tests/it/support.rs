@@ -514,6 +514,26 @@ where
     .unwrap_or_else(|_| panic!("{what} within {WAIT:?}"))
 }
 
+/// The value of the sample `name{labels}` in a Prometheus text exposition, whatever the
+/// label order.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (set, value) = match rest.strip_prefix('{') {
+            Some(r) => r.split_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        let have: std::collections::BTreeSet<String> = set
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let want: std::collections::BTreeSet<String> =
+            labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        (have == want).then(|| value.trim().parse().unwrap())
+    })
+}
+
 /// The value of sample `name` (with its labels written out, e.g.
 /// `activator_schedule_runs_total{result="ok"}`) in a Prometheus text exposition.
 pub fn metric_value(metrics: &str, name: &str) -> Option<f64> {
