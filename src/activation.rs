@@ -22,6 +22,7 @@
 //! - [`events`]: `EventRouter`, backend events and restart recovery.
 //! - [`admin`]: listings, counts and admin-initiated transitions.
 //! - [`settings`]: the configuration the layer reads, resolved once.
+//! - [`hooks`]: the pause/resume hooks, HTTP calls into the sandbox.
 //! - [`publish`]: transition events for `GET /api/events`.
 
 use std::net::SocketAddr;
@@ -41,6 +42,7 @@ mod admin;
 mod deadlines;
 mod entry;
 mod events;
+mod hooks;
 mod idle;
 mod lifecycle;
 mod orphans;
@@ -78,6 +80,10 @@ pub enum ActivationError {
     /// The activator is draining and accepts no new activations (503 `shutting_down`).
     #[error("the activator is shutting down")]
     ShuttingDown,
+    /// A pause/resume hook failed with `on_failure: abort` (502 `hook_failed` for held
+    /// requests, 409 for an admin pause); names the hook.
+    #[error("the {0} hook failed")]
+    Hook(&'static str),
 }
 
 /// Permission to forward one request to a session's sandbox. Dropping it ends the
@@ -237,6 +243,12 @@ impl Activator {
     /// a new session, which `session.max_sessions`/`create_rate` bound.
     pub fn knows(&self, key: &SessionKey) -> bool {
         self.transitions.table.contains(key)
+    }
+
+    /// The identity of `key`'s table entry (unique per process): a session released and
+    /// created again under the same ID has another. Previews are scoped to it.
+    pub fn entry_id(&self, key: &SessionKey) -> Option<u64> {
+        self.transitions.table.with(key, |entry| entry.id)
     }
 
     /// Sessions in the table, in any phase (`session.max_sessions` counts these).

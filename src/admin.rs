@@ -30,6 +30,7 @@ mod api;
 mod auth;
 mod body;
 mod dashboard;
+mod previews;
 mod stream;
 
 use api::Action;
@@ -61,6 +62,8 @@ pub struct AdminState {
     pub event_streams: EventStreams,
     /// `admin.auth`: checked before routing.
     pub auth: AdminAuth,
+    /// Preview URLs (`None` when no pool has `preview`).
+    pub previews: Option<Arc<crate::preview::Previews>>,
 }
 
 /// Dispatches one admin request.
@@ -88,6 +91,15 @@ pub async fn route(state: &AdminState, req: Request<Incoming>) -> AdminResponse 
         }
         (&Method::POST, ["api", "sessions", id, "resume"]) => {
             api::act(state, id, query, Action::Resume).await
+        }
+        (&Method::POST, ["api", "sessions", id, "previews"]) => {
+            previews::mint(state, id, query).await
+        }
+        (&Method::GET, ["api", "sessions", id, "previews"]) => {
+            previews::list(state, id, query).await
+        }
+        (&Method::DELETE, ["api", "sessions", id, "previews", preview]) => {
+            previews::revoke(state, id, preview, query).await
         }
         (&Method::GET, ["api", "sandboxes"]) => api::sandboxes(state, query),
         (&Method::GET, ["api", "stats"]) => api::stats(state, query),

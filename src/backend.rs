@@ -293,6 +293,15 @@ pub trait SandboxBackend: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// Where the sandbox's own port `port` is reachable from the activator (preview URLs,
+    /// `preview.ports`): Kubernetes the pod IP and that port, the process backend a
+    /// per-sandbox host-loopback forward into the sandbox's network namespace
+    /// (`backend.expose_ports`), static endpoints their host and that port. `None`: this
+    /// backend cannot reach it (the preview request gets 502 `preview_port_unreachable`).
+    fn port_endpoint(&self, _sandbox: &SandboxId, _port: u16) -> Option<SocketAddr> {
+        None
+    }
+
     /// Called (at most once per request) when a session sees traffic, so shared stores
     /// can record cluster-wide activity. Must not block.
     fn record_activity(&self, _session: &SessionKey, _sandbox: &SandboxId) {}

@@ -15,6 +15,7 @@ mod duration;
 mod freeze;
 pub mod node_agent;
 mod pools;
+mod preview;
 mod session;
 mod size;
 mod telemetry;
@@ -25,6 +26,9 @@ pub use duration::Dur;
 pub use freeze::{NodeAgentClientConfig, PauseMode};
 pub use pools::{
     DEFAULT_POOL, EffectivePool, PoolAutoscaler, PoolConfig, PoolIdle, PoolMatch, validate_name,
+};
+pub use preview::{
+    HookConfig, HooksConfig, MAX_PREVIEWS_PER_SESSION, OnHookFailure, PreviewAccess, PreviewConfig,
 };
 pub use session::{
     CreateRate, HmacConfig, HmacKeyConfig, MAX_KEY_ID_LEN, MIN_SECRET_LEN, SessionAuth,
@@ -79,6 +83,12 @@ pub struct Config {
     /// Several kinds of sandbox behind one gateway (see [`PoolConfig`]); empty = one pool
     /// `default` from the top-level `backend`, `autoscaler`, `idle` and `customize`.
     pub pools: Vec<PoolConfig>,
+    /// Preview URLs for the sandboxes' own ports (the default pool's; `pools[].preview`
+    /// replaces it per pool). Unset: no previews.
+    pub preview: Option<PreviewConfig>,
+    /// Calls into the sandbox before a pause and after a resume (`pools[].hooks`
+    /// replaces it per pool).
+    pub hooks: HooksConfig,
     /// The node agent's section (`agent-activator node-agent`); unused by `serve`.
     pub node_agent: Option<node_agent::NodeAgentConfig>,
 }
@@ -101,6 +111,8 @@ impl Default for Config {
             telemetry: TelemetryConfig::default(),
             customize: CustomizeConfig::default(),
             pools: Vec::new(),
+            preview: None,
+            hooks: HooksConfig::default(),
             node_agent: None,
         }
     }

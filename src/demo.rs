@@ -15,7 +15,14 @@
 //! - `GET /ws`: WebSocket echo.
 //! - `GET /slow?ms=N`: answers after N milliseconds.
 //! - `POST /echo`: streams the request body back.
-//! - anything else: JSON `{method, path, query, session, instance, pid, port}`.
+//! - `POST /hooks/{name}`: records `name` (the activator's pause/resume hooks; `/state`
+//!   lists them in `hooks`) and answers 200, or `?status=N` (an aborting hook's test).
+//! - anything else: JSON `{method, path, query, session, instance, pid, port}` (`port`: the
+//!   listener that answered).
+//!
+//! With `--dev-port N` it also serves the same routes on port N, where `GET /` is a small
+//! "dev server" page whose script opens a WebSocket back to its own host (as a dev
+//! server's hot reload does) and shows what it echoes: what a preview URL opens.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::convert::Infallible;
@@ -62,6 +69,9 @@ pub struct DemoOptions {
     /// Period of the background tick counter (0 disables it); it stops while frozen.
     #[arg(long, default_value_t = 100)]
     pub tick_ms: u64,
+    /// Also serve on this port (same host), with a dev-server page at `/` (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub dev_port: u16,
 }
 
 /// The sandbox's in-memory state.
@@ -77,6 +87,8 @@ struct DemoState {
     /// Guarded by a std Mutex: held only to insert or copy, never across an await.
     sessions_seen: Mutex<BTreeSet<String>>,
     history: Mutex<VecDeque<String>>,
+    /// Hook names received (`POST /hooks/{name}`), oldest first, at most `HISTORY_LEN`.
+    hooks: Mutex<VecDeque<String>>,
 }
 
 /// Binds, prints `listening on ADDR` on stdout, and serves until the process ends.
@@ -93,6 +105,7 @@ pub async fn run(opts: DemoOptions) -> std::io::Result<()> {
         requests: AtomicU64::new(0),
         sessions_seen: Mutex::new(BTreeSet::new()),
         history: Mutex::new(VecDeque::with_capacity(HISTORY_LEN)),
+        hooks: Mutex::new(VecDeque::new()),
     });
     if opts.tick_ms > 0 {
         let st = state.clone();
@@ -105,11 +118,30 @@ pub async fn run(opts: DemoOptions) -> std::io::Result<()> {
             }
         });
     }
+    let dev = if opts.dev_port > 0 {
+        Some(TcpListener::bind(SocketAddr::new(opts.host, opts.dev_port)).await?)
+    } else {
+        None
+    };
     let mut out = tokio::io::stdout();
     out.write_all(format!("listening on {addr}\n").as_bytes())
         .await?;
+    if let Some(dev) = &dev {
+        let dev_addr = dev.local_addr()?;
+        out.write_all(format!("dev server on {dev_addr}\n").as_bytes())
+            .await?;
+    }
     out.flush().await?;
+    if let Some(dev) = dev {
+        tokio::spawn(serve(dev, state.clone(), true));
+    }
+    serve(listener, state, false).await
+}
 
+/// Accepts and serves connections on `listener` until the process ends; `dev`: the
+/// dev-server port.
+async fn serve(listener: TcpListener, state: Arc<DemoState>, dev: bool) -> std::io::Result<()> {
+    let port = listener.local_addr()?.port();
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -123,7 +155,7 @@ pub async fn run(opts: DemoOptions) -> std::io::Result<()> {
         let _ = stream.set_nodelay(true);
         let st = state.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(st.clone(), req));
+            let svc = service_fn(move |req| handle(st.clone(), req, port, dev));
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await;
@@ -134,6 +166,8 @@ pub async fn run(opts: DemoOptions) -> std::io::Result<()> {
 async fn handle(
     st: Arc<DemoState>,
     req: Request<Incoming>,
+    port: u16,
+    dev: bool,
 ) -> Result<Response<DemoBody>, Infallible> {
     st.requests.fetch_add(1, Ordering::Relaxed);
     let session = req
@@ -159,6 +193,8 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let resp = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/") if dev => dev_page(port),
+        (&Method::POST, p) if p.starts_with("/hooks/") => hook(&st, &p["/hooks/".len()..], &query),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/state") => state_json(&st),
         (&Method::POST, "/counter") => {
@@ -195,12 +231,53 @@ async fn handle(
                 "session": session,
                 "instance": st.instance,
                 "pid": st.pid,
-                "port": st.port,
+                "port": port,
                 "traceparent": traceparent,
             }),
         ),
     };
     Ok(resp)
+}
+
+/// `POST /hooks/{name}`: records the hook; answers `?status=` (default 200).
+fn hook(st: &DemoState, name: &str, query: &str) -> Response<DemoBody> {
+    let name: String = name.chars().take(64).collect();
+    {
+        let mut h = st.hooks.lock_recovered();
+        if h.len() == HISTORY_LEN {
+            h.pop_front();
+        }
+        h.push_back(name.clone());
+    }
+    let status = query_u64(query, "status")
+        .and_then(|s| u16::try_from(s).ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    json_response(status, &json!({ "hook": name, "instance": st.instance }))
+}
+
+/// The dev server's page: it opens a WebSocket to its own host (hot reload's shape) and
+/// shows the echo of a greeting, so a browser proves the preview carries both.
+fn dev_page(port: u16) -> Response<DemoBody> {
+    let html = format!(
+        r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>dev server {port}</title></head>
+<body><h1>dev server on port {port}</h1>
+<p id="ws">websocket: connecting</p>
+<script>
+const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws");
+ws.onopen = () => ws.send("hello from " + location.host);
+ws.onmessage = (e) => {{ document.getElementById("ws").textContent = "websocket: " + e.data; }};
+ws.onerror = () => {{ document.getElementById("ws").textContent = "websocket: error"; }};
+</script></body></html>
+"#
+    );
+    let mut resp = Response::new(Full::new(Bytes::from(html)).map_err(|e| match e {}).boxed());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp
 }
 
 fn state_json(st: &DemoState) -> Response<DemoBody> {
@@ -217,6 +294,7 @@ fn state_json(st: &DemoState) -> Response<DemoBody> {
             "requests": st.requests.load(Ordering::Relaxed),
             "sessions_seen": sessions,
             "history": history,
+            "hooks": st.hooks.lock_recovered().iter().cloned().collect::<Vec<_>>(),
             "uptime_seconds": st.started.elapsed().as_secs_f64(),
         }),
     )

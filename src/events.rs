@@ -44,11 +44,14 @@ pub enum EventKind {
     Queued,
     /// A request for the session was refused; `reason`: the error code it got.
     Rejected,
+    /// A pause/resume hook was called (`hook`: before_pause | after_resume; `reason`: ok |
+    /// status | error | timeout; `wait_ms`: how long it took).
+    Hook,
 }
 
 impl EventKind {
     /// Every kind, in documentation order.
-    pub const ALL: [EventKind; 8] = [
+    pub const ALL: [EventKind; 9] = [
         EventKind::Claimed,
         EventKind::Paused,
         EventKind::Frozen,
@@ -57,6 +60,7 @@ impl EventKind {
         EventKind::Lost,
         EventKind::Queued,
         EventKind::Rejected,
+        EventKind::Hook,
     ];
 
     /// The `kind` field and the `kind` label of `activator_events_total`.
@@ -70,6 +74,7 @@ impl EventKind {
             EventKind::Lost => "lost",
             EventKind::Queued => "queued",
             EventKind::Rejected => "rejected",
+            EventKind::Hook => "hook",
         }
     }
 }
@@ -98,6 +103,9 @@ pub struct Event {
     /// The session's pool (only with `pools:` configured).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool: Option<Arc<str>>,
+    /// `hook` events: which hook (`before_pause`, `after_resume`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook: Option<&'static str>,
 }
 
 /// The fields an emitter fills in; the bus adds `seq` and `time_ms`.
@@ -111,6 +119,7 @@ pub struct EventDraft {
     pub reason: Option<&'static str>,
     /// Set by the pool's [`Publisher`].
     pub pool: Option<Arc<str>>,
+    pub hook: Option<&'static str>,
 }
 
 impl EventDraft {
@@ -124,6 +133,7 @@ impl EventDraft {
             wait: None,
             reason: None,
             pool: None,
+            hook: None,
         }
     }
 
@@ -144,6 +154,11 @@ impl EventDraft {
 
     pub fn reason(mut self, reason: &'static str) -> Self {
         self.reason = Some(reason);
+        self
+    }
+
+    pub fn hook(mut self, hook: &'static str) -> Self {
+        self.hook = Some(hook);
         self
     }
 }
@@ -214,6 +229,7 @@ impl EventBus {
             wait_ms: draft.wait.map(|d| d.as_secs_f64() * 1000.0),
             reason: draft.reason,
             pool: draft.pool,
+            hook: draft.hook,
         });
         if ring.events.len() == self.capacity {
             ring.events.pop_front();

@@ -18,6 +18,7 @@
 //!   local processes, Kubernetes).
 //! - [`customize`]: claim-time customisation: allowlisted headers of a new session become
 //!   its sandbox's env, volumes, sidecars and labels (`ClaimSpec`).
+//! - [`preview`]: preview URLs for a sandbox's own ports (minted IDs, tokens, cookies).
 //! - [`proxy`]: the listener, forwarding, WebSocket relay, and the one place errors become
 //!   responses.
 //! - [`admin`]: metrics, health and the session/sandbox API on a separate listener.
@@ -61,6 +62,7 @@ pub mod logging;
 pub mod metrics;
 pub mod node_agent;
 pub mod pool;
+pub mod preview;
 pub mod proxy;
 pub mod sandbox;
 pub mod schedule;

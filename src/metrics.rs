@@ -56,6 +56,12 @@ pub struct Metrics {
     pub pauses_total: IntCounterVec,
     /// `activator_deep_pauses_total{result}`: the deep idle tier (`idle.deep_after`).
     pub deep_pauses_total: IntCounterVec,
+    /// `activator_preview_requests_total{result}`: requests on preview hosts: `forwarded`,
+    /// `exchanged` (token -> cookie redirect), or the refusal's error code.
+    pub preview_requests_total: IntCounterVec,
+    /// `activator_hook_calls_total{hook,result}`: pause/resume hooks (`before_pause`,
+    /// `after_resume`) by result: ok | status | error | timeout.
+    pub hook_calls_total: IntCounterVec,
     /// `activator_releases_total{reason}`: idle | ttl | admin | lost | shutdown.
     pub releases_total: IntCounterVec,
     /// `activator_sessions_lost_total`: sessions whose sandbox died.
@@ -225,6 +231,22 @@ impl Metrics {
             pauses_total: IntCounterVec::new(
                 Opts::new("activator_pauses_total", "Sandbox pauses by result."),
                 &["result"],
+            )
+            .expect("valid metric"),
+            preview_requests_total: IntCounterVec::new(
+                Opts::new(
+                    "activator_preview_requests_total",
+                    "Requests on preview hosts by result (forwarded, exchanged, or the refusal's code).",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+            hook_calls_total: IntCounterVec::new(
+                Opts::new(
+                    "activator_hook_calls_total",
+                    "Pause/resume hook calls into sandboxes by hook and result.",
+                ),
+                &["hook", "result"],
             )
             .expect("valid metric"),
             deep_pauses_total: IntCounterVec::new(
@@ -399,6 +421,8 @@ impl Metrics {
             Box::new(self.customized_claims_total.clone()),
             Box::new(self.pauses_total.clone()),
             Box::new(self.deep_pauses_total.clone()),
+            Box::new(self.preview_requests_total.clone()),
+            Box::new(self.hook_calls_total.clone()),
             Box::new(self.releases_total.clone()),
             Box::new(self.sessions_lost_total.clone()),
             Box::new(self.warm_pool_ready.clone()),

@@ -37,6 +37,7 @@ mod h1;
 mod h1client;
 mod h1server;
 mod listener;
+mod preview;
 mod relay;
 mod request_id;
 pub mod rules;
@@ -94,6 +95,9 @@ pub struct Proxy {
     tunnels_closed: IntCounter,
     /// The request-edge rules (CONNECT, look-alike and duplicate fields, Host).
     edge: EdgeRules,
+    /// Preview URLs (`preview` of some pool), if any: requests for their hosts take
+    /// [`Proxy::forward_preview`] instead of session extraction.
+    previews: Option<Arc<crate::preview::Previews>>,
 }
 
 impl Proxy {
@@ -145,7 +149,14 @@ impl Proxy {
                 .client_connections_closed_total
                 .with_label_values(&["tunnel_idle_timeout"]),
             edge: EdgeRules::new(config),
+            previews: None,
         }
+    }
+
+    /// Serves `previews`' hosts (see [`crate::preview`]).
+    pub fn with_previews(mut self, previews: Option<Arc<crate::preview::Previews>>) -> Proxy {
+        self.previews = previews;
+        self
     }
 
     /// Traces requests with `telemetry` (see [`crate::telemetry`]).
@@ -229,28 +240,60 @@ impl Proxy {
         req.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
         completion.set_request_id(&request_id);
         let https = conn.https(req.headers());
-        let declared = req.body().size_hint().lower();
-        let extracted = match verdict {
-            Err(v) => Err(ProxyError::Edge(v)),
-            Ok(()) => self
-                .extractor
-                .extract(req.uri(), req.headers())
-                .map_err(ProxyError::from),
+        let preview = self
+            .previews
+            .as_ref()
+            .and_then(|p| preview::matched(p, req.uri(), req.headers()));
+        // A preview host names its session through the preview, never a session source.
+        let mut resp = match (verdict, preview) {
+            // Refused at the edge: no preview, session or sandbox is looked at.
+            (Err(violation), _) => self.failure(violation.into(), &request_id),
+            (Ok(()), Some(matched)) => {
+                let declared = req.body().size_hint().lower();
+                let result = match self.max_body_bytes {
+                    Some(max) if declared > max => Err(ProxyError::BodyTooLarge(max)),
+                    _ => {
+                        self.forward_preview(req, matched, conn, &mut completion, https)
+                            .await
+                    }
+                };
+                result.unwrap_or_else(|err| self.failure(err, &request_id))
+            }
+            (Ok(()), None) => {
+                self.forward_session(req, conn, &mut completion, https, &request_id)
+                    .await
+            }
         };
-        let mut resp = match extracted {
+        resp.headers_mut().insert(&X_REQUEST_ID, request_id);
+        completion.set_status(resp.status().as_u16());
+        let (parts, body) = resp.into_parts();
+        Response::from_parts(parts, ResponseBody::new(body, completion))
+    }
+
+    /// A request on the main route: its session from the configured sources, then
+    /// [`Proxy::forward`]; a minted session ID is handed out with the response.
+    async fn forward_session(
+        &self,
+        req: Request<ClientBody>,
+        conn: &ClientConn,
+        completion: &mut Completion,
+        https: bool,
+        request_id: &HeaderValue,
+    ) -> Response<ProxyBody> {
+        let declared = req.body().size_hint().lower();
+        match self.extractor.extract(req.uri(), req.headers()) {
             // A declared length over the cap is refused before any sandbox is woken.
             _ if self.max_body_bytes.is_some_and(|max| declared > max) => self.failure(
                 ProxyError::BodyTooLarge(self.max_body_bytes.unwrap_or(0)),
-                &request_id,
+                request_id,
             ),
-            Err(err) => self.failure(err, &request_id),
+            Err(err) => self.failure(err.into(), request_id),
             Ok(session) => {
                 completion.set_session(&session.key, session.rewritten.as_ref());
                 let minted = (session.origin == SessionOrigin::Minted).then(|| session.key.clone());
-                let forwarded = self.forward(req, session, conn, upgrade, &mut completion);
-                let mut resp = match forwarded.await {
+                let mut resp = match self.forward(req, session, conn, completion).await {
                     Ok(resp) => resp,
-                    Err(err) => self.failure(err, &request_id),
+                    Err(err) => self.failure(err, request_id),
                 };
                 // A minted ID is handed out even on failure, so a retry (503 carries
                 // Retry-After) finds the claim that kept running for it.
@@ -266,11 +309,7 @@ impl Proxy {
                 }
                 resp
             }
-        };
-        resp.headers_mut().insert(&X_REQUEST_ID, request_id);
-        completion.set_status(resp.status().as_u16());
-        let (parts, body) = resp.into_parts();
-        Response::from_parts(parts, ResponseBody::new(body, completion))
+        }
     }
 
     fn failure(&self, err: ProxyError, request_id: &HeaderValue) -> Response<ProxyBody> {
@@ -289,10 +328,9 @@ impl Proxy {
 
     async fn forward(
         &self,
-        mut req: Request<ClientBody>,
+        req: Request<ClientBody>,
         session: ExtractedSession,
         conn: &ClientConn,
-        upgrade: bool,
         completion: &mut Completion,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let pool = {
@@ -348,15 +386,38 @@ impl Proxy {
                 );
             }
         }
-        let endpoint = lease.endpoint;
+        let target = Target {
+            key: &session.key,
+            path: session.rewritten,
+            endpoint: lease.endpoint,
+            pool_key: lease.sandbox.clone(),
+        };
+        self.dispatch(req, lease, target, conn, completion).await
+    }
+
+    /// Forwards a leased request to `target` (the lease's sandbox, or one of its other
+    /// ports for a preview) and relays the response or the upgraded stream.
+    async fn dispatch(
+        &self,
+        mut req: Request<ClientBody>,
+        lease: crate::activation::Permit,
+        target: Target<'_>,
+        conn: &ClientConn,
+        completion: &mut Completion,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let endpoint = target.endpoint;
         let traced_sandbox = completion.trace().map(|_| lease.sandbox.clone());
         let activation = lease.activation;
         let state_lost = lease.state_lost;
-        let sandbox = lease.sandbox.clone();
+        let sandbox = target.pool_key;
         completion.hold_lease(lease);
 
-        // An upgrade outside `proxy.allowed_upgrades` is forwarded as a plain request
-        // (its `Upgrade`/`Connection` headers were stripped as hop-by-hop).
+        // An upgrade outside `proxy.allowed_upgrades` is forwarded as a plain request (its
+        // `Upgrade`/`Connection` headers were stripped as hop-by-hop in `handle_checked`,
+        // which kept exactly those of an allowed one, so this decides the same).
+        let upgrade = req.version() <= Version::HTTP_11
+            && is_upgrade_request(req.headers())
+            && self.upgrade_allowed(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let body = RequestBody::new(body, self.body_timeout, self.max_body_bytes);
@@ -368,10 +429,8 @@ impl Proxy {
             self.upstream.is_h2() && !upgrade,
         );
         self.forwarding
-            .prepare_request(&mut parts.headers, &session.key);
-        let path = session
-            .rewritten
-            .or_else(|| parts.uri.path_and_query().cloned());
+            .prepare_request(&mut parts.headers, target.key);
+        let path = target.path.or_else(|| parts.uri.path_and_query().cloned());
         let path = self.forwarding.strip_query(path.as_ref()).or(path);
         // Origin-form for the sandbox (the pool adds scheme and authority itself).
         parts.uri = path
@@ -430,6 +489,19 @@ impl Proxy {
         .spawn(self.shutdown.clone());
         Ok(resp.map(|_| ProxyBody::empty()))
     }
+}
+
+/// Where [`Proxy::dispatch`] sends a leased request.
+struct Target<'a> {
+    /// The session (what the sandbox is told, `session.forward_header`).
+    key: &'a crate::session::SessionKey,
+    /// The path the sandbox sees, when it is not the request's own (a session prefix or
+    /// a preview token removed).
+    path: Option<PathAndQuery>,
+    endpoint: std::net::SocketAddr,
+    /// The upstream connection pool's key: the sandbox, or the sandbox and a preview port
+    /// (a pool entry holds connections to one endpoint).
+    pool_key: crate::backend::SandboxId,
 }
 
 /// Adds `Secure` to a minted cookie when the client is on HTTPS behind a trusted

@@ -119,6 +119,17 @@ async fn start_inner(
     let named = config.has_pools();
     // One event stream for every pool: its events name their pool.
     let bus = Arc::new(EventBus::new(config.telemetry.events.buffer));
+    let preview_pools: Vec<crate::preview::PoolPreview> = effective
+        .iter()
+        .filter_map(|p| {
+            Some(crate::preview::PoolPreview {
+                pool: Arc::from(p.name.as_str()),
+                config: p.config.preview.clone()?,
+            })
+        })
+        .collect();
+    let previews =
+        crate::preview::Previews::new(preview_pools, config.tls.is_some(), proxy_addr.port());
     let mut backend = backend;
     let mut built = Vec::with_capacity(effective.len());
     for pool in effective {
@@ -182,7 +193,8 @@ async fn start_inner(
             stats.clone(),
             shutdown.clone(),
         )
-        .with_telemetry(telemetry.clone()),
+        .with_telemetry(telemetry.clone())
+        .with_previews(previews.clone()),
     );
     let proxy_config = config.proxy.clone();
     let proxy_shutdown = shutdown.clone();
@@ -215,6 +227,7 @@ async fn start_inner(
         retry_after: proxy::error::retry_after_value(config.activation.retry_after.as_duration()),
         event_streams: admin::EventStreams::new(&config.telemetry.events),
         auth: admin_auth,
+        previews,
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
     let names: Vec<&str> = pools.iter().map(|p| &*p.name).collect();

@@ -50,6 +50,9 @@ pub struct Script {
     pub claim_by_prefix: Vec<(String, Outcome)>,
     /// Returned (once) by `recover`.
     pub recovered: Vec<RecoveredBinding>,
+    /// `port_endpoint(sandbox, port)`: where each sandbox's other ports are served (a
+    /// test points them at real upstreams); absent = unreachable.
+    pub ports: BTreeMap<(String, u16), SocketAddr>,
 }
 
 /// Where claimed sandboxes live.
@@ -59,6 +62,9 @@ enum Placement {
     Fresh,
     /// Every claim binds to this one sandbox (tests that point it at a real upstream).
     One(SocketAddr),
+    /// Claim `n` gets a new sandbox `sbx-n` served at `list[n % len]` (several real
+    /// upstreams, one per sandbox).
+    List(&'static [SocketAddr]),
 }
 
 /// The warm pool the autoscaler steers: `set_warm_pool_target` records the target and the
@@ -144,6 +150,14 @@ impl ScriptedBackend {
         self
     }
 
+    /// Claim `n` gets a new sandbox `sbx-n` served at `endpoints[n % len]` (each a real
+    /// upstream); `endpoints` must not be empty.
+    pub fn sandboxes_at(mut self, endpoints: Vec<SocketAddr>) -> ScriptedBackend {
+        assert!(!endpoints.is_empty(), "at least one endpoint");
+        self.placement = Placement::List(endpoints.leak());
+        self
+    }
+
     /// The activation kind claims report (`claim` by default).
     pub fn claims_as(mut self, kind: ActivationKind) -> ScriptedBackend {
         self.kind = kind;
@@ -155,6 +169,12 @@ impl ScriptedBackend {
     pub fn resumes_at(mut self, endpoint: SocketAddr) -> ScriptedBackend {
         self.resume_endpoint = Some(endpoint);
         self
+    }
+
+    /// Serves port `port` of sandbox `sandbox` (e.g. `sbx-0`) at `addr`
+    /// ([`SandboxBackend::port_endpoint`]).
+    pub fn expose(&self, sandbox: &str, port: u16, addr: SocketAddr) {
+        self.script().ports.insert((sandbox.to_owned(), port), addr);
     }
 
     /// The script, to change outcomes and delays.
@@ -200,6 +220,13 @@ impl ScriptedBackend {
                     ScriptedBackend::endpoint_of(n),
                 )
             }
+            Placement::List(list) => {
+                let n = self.next.fetch_add(1, Ordering::SeqCst);
+                (
+                    SandboxId::new(format!("{}-{n}", self.sandbox_name)),
+                    list[n % list.len()],
+                )
+            }
         }
     }
 
@@ -214,14 +241,17 @@ impl ScriptedBackend {
         // A sandbox this backend never claimed (a recovered binding): its name says where.
         match self.placement {
             Placement::One(endpoint) => endpoint,
-            Placement::Fresh => {
-                let n = sandbox
+            Placement::Fresh | Placement::List(_) => {
+                let n: usize = sandbox
                     .as_str()
                     .rsplit('-')
                     .next()
                     .and_then(|n| n.parse().ok())
                     .unwrap_or(0);
-                ScriptedBackend::endpoint_of(n)
+                match self.placement {
+                    Placement::List(list) => list[n % list.len()],
+                    _ => ScriptedBackend::endpoint_of(n),
+                }
             }
         }
     }
@@ -387,6 +417,11 @@ impl SandboxBackend for ScriptedBackend {
 
     fn record_activity(&self, _session: &SessionKey, _sandbox: &SandboxId) {
         self.activity.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn port_endpoint(&self, sandbox: &SandboxId, port: u16) -> Option<SocketAddr> {
+        let key = (sandbox.as_str().to_owned(), port);
+        self.script().ports.get(&key).copied()
     }
 }
 

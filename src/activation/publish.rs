@@ -140,6 +140,7 @@ pub(crate) fn reject_reason(err: &ActivationError) -> &'static str {
         ActivationError::Timeout(_) => "activation_timeout",
         ActivationError::SandboxLost => "sandbox_lost",
         ActivationError::ShuttingDown => "shutting_down",
+        ActivationError::Hook(_) => "hook_failed",
         ActivationError::Backend(BackendError::NoCapacity(_)) => "no_capacity",
         ActivationError::Backend(BackendError::Timeout(_)) => "activation_timeout",
         ActivationError::Backend(BackendError::Lost(_)) => "sandbox_lost",

@@ -81,6 +81,8 @@ pub(crate) struct Transitions {
     pub(crate) reporter: Reporter,
     /// `Ready` sessions with a request in flight or inside their idle window.
     active: AtomicUsize,
+    /// `hooks.*`: calls into the sandbox before a pause and after a resume.
+    pub(crate) hooks: super::hooks::Hooks,
 }
 
 impl Transitions {
@@ -103,7 +105,9 @@ impl Transitions {
                 &metrics,
             ),
         };
+        let hooks = super::hooks::Hooks::new(&config.hooks, metrics.hook_calls_total.clone());
         Arc::new(Transitions {
+            hooks,
             events,
             deadlines: Arc::default(),
             reporter: Reporter::default(),

@@ -225,7 +225,7 @@ pub async fn act(
 }
 
 /// The key named in the path, by raw ID or (`?by=hash`) by short hash.
-async fn resolve(
+pub(super) async fn resolve(
     state: &AdminState,
     id: &str,
     query: Option<&str>,
@@ -281,7 +281,7 @@ fn parse(state: &AdminState, id: &str) -> Result<SessionKey, Box<AdminResponse>>
     })
 }
 
-fn unknown(key: &SessionKey) -> AdminResponse {
+pub(super) fn unknown(key: &SessionKey) -> AdminResponse {
     error_response(
         StatusCode::NOT_FOUND,
         "unknown_session",
@@ -304,6 +304,11 @@ fn outcome(
             StatusCode::CONFLICT,
             "sandbox_busy",
             &format!("sandbox {sandbox} saw traffic elsewhere; not {done}"),
+        ),
+        Err(ActivationError::Hook(hook)) => error_response(
+            StatusCode::CONFLICT,
+            "hook_failed",
+            &format!("the sandbox's {hook} hook failed (on_failure: abort); not {done}"),
         ),
         Err(ActivationError::Backend(BackendError::Unsupported(what))) => error_response(
             StatusCode::NOT_IMPLEMENTED,

@@ -356,6 +356,18 @@ impl SandboxBackend for KubernetesBackend {
         self.cache.subscribe()
     }
 
+    /// The pod IP and `port` (a preview port; deploy/'s NetworkPolicy admits exactly
+    /// `preview.ports` from the activator), whatever the pod's readiness: the preview
+    /// request was leased like any other, so the sandbox is bound and running.
+    fn port_endpoint(&self, sandbox: &SandboxId, port: u16) -> Option<SocketAddr> {
+        let flavour = self.api.flavour;
+        self.cache.read(|st| {
+            let s = st.sandbox(sandbox.as_str())?;
+            let ip = flavour.sandbox_view(s).pod_ip?;
+            Some(SocketAddr::new(ip, port))
+        })
+    }
+
     fn sandboxes(&self) -> Vec<SandboxInfo> {
         let flavour = self.api.flavour;
         let now_ms = chrono::Utc::now().timestamp_millis();

@@ -152,6 +152,14 @@ impl SandboxBackend for StaticBackend {
         self.events.subscribe()
     }
 
+    /// A static endpoint's host with the other port: the operator runs the sandbox's
+    /// other servers next to the configured one.
+    fn port_endpoint(&self, sandbox: &SandboxId, port: u16) -> Option<SocketAddr> {
+        let slots = self.slots.lock_recovered();
+        let slot = slots.iter().find(|s| &s.id == sandbox)?;
+        Some(SocketAddr::new(slot.addr.ip(), port))
+    }
+
     fn sandbox_counts(&self) -> StateCounts {
         let slots = self.slots.lock_recovered();
         StateCounts::of(slots.iter().map(|s| {

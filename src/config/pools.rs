@@ -37,6 +37,13 @@ pub struct PoolConfig {
     /// (each kind of sandbox takes its own settings). Unset: the top-level one.
     #[serde(default)]
     pub customize: Option<super::CustomizeConfig>,
+    /// This pool's preview URLs; replaces the top-level `preview`. Unset: the top-level one.
+    #[serde(default)]
+    pub preview: Option<super::PreviewConfig>,
+    /// This pool's pause/resume hooks; replaces the top-level `hooks`. Unset: the
+    /// top-level ones.
+    #[serde(default)]
+    pub hooks: Option<super::HooksConfig>,
 }
 
 /// `pools[].match`: exactly one of `header: {name, value}`, `path_prefix`, `host`.
@@ -318,6 +325,12 @@ impl Config {
         if let Some(customize) = &pool.customize {
             c.customize = customize.clone();
         }
+        if let Some(preview) = &pool.preview {
+            c.preview = Some(preview.clone());
+        }
+        if let Some(hooks) = &pool.hooks {
+            c.hooks = hooks.clone();
+        }
         if pool.idle.policy.is_some() {
             c.idle.policy = pool.idle.policy;
         }
@@ -372,6 +385,22 @@ impl Config {
             effective.validate_backend().map_err(rename)?;
             effective.validate_autoscaler().map_err(rename)?;
             effective.validate_idle().map_err(rename)?;
+            if let Some(p) = &effective.preview {
+                let preview_key = if pool.preview.is_some() {
+                    format!("{key}.preview")
+                } else {
+                    "preview".to_owned()
+                };
+                p.validate(&preview_key)?;
+            }
+            let hooks_key = if pool.hooks.is_some() {
+                format!("{key}.hooks")
+            } else {
+                "hooks".to_owned()
+            };
+            effective
+                .hooks
+                .validate(&hooks_key, effective.backend.kind)?;
         }
         self.validate_shared_cluster()
     }

@@ -116,6 +116,7 @@ impl Config {
             self.validate_backend()?;
             self.validate_autoscaler()?;
             self.validate_idle()?;
+            self.validate_preview_hooks("")?;
         } else {
             // Each pool's backend, autoscaler and idle, over the top-level defaults.
             self.validate_pools()?;

@@ -84,6 +84,8 @@ fn pool_of(doc: &Value, config: &Config) -> Result<PoolConfig, ConfigError> {
         autoscaler: PoolAutoscaler::from_full(&config.autoscaler),
         idle: PoolIdle::from_full(&config.idle),
         customize: Some(config.customize.clone()),
+        preview: config.preview.clone(),
+        hooks: Some(config.hooks.clone()),
     })
 }
 

@@ -19,6 +19,7 @@ use crate::activation::ActivationError;
 use crate::backend::BackendError;
 use crate::customize::CustomizeError;
 use crate::pool::PoolError;
+use crate::preview::PreviewError;
 use crate::session::{AdmissionError, ExtractError};
 
 pub use crate::error_body::error_response;
@@ -40,6 +41,10 @@ pub enum ProxyError {
     /// session's (409 `pool_mismatch`).
     #[error(transparent)]
     Pool(#[from] PoolError),
+    /// A preview request refused (4xx, or 502 for an unreachable port; see
+    /// [`PreviewError::status`]).
+    #[error(transparent)]
+    Preview(#[from] PreviewError),
     /// No sandbox could be made ready (502/503/504, see [`ProxyError::status`]).
     #[error(transparent)]
     Activation(#[from] ActivationError),
@@ -179,9 +184,11 @@ impl ProxyError {
                     present(S::GATEWAY_TIMEOUT, "activation_timeout", false)
                 }
                 ActivationError::SandboxLost => present(S::BAD_GATEWAY, "sandbox_lost", false),
+                ActivationError::Hook(_) => present(S::BAD_GATEWAY, "hook_failed", false),
                 ActivationError::Backend(b) => backend_presentation(b),
             },
             ProxyError::Customize(_) => present(S::BAD_REQUEST, "invalid_customization", false),
+            ProxyError::Preview(e) => present(e.status(), e.code(), false),
             ProxyError::UpstreamConnect { .. } => {
                 present(S::BAD_GATEWAY, "upstream_connect", false)
             }
@@ -227,6 +234,8 @@ impl ProxyError {
             ProxyError::Pool(e) => e.to_string().into(),
             // Names the header, never its value.
             ProxyError::Customize(e) => e.to_string().into(),
+            // Names only what the client sent (a port, its own host or token).
+            ProxyError::Preview(e) => e.to_string().into(),
             other => client_message(other.code()).into(),
         }
     }
@@ -252,7 +261,7 @@ impl ProxyError {
                 HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE"),
             );
         }
-        if p.status == StatusCode::UNAUTHORIZED {
+        if p.status == StatusCode::UNAUTHORIZED && !matches!(self, ProxyError::Preview(_)) {
             // RFC 9110 15.5.2: a 401 names the scheme; the token travels wherever the
             // session sources say, not in Authorization, hence a private scheme name.
             resp.headers_mut().insert(
@@ -292,6 +301,7 @@ fn client_message(code: &str) -> &'static str {
         "shutting_down" => "the activator is shutting down; retry",
         "activation_timeout" => "the session's sandbox did not become ready in time",
         "sandbox_lost" => "the session's sandbox is gone",
+        "hook_failed" => "the session's sandbox failed its pause/resume hook",
         "no_capacity" => "no sandbox is available; retry later",
         "sandbox_busy" => "the session's sandbox is busy; retry later",
         "unsupported" => "this operation is not supported by the backend",

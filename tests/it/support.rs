@@ -487,6 +487,16 @@ impl HttpClient {
         self.send(b.body(Full::new(Bytes::new())).unwrap()).await
     }
 
+    /// `method path` without a body (admin calls: `POST .../pause`, `DELETE ...`).
+    pub async fn call(&self, method: &str, path: &str) -> Reply {
+        self.send(
+            self.request(method, path)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+    }
+
     /// `GET path` with `X-Session-ID: session`.
     pub async fn get_session(&self, path: &str, session: &str) -> Reply {
         self.get(path, &[("x-session-id", session)]).await

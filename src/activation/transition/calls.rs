@@ -13,8 +13,10 @@ use tokio::time::Instant;
 use super::{Payload, Transitions};
 use crate::activation::ActivationError;
 use crate::activation::entry::{Bound, SessionEntry};
+use crate::activation::hooks::{HookCall, HookKind};
 use crate::activation::lifecycle::{self, Event};
 use crate::backend::{ActivationKind, BackendError, ClaimBudget, DeepPause, SandboxId};
+use crate::events::EventKind;
 use crate::session::SessionKey;
 
 /// The `result` label of `activator_activations_total` for a backend error.
@@ -127,8 +129,20 @@ impl Transitions {
             }
             None => Some(Err(BackendError::Unsupported("resume without a sandbox"))),
         };
+        // After a resume, before the held requests are released (they are granted when
+        // the step below applies): an aborting hook pauses the sandbox again.
+        let hook_failed = match (&outcome, &sandbox) {
+            (Some(Ok(endpoint)), Some(sandbox)) => {
+                self.resume_hook_aborts(&entry, sandbox, *endpoint).await
+            }
+            _ => false,
+        };
         let st = entry.lock();
         let (event, payload, result) = match outcome {
+            Some(Ok(_)) if hook_failed => failed(
+                Event::ResumeFailed,
+                ActivationError::Hook(HookKind::AfterResume.as_str()),
+            ),
             Some(Ok(endpoint)) => {
                 let payload = Payload {
                     endpoint: Some(endpoint),
@@ -151,6 +165,7 @@ impl Transitions {
         let label = match (event, &result) {
             (Event::ResumeOk, _) => "ok",
             (Event::ResumeLost, _) => "lost",
+            (_, Err(ActivationError::Hook(_))) => "hook_aborted",
             (_, Err(ActivationError::Backend(e))) => result_label(e),
             _ => "timeout",
         };
@@ -175,13 +190,39 @@ impl Transitions {
     ) -> Result<(), ActivationError> {
         let started = Instant::now();
         let timeout = self.settings.activation_timeout;
+        // `None`: the before_pause hook failed with `on_failure: abort`.
         let outcome = match &sandbox {
-            Some(sandbox) => tokio::time::timeout(timeout, self.backend.pause(sandbox))
-                .await
-                .ok(),
-            None => Some(Err(BackendError::Unsupported("pause without a sandbox"))),
+            Some(sandbox)
+                if self
+                    .hook_aborts(&entry, HookKind::BeforePause, sandbox)
+                    .await =>
+            {
+                None
+            }
+            Some(sandbox) => Some(
+                tokio::time::timeout(timeout, self.backend.pause(sandbox))
+                    .await
+                    .ok(),
+            ),
+            None => Some(Some(Err(BackendError::Unsupported(
+                "pause without a sandbox",
+            )))),
         };
         let st = entry.lock();
+        let Some(outcome) = outcome else {
+            // The sandbox keeps running, as after `Busy`: the idle clock starts over.
+            let event = lifecycle::resolve(Event::PauseRefused, &self.facts(&entry, &st));
+            self.metrics
+                .pauses_total
+                .with_label_values(&["hook_aborted"])
+                .inc();
+            let payload = Payload {
+                waited: Some(started.elapsed()),
+                ..Payload::default()
+            };
+            self.apply(&entry, st, event, payload);
+            return Err(ActivationError::Hook(HookKind::BeforePause.as_str()));
+        };
         let (event, label, result) = match outcome {
             Some(Ok(())) => (Event::PauseOk, "ok", Ok(())),
             // A pause that overran may have half-happened: treat the sandbox as paused
@@ -315,6 +356,67 @@ impl Transitions {
                 Err(ActivationError::Timeout(self.settings.activation_timeout))
             }
         }
+    }
+}
+
+impl Transitions {
+    /// Runs hook `kind` (if configured) against the session's running sandbox; whether
+    /// it failed with `on_failure: abort`.
+    async fn hook_aborts(&self, entry: &SessionEntry, kind: HookKind, sandbox: &SandboxId) -> bool {
+        let endpoint = entry.lock().bound.as_ref().and_then(|b| b.endpoint);
+        match endpoint {
+            Some(endpoint) => self.run_hook(entry, kind, sandbox, endpoint).await,
+            None => false,
+        }
+    }
+
+    /// The after_resume hook at the resumed `endpoint`; on an abort the sandbox is paused
+    /// again (bounded) so that it is what the session's phase says. Whether it aborted.
+    async fn resume_hook_aborts(
+        &self,
+        entry: &SessionEntry,
+        sandbox: &SandboxId,
+        endpoint: std::net::SocketAddr,
+    ) -> bool {
+        if !self
+            .run_hook(entry, HookKind::AfterResume, sandbox, endpoint)
+            .await
+        {
+            return false;
+        }
+        let timeout = self.settings.activation_timeout;
+        match tokio::time::timeout(timeout, self.backend.pause(sandbox)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(session = %entry.short_hash, %sandbox, error = %e, "pausing again after a failed after_resume hook failed");
+            }
+            Err(_) => {
+                tracing::warn!(session = %entry.short_hash, %sandbox, "pausing again after a failed after_resume hook timed out");
+            }
+        }
+        true
+    }
+
+    /// Calls hook `kind` at `endpoint` and publishes it; whether it aborts.
+    async fn run_hook(
+        &self,
+        entry: &SessionEntry,
+        kind: HookKind,
+        sandbox: &SandboxId,
+        endpoint: std::net::SocketAddr,
+    ) -> bool {
+        let Some(HookCall {
+            result,
+            abort,
+            took,
+        }) = self.hooks.call(kind, endpoint, &entry.short_hash).await
+        else {
+            return false;
+        };
+        self.publish(EventKind::Hook, entry, Some(sandbox), |d| {
+            d.hook(kind.as_str()).reason(result.label()).wait(took)
+        });
+        abort
     }
 }
 
