@@ -42,6 +42,9 @@ fn probes() -> Vec<(&'static str, bool)> {
                 ],
             ),
         ),
+        // pasta (Debian passt): the network namespace of an isolated sandbox. It runs as
+        // the unprivileged sandbox user and opens /dev/net/tun, so that must be mode 0666.
+        ("pasta", runs("pasta", &["--version"]) && tun_usable()),
         (
             "kubernetes_validate",
             runs("python3", &["-c", "import kubernetes_validate, yaml"]),
@@ -69,7 +72,7 @@ fn on_path(program: &str) -> Option<std::path::PathBuf> {
 
 /// The files whose change should re-probe: each prerequisite found, nothing for one missing.
 fn watched_files() -> Vec<std::path::PathBuf> {
-    let mut files: Vec<_> = ["promtool", "kubectl", "chromium", "bwrap"]
+    let mut files: Vec<_> = ["promtool", "kubectl", "chromium", "bwrap", "pasta"]
         .iter()
         .filter_map(|p| on_path(p))
         .collect();
@@ -90,6 +93,12 @@ fn watched_files() -> Vec<std::path::PathBuf> {
         }
     }
     files
+}
+
+/// `/dev/net/tun` readable and writable by every user (udev's mode on a standard host).
+fn tun_usable() -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata("/dev/net/tun").is_ok_and(|m| m.permissions().mode() & 0o006 == 0o006)
 }
 
 fn runs(program: &str, args: &[&str]) -> bool {

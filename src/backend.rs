@@ -169,10 +169,15 @@ pub struct RecoveredBinding {
     pub paused: bool,
 }
 
+/// How a [`BackendEvent::Lost`] reason starts when the kernel OOM-killed the sandbox at
+/// its memory limit (`backend.memory_max`).
+pub const LOST_OOM: &str = "out of memory";
+
 /// Something that happened to a sandbox outside of a call made by this activator.
 #[derive(Debug, Clone)]
 pub enum BackendEvent {
-    /// The sandbox died or was deleted; its sessions are lost.
+    /// The sandbox died or was deleted; its sessions are lost. A `reason` starting with
+    /// [`LOST_OOM`] is an out-of-memory kill (the event stream's `lost` says `oom`).
     Lost { sandbox: SandboxId, reason: String },
     /// Paused by someone else (another replica, an operator).
     Paused { sandbox: SandboxId },

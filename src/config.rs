@@ -543,13 +543,17 @@ pub struct BackendConfig {
     /// plus `PATH`, `HOME` and `LANG` (and `PORT`).
     pub inherit_env: bool,
     /// process: memory limit per sandbox in bytes (a number, or a string with a `K`/`M`/`G`
-    /// or `Ki`/`Mi`/`Gi` suffix); over it the sandbox is OOM-killed. Unset: no limit.
+    /// or `Ki`/`Mi`/`Gi` suffix); over it the sandbox is OOM-killed. Unset: 1Gi when the
+    /// sandbox is isolated ([`DEFAULT_MEMORY_MAX`]), no limit with `isolation: none`;
+    /// `0`: no limit.
     #[serde(deserialize_with = "size::deserialize_opt_bytes")]
     pub memory_max: Option<u64>,
-    /// process: most tasks (processes and threads) per sandbox. Unset: no limit.
+    /// process: most tasks (processes and threads) per sandbox. Unset: 512 when isolated
+    /// ([`DEFAULT_PIDS_MAX`]), no limit with `isolation: none`; `0`: no limit.
     pub pids_max: Option<u32>,
     /// process: CPU weight per sandbox, 1..=10000 (cgroup v2 scale, default of the kernel
-    /// 100; mapped to v1 `cpu.shares`). Unset: the kernel default.
+    /// 100; mapped to v1 `cpu.shares`). Unset: 100 when isolated, the kernel default
+    /// otherwise; `0`: not set.
     pub cpu_weight: Option<u32>,
     /// process: SIGTERM-to-SIGKILL grace on release.
     pub stop_grace: Dur,
@@ -561,6 +565,21 @@ pub struct BackendConfig {
     pub isolation: IsolationKind,
     /// process: the bubblewrap executable used for namespace isolation.
     pub bwrap: PathBuf,
+    /// process (isolated): the host user sandbox processes run as, `NAME`, `UID` or
+    /// `UID:GID`; never root. Default `nobody` (65534 where no such user exists).
+    pub sandbox_user: String,
+    /// process (isolated): extra host paths bound read-only into every sandbox (beyond
+    /// `/usr`, `/lib*`, `/bin`, `/sbin`, the sanitised `/etc` and the command's own files).
+    pub ro_paths: Vec<PathBuf>,
+    /// process (isolated): outbound network of the sandboxes: `internet` (default; NAT
+    /// through pasta, host loopback and link-local addresses unreachable) or `none`.
+    pub egress: Egress,
+    /// process (isolated): sandbox ports reachable from the activator besides `{port}`
+    /// (preview URLs), each forwarded from its own host-loopback port per sandbox.
+    pub expose_ports: Vec<u16>,
+    /// process (isolated): the pasta executable (Debian `passt`) that gives each sandbox
+    /// its own network namespace.
+    pub pasta: PathBuf,
     /// process: per-session volumes (`customize.volumes`) live below this directory, one
     /// directory per session hash, and survive the session's sandboxes.
     pub volumes_root: PathBuf,
@@ -587,6 +606,11 @@ impl Default for BackendConfig {
             freezer: FreezerKind::Auto,
             isolation: IsolationKind::Namespaces,
             bwrap: PathBuf::from("bwrap"),
+            sandbox_user: "nobody".into(),
+            ro_paths: Vec::new(),
+            egress: Egress::Internet,
+            expose_ports: Vec::new(),
+            pasta: PathBuf::from("pasta"),
             volumes_root: std::env::temp_dir().join("agent-activator-volumes"),
             kubernetes: KubernetesConfig::default(),
         }
@@ -599,6 +623,21 @@ pub enum BackendKind {
     Static,
     Process,
     Kubernetes,
+}
+
+/// `backend.memory_max` of an isolated sandbox when the key is unset.
+pub const DEFAULT_MEMORY_MAX: u64 = 1 << 30;
+/// `backend.pids_max` of an isolated sandbox when the key is unset.
+pub const DEFAULT_PIDS_MAX: u32 = 512;
+/// `backend.cpu_weight` of an isolated sandbox when the key is unset.
+pub const DEFAULT_CPU_WEIGHT: u32 = 100;
+
+/// `backend.egress` (process backend, isolated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Egress {
+    None,
+    Internet,
 }
 
 /// `backend.isolation` (process backend).

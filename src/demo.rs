@@ -69,9 +69,10 @@ pub struct DemoOptions {
     /// Period of the background tick counter (0 disables it); it stops while frozen.
     #[arg(long, default_value_t = 100)]
     pub tick_ms: u64,
-    /// Also serve on this port (same host), with a dev-server page at `/` (0: none).
-    #[arg(long, default_value_t = 0)]
-    pub dev_port: u16,
+    /// Also serve on this port (same host; 0 picks a free one, printed on stdout as
+    /// `dev server on ADDR`), with a dev-server page at `/`.
+    #[arg(long)]
+    pub dev_port: Option<u16>,
 }
 
 /// The sandbox's in-memory state.
@@ -118,10 +119,9 @@ pub async fn run(opts: DemoOptions) -> std::io::Result<()> {
             }
         });
     }
-    let dev = if opts.dev_port > 0 {
-        Some(TcpListener::bind(SocketAddr::new(opts.host, opts.dev_port)).await?)
-    } else {
-        None
+    let dev = match opts.dev_port {
+        Some(port) => Some(TcpListener::bind(SocketAddr::new(opts.host, port)).await?),
+        None => None,
     };
     let mut out = tokio::io::stdout();
     out.write_all(format!("listening on {addr}\n").as_bytes())

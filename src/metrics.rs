@@ -66,6 +66,9 @@ pub struct Metrics {
     pub releases_total: IntCounterVec,
     /// `activator_sessions_lost_total`: sessions whose sandbox died.
     pub sessions_lost_total: IntCounter,
+    /// `activator_sandbox_oom_kills_total`: processes the kernel OOM-killed inside process
+    /// sandboxes at `backend.memory_max`.
+    pub sandbox_oom_kills_total: IntCounter,
     /// `activator_warm_pool_ready`: ready, unassigned sandboxes.
     pub warm_pool_ready: IntGauge,
     /// `activator_upstream_errors_total{kind}`: connect | reset | protocol | timeout.
@@ -267,6 +270,11 @@ impl Metrics {
                 "Sessions whose pinned sandbox died.",
             )
             .expect("valid metric"),
+            sandbox_oom_kills_total: IntCounter::new(
+                "activator_sandbox_oom_kills_total",
+                "Processes OOM-killed inside process sandboxes at backend.memory_max.",
+            )
+            .expect("valid metric"),
             warm_pool_ready: IntGauge::new(
                 "activator_warm_pool_ready",
                 "Ready, unassigned sandboxes in the warm pool.",
@@ -425,6 +433,7 @@ impl Metrics {
             Box::new(self.hook_calls_total.clone()),
             Box::new(self.releases_total.clone()),
             Box::new(self.sessions_lost_total.clone()),
+            Box::new(self.sandbox_oom_kills_total.clone()),
             Box::new(self.warm_pool_ready.clone()),
             Box::new(self.stable_concurrency.clone()),
             Box::new(self.panic_concurrency.clone()),

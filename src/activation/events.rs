@@ -94,8 +94,12 @@ pub(crate) fn route(transitions: &Arc<Transitions>, event: BackendEvent) {
             }
             _ => {}
         }
+        // An OOM kill says so on the event stream (`lost` with `reason: oom`).
+        let oom = matches!(&event, BackendEvent::Lost { reason, .. }
+            if reason.starts_with(crate::backend::LOST_OOM));
         let payload = Payload {
             endpoint,
+            reason: oom.then_some("oom"),
             ..Payload::default()
         };
         drop(transitions.apply(&entry, st, step, payload).task);

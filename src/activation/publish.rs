@@ -32,7 +32,12 @@ impl Transitions {
         }
         let sandbox = st.bound.as_ref().map(|b| &b.sandbox);
         if step.effects.count_loss {
-            self.publish(EventKind::Lost, entry, sandbox, |d| d);
+            // `reason` set only for a loss the backend explained (`oom`).
+            let reason = payload.reason.filter(|_| event == Event::Lost);
+            self.publish(EventKind::Lost, entry, sandbox, |d| match reason {
+                Some(r) => d.reason(r),
+                None => d,
+            });
         }
         let waited = |d: EventDraft| match payload.waited {
             Some(w) => d.wait(w),

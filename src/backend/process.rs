@@ -24,7 +24,7 @@ use super::{
     BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, ClaimSpec, DeepPause,
     SandboxBackend, SandboxId, SandboxInfo, SandboxState,
 };
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, IsolationKind};
 use crate::lock::MutexExt;
 use crate::metrics::Metrics;
 use crate::session::SessionKey;
@@ -37,8 +37,10 @@ mod instance;
 mod isolation;
 mod lifecycle;
 mod limits;
+mod network;
 mod port;
 mod reaper;
+mod user;
 
 use child::{LaunchSpec, SessionLaunch};
 use fleet::Fleet;
@@ -113,9 +115,6 @@ impl ProcessBackend {
         let instance = Instance::new();
         let freezer = freezer::Freezer::detect(b.freezer, instance.as_str())
             .map_err(|e| ConfigError::invalid("backend.freezer", e))?;
-        let limits =
-            limits::Limits::detect(b, freezer.mode(), freezer.instance_dir(), instance.as_str())
-                .inspect_err(|_| freezer.remove_instance_dir())?;
         let workdir = root.join(instance.as_str());
         std::fs::create_dir_all(&workdir).map_err(|e| {
             ConfigError::invalid(
@@ -123,9 +122,39 @@ impl ProcessBackend {
                 format!("cannot create {}: {e}", workdir.display()),
             )
         })?;
-        let isolation = isolation::Isolation::detect(b.isolation, &b.bwrap, &root, &b.volumes_root)
-            .await
-            .map_err(|e| ConfigError::invalid("backend.isolation", e))?;
+        let isolation = match b.isolation {
+            IsolationKind::None => None,
+            kind => {
+                let detected = match isolation_settings(config, &workdir) {
+                    Ok(settings) => {
+                        isolation::Isolation::detect(kind == IsolationKind::Auto, settings)
+                            .await
+                            .map_err(|e| ConfigError::invalid("backend.isolation", e))
+                    }
+                    Err(e) => Err(e),
+                };
+                detected.inspect_err(|_| {
+                    freezer.remove_instance_dir();
+                    let _ = std::fs::remove_dir_all(&workdir);
+                })?
+            }
+        };
+        if isolation.is_none() && !exposed_ports(config).is_empty() {
+            tracing::warn!(
+                "backend.expose_ports: sandboxes are not isolated (no network \
+                namespace of their own), so their ports are not forwarded"
+            );
+        }
+        let limits = limits::Limits::detect(
+            &limits::Requested::of(b, isolation.is_some()),
+            freezer.mode(),
+            freezer.instance_dir(),
+            instance.as_str(),
+        )
+        .inspect_err(|_| {
+            freezer.remove_instance_dir();
+            let _ = std::fs::remove_dir_all(&workdir);
+        })?;
         if let Some(iso) = &isolation {
             for (i, v) in config.customize.volumes.iter().enumerate() {
                 if !iso.can_mount_at(&v.mount_path) {
@@ -156,6 +185,7 @@ impl ProcessBackend {
                 ready_path: b.ready_path.clone(),
                 self_exe,
                 isolation,
+                expose_ports: exposed_ports(config),
             },
             freezer,
             limits,
@@ -240,6 +270,63 @@ impl Shared {
     fn publish(&self, fleet: &Fleet) {
         self.metrics.warm_pool_ready.set(fleet.warm.len() as i64);
     }
+}
+
+/// The sandbox ports forwarded per sandbox: `backend.expose_ports` plus this pool's
+/// `preview.ports` (a preview URL needs its port reachable), each once.
+fn exposed_ports(config: &Config) -> Vec<u16> {
+    let mut ports = config.backend.expose_ports.clone();
+    for p in config.preview.iter().flat_map(|p| &p.ports) {
+        if !ports.contains(p) {
+            ports.push(*p);
+        }
+    }
+    ports
+}
+
+/// What isolation needs from the config: the sandbox user, network, read-only additions
+/// and the activator's secret files (never bound into a sandbox).
+fn isolation_settings<'a>(
+    config: &'a Config,
+    instance_dir: &'a std::path::Path,
+) -> Result<isolation::IsolationSettings<'a>, ConfigError> {
+    let b = &config.backend;
+    let user = user::SandboxUser::resolve(&b.sandbox_user)
+        .map_err(|e| ConfigError::invalid("backend.sandbox_user", e))?;
+    let network = network::Network::new(&b.pasta, b.egress)
+        .map_err(|e| ConfigError::invalid("backend.egress", e))?;
+    let denied: Vec<PathBuf> = config
+        .session
+        .hmac
+        .keys
+        .iter()
+        .map(|k| k.secret_file.clone())
+        .chain(config.admin.auth.bearer_token_file.clone())
+        .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
+        .collect();
+    for (i, p) in b.ro_paths.iter().enumerate() {
+        let key = format!("backend.ro_paths[{i}]");
+        let real = std::fs::canonicalize(p)
+            .map_err(|e| ConfigError::invalid(&key, format!("{}: {e}", p.display())))?;
+        if let Some(secret) = denied.iter().find(|d| d.starts_with(&real)) {
+            return Err(ConfigError::invalid(
+                key,
+                format!(
+                    "{} holds the activator's secret {}: sandboxes must never see it",
+                    p.display(),
+                    secret.display()
+                ),
+            ));
+        }
+    }
+    Ok(isolation::IsolationSettings {
+        bwrap: &b.bwrap,
+        network,
+        user,
+        ro_paths: &b.ro_paths,
+        denied,
+        instance_dir,
+    })
 }
 
 /// Builds the backend from `backend.*` (the `BackendKind::Process` arm of `backend::build`).
@@ -391,6 +478,21 @@ impl SandboxBackend for ProcessBackend {
         Ok(DeepPause::Stopped)
     }
 
+    /// `backend.expose_ports`: the per-sandbox host-loopback port forwarded to `port` in
+    /// the sandbox's network namespace; `None` for a port not exposed or a sandbox not
+    /// running (or not isolated).
+    fn port_endpoint(&self, sandbox: &SandboxId, port: u16) -> Option<SocketAddr> {
+        let fleet = self.shared.lock();
+        let e = fleet.entries.get(sandbox)?;
+        if e.pid.is_none() || e.state == SandboxState::Stopping {
+            return None;
+        }
+        e.exposed
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map(|(_, addr)| *addr)
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<BackendEvent> {
         self.shared.events.subscribe()
     }
@@ -435,6 +537,8 @@ impl SandboxBackend for ProcessBackend {
         }
         s.freezer.remove_instance_dir();
         s.limits.remove_instance_dirs();
+        // Empty by now but for the generated /etc of isolated sandboxes.
+        let _ = std::fs::remove_dir_all(s.workdir.join("etc"));
         let _ = std::fs::remove_dir(&s.workdir);
     }
 }

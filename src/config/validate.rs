@@ -334,23 +334,47 @@ impl Config {
                         "must start with '/'",
                     ));
                 }
-                if b.memory_max.is_some_and(|m| m < 1 << 20) {
+                if b.memory_max.is_some_and(|m| m != 0 && m < 1 << 20) {
                     return Err(ConfigError::invalid(
                         "backend.memory_max",
-                        "must be at least 1Mi (a sandbox cannot start in less)",
+                        "must be 0 (no limit) or at least 1Mi (a sandbox cannot start in less)",
                     ));
                 }
-                if b.pids_max == Some(0) {
+                if b.pids_max.is_some_and(|p| p != 0 && p < 4) {
                     return Err(ConfigError::invalid(
                         "backend.pids_max",
-                        "must be at least 1 (the sandbox's own process)",
+                        "must be 0 (no limit) or at least 4 (an isolated sandbox is pasta, \
+                         bubblewrap, its init and the command)",
                     ));
                 }
-                if b.cpu_weight.is_some_and(|w| !(1..=10_000).contains(&w)) {
+                if b.cpu_weight.is_some_and(|w| w > 10_000) {
                     return Err(ConfigError::invalid(
                         "backend.cpu_weight",
-                        "must be between 1 and 10000 (cgroup v2 cpu.weight; 100 is the default)",
+                        "must be between 1 and 10000 (cgroup v2 cpu.weight; 100 is the \
+                         default), or 0 to leave it unset",
                     ));
+                }
+                if b.expose_ports.len() > 16 {
+                    return Err(ConfigError::invalid(
+                        "backend.expose_ports",
+                        "at most 16 ports per sandbox",
+                    ));
+                }
+                for (i, p) in b.expose_ports.iter().enumerate() {
+                    if *p == 0 || b.expose_ports[..i].contains(p) {
+                        return Err(ConfigError::invalid(
+                            format!("backend.expose_ports[{i}]"),
+                            "must be a port number (1-65535) listed once",
+                        ));
+                    }
+                }
+                for (i, p) in b.ro_paths.iter().enumerate() {
+                    if !p.is_absolute() {
+                        return Err(ConfigError::invalid(
+                            format!("backend.ro_paths[{i}]"),
+                            "must be an absolute path",
+                        ));
+                    }
                 }
                 if b.max_sandboxes != 0 && b.warm_pool > b.max_sandboxes {
                     return Err(ConfigError::invalid(

@@ -18,14 +18,14 @@ use support::{EchoUpstream, HttpClient, WAIT};
 
 /// One parsed server-sent event.
 #[derive(Debug)]
-struct Sse {
-    id: Option<u64>,
-    event: Option<String>,
-    data: Value,
+pub(crate) struct Sse {
+    pub(crate) id: Option<u64>,
+    pub(crate) event: Option<String>,
+    pub(crate) data: Value,
 }
 
 /// Reads SSE messages from a streaming response body.
-struct SseReader {
+pub(crate) struct SseReader {
     body: Incoming,
     buf: String,
 }
@@ -46,7 +46,7 @@ impl SseReader {
     }
 
     /// The next message with a `data:` line (comments and `retry:` are skipped).
-    async fn next(&mut self) -> Sse {
+    pub(crate) async fn next(&mut self) -> Sse {
         loop {
             if let Some(end) = self.buf.find("\n\n") {
                 let block: String = self.buf.drain(..end + 2).collect();
@@ -90,7 +90,7 @@ impl SseReader {
     }
 }
 
-async fn subscribe(admin: &HttpClient, last_event_id: Option<&str>) -> SseReader {
+pub(crate) async fn subscribe(admin: &HttpClient, last_event_id: Option<&str>) -> SseReader {
     let mut req = admin.request("GET", "/api/events");
     if let Some(id) = last_event_id {
         req = req.header("last-event-id", id);

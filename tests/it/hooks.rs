@@ -1,7 +1,7 @@
 //! Pause/resume hooks (issue 23) over real sockets: `hooks.before_pause` runs before the
 //! pause and `hooks.after_resume` after the resume but before the held requests reach the
 //! sandbox; a hung hook holds nothing past its timeout; `on_failure: proceed | abort`.
-//! (The process backend's end-to-end run is in `process_hooks`.)
+//! Both real backends too: process (demo-sandbox children) and Kubernetes (kube-testbed).
 
 use crate::support;
 
@@ -270,4 +270,96 @@ async fn hooks_are_refused_on_a_backend_that_cannot_pause() {
     .unwrap_err()
     .to_string();
     assert!(err.starts_with("hooks.after_resume.path:"), "{err}");
+}
+
+const HOOKS: &str = "hooks:\n  before_pause: {path: /hooks/before-pause, timeout: 2s}\n  \
+                     after_resume: {path: /hooks/after-resume, timeout: 2s}\n";
+
+/// The process backend end to end: demo-sandbox processes record the hooks they receive
+/// (`GET /state`), so the resumed sandbox shows both, the after_resume one before the
+/// request that resumed it read its state.
+#[tokio::test]
+async fn process_backend_sandboxes_receive_both_hooks_in_order() {
+    let dir = std::env::temp_dir().join(format!("aa-hooks-process-{}", std::process::id()));
+    let server = support::start(&format!(
+        "backend:\n  kind: process\n  command: [\"{}\", \"demo-sandbox\", \"--port\", \"{{port}}\"]\n  \
+         workdir_root: \"{}\"\n  isolation: none\n  warm_pool: 0\n  stop_grace: 1s\n\
+         idle: {{timeout: 10m, policy: pause}}\nautoscaler: {{enabled: false}}\n{HOOKS}",
+        env!("CARGO_BIN_EXE_agent-activator"),
+        dir.display()
+    ))
+    .await;
+    let proxy = HttpClient::http1(server.proxy_addr());
+    let admin = HttpClient::http1(server.admin_addr());
+    let first = proxy.get_session("/state", "pia").await.json();
+    assert_eq!(first["hooks"], serde_json::json!([]));
+    assert_eq!(
+        admin.call("POST", "/api/sessions/pia/pause").await.status,
+        200
+    );
+    let after = proxy.get_session("/state", "pia").await;
+    assert_eq!(after.header("x-activator-activation"), Some("resume"));
+    let state = after.json();
+    assert_eq!(
+        state["instance"], first["instance"],
+        "the same, thawed process"
+    );
+    assert_eq!(
+        state["hooks"],
+        serde_json::json!(["before-pause", "after-resume"]),
+        "before the pause, then after the resume and before this request"
+    );
+    let metrics = admin.get("/metrics", &[]).await.text();
+    assert_eq!(hook_calls(&metrics, "before_pause", "ok"), 1.0);
+    assert_eq!(hook_calls(&metrics, "after_resume", "ok"), 1.0);
+    server.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Kubernetes (kube-testbed, demo-sandbox pods): a pause suspends the Sandbox (its pod
+/// goes), so before_pause reaches the old pod and after_resume the new one, before the
+/// request that resumed it.
+#[tokio::test]
+async fn kubernetes_sandboxes_receive_both_hooks_around_a_suspend() {
+    use crate::kube_support::{self, testbed, wait_pods, wait_until};
+    let tb = testbed(Duration::from_millis(20)).await;
+    tb.seed_agent_sandbox("default", "default", 1).unwrap();
+    wait_pods(&tb, 1).await;
+    let kubeconfig = std::env::temp_dir().join(format!(
+        "aa-kube-hooks-{}-{}.yaml",
+        std::process::id(),
+        tb.addr().port()
+    ));
+    std::fs::write(&kubeconfig, tb.kubeconfig("default")).unwrap();
+    let mut cfg = kube_support::config("agent-sandbox", "default", HOOKS);
+    cfg.backend.kubernetes.kubeconfig = Some(kubeconfig.clone());
+    let server = server::start(cfg).await.expect("activator starts");
+    let proxy = HttpClient::http1(server.proxy_addr());
+    let admin = HttpClient::http1(server.admin_addr());
+    let first = proxy.get_session("/state", "kay").await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.json()["hooks"], serde_json::json!([]));
+    assert_eq!(
+        admin.call("POST", "/api/sessions/kay/pause").await.status,
+        200
+    );
+    wait_until(&tb, "the pod is gone", |tb| tb.pods().len() == 1).await;
+    let after = proxy.get_session("/state", "kay").await;
+    assert_eq!(after.status, 200, "{}", after.text());
+    assert_eq!(after.header("x-activator-activation"), Some("resume"));
+    assert_ne!(
+        after.json()["instance"],
+        first.json()["instance"],
+        "a new pod"
+    );
+    assert_eq!(
+        after.json()["hooks"],
+        serde_json::json!(["after-resume"]),
+        "the new pod got after_resume before this request"
+    );
+    let metrics = admin.get("/metrics", &[]).await.text();
+    assert_eq!(hook_calls(&metrics, "before_pause", "ok"), 1.0, "{metrics}");
+    assert_eq!(hook_calls(&metrics, "after_resume", "ok"), 1.0);
+    server.shutdown().await;
+    let _ = std::fs::remove_file(kubeconfig);
 }

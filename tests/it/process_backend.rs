@@ -526,12 +526,13 @@ async fn a_child_that_exits_before_ready_fails_with_its_stderr() {
 /// The process answering the readiness probe must belong to the sandbox. Here the child
 /// starts the server in a new session (outside its process group, which is the sandbox in
 /// signal mode), as a foreign process that took the port would be: the start must fail
-/// instead of routing a session to it.
+/// instead of routing a session to it. Unisolated: an isolated sandbox's port lives in its
+/// own network namespace, where no foreign process can take it.
 #[tokio::test]
 async fn a_port_answered_by_a_process_outside_the_sandbox_fails_the_start() {
     let dir = scratch("foreign-port");
     let yaml = format!(
-        "backend:\n  kind: process\n  freezer: signal\n  command: [\"sh\", \"-c\", \"setsid timeout 20 \\\"$0\\\" demo-sandbox --port \\\"$1\\\" & sleep 30\", \"{BIN}\", \"{{port}}\"]\n  workdir_root: \"{}\"\n  stop_grace: 1s\n",
+        "backend:\n  kind: process\n  freezer: signal\n  isolation: none\n  command: [\"sh\", \"-c\", \"setsid timeout 20 \\\"$0\\\" demo-sandbox --port \\\"$1\\\" & sleep 30\", \"{BIN}\", \"{{port}}\"]\n  workdir_root: \"{}\"\n  stop_grace: 1s\n",
         dir.display()
     );
     let b = backend(&Config::from_yaml(&yaml).unwrap()).await;

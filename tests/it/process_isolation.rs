@@ -72,8 +72,8 @@ async fn post(c: &HttpClient, path: &str, session: &str) -> Reply {
 
 #[tokio::test]
 #[cfg_attr(
-    missing_bwrap,
-    ignore = "bubblewrap cannot create namespaces here (apt-get install bubblewrap); build.rs probe"
+    any(missing_bwrap, missing_pasta),
+    ignore = "bubblewrap or pasta cannot make a sandbox here (apt-get install bubblewrap passt; /dev/net/tun mode 0666); build.rs probe"
 )]
 async fn sandboxes_see_only_themselves_and_keep_state_through_pause() {
     let root = scratch("view");
@@ -164,8 +164,8 @@ async fn sandboxes_see_only_themselves_and_keep_state_through_pause() {
 
 #[tokio::test]
 #[cfg_attr(
-    missing_bwrap,
-    ignore = "bubblewrap cannot create namespaces here (apt-get install bubblewrap); build.rs probe"
+    any(missing_bwrap, missing_pasta),
+    ignore = "bubblewrap or pasta cannot make a sandbox here (apt-get install bubblewrap passt; /dev/net/tun mode 0666); build.rs probe"
 )]
 async fn isolated_sandboxes_die_with_a_killed_activator() {
     let root = scratch("kill");

@@ -27,8 +27,9 @@ use support::procs::{alive, eventually};
 const BIN: &str = env!("CARGO_BIN_EXE_agent-activator");
 
 /// Forks up to `$ARGV[1]` sleeping children (stopping at the first refused fork), writes how
-/// many it got to `forks.txt`, then answers HTTP: `GET /alloc` first allocates 512 MiB.
-const SERVER: &str = r#"use IO::Socket::INET;
+/// many it got to `forks.txt`, then answers HTTP: `GET /alloc` first allocates 512 MiB,
+/// `GET /forkbomb` first starts a shell fork bomb beside the server (`isolation_limits`).
+pub(crate) const SERVER: &str = r#"use IO::Socket::INET;
 my $n = 0;
 for (1..$ARGV[1]) { my $p = fork(); last unless defined $p; if ($p == 0) { sleep 300; exit 0 } $n++ }
 open(my $f, '>', 'forks.txt') or die; print $f $n; close $f;
@@ -38,6 +39,7 @@ while (my $c = $s->accept) {
   while (my $l = <$c>) { last if $l =~ /^\r?\n$/ }
   # A variable size: a constant `'x' x N` would be folded (allocated) at compile time.
   if ($first =~ m{^GET /alloc}) { my $mib = 512; my $x = 'x' x ($mib * 1024 * 1024); }
+  if ($first =~ m{^GET /forkbomb}) { if (defined(my $p = fork())) { if ($p == 0) { exec('sh', '-c', 'b() { b | b & }; b'); exit 1 } } }
   print $c "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
   close $c;
 }"#;
@@ -91,7 +93,7 @@ fn leader(b: &ProcessBackend, id: &SandboxId) -> u32 {
 }
 
 /// The directory of `pid`'s cgroup in the v1 hierarchy of `controller`.
-fn v1_cgroup(pid: u32, controller: &str) -> PathBuf {
+pub(crate) fn v1_cgroup(pid: u32, controller: &str) -> PathBuf {
     let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     let path = own
         .lines()

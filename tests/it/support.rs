@@ -350,14 +350,29 @@ pub async fn listening_addrs(stderr: tokio::process::ChildStderr) -> (SocketAddr
 /// `agent-activator demo-sandbox --port 0`, killed on drop.
 pub struct DemoSandbox {
     pub addr: SocketAddr,
+    /// With [`DemoSandbox::start_with_dev`]: the dev-server port's address.
+    pub dev_addr: Option<SocketAddr>,
     child: tokio::process::Child,
 }
 
 impl DemoSandbox {
     /// Starts the demo sandbox and waits for its `listening on ADDR` line.
     pub async fn start() -> DemoSandbox {
+        DemoSandbox::launch(false).await
+    }
+
+    /// Also serves its dev-server page on a second free port (`--dev-port 0`).
+    pub async fn start_with_dev() -> DemoSandbox {
+        DemoSandbox::launch(true).await
+    }
+
+    async fn launch(dev: bool) -> DemoSandbox {
+        let mut args = vec!["demo-sandbox", "--port", "0"];
+        if dev {
+            args.extend(["--dev-port", "0"]);
+        }
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agent-activator"))
-            .args(["demo-sandbox", "--port", "0"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -365,13 +380,18 @@ impl DemoSandbox {
             .expect("spawn demo-sandbox");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(WAIT, async {
+        let (addr, dev_addr) = tokio::time::timeout(WAIT, async {
+            let mut addr = None;
             while let Some(line) = lines.next_line().await.expect("read demo stdout") {
-                if let Some(rest) = line.trim().strip_prefix("listening on ") {
-                    return rest
-                        .trim()
-                        .parse::<SocketAddr>()
-                        .expect("listening address");
+                let line = line.trim();
+                let parse = |rest: &str| rest.trim().parse::<SocketAddr>().expect("an address");
+                if let Some(rest) = line.strip_prefix("listening on ") {
+                    addr = Some(parse(rest));
+                    if !dev {
+                        return (addr.unwrap(), None);
+                    }
+                } else if let Some(rest) = line.strip_prefix("dev server on ") {
+                    return (addr.expect("the main port first"), Some(parse(rest)));
                 }
             }
             panic!("demo-sandbox exited without printing its address");
@@ -380,7 +400,11 @@ impl DemoSandbox {
         .expect("demo-sandbox ready in time");
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        DemoSandbox { addr, child }
+        DemoSandbox {
+            addr,
+            dev_addr,
+            child,
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {

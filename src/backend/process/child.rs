@@ -15,7 +15,7 @@ use std::time::Duration;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use nix::unistd::{Gid, Pid, Uid};
 use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
@@ -38,6 +38,8 @@ pub struct LaunchSpec {
     pub self_exe: PathBuf,
     /// Namespace isolation (`backend.isolation`), when in force.
     pub isolation: Option<super::isolation::Isolation>,
+    /// `backend.expose_ports` (forwarded only when isolated).
+    pub expose_ports: Vec<u16>,
 }
 
 impl LaunchSpec {
@@ -101,19 +103,33 @@ pub struct Reap {
 /// Starts the child of one sandbox in `workdir`, with stdout/stderr to files there.
 /// `cgroup_procs` are the sandbox cgroups' `cgroup.procs` (freezer, then v1 limit cgroups),
 /// written by the child itself before `exec` so that its whole tree lives in them (and
-/// under their limits) from the first instruction.
+/// under their limits) from the first instruction. `exposed` are `(host port, sandbox
+/// port)` pairs forwarded besides `port` when isolated (`backend.expose_ports`).
 pub async fn launch(
     spec: &LaunchSpec,
     session: Option<&SessionLaunch>,
     port: u16,
+    exposed: &[(u16, u16)],
     workdir: &Path,
     cgroup_procs: Vec<File>,
 ) -> Result<Launched, BackendError> {
     let volumes = session.map_or(&[][..], |s| &s.volumes[..]);
+    // Isolated: the sandbox listens on `port` in its own network namespace, reached from
+    // the same port on host loopback; each exposed port from its own host port.
+    let forwards: Vec<(u16, u16)> = std::iter::once((port, port))
+        .chain(exposed.iter().copied())
+        .collect();
     let argv = match &spec.isolation {
-        Some(isolation) => isolation.wrap(&spec.render(port), workdir, volumes),
+        Some(isolation) => isolation.wrap(&spec.render(port), workdir, volumes, &forwards),
         None => spec.render(port),
     };
+    // Switched to before `exec` when the activator runs as root.
+    let user = spec
+        .isolation
+        .as_ref()
+        .map(|i| i.user)
+        .filter(|u| u.switch)
+        .map(|u| (Uid::from_raw(u.uid), Gid::from_raw(u.gid)));
     let io = |name: &str| {
         File::create(workdir.join(name)).map_err(|e| {
             BackendError::StartFailed(format!("cannot create {}: {e}", workdir.display()))
@@ -140,6 +156,10 @@ pub async fn launch(
             };
         }
     }
+    if spec.isolation.is_some() {
+        // The activator's HOME is not in the sandbox's view; its workdir is, and writable.
+        cmd.env("HOME", workdir);
+    }
     cmd.env("PORT", port.to_string())
         .current_dir(workdir)
         .stdin(Stdio::null())
@@ -155,23 +175,32 @@ pub async fn launch(
     // SAFETY: the closure runs in the forked child before `exec`, where only
     // async-signal-safe operations are allowed. It performs only raw syscalls through nix's
     // thin wrappers, none of which allocates, locks, or touches state shared with other
-    // threads: prctl(PR_SET_PDEATHSIG), getppid() and write(2) on descriptors that the
-    // parent keeps open until `spawn` returns (so they are valid in the child); iterating
-    // the already-built `procs_fds` slice only reads memory.
-    // Errors are built from errno without allocating (`io::Error::from_raw_os_error`).
+    // threads: write(2) on descriptors that the parent keeps open until `spawn` returns (so
+    // they are valid in the child), setgroups/setresgid/setresuid with values computed
+    // before the fork (nix passes the one-element slice's pointer straight to libc),
+    // prctl(PR_SET_PDEATHSIG) and getppid(); iterating the already-built `procs_fds` slice
+    // only reads memory. Errors are built from errno without allocating
+    // (`io::Error::from_raw_os_error`).
     #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
-                .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
+            let errno = |e: nix::errno::Errno| std::io::Error::from_raw_os_error(e as i32);
+            // As root, before the user switch: cgroup.procs is root's to write.
+            for &fd in &procs_fds {
+                // "0" moves the writing process (this child) into the cgroup.
+                nix::unistd::write(BorrowedFd::borrow_raw(fd), b"0").map_err(errno)?;
+            }
+            if let Some((uid, gid)) = user {
+                // Groups, then gid, then uid (after setuid no other change is allowed).
+                nix::unistd::setgroups(&[gid]).map_err(errno)?;
+                nix::unistd::setresgid(gid, gid, gid).map_err(errno)?;
+                nix::unistd::setresuid(uid, uid, uid).map_err(errno)?;
+            }
+            // After the user switch: changing credentials clears the parent-death signal.
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(errno)?;
             // The parent may have died between fork and prctl: then no signal will come.
             if nix::unistd::getppid() != parent {
                 return Err(std::io::Error::from_raw_os_error(libc_esrch()));
-            }
-            for &fd in &procs_fds {
-                // "0" moves the writing process (this child) into the cgroup.
-                nix::unistd::write(BorrowedFd::borrow_raw(fd), b"0")
-                    .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
             }
             Ok(())
         });
@@ -438,6 +467,7 @@ mod tests {
             ready_path: "/".into(),
             self_exe: PathBuf::from("/bin/true"),
             isolation: None,
+            expose_ports: Vec::new(),
         }
     }
 
@@ -458,7 +488,7 @@ mod tests {
             ("exit 3", "exit status: 3"),
             ("kill -KILL $$", "signal: 9 (SIGKILL)"),
         ] {
-            let launched = launch(&spec(script), None, 1, &dir, Vec::new())
+            let launched = launch(&spec(script), None, 1, &[], &dir, Vec::new())
                 .await
                 .unwrap();
             let mut exit = launched.exit.clone();

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use super::child::{SessionLaunch, VolumeMount};
 use super::fleet::ClaimStep;
+use super::user::{SandboxUser, chown_to};
 use super::{Purpose, Shared, WaitingClaim};
 use crate::backend::{BackendError, Binding, ClaimBudget, ClaimSpec};
 use crate::customize::VOLUME_HASH_CHARS;
@@ -94,9 +95,10 @@ impl Shared {
             .volumes_root
             .join(&session.sha256_hex()[..VOLUME_HASH_CHARS]);
         let mut volumes = Vec::with_capacity(spec.volumes.len());
+        let user = self.spec.isolation.as_ref().map(|i| i.user);
         for v in &spec.volumes {
             let host = dir.join(&v.name);
-            create_private_dir(&host).await?;
+            create_private_dir(&host, &dir, user).await?;
             volumes.push(VolumeMount {
                 env: volume_env(&v.name),
                 host,
@@ -126,15 +128,30 @@ pub(super) fn volume_env(name: &str) -> String {
     format!("ACTIVATOR_VOLUME_{upper}")
 }
 
-/// Creates `dir` (and its parents) readable by its owner only.
-async fn create_private_dir(dir: &Path) -> Result<(), BackendError> {
+/// Creates `dir` (and its parents) readable by its owner only; isolated, the session's
+/// directory `session_dir` and the volume belong to the sandbox user (which reaches them
+/// only through its own bind mounts: other sandboxes never see `backend.volumes_root`).
+async fn create_private_dir(
+    dir: &Path,
+    session_dir: &Path,
+    user: Option<SandboxUser>,
+) -> Result<(), BackendError> {
     let path = dir.to_path_buf();
+    let session_dir = session_dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
         use std::os::unix::fs::DirBuilderExt;
+        // `volumes_root` itself with the default mode: the sandbox user (bubblewrap binds
+        // as that user) must traverse it; the per-session directories are private.
+        if let Some(root) = session_dir.parent() {
+            std::fs::create_dir_all(root)
+                .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+        }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&path)
+            .and_then(|()| chown_to(user, &session_dir))
+            .and_then(|()| chown_to(user, &path))
             .map_err(|e| format!("cannot create volume {}: {e}", path.display()))
     })
     .await

@@ -31,6 +31,9 @@ pub struct Entry {
     pub reap: Option<Reap>,
     /// Started for one session's customisation (env, volumes): never pooled, never shared.
     pub customized: bool,
+    /// `backend.expose_ports`: each sandbox port and the host-loopback address forwarded
+    /// to it (isolated sandboxes only).
+    pub exposed: Vec<(u16, SocketAddr)>,
 }
 
 impl Entry {
@@ -126,6 +129,7 @@ impl Fleet {
                 exit: None,
                 reap: None,
                 customized: false,
+                exposed: Vec::new(),
             },
         );
         id

@@ -10,9 +10,11 @@ use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
 use super::child::{self, ExitWatch};
-use super::port;
 use super::{KILL_BOUND, Purpose, REFILL_DELAY, Shared, freezer};
-use crate::backend::{ActivationKind, BackendError, BackendEvent, SandboxId, SandboxState};
+use super::{port, user};
+use crate::backend::{
+    ActivationKind, BackendError, BackendEvent, LOST_OOM, SandboxId, SandboxState,
+};
 
 impl Shared {
     /// Keeps the warm pool at its target: starts missing sandboxes, trims surplus ones,
@@ -135,9 +137,12 @@ impl Shared {
         deadline: Instant,
     ) -> Result<(), BackendError> {
         let workdir = self.workdir.join(id.as_str());
-        std::fs::create_dir_all(&workdir).map_err(|e| {
-            BackendError::StartFailed(format!("cannot create {}: {e}", workdir.display()))
-        })?;
+        let user = self.spec.isolation.as_ref().map(|i| i.user);
+        std::fs::create_dir_all(&workdir)
+            .and_then(|()| user::chown_to(user, &workdir))
+            .map_err(|e| {
+                BackendError::StartFailed(format!("cannot create {}: {e}", workdir.display()))
+            })?;
         let mut cgroup = self
             .freezer
             .create(id.as_str())
@@ -162,14 +167,26 @@ impl Shared {
         // The cgroup is recorded before the spawn so a failed start still removes it; the
         // port is reserved (as the entry's endpoint) under the same lock it is picked
         // under, so no two sandboxes of this backend are handed one port.
-        let (port, endpoint) = {
+        let exposing = match self.spec.isolation {
+            Some(_) => &self.spec.expose_ports[..],
+            None => &[],
+        };
+        let (port, endpoint, exposed) = {
             let mut fleet = self.lock();
-            let taken: HashSet<u16> = fleet
+            let mut taken: HashSet<u16> = fleet
                 .entries
                 .values()
-                .filter_map(|e| e.endpoint.map(|a| a.port()))
+                .flat_map(|e| e.endpoint.iter().chain(e.exposed.iter().map(|(_, a)| a)))
+                .map(|a| a.port())
                 .collect();
             let port = port::pick_free(&taken)?;
+            taken.insert(port);
+            let mut exposed = Vec::with_capacity(exposing.len());
+            for &inner in exposing {
+                let host = port::pick_free(&taken)?;
+                taken.insert(host);
+                exposed.push((inner, SocketAddr::from(([127, 0, 0, 1], host))));
+            }
             let endpoint = SocketAddr::from(([127, 0, 0, 1], port));
             let e = fleet
                 .entries
@@ -177,9 +194,11 @@ impl Shared {
                 .ok_or_else(|| BackendError::Lost(id.clone()))?;
             e.cgroup = cgroup.clone();
             e.endpoint = Some(endpoint);
-            (port, endpoint)
+            e.exposed.clone_from(&exposed);
+            (port, endpoint, exposed)
         };
-        let launched = child::launch(&self.spec, launch, port, &workdir, procs).await?;
+        let forwards: Vec<(u16, u16)> = exposed.iter().map(|(p, a)| (a.port(), *p)).collect();
+        let launched = child::launch(&self.spec, launch, port, &forwards, &workdir, procs).await?;
         let mut exit = launched.exit.clone();
         {
             let mut fleet = self.lock();
@@ -237,24 +256,38 @@ impl Shared {
                 Ok(how) => how.clone().unwrap_or_default(),
                 Err(_) => "exit watcher dropped".into(),
             };
-            let lost = {
+            let (lost, cgroup) = {
                 let mut fleet = this.lock();
-                let state = fleet.entries.get(&id).map(|e| e.state);
+                let (state, cgroup) = match fleet.entries.get(&id) {
+                    Some(e) => (e.state, e.cgroup.clone()),
+                    None => return,
+                };
                 match state {
                     // Their owners (start, teardown) see the exit themselves.
-                    None | Some(SandboxState::Starting | SandboxState::Stopping) => return,
-                    Some(s) => {
+                    SandboxState::Starting | SandboxState::Stopping => return,
+                    s => {
                         fleet.mark_stopping(&id);
                         this.publish(&fleet);
-                        s != SandboxState::Warm
+                        (s != SandboxState::Warm, cgroup)
                     }
                 }
             };
+            let oom = cgroup
+                .and_then(|c| this.limits.oom_kills(&c, id.as_str()))
+                .filter(|n| *n > 0);
             if lost {
-                tracing::warn!(sandbox = %id, exit = %how, "sandbox died");
+                let reason = match oom {
+                    Some(n) => format!(
+                        "{LOST_OOM}: {n} process(es) OOM-killed at backend.memory_max ({} \
+                         bytes); process {how}",
+                        this.limits.memory_max().unwrap_or("?")
+                    ),
+                    None => format!("process {how}"),
+                };
+                tracing::warn!(sandbox = %id, exit = %how, oom_kills = oom.unwrap_or(0), "sandbox died");
                 let _ = this.events.send(BackendEvent::Lost {
                     sandbox: id.clone(),
-                    reason: format!("process {how}"),
+                    reason,
                 });
             } else {
                 tracing::warn!(sandbox = %id, exit = %how, "warm sandbox died; replacing it");
@@ -308,6 +341,10 @@ impl Shared {
             }
         }
         if let Some(c) = &cgroup {
+            // Every OOM kill of the sandbox's life, counted once, before its cgroup goes.
+            if let Some(n) = self.limits.oom_kills(c, id.as_str()).filter(|n| *n > 0) {
+                self.metrics.sandbox_oom_kills_total.inc_by(n);
+            }
             c.remove(Instant::now() + KILL_BOUND).await;
         }
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(workdir)).await;

@@ -10,7 +10,9 @@
 use std::path::{Path, PathBuf};
 
 use super::freezer::{FreezerMode, SandboxCgroup, v1_root, write};
-use crate::config::{BackendConfig, ConfigError};
+use crate::config::{
+    BackendConfig, ConfigError, DEFAULT_CPU_WEIGHT, DEFAULT_MEMORY_MAX, DEFAULT_PIDS_MAX,
+};
 
 /// The v1 hierarchies limits may use (also swept for leftovers).
 pub const V1_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
@@ -57,11 +59,34 @@ pub fn weight_to_shares(weight: u32) -> u64 {
     ((u64::from(weight) * 1024 + 50) / 100).clamp(2, 262_144)
 }
 
+/// The limits in force for one backend: the configured ones, or for isolated sandboxes
+/// (untrusted code) the defaults where a key is unset; `0` turns a limit off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Requested {
+    pub memory_max: Option<u64>,
+    pub pids_max: Option<u32>,
+    pub cpu_weight: Option<u32>,
+}
+
+impl Requested {
+    pub fn of(b: &BackendConfig, isolated: bool) -> Requested {
+        let pick = |set: Option<u64>, default: u64| {
+            set.or(isolated.then_some(default)).filter(|v| *v != 0)
+        };
+        Requested {
+            memory_max: pick(b.memory_max, DEFAULT_MEMORY_MAX),
+            pids_max: pick(b.pids_max.map(u64::from), DEFAULT_PIDS_MAX.into()).map(|v| v as u32),
+            cpu_weight: pick(b.cpu_weight.map(u64::from), DEFAULT_CPU_WEIGHT.into())
+                .map(|v| v as u32),
+        }
+    }
+}
+
 impl Limits {
-    /// Resolves where each configured limit is enforced and prepares this instance's
+    /// Resolves where each requested limit is enforced and prepares this instance's
     /// directories. `Err` names the key whose limit no hierarchy can enforce.
     pub fn detect(
-        b: &BackendConfig,
+        b: &Requested,
         mode: FreezerMode,
         instance_dir: Option<&Path>,
         instance: &str,
@@ -113,7 +138,8 @@ impl Limits {
                 return Err(ConfigError::invalid(
                     key,
                     "needs a cgroup for each sandbox, but backend.freezer resolved to signal \
-                     (no writable cgroup freezer); use cgroup_v2 or cgroup_v1, or drop the limit",
+                     (no writable cgroup freezer); use cgroup_v2 or cgroup_v1, or set it to 0 \
+                     (no limit; isolated sandboxes get one by default)",
                 ));
             }
             let v2 = match (mode, instance_dir) {
@@ -188,6 +214,28 @@ impl Limits {
             }
         }
         Ok(())
+    }
+
+    /// Processes the kernel OOM-killed in sandbox `name` so far: `oom_kill` of cgroup v2
+    /// `memory.events` or of v1 `memory.oom_control` (Linux 4.13+; both in
+    /// Documentation/admin-guide/cgroup-v{1,2}). `None` without a memory limit.
+    pub fn oom_kills(&self, cgroup: &SandboxCgroup, name: &str) -> Option<u64> {
+        let l = self.limits.iter().find(|l| l.controller == "memory")?;
+        let file = match &l.home {
+            Home::V2 => cgroup.path().join("memory.events"),
+            Home::V1(instance) => instance.join(name).join("memory.oom_control"),
+        };
+        let text = std::fs::read_to_string(file).ok()?;
+        text.lines().find_map(|line| {
+            let (key, n) = line.split_once(' ')?;
+            (key == "oom_kill").then(|| n.trim().parse().ok())?
+        })
+    }
+
+    /// `backend.memory_max` in force, for messages.
+    pub fn memory_max(&self) -> Option<&str> {
+        let l = self.limits.iter().find(|l| l.controller == "memory")?;
+        l.files.first().map(|(_, v)| v.as_str())
     }
 
     /// Removes this instance's (by now empty) v1 directories.
