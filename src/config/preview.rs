@@ -215,3 +215,77 @@ impl Config {
             .validate(&format!("{prefix}hooks"), self.backend.kind)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn err(yaml: &str) -> String {
+        Config::from_yaml(yaml).unwrap_err().to_string()
+    }
+
+    const STATIC: &str = "backend: {kind: static, endpoints: ['127.0.0.1:1']}\n";
+
+    #[test]
+    fn every_bad_preview_key_is_named() {
+        for (preview, key) in [
+            ("{domain: Preview.Example, ports: [1]}", "preview.domain:"),
+            ("{domain: 'a..b', ports: [1]}", "preview.domain:"),
+            ("{domain: p.example, ports: []}", "preview.ports:"),
+            ("{domain: p.example, ports: [0]}", "preview.ports[0]:"),
+            (
+                "{domain: p.example, ports: [3000, 5173, 3000]}",
+                "preview.ports[2]:",
+            ),
+            ("{domain: p.example, ports: [1], ttl: 0s}", "preview.ttl:"),
+            ("{domain: p.example, ports: [1], ttl: 30d}", "preview.ttl:"),
+            (
+                "{domain: p.example, ports: [1], max_per_session: 0}",
+                "preview.max_per_session:",
+            ),
+            (
+                "{domain: p.example, ports: [1], access: open}",
+                "preview.access",
+            ),
+            ("{domain: p.example, ports: [1], color: red}", "color"),
+        ] {
+            let e = err(&format!("{STATIC}preview: {preview}\n"));
+            assert!(e.contains(key), "{preview}: {e}");
+        }
+        let ok = Config::from_yaml(&format!(
+            "{STATIC}preview: {{domain: preview.example.com, ports: [3000, 5173]}}\n"
+        ))
+        .unwrap();
+        let p = ok.preview.unwrap();
+        assert_eq!(p.access, super::PreviewAccess::Token);
+        assert_eq!(p.ttl.as_duration().as_secs(), 3600);
+        assert_eq!(p.max_per_session, 8);
+    }
+
+    #[test]
+    fn pool_preview_and_hooks_keys_carry_the_pool() {
+        let e = err(
+            "pools:\n- name: web\n  backend: {kind: static, endpoints: ['127.0.0.1:1']}\n  \
+             preview: {domain: p.example, ports: [70000]}\n",
+        );
+        assert!(
+            e.contains("pools[0].preview.ports") || e.contains("70000"),
+            "{e}"
+        );
+        let e = err(
+            "pools:\n- name: web\n  backend: {kind: static, endpoints: ['127.0.0.1:1']}\n  \
+             preview: {domain: p.example, ports: [0]}\n",
+        );
+        assert!(e.starts_with("pools[0].preview.ports[0]:"), "{e}");
+        let e = err(
+            "pools:\n- name: web\n  backend: {kind: static, endpoints: ['127.0.0.1:1']}\n  \
+             hooks: {before_pause: {path: /p}}\n",
+        );
+        assert!(e.starts_with("pools[0].hooks:"), "{e}");
+        let e = err(
+            "pools:\n- name: web\n  backend: {kind: process, command: ['x', '{port}']}\n  \
+             hooks: {after_resume: {path: /r, timeout: 0s}}\n",
+        );
+        assert!(e.starts_with("pools[0].hooks.after_resume.timeout:"), "{e}");
+    }
+}

@@ -59,6 +59,7 @@ mod pools_kubernetes;
 mod preview;
 mod preview_browser;
 mod preview_deploy;
+mod preview_process;
 mod process_backend;
 mod process_customize;
 mod process_full_path;

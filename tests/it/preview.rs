@@ -482,3 +482,49 @@ async fn websocket_and_sse_pass_on_a_preview_host() {
     );
     rig.server.shutdown().await;
 }
+
+#[tokio::test]
+async fn previews_are_per_pool_and_metered_per_pool() {
+    let ups = support::echo_upstreams(3).await;
+    let (web, web_dev, other) = (ups[0].addr, ups[1].addr, ups[2].addr);
+    let server = support::start(&format!(
+        "pools:\n\
+         - name: web\n  match: {{header: {{name: X-Pool, value: web}}}}\n  \
+           backend: {{kind: static, endpoints: ['{web}']}}\n  \
+           preview: {{domain: {DOMAIN}, ports: [{}], access: public}}\n\
+         - name: other\n  backend: {{kind: static, endpoints: ['{other}']}}\n",
+        web_dev.port()
+    ))
+    .await;
+    let proxy = HttpClient::http1(server.proxy_addr());
+    let admin = HttpClient::http1(server.admin_addr());
+    let r = proxy
+        .get("/", &[("x-session-id", "wanda"), ("x-pool", "web")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(proxy.get_session("/", "otto").await.status, 200);
+    assert_refused(
+        &admin.call("POST", "/api/sessions/otto/previews").await,
+        409,
+        "previews_disabled",
+    );
+    let minted = admin.call("POST", "/api/sessions/wanda/previews").await;
+    assert_eq!(minted.status, 201, "{}", minted.text());
+    assert_eq!(minted.json()["pool"], "web");
+    let id = minted.json()["preview"].as_str().unwrap().to_owned();
+    let host = format!("{}-{id}.{DOMAIN}", web_dev.port());
+    let seen = proxy.get("/", &[("host", &host)]).await;
+    assert_eq!(seen.status, 200, "{}", seen.text());
+    assert_eq!(
+        seen.json()["port"].as_u64(),
+        Some(u64::from(web_dev.port()))
+    );
+    let metrics = admin.get("/metrics", &[]).await.text();
+    let name = "activator_preview_requests_total{result=\"forwarded\",pool=\"web\"}";
+    assert_eq!(
+        support::metric_value(&metrics, name),
+        Some(1.0),
+        "{metrics}"
+    );
+    server.shutdown().await;
+}
