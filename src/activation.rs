@@ -55,6 +55,7 @@ mod transition;
 #[cfg(test)]
 mod tests;
 
+pub use acquire::LeaseCache;
 pub use admin::{SessionCursor, SessionPage};
 use entry::{Grant, InFlightGuard};
 use events::EventRouter;
@@ -237,6 +238,16 @@ impl Activator {
     /// The fast path alone: a permit if `key` is bound and ready, without waiting.
     pub fn try_acquire_ready(&self, key: &SessionKey) -> Option<Permit> {
         acquire::try_ready(&self.transitions, key)
+    }
+
+    /// [`Activator::try_acquire_ready`] through a client connection's cache of the
+    /// sessions it carried lately: the same answer, usually without a table probe.
+    pub fn try_acquire_ready_cached(
+        &self,
+        key: &SessionKey,
+        cache: &mut LeaseCache,
+    ) -> Option<Permit> {
+        acquire::try_ready_cached(&self.transitions, key, cache)
     }
 
     /// Whether the table holds `key` (in any phase): a request for an unknown key starts

@@ -31,6 +31,7 @@ mod activity;
 mod body;
 mod client_addr;
 mod completion;
+mod conn_local;
 pub mod error;
 mod forward;
 mod h1;
@@ -48,6 +49,7 @@ pub use body::{ClientBody, ProxyBody, RequestBody, RequestBodyError, ResponseBod
 pub use client_addr::{TrustedProxies, client_ip, parse_cidr};
 pub use completion::{CLIENT_CLOSED, StatusCounters};
 use completion::{Completion, Recorder};
+use conn_local::ConnLocal;
 use error::ProxyError;
 pub use forward::{ClientConn, strip_hop_by_hop};
 use forward::{is_upgrade_request, prepare_request_headers, strip_request_hop_by_hop};
@@ -202,8 +204,19 @@ impl Proxy {
     /// Proxies one request. Never fails: every failure is a response.
     pub async fn handle(
         &self,
+        req: Request<ClientBody>,
+        conn: &ClientConn,
+    ) -> Response<ResponseBody> {
+        self.handle_on(req, conn, None).await
+    }
+
+    /// [`Proxy::handle`], with the state a fast-path connection keeps between its
+    /// requests (`local`: its lease cache and response-head timer) when it has one.
+    async fn handle_on(
+        &self,
         mut req: Request<ClientBody>,
         conn: &ClientConn,
+        local: Option<&mut ConnLocal>,
     ) -> Response<ResponseBody> {
         let authority = req.uri().authority().cloned();
         let (method, version) = (req.method().clone(), req.version());
@@ -213,16 +226,19 @@ impl Proxy {
             authority.as_ref().map(|a| a.as_str().as_bytes()),
             req.headers_mut(),
         );
-        self.handle_checked(req, conn, verdict).await
+        self.handle_checked(req, conn, verdict, local).await
     }
 
     /// Proxies one request whose fields already went through the edge rules
-    /// (`verdict`: refused when `Err`). Never fails: every failure is a response.
+    /// (`verdict`: refused when `Err`; the fast path applies them while it parses), with
+    /// the fast-path connection's `local` state when there is one. Never fails: every
+    /// failure is a response.
     pub(crate) async fn handle_checked(
         &self,
         mut req: Request<ClientBody>,
         conn: &ClientConn,
         verdict: Result<(), EdgeViolation>,
+        local: Option<&mut ConnLocal>,
     ) -> Response<ResponseBody> {
         let mut completion = Completion::begin(&self.recorder, req.method(), req.uri());
         if self.telemetry.enabled() {
@@ -260,7 +276,7 @@ impl Proxy {
                 result.unwrap_or_else(|err| self.failure(err, &request_id))
             }
             (Ok(()), None) => {
-                self.forward_session(req, conn, &mut completion, https, &request_id)
+                self.forward_session(req, conn, &mut completion, https, &request_id, local)
                     .await
             }
         };
@@ -279,9 +295,16 @@ impl Proxy {
         completion: &mut Completion,
         https: bool,
         request_id: &HeaderValue,
+        local: Option<&mut ConnLocal>,
     ) -> Response<ProxyBody> {
         let declared = req.body().size_hint().lower();
-        match self.extractor.extract(req.uri(), req.headers()) {
+        let leases = local.as_deref().map(|l| &l.leases);
+        let extracted = self
+            .extractor
+            .extract_reusing(req.uri(), req.headers(), |raw| {
+                leases.and_then(|c| c.key(raw))
+            });
+        match extracted {
             // A declared length over the cap is refused before any sandbox is woken.
             _ if self.max_body_bytes.is_some_and(|max| declared > max) => self.failure(
                 ProxyError::BodyTooLarge(self.max_body_bytes.unwrap_or(0)),
@@ -291,7 +314,7 @@ impl Proxy {
             Ok(session) => {
                 completion.set_session(&session.key, session.rewritten.as_ref());
                 let minted = (session.origin == SessionOrigin::Minted).then(|| session.key.clone());
-                let mut resp = match self.forward(req, session, conn, completion).await {
+                let mut resp = match self.forward(req, session, conn, completion, local).await {
                     Ok(resp) => resp,
                     Err(err) => self.failure(err, request_id),
                 };
@@ -332,6 +355,7 @@ impl Proxy {
         session: ExtractedSession,
         conn: &ClientConn,
         completion: &mut Completion,
+        mut local: Option<&mut ConnLocal>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let pool = {
             let path = match &session.rewritten {
@@ -345,7 +369,11 @@ impl Proxy {
             completion.set_pool_stats(&pool.stats);
         }
         let activator = &pool.activator;
-        let lease = match activator.try_acquire_ready(&session.key) {
+        let ready = match local.as_deref_mut() {
+            Some(local) => activator.try_acquire_ready_cached(&session.key, &mut local.leases),
+            None => activator.try_acquire_ready(&session.key),
+        };
+        let lease = match ready {
             Some(lease) => lease,
             None => {
                 // A session no pool holds yet is a new one: bounded (server-wide), and
@@ -392,7 +420,8 @@ impl Proxy {
             endpoint: lease.endpoint,
             pool_key: lease.sandbox.clone(),
         };
-        self.dispatch(req, lease, target, conn, completion).await
+        self.dispatch(req, lease, target, conn, completion, local)
+            .await
     }
 
     /// Forwards a leased request to `target` (the lease's sandbox, or one of its other
@@ -404,6 +433,7 @@ impl Proxy {
         target: Target<'_>,
         conn: &ClientConn,
         completion: &mut Completion,
+        local: Option<&mut ConnLocal>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let endpoint = target.endpoint;
         let traced_sandbox = completion.trace().map(|_| lease.sandbox.clone());
@@ -444,7 +474,7 @@ impl Proxy {
         let sent = if upgrade || self.upstream.is_h2() {
             (self.upstream.send(req, endpoint, upgrade).await).map(|r| r.map(ProxyBody::Upstream))
         } else {
-            self.upstream.send_h1(req, &sandbox, endpoint).await
+            self.upstream.send_h1(req, &sandbox, endpoint, local).await
         }
         .map_err(ProxyError::blame_request_body);
         if let Some(span) = span {

@@ -178,10 +178,12 @@ pub struct ResponseHead {
 /// Parses a response head from the front of `buf`. `Ok(None)`: incomplete, read more.
 /// On success the head's bytes are split off `buf` (field values share them, no copy);
 /// what follows (the body's first bytes) stays in `buf`. `head_request`: the request was
-/// HEAD, so the response has no body whatever its fields say.
+/// HEAD, so the response has no body whatever its fields say. `spare`: an empty map to
+/// fill (a connection's last one, capacity kept), taken only when a head is complete.
 pub fn parse_response(
     buf: &mut BytesMut,
     head_request: bool,
+    spare: &mut Option<HeaderMap>,
 ) -> Result<Option<ResponseHead>, Malformed> {
     // (name start, name end, value start, value end) of each field, taken while httparse
     // borrows the buffer; the values are then sliced out of the frozen head.
@@ -224,9 +226,12 @@ pub fn parse_response(
         Version::HTTP_11
     };
     let head = buf.split_to(len).freeze();
-    // Room for the fields the proxy adds (activation, request ID, date, session cookie)
-    // without growing the map.
-    let mut headers = HeaderMap::with_capacity(count + 6);
+    // Else room for the fields the proxy adds (activation, request ID, date, session
+    // cookie) without growing the map.
+    let mut headers = spare
+        .take()
+        .filter(HeaderMap::is_empty)
+        .unwrap_or_else(|| HeaderMap::with_capacity(count + 6));
     for &(ns, ne, vs, ve) in &spans[..count] {
         let name =
             HeaderName::from_bytes(&head[ns..ne]).map_err(|_| Malformed("invalid field name"))?;
@@ -484,7 +489,7 @@ mod tests {
 
     fn parse(bytes: &[u8], head: bool) -> (Result<Option<ResponseHead>, Malformed>, BytesMut) {
         let mut buf = BytesMut::from(bytes);
-        let r = parse_response(&mut buf, head);
+        let r = parse_response(&mut buf, head, &mut None);
         (r, buf)
     }
 

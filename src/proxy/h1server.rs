@@ -28,7 +28,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{
     CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HOST, TE, TRANSFER_ENCODING, UPGRADE,
 };
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Body;
 use prometheus::IntCounterVec;
@@ -37,6 +37,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::activity::{ConnActivity, ConnTimeouts};
 use super::body::{ClientBody, ResponseBody};
+use super::conn_local::{self, ConnLocal};
 use super::forward::list_has;
 use super::h1::{self, field};
 use super::rules::{self, EdgeRules, EdgeViolation, FieldVerdict, Seen};
@@ -108,6 +109,7 @@ impl FastPath<'_> {
     {
         let mut rbuf = BytesMut::with_capacity(8 * 1024);
         let mut wbuf = Vec::with_capacity(8 * 1024);
+        let mut local = ConnLocal::default();
         let mut waits = Waits {
             deadline: Box::pin(tokio::time::sleep_until(self.deadline())),
             draining: Box::pin(self.shutdown.reached(Phase::Draining)),
@@ -116,7 +118,7 @@ impl FastPath<'_> {
         loop {
             let head = loop {
                 if !rbuf.is_empty() {
-                    match parse_request(&mut rbuf, self.max_head, self.proxy.edge()) {
+                    match parse_request(&mut rbuf, self.max_head, &mut local, self.proxy.edge()) {
                         Parsed::Take(head) => break head,
                         Parsed::Other => return Handoff::ToHyper(rbuf),
                         Parsed::Partial => {
@@ -145,7 +147,7 @@ impl FastPath<'_> {
                 let body = rbuf.split_to(head.body_len).freeze();
                 *head.request.body_mut() = ClientBody::Buffered(Some(body));
             }
-            let exchanged = self.exchange(io, &mut rbuf, &mut wbuf, head, &mut waits);
+            let exchanged = self.exchange(io, &mut rbuf, &mut wbuf, head, &mut waits, &mut local);
             let keep_alive = match exchanged.await {
                 Ok(keep_alive) => keep_alive,
                 Err(()) => return Handoff::Done,
@@ -210,36 +212,39 @@ impl FastPath<'_> {
         wbuf: &mut Vec<u8>,
         head: Head,
         waits: &mut Waits<'_>,
+        local: &mut ConnLocal,
     ) -> Result<bool, ()>
     where
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let guard = self.activity.begin_request(false);
-        let handled = self
-            .proxy
-            .handle_checked(head.request, self.conn, head.verdict);
-        tokio::pin!(handled);
         // The socket is watched while the request is proxied: EOF cancels it (hyper's
         // behaviour); early bytes of a pipelined next request are kept, up to one head.
-        let resp = loop {
-            let watch = rbuf.len() < self.max_head;
-            if rbuf.capacity() - rbuf.len() < 1024 {
-                rbuf.reserve(8 * 1024);
-            }
-            tokio::select! {
-                biased;
-                resp = &mut handled => break resp,
-                read = io.read_buf(rbuf), if watch => match read {
-                    Ok(n) if n > 0 => {}
-                    _ => return Err(()),
-                },
-                () = waits.closed.as_mut() => return Err(()),
+        let resp = {
+            let handled =
+                self.proxy
+                    .handle_checked(head.request, self.conn, head.verdict, Some(&mut *local));
+            tokio::pin!(handled);
+            loop {
+                let watch = rbuf.len() < self.max_head;
+                if rbuf.capacity() - rbuf.len() < 1024 {
+                    rbuf.reserve(8 * 1024);
+                }
+                tokio::select! {
+                    biased;
+                    resp = &mut handled => break resp,
+                    read = io.read_buf(rbuf), if watch => match read {
+                        Ok(n) if n > 0 => {}
+                        _ => return Err(()),
+                    },
+                    () = waits.closed.as_mut() => return Err(()),
+                }
             }
         };
         let resp = resp.map(|b| b.hold(guard));
         let keep_alive = head.keep_alive && !self.shutdown.is_draining();
         let written = tokio::select! {
-            w = write_response(io, wbuf, resp, head.head_request, head.trailers_ok, keep_alive) => w,
+            w = write_response(io, wbuf, resp, head.head_request, head.trailers_ok, keep_alive, &mut local.spare_response) => w,
             () = waits.closed.as_mut() => Err(io::ErrorKind::Interrupted.into()),
         };
         match written {
@@ -266,7 +271,12 @@ fn body_arrived<I: AsyncRead + Unpin>(io: &mut I, rbuf: &mut BytesMut, len: usiz
 
 /// Parses a request head from the front of `rbuf`; takes it only when it is plain (see
 /// the module documentation).
-fn parse_request(rbuf: &mut BytesMut, max_head: usize, rules: &EdgeRules) -> Parsed {
+fn parse_request(
+    rbuf: &mut BytesMut,
+    max_head: usize,
+    local: &mut ConnLocal,
+    rules: &EdgeRules,
+) -> Parsed {
     let mut spans = [(0usize, 0usize, 0usize, 0usize); h1::MAX_HEADERS];
     let (len, method, target, count) = {
         let mut raw = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
@@ -301,7 +311,7 @@ fn parse_request(rbuf: &mut BytesMut, max_head: usize, rules: &EdgeRules) -> Par
         return Parsed::Other;
     }
     let head = rbuf.split_to(len).freeze();
-    match build(&head, method, target, &spans[..count], rules) {
+    match build(&head, method, target, &spans[..count], local, rules) {
         Some(parsed) => Parsed::Take(parsed),
         None => {
             // Give the bytes back, in order, for hyper.
@@ -318,12 +328,16 @@ fn build(
     method: Method,
     target: (usize, usize),
     spans: &[(usize, usize, usize, usize)],
+    local: &mut ConnLocal,
     rules: &EdgeRules,
 ) -> Option<Head> {
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1)).ok()?;
-    // Room for the fields the proxy adds (X-Forwarded-*, X-Request-ID, trace context)
-    // without growing the map.
-    let mut headers = HeaderMap::with_capacity(spans.len() + 8);
+    // The last request's map when there is one (emptied, capacity kept); else one with
+    // room for the fields the proxy adds (X-Forwarded-*, X-Request-ID, trace context).
+    let mut headers = local
+        .spare_request
+        .take()
+        .unwrap_or_else(|| HeaderMap::with_capacity(spans.len() + 8));
     let mut body_len = None;
     let mut keep_alive = true;
     let mut trailers_ok = false;
@@ -334,7 +348,7 @@ fn build(
         if rules.field(&head[ns..ne], &mut seen) == FieldVerdict::Drop {
             continue;
         }
-        let name = HeaderName::from_bytes(&head[ns..ne]).ok()?;
+        let name = local.name(&head[ns..ne])?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).ok()?;
         if name == TRANSFER_ENCODING || name == UPGRADE || name == EXPECT {
             return None;
@@ -395,6 +409,7 @@ async fn write_response<I>(
     head_request: bool,
     trailers_ok: bool,
     keep_alive: bool,
+    spare: &mut Option<HeaderMap>,
 ) -> io::Result<()>
 where
     I: AsyncWrite + Unpin,
@@ -445,6 +460,8 @@ where
         field(wbuf, b"connection", b"close");
     }
     wbuf.extend_from_slice(b"\r\n");
+    // The head is encoded: its map serves the connection's next response head.
+    conn_local::recycle(spare, parts.headers);
     if bodiless {
         io.write_all(wbuf).await?;
         return io.flush().await;
