@@ -2,7 +2,8 @@
 //!
 //! CONTRACT (the proxy and admin API rely on these signatures):
 //! - [`Activator::acquire`] is the only call on the request path. Fast path: the session is
-//!   bound and ready -> a [`Permit`] without awaiting (one table lookup, one short lock).
+//!   bound and ready -> a [`Permit`] without awaiting (one table lookup, or none through a
+//!   connection's [`LeaseCache`]; one short lock).
 //!   Slow path: the request joins the session's FIFO wait queue while exactly one claim or
 //!   resume runs in a spawned task (a client that goes away does not cancel it).
 //! - A [`Permit`] counts the request as in flight for its session until dropped; the proxy
@@ -42,6 +43,7 @@ mod admin;
 mod deadlines;
 mod entry;
 mod events;
+mod held;
 mod hooks;
 mod idle;
 mod lifecycle;
@@ -59,6 +61,7 @@ pub use acquire::LeaseCache;
 pub use admin::{SessionCursor, SessionPage};
 use entry::{Grant, InFlightGuard};
 use events::EventRouter;
+pub use held::HeldFor;
 use idle::IdleScheduler;
 use lifecycle::Event;
 use transition::Transitions;

@@ -11,8 +11,8 @@ use super::lifecycle::{self, Event, Reply, SessionPhase};
 use super::queue::WaitTicket;
 use super::table::Found;
 use super::transition::{Payload, Transitions};
-use super::{ActivationError, Permit};
-use crate::backend::{ActivationKind, ClaimSpec};
+use super::{ActivationError, HeldFor, Permit};
+use crate::backend::{ActivationKind, BackendError, ClaimSpec};
 use crate::session::SessionKey;
 
 /// The fast path: a permit if the session is bound and ready. No await, no allocation.
@@ -120,8 +120,22 @@ pub(crate) async fn acquire_slow(
             SlowStep::Retry => continue,
             SlowStep::Done(result) => return result,
             SlowStep::Wait(ticket, rx, budget) => {
-                let grant = ticket.wait(rx, arrived + budget, budget).await?;
-                return Ok(Permit::from_grant(grant, arrived.elapsed()));
+                let waited = ticket.wait(rx, arrived + budget, budget).await;
+                let held_for = match &waited {
+                    Ok(grant) => grant.held_for,
+                    Err(ActivationError::Backend(BackendError::NoCapacity(_))) => {
+                        Some(HeldFor::QueuedNoCapacity)
+                    }
+                    Err(_) => None,
+                };
+                if let Some(h) = held_for {
+                    transitions
+                        .metrics
+                        .request_held
+                        .with_label_values(&[h.as_str()])
+                        .observe(arrived.elapsed().as_secs_f64());
+                }
+                return Ok(Permit::from_grant(waited?, arrived.elapsed()));
             }
         }
     }

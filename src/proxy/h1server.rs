@@ -277,11 +277,22 @@ fn parse_request(
     local: &mut ConnLocal,
     rules: &EdgeRules,
 ) -> Parsed {
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); h1::MAX_HEADERS];
-    let (len, method, target, count) = {
-        let mut raw = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut raw);
-        let len = match req.parse(&rbuf[..]) {
+    h1::with_spans(|spans| parse_request_into(rbuf, max_head, local, rules, spans))
+}
+
+fn parse_request_into(
+    rbuf: &mut BytesMut,
+    max_head: usize,
+    local: &mut ConnLocal,
+    rules: &EdgeRules,
+    spans: &mut Vec<h1::Span>,
+) -> Parsed {
+    let (len, method, target) = {
+        // Uninitialised: httparse writes the fields it finds (zeroing the array per
+        // request cost more than parsing a small head).
+        let mut raw = [const { std::mem::MaybeUninit::uninit() }; h1::MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let len = match req.parse_with_uninit_headers(&rbuf[..], &mut raw) {
             Ok(httparse::Status::Complete(len)) if len <= max_head => len,
             Ok(httparse::Status::Partial) if rbuf.len() <= max_head => return Parsed::Partial,
             _ => return Parsed::Other,
@@ -297,21 +308,17 @@ fn parse_request(
             return Parsed::Other;
         }
         let ts = path.as_ptr() as usize - base;
-        for (span, h) in spans.iter_mut().zip(req.headers.iter()) {
-            let ns = h.name.as_ptr() as usize - base;
-            let vs = h.value.as_ptr() as usize - base;
-            *span = (ns, ns + h.name.len(), vs, vs + h.value.len());
-        }
+        h1::push_spans(spans, base, req.headers);
         let Ok(method) = Method::from_bytes(req.method.unwrap_or("").as_bytes()) else {
             return Parsed::Other;
         };
-        (len, method, (ts, ts + path.len()), req.headers.len())
+        (len, method, (ts, ts + path.len()))
     };
     if method == Method::CONNECT {
         return Parsed::Other;
     }
     let head = rbuf.split_to(len).freeze();
-    match build(&head, method, target, &spans[..count], local, rules) {
+    match build(&head, method, target, spans, local, rules) {
         Some(parsed) => Parsed::Take(parsed),
         None => {
             // Give the bytes back, in order, for hyper.
@@ -327,7 +334,7 @@ fn build(
     head: &Bytes,
     method: Method,
     target: (usize, usize),
-    spans: &[(usize, usize, usize, usize)],
+    spans: &[h1::Span],
     local: &mut ConnLocal,
     rules: &EdgeRules,
 ) -> Option<Head> {
