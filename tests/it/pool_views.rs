@@ -1,8 +1,7 @@
 //! Pools in the admin views (issue 24): `/api/events?pool=` streams one pool's events, and
 //! the dashboard's pool picker switches every panel (overview, sessions, events) to a pool.
 
-use crate::dashboard::cdp::Browser;
-use crate::dashboard::{ONE_BROWSER, output_dir};
+use crate::dashboard::open_dashboard;
 use crate::events::{Sse, subscribe_to};
 use crate::support;
 
@@ -63,11 +62,7 @@ async fn one_pools_events_on_the_api_and_a_pool_picker_on_the_dashboard() {
     assert_eq!(unknown.status, 404);
     assert_eq!(unknown.error_code(), "unknown_pool");
 
-    let _one = ONE_BROWSER.lock().await;
-    let browser = Browser::launch(&output_dir()).await;
-    browser
-        .goto(&format!("http://{}/", server.admin_addr()))
-        .await;
+    let (_one, browser) = open_dashboard(server.admin_addr()).await;
     browser
         .wait_for(
             "the picker lists both pools, the first shown",
