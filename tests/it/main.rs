@@ -35,6 +35,7 @@ mod deploy_render;
 mod documented_behaviours;
 mod drain;
 mod drain_streams;
+mod edge_rules;
 mod events;
 mod hooks;
 mod isolation_escape;
