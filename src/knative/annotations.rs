@@ -59,9 +59,16 @@ pub fn collect(doc: &Value) -> Result<BTreeMap<String, String>, ConfigError> {
 /// constants, pkg/apis/autoscaling/annotation_validation.go for the checks).
 #[derive(Clone, Copy)]
 enum Kind {
-    /// A whole number in `0..=i32::MAX` (`getIntGE0`: min-scale, max-scale; and
-    /// `validateInitialScale`).
+    /// A whole number in `0..=i32::MAX` (`getIntGE0`: min-scale, max-scale).
     Count,
+    /// A whole number in `1..=i32::MAX`: `validateInitialScale` refuses 0 ("initial-scale=0
+    /// not allowed by cluster") unless the cluster's config-autoscaler sets
+    /// `allow-zero-initial-scale`, which defaults to false (knative/serving `98e5ef90aa70`,
+    /// `pkg/apis/autoscaling/annotation_validation.go` `validateInitialScale`;
+    /// `pkg/autoscaler/config/config.go` `AllowZeroInitialScale: false`). A manifest here has
+    /// no cluster: 0 is refused as a default cluster would, and the native
+    /// `autoscaler.initial_scale: 0` is the opt-in.
+    InitialScale,
     /// A whole number >= 2 (`validateMinMaxScale`: "activation-scale=%d must be greater
     /// than 1").
     ActivationScale,
@@ -130,7 +137,7 @@ const AUTOSCALER_KEYS: &[AutoscalerKey] = &[
         "initial-scale",
         Some("initialScale"),
         "initial_scale",
-        Kind::Count,
+        Kind::InitialScale,
     ),
     key(
         "activation-scale",
@@ -225,6 +232,13 @@ fn parse(annotation: &str, raw: &str, kind: Kind) -> Result<Value, ConfigError> 
             )),
             _ => Err(bad("a whole number >= 0")),
         },
+        Kind::InitialScale if raw == "0" => Err(ConfigError::invalid(
+            annotation,
+            "\"0\": initial-scale=0 not allowed by cluster (Knative's default \
+             allow-zero-initial-scale: false); set autoscaler.initial_scale: 0 in the \
+             activator's own configuration to start a service at zero",
+        )),
+        Kind::InitialScale => parse(annotation, raw, Kind::Count),
         Kind::ActivationScale => match raw.parse::<i32>() {
             Ok(v) if v >= 2 => Ok(Value::from(v)),
             Ok(_) => Err(ConfigError::invalid(

@@ -199,7 +199,7 @@ fn upstream_bounds_accept_the_edges_and_refuse_beyond() {
         ("panicThresholdPercentage", "1000"),
         ("minScale", "0"),
         ("maxScale", "2147483647"),
-        ("initialScale", "0"),
+        ("initialScale", "1"),
         ("activation-scale", "2"),
         ("targetBurstCapacity", "-1"),
         ("metric-aggregation-algorithm", "linear"),
@@ -236,6 +236,8 @@ fn upstream_bounds_accept_the_edges_and_refuse_beyond() {
         ("minScale", "-1", "whole number"),
         ("max-scale", "2147483648", "between 0 and 2147483647"),
         ("activation-scale", "1", "greater than 1"),
+        ("initialScale", "0", "not allowed by cluster"),
+        ("initial-scale", "-1", "whole number"),
         (
             "metric-aggregation-algorithm",
             "median",

@@ -47,6 +47,7 @@ mod kubernetes_claim_cap;
 mod kubernetes_claims;
 mod kubernetes_customize;
 mod kubernetes_freeze;
+mod kubernetes_lease_rbac;
 mod kubernetes_openkruise_claims;
 mod kubernetes_outage;
 mod kubernetes_proxy;
