@@ -4,6 +4,8 @@
 //!
 //! Run: `cargo bench --bench activation`. Prints a markdown table (see docs/benchmarks.md).
 //! "added" subtracts the median of the same request sent straight to a sandbox.
+//! `AA_BENCH_ISOLATION=none` (default `namespaces`) measures unisolated sandboxes, for the
+//! cost of isolation (issue 20).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -26,8 +28,9 @@ const LEVELS: [usize; 3] = [1, 8, 32];
 
 fn config(workdir: &std::path::Path) -> Config {
     let bin = env!("CARGO_BIN_EXE_agent-activator");
+    let isolation = std::env::var("AA_BENCH_ISOLATION").unwrap_or_else(|_| "namespaces".to_owned());
     let yaml = format!(
-        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nlog:\n  access_log: false\nidle:\n  timeout: 1h\n  policy: pause\nbackend:\n  kind: process\n  command: [\"{bin}\", \"demo-sandbox\", \"--port\", \"{{port}}\"]\n  workdir_root: \"{}\"\n  stop_grace: 1s\nautoscaler:\n  enabled: false\n",
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nlog:\n  access_log: false\nidle:\n  timeout: 1h\n  policy: pause\nbackend:\n  kind: process\n  command: [\"{bin}\", \"demo-sandbox\", \"--port\", \"{{port}}\"]\n  workdir_root: \"{}\"\n  stop_grace: 1s\n  isolation: {isolation}\nautoscaler:\n  enabled: false\n",
         workdir.display()
     );
     Config::from_yaml(&yaml).expect("bench config")

@@ -2,7 +2,8 @@
 //!
 //! CONTRACT (the proxy and admin API rely on these signatures):
 //! - [`Activator::acquire`] is the only call on the request path. Fast path: the session is
-//!   bound and ready -> a [`Permit`] without awaiting (one table lookup, one short lock).
+//!   bound and ready -> a [`Permit`] without awaiting (one table lookup, or none through a
+//!   connection's [`LeaseCache`]; one short lock).
 //!   Slow path: the request joins the session's FIFO wait queue while exactly one claim or
 //!   resume runs in a spawned task (a client that goes away does not cancel it).
 //! - A [`Permit`] counts the request as in flight for its session until dropped; the proxy
@@ -42,6 +43,7 @@ mod admin;
 mod deadlines;
 mod entry;
 mod events;
+mod held;
 mod hooks;
 mod idle;
 mod lifecycle;
@@ -55,9 +57,11 @@ mod transition;
 #[cfg(test)]
 mod tests;
 
+pub use acquire::LeaseCache;
 pub use admin::{SessionCursor, SessionPage};
 use entry::{Grant, InFlightGuard};
 use events::EventRouter;
+pub use held::HeldFor;
 use idle::IdleScheduler;
 use lifecycle::Event;
 use transition::Transitions;
@@ -237,6 +241,16 @@ impl Activator {
     /// The fast path alone: a permit if `key` is bound and ready, without waiting.
     pub fn try_acquire_ready(&self, key: &SessionKey) -> Option<Permit> {
         acquire::try_ready(&self.transitions, key)
+    }
+
+    /// [`Activator::try_acquire_ready`] through a client connection's cache of the
+    /// sessions it carried lately: the same answer, usually without a table probe.
+    pub fn try_acquire_ready_cached(
+        &self,
+        key: &SessionKey,
+        cache: &mut LeaseCache,
+    ) -> Option<Permit> {
+        acquire::try_ready_cached(&self.transitions, key, cache)
     }
 
     /// Whether the table holds `key` (in any phase): a request for an unknown key starts

@@ -57,6 +57,10 @@ pub struct Binding {
     /// `Claim`, `Create`, or `Resume` when the backend adopted an existing paused sandbox
     /// (another replica's claim) and resumed it.
     pub kind: ActivationKind,
+    /// The claim waited for capacity (`backend.max_sandboxes` reached, every static
+    /// endpoint full) before it could bind: `queued_no_capacity` in
+    /// `activator_request_held_seconds`.
+    pub queued_for_capacity: bool,
 }
 
 /// How long a claim may take: waiting for capacity, then starting/claiming the sandbox.

@@ -52,6 +52,10 @@ pub struct Metrics {
     pub customized_claims_total: IntCounterVec,
     /// `activator_activation_duration_seconds{kind}`: start of claim/resume to ready.
     pub activation_duration: HistogramVec,
+    /// `activator_request_held_seconds{waited_for}`: how long a request was held before it
+    /// was forwarded (or refused for capacity), by what it waited for: warm_claim |
+    /// cold_create | resume_frozen | resume_suspended | queued_no_capacity.
+    pub request_held: HistogramVec,
     /// `activator_pauses_total{result}`: idle or admin pauses.
     pub pauses_total: IntCounterVec,
     /// `activator_deep_pauses_total{result}`: the deep idle tier (`idle.deep_after`).
@@ -229,6 +233,15 @@ impl Metrics {
                 )
                 .buckets(LATENCY_BUCKETS.to_vec()),
                 &["kind"],
+            )
+            .expect("valid metric"),
+            request_held: HistogramVec::new(
+                HistogramOpts::new(
+                    "activator_request_held_seconds",
+                    "Time a request was held before it was forwarded, by what it waited for.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["waited_for"],
             )
             .expect("valid metric"),
             pauses_total: IntCounterVec::new(
@@ -427,6 +440,7 @@ impl Metrics {
             Box::new(self.activations_total.clone()),
             Box::new(self.activation_duration.clone()),
             Box::new(self.customized_claims_total.clone()),
+            Box::new(self.request_held.clone()),
             Box::new(self.pauses_total.clone()),
             Box::new(self.deep_pauses_total.clone()),
             Box::new(self.preview_requests_total.clone()),

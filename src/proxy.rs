@@ -31,6 +31,7 @@ mod activity;
 mod body;
 mod client_addr;
 mod completion;
+mod conn_local;
 pub mod error;
 mod forward;
 mod h1;
@@ -47,6 +48,7 @@ pub use body::{ClientBody, ProxyBody, RequestBody, RequestBodyError, ResponseBod
 pub use client_addr::{TrustedProxies, client_ip, parse_cidr};
 pub use completion::{CLIENT_CLOSED, StatusCounters};
 use completion::{Completion, Recorder};
+use conn_local::ConnLocal;
 use error::ProxyError;
 pub use forward::{ClientConn, strip_hop_by_hop};
 use forward::{is_upgrade_request, prepare_request_headers};
@@ -191,8 +193,19 @@ impl Proxy {
     /// Proxies one request. Never fails: every failure is a response.
     pub async fn handle(
         &self,
+        req: Request<ClientBody>,
+        conn: &ClientConn,
+    ) -> Response<ResponseBody> {
+        self.handle_on(req, conn, None).await
+    }
+
+    /// [`Proxy::handle`], with the state a fast-path connection keeps between its
+    /// requests (`local`: its lease cache and response-head timer) when it has one.
+    async fn handle_on(
+        &self,
         mut req: Request<ClientBody>,
         conn: &ClientConn,
+        local: Option<&mut ConnLocal>,
     ) -> Response<ResponseBody> {
         let mut completion = Completion::begin(&self.recorder, req.method(), req.uri());
         if self.telemetry.enabled() {
@@ -220,7 +233,7 @@ impl Proxy {
                 result.unwrap_or_else(|err| self.failure(err, &request_id))
             }
             None => {
-                self.forward_session(req, conn, &mut completion, https, &request_id)
+                self.forward_session(req, conn, &mut completion, https, &request_id, local)
                     .await
             }
         };
@@ -239,9 +252,16 @@ impl Proxy {
         completion: &mut Completion,
         https: bool,
         request_id: &HeaderValue,
+        local: Option<&mut ConnLocal>,
     ) -> Response<ProxyBody> {
         let declared = req.body().size_hint().lower();
-        match self.extractor.extract(req.uri(), req.headers()) {
+        let leases = local.as_deref().map(|l| &l.leases);
+        let extracted = self
+            .extractor
+            .extract_reusing(req.uri(), req.headers(), |raw| {
+                leases.and_then(|c| c.key(raw))
+            });
+        match extracted {
             // A declared length over the cap is refused before any sandbox is woken.
             _ if self.max_body_bytes.is_some_and(|max| declared > max) => self.failure(
                 ProxyError::BodyTooLarge(self.max_body_bytes.unwrap_or(0)),
@@ -251,7 +271,7 @@ impl Proxy {
             Ok(session) => {
                 completion.set_session(&session.key, session.rewritten.as_ref());
                 let minted = (session.origin == SessionOrigin::Minted).then(|| session.key.clone());
-                let mut resp = match self.forward(req, session, conn, completion).await {
+                let mut resp = match self.forward(req, session, conn, completion, local).await {
                     Ok(resp) => resp,
                     Err(err) => self.failure(err, request_id),
                 };
@@ -292,6 +312,7 @@ impl Proxy {
         session: ExtractedSession,
         conn: &ClientConn,
         completion: &mut Completion,
+        mut local: Option<&mut ConnLocal>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let pool = {
             let path = match &session.rewritten {
@@ -305,7 +326,11 @@ impl Proxy {
             completion.set_pool_stats(&pool.stats);
         }
         let activator = &pool.activator;
-        let lease = match activator.try_acquire_ready(&session.key) {
+        let ready = match local.as_deref_mut() {
+            Some(local) => activator.try_acquire_ready_cached(&session.key, &mut local.leases),
+            None => activator.try_acquire_ready(&session.key),
+        };
+        let lease = match ready {
             Some(lease) => lease,
             None => {
                 // A session no pool holds yet is a new one: bounded (server-wide), and
@@ -352,7 +377,8 @@ impl Proxy {
             endpoint: lease.endpoint,
             pool_key: lease.sandbox.clone(),
         };
-        self.dispatch(req, lease, target, conn, completion).await
+        self.dispatch(req, lease, target, conn, completion, local)
+            .await
     }
 
     /// Forwards a leased request to `target` (the lease's sandbox, or one of its other
@@ -364,6 +390,7 @@ impl Proxy {
         target: Target<'_>,
         conn: &ClientConn,
         completion: &mut Completion,
+        local: Option<&mut ConnLocal>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let endpoint = target.endpoint;
         let traced_sandbox = completion.trace().map(|_| lease.sandbox.clone());
@@ -404,7 +431,7 @@ impl Proxy {
         let sent = if upgrade || self.upstream.is_h2() {
             (self.upstream.send(req, endpoint, upgrade).await).map(|r| r.map(ProxyBody::Upstream))
         } else {
-            self.upstream.send_h1(req, &sandbox, endpoint).await
+            self.upstream.send_h1(req, &sandbox, endpoint, local).await
         }
         .map_err(ProxyError::blame_request_body);
         if let Some(span) = span {

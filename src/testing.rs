@@ -17,7 +17,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use crate::backend::{
-    ActivationKind, BackendError, BackendEvent, Binding, Capabilities, ClaimBudget,
+    ActivationKind, BackendError, BackendEvent, Binding, Capabilities, ClaimBudget, DeepPause,
     RecoveredBinding, SandboxBackend, SandboxId, SandboxInfo, SandboxState,
 };
 use crate::lock::MutexExt;
@@ -50,6 +50,11 @@ pub struct Script {
     pub claim_by_prefix: Vec<(String, Outcome)>,
     /// Returned (once) by `recover`.
     pub recovered: Vec<RecoveredBinding>,
+    /// Popped by each successful claim: its binding's `kind` and `queued_for_capacity`
+    /// (empty: the backend's kind, no wait for capacity).
+    pub claim_bindings: VecDeque<(ActivationKind, bool)>,
+    /// What `deep_pause` does; `None`: the deep tier is unsupported.
+    pub deep_pause: Option<DeepPause>,
     /// `port_endpoint(sandbox, port)`: where each sandbox's other ports are served (a
     /// test points them at real upstreams); absent = unreachable.
     pub ports: BTreeMap<(String, u16), SocketAddr>,
@@ -297,6 +302,11 @@ impl SandboxBackend for ScriptedBackend {
         self.claims.fetch_add(1, Ordering::SeqCst);
         let (delay, outcome) = self.claim_outcome(session);
         play(delay, outcome).await?;
+        let (kind, queued_for_capacity) = self
+            .script()
+            .claim_bindings
+            .pop_front()
+            .unwrap_or((self.kind, false));
         let (sandbox, endpoint) = self.place();
         let mut live = self.live.lock_recovered();
         let entry = live.entry(sandbox.clone()).or_insert_with(|| Live {
@@ -309,7 +319,8 @@ impl SandboxBackend for ScriptedBackend {
         Ok(Binding {
             sandbox,
             endpoint: entry.endpoint,
-            kind: self.kind,
+            kind,
+            queued_for_capacity,
         })
     }
 
@@ -341,6 +352,17 @@ impl SandboxBackend for ScriptedBackend {
         play(delay, result.and_then(|r| r.err()).map(Outcome::Fail)).await?;
         self.set_paused(sandbox, true, None);
         Ok(())
+    }
+
+    async fn deep_pause(
+        &self,
+        _session: &SessionKey,
+        sandbox: &SandboxId,
+    ) -> Result<DeepPause, BackendError> {
+        let done = self.script().deep_pause;
+        let done = done.ok_or(BackendError::Unsupported("the deep idle tier"))?;
+        self.set_paused(sandbox, true, None);
+        Ok(done)
     }
 
     async fn release(&self, session: &SessionKey, sandbox: &SandboxId) -> Result<(), BackendError> {

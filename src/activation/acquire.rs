@@ -11,35 +11,100 @@ use super::lifecycle::{self, Event, Reply, SessionPhase};
 use super::queue::WaitTicket;
 use super::table::Found;
 use super::transition::{Payload, Transitions};
-use super::{ActivationError, Permit};
-use crate::backend::{ActivationKind, ClaimSpec};
+use super::{ActivationError, HeldFor, Permit};
+use crate::backend::{ActivationKind, BackendError, ClaimSpec};
 use crate::session::SessionKey;
 
 /// The fast path: a permit if the session is bound and ready. No await, no allocation.
 #[inline]
 pub(crate) fn try_ready(transitions: &Transitions, key: &SessionKey) -> Option<Permit> {
-    transitions.table.with(key, |entry| {
-        let st = entry.lock();
-        if st.phase != SessionPhase::Ready || st.state_lost_pending {
-            return None;
-        }
-        let bound = st.bound.as_ref()?;
-        let endpoint = bound.endpoint?;
-        let sandbox = bound.sandbox.clone();
-        // Counted under the lock the idle scheduler checks, so no pause can start now.
-        let guard = entry.start_request();
-        transitions.set_active(entry, true);
-        transitions.reporter.note(entry);
-        drop(st);
-        Some(Permit {
-            endpoint,
-            sandbox,
-            activation: ActivationKind::None,
-            waited: Duration::ZERO,
-            state_lost: false,
-            _guard: guard,
-        })
-    })?
+    transitions
+        .table
+        .with(key, |entry| ready_now(transitions, entry))?
+}
+
+/// The fast path through a connection's [`LeaseCache`]: the same answer as [`try_ready`],
+/// without the table probe (hashing the key, a shard lock) when the connection carried
+/// the session lately and the table has removed nothing since.
+#[inline]
+pub(crate) fn try_ready_cached(
+    transitions: &Transitions,
+    key: &SessionKey,
+    cache: &mut LeaseCache,
+) -> Option<Permit> {
+    let table = &transitions.table;
+    // Read before any lookup whose result is cached (see `SessionTable::generation`).
+    let generation = table.generation();
+    if cache.table != table.id() || cache.generation != generation {
+        *cache = LeaseCache {
+            table: table.id(),
+            generation,
+            ..LeaseCache::default()
+        };
+    }
+    if let Some(entry) = cache.entries.iter().flatten().find(|e| e.key == *key) {
+        return ready_now(transitions, entry);
+    }
+    let (permit, entry) = table.with(key, |entry| {
+        (ready_now(transitions, entry), Arc::clone(entry))
+    })?;
+    let slot = cache.next % cache.entries.len();
+    cache.entries[slot] = Some(entry);
+    cache.next = slot + 1;
+    permit
+}
+
+/// Sessions a client connection carried lately: each key's table entry, valid while the
+/// table's generation is the one read when they were looked up (no entry has left the
+/// table since, so each is still the one stored under its key). A few, not one: a
+/// gateway multiplexes several users' sessions on each keep-alive connection.
+#[derive(Default)]
+pub struct LeaseCache {
+    table: u64,
+    generation: u64,
+    entries: [Option<Arc<SessionEntry>>; LEASE_CACHE_ENTRIES],
+    /// Where the next miss is stored (round robin).
+    next: usize,
+}
+
+impl LeaseCache {
+    /// The key of a cached session whose ID is `raw` (shared, not allocated). Keys are
+    /// values: any equal key names the same session, whatever the table did since.
+    pub fn key(&self, raw: &str) -> Option<SessionKey> {
+        self.entries
+            .iter()
+            .flatten()
+            .find(|e| e.key.as_str() == raw)
+            .map(|e| e.key.clone())
+    }
+}
+
+/// Sessions a [`LeaseCache`] remembers.
+const LEASE_CACHE_ENTRIES: usize = 8;
+
+/// A permit on `entry` if it is bound and ready (its lock taken briefly).
+#[inline]
+fn ready_now(transitions: &Transitions, entry: &Arc<SessionEntry>) -> Option<Permit> {
+    let st = entry.lock();
+    if st.phase != SessionPhase::Ready || st.state_lost_pending {
+        return None;
+    }
+    let bound = st.bound.as_ref()?;
+    let endpoint = bound.endpoint?;
+    let sandbox = bound.sandbox.clone();
+    // Counted under the lock the idle scheduler checks, so no pause can start now.
+    let guard = entry.start_request();
+    transitions.set_active(entry, true);
+    transitions.reporter.note(entry);
+    drop(st);
+    Some(Permit {
+        endpoint,
+        sandbox,
+        activation: ActivationKind::None,
+        waited: Duration::ZERO,
+        state_lost: false,
+        _guard: guard,
+    })
 }
 
 /// The slow path: join the session's queue, starting a claim or resume if none runs.
@@ -55,8 +120,22 @@ pub(crate) async fn acquire_slow(
             SlowStep::Retry => continue,
             SlowStep::Done(result) => return result,
             SlowStep::Wait(ticket, rx, budget) => {
-                let grant = ticket.wait(rx, arrived + budget, budget).await?;
-                return Ok(Permit::from_grant(grant, arrived.elapsed()));
+                let waited = ticket.wait(rx, arrived + budget, budget).await;
+                let held_for = match &waited {
+                    Ok(grant) => grant.held_for,
+                    Err(ActivationError::Backend(BackendError::NoCapacity(_))) => {
+                        Some(HeldFor::QueuedNoCapacity)
+                    }
+                    Err(_) => None,
+                };
+                if let Some(h) = held_for {
+                    transitions
+                        .metrics
+                        .request_held
+                        .with_label_values(&[h.as_str()])
+                        .observe(arrived.elapsed().as_secs_f64());
+                }
+                return Ok(Permit::from_grant(waited?, arrived.elapsed()));
             }
         }
     }

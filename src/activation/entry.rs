@@ -14,8 +14,8 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::ActivationError;
 use super::lifecycle::SessionPhase;
+use super::{ActivationError, HeldFor};
 use crate::backend::{ActivationKind, ClaimSpec, SandboxId};
 use crate::lock::MutexExt;
 use crate::session::SessionKey;
@@ -34,6 +34,8 @@ pub(crate) struct Grant {
     pub endpoint: SocketAddr,
     pub sandbox: SandboxId,
     pub kind: ActivationKind,
+    /// What the request was held for (`None`: nothing was activated for it).
+    pub held_for: Option<HeldFor>,
     pub state_lost: bool,
 }
 

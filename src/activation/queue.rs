@@ -12,8 +12,8 @@ use prometheus::IntGauge;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::ActivationError;
 use super::entry::{EntryState, Grant, SessionEntry, Waiter};
+use super::{ActivationError, HeldFor};
 use crate::backend::ActivationKind;
 
 /// Global queue accounting shared by every session.
@@ -93,6 +93,7 @@ impl ActivationQueue {
         entry: &Arc<SessionEntry>,
         st: &mut EntryState,
         kind: ActivationKind,
+        held_for: Option<HeldFor>,
     ) {
         let Some((sandbox, endpoint)) = st
             .bound
@@ -112,6 +113,7 @@ impl ActivationQueue {
                 endpoint,
                 sandbox: sandbox.clone(),
                 kind,
+                held_for,
                 state_lost: st.state_lost_pending,
             };
             // A waiter whose request is gone drops the grant here (lock-free guard drop).

@@ -9,7 +9,7 @@
 //! (see `Transitions::settle`).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use dashmap::DashMap;
@@ -33,10 +33,19 @@ pub(crate) enum Found {
     Recovered,
 }
 
+/// Source of [`SessionTable::id`]s: unique per table in the process.
+static NEXT_TABLE_ID: AtomicU64 = AtomicU64::new(1);
+
 /// Every session the activator knows, one entry per key.
-#[derive(Default)]
 pub(crate) struct SessionTable {
     map: DashMap<SessionKey, Arc<SessionEntry>>,
+    /// This table among all in the process (a lease cache names the table it read).
+    id: u64,
+    /// Bumped after every removal from `map`. Entries are only ever inserted into vacant
+    /// keys, so while it is unchanged an entry once found under a key is still the one
+    /// stored there: a per-connection lease cache (`acquire::LeaseCache`) checks it
+    /// instead of probing the map.
+    generation: AtomicU64,
     /// Recovered bindings waiting for a request whose ID hashes to them.
     pub(crate) orphans: Orphans,
     /// Entries per phase (`Gone` is not counted), indexed like `SessionPhase::ALL`.
@@ -45,7 +54,32 @@ pub(crate) struct SessionTable {
     by_sandbox: Mutex<HashMap<SandboxId, Vec<Arc<SessionEntry>>>>,
 }
 
+impl Default for SessionTable {
+    fn default() -> SessionTable {
+        SessionTable {
+            map: DashMap::default(),
+            id: NEXT_TABLE_ID.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
+            orphans: Orphans::default(),
+            counts: Default::default(),
+            by_sandbox: Mutex::default(),
+        }
+    }
+}
+
 impl SessionTable {
+    /// Which table this is (unique in the process).
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Changes after every removal (see the field): read before a lookup whose result is
+    /// cached, compare before the cached result is used.
+    #[inline]
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// The entry stored under `key`.
     pub(crate) fn get(&self, key: &SessionKey) -> Option<Arc<SessionEntry>> {
         self.map.get(key).map(|r| Arc::clone(r.value()))
@@ -178,8 +212,14 @@ impl SessionTable {
 
     /// Removes `entry` if it is still the one stored under its key.
     pub(crate) fn forget(&self, entry: &Arc<SessionEntry>) {
-        self.map
+        let removed = self
+            .map
             .remove_if(&entry.key, |_, stored| Arc::ptr_eq(stored, entry));
+        if removed.is_some() {
+            // After the removal: a cache that still sees the old generation holds an entry
+            // that was in the map when it looked, as a map probe racing this removal would.
+            self.generation.fetch_add(1, Ordering::Release);
+        }
     }
 
     /// Calls `f` on every entry, one shard read-locked at a time: a listing walks the table

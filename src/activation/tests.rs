@@ -14,6 +14,7 @@ use crate::testing::ScriptedBackend;
 mod admin;
 mod deadlines;
 mod idle;
+mod lease_cache;
 mod loss;
 use tokio::time::sleep;
 

@@ -14,7 +14,6 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::ActivationError;
 use super::deadlines::Deadlines;
 use super::entry::{Bound, EntryState, SessionEntry};
 use super::idle::Reporter;
@@ -24,6 +23,7 @@ use super::lifecycle::{
 use super::queue::ActivationQueue;
 use super::settings::Settings;
 use super::table::SessionTable;
+use super::{ActivationError, HeldFor};
 use crate::backend::{ActivationKind, BackendError, DynBackend, SandboxId};
 use crate::config::Config;
 use crate::events::{EventBus, Publisher};
@@ -43,6 +43,8 @@ pub(crate) struct Payload {
     pub endpoint: Option<SocketAddr>,
     /// What granted waiters waited for.
     pub kind: Option<ActivationKind>,
+    /// The path the granted waiters took (`activator_request_held_seconds`).
+    pub held_for: Option<HeldFor>,
     /// For `Cause::Outcome`: the call's error.
     pub error: Option<ActivationError>,
     /// How long the ended call took (for the event stream).
@@ -190,6 +192,8 @@ impl Transitions {
         let fx = step.effects;
         let now = Instant::now();
         let from = st.phase;
+        // Cleared when the phase leaves Paused; a resume still needs to know.
+        let deep_before = st.deep;
         let before = st.bound.as_ref().map(|b| b.sandbox.clone());
         // Published first: the event names the sandbox the session had before the step.
         self.publish_step(entry, st, event, &step, &payload);
@@ -249,7 +253,7 @@ impl Transitions {
         match fx.waiters {
             Some(Waiters::Grant) => {
                 let kind = payload.kind.unwrap_or(ActivationKind::None);
-                self.queue.grant_all(entry, st, kind);
+                self.queue.grant_all(entry, st, kind, payload.held_for);
             }
             Some(Waiters::Fail(cause)) => {
                 let err = self.error(cause, st, payload.error.take());
@@ -257,7 +261,7 @@ impl Transitions {
             }
             None => {}
         }
-        let task = fx.call.map(|call| self.spawn(entry, st, call));
+        let task = fx.call.map(|call| self.spawn(entry, st, call, deep_before));
         self.bookkeep(entry, st, from, before, now);
         task
     }
@@ -377,6 +381,7 @@ impl Transitions {
         entry: &Arc<SessionEntry>,
         st: &mut EntryState,
         call: Call,
+        deep: bool,
     ) -> CallTask {
         let this = Arc::clone(self);
         let entry = Arc::clone(entry);
@@ -390,7 +395,10 @@ impl Transitions {
                 self.metrics.waiting_sessions.inc();
                 tokio::spawn(async move { this.run_claim(entry).await })
             }
-            Call::Resume => tokio::spawn(async move { this.run_resume(entry, sandbox).await }),
+            Call::Resume => {
+                let held_for = HeldFor::of_resume(deep);
+                tokio::spawn(async move { this.run_resume(entry, sandbox, held_for).await })
+            }
             Call::Pause => tokio::spawn(async move { this.run_pause(entry, sandbox).await }),
             Call::DeepPause => tokio::spawn(async move { this.run_deep(entry, sandbox).await }),
             Call::Release(reason) => {

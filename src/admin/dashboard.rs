@@ -16,6 +16,7 @@ use serde_json::{Map, Value, json};
 
 use super::body::AdminBody;
 use super::{AdminResponse, AdminState};
+use crate::activation::HeldFor;
 use crate::backend::{ActivationKind, SandboxState};
 use crate::config::{BackendKind, Config, KubernetesApi};
 
@@ -82,6 +83,12 @@ pub fn overview(state: &AdminState, query: Option<&str>) -> AdminResponse {
         let h = m.activation_duration.with_label_values(&[kind.as_str()]);
         latency.insert(kind.as_str().to_owned(), json!(distribution(&h)));
     }
+    // `activator_request_held_seconds`: how long requests were held, by what for.
+    let mut held = Map::new();
+    for h in HeldFor::ALL {
+        let hist = m.request_held.with_label_values(&[h.as_str()]);
+        held.insert(h.as_str().to_owned(), json!(distribution(&hist)));
+    }
     let running: usize = SandboxState::ALL
         .into_iter()
         .filter(|s| *s != SandboxState::Stopping)
@@ -105,6 +112,7 @@ pub fn overview(state: &AdminState, query: Option<&str>) -> AdminResponse {
         "sessions": Value::Object(sessions),
         "queued_requests": pool.activator.queued_requests(),
         "activation_latency": Value::Object(latency),
+        "held": Value::Object(held),
         "backend": pool.backend.kind(),
         "draining": state.shutdown.is_draining(),
     }))

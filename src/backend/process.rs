@@ -125,11 +125,17 @@ impl ProcessBackend {
         let isolation = match b.isolation {
             IsolationKind::None => None,
             kind => {
+                let auto = kind == IsolationKind::Auto;
                 let detected = match isolation_settings(config, &workdir) {
-                    Ok(settings) => {
-                        isolation::Isolation::detect(kind == IsolationKind::Auto, settings)
-                            .await
-                            .map_err(|e| ConfigError::invalid("backend.isolation", e))
+                    Ok(settings) => isolation::Isolation::detect(auto, settings)
+                        .await
+                        .map_err(|e| ConfigError::invalid("backend.isolation", e)),
+                    // `auto` degrades where isolation cannot be set up at all (say, not
+                    // root and another sandbox user), like a failed trial.
+                    Err(e) if auto => {
+                        tracing::warn!(reason = %e, "backend.isolation: auto: sandboxes run \
+                            without namespace isolation");
+                        Ok(None)
                     }
                     Err(e) => Err(e),
                 };

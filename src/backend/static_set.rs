@@ -78,6 +78,7 @@ impl StaticBackend {
             sandbox: slot.id.clone(),
             endpoint: slot.addr,
             kind: ActivationKind::Claim,
+            queued_for_capacity: false,
         })
     }
 }
@@ -100,13 +101,18 @@ impl SandboxBackend for StaticBackend {
         session: &SessionKey,
         budget: ClaimBudget,
     ) -> Result<Binding, BackendError> {
+        let mut queued = false;
         loop {
             // Register interest before checking, so a release between the check and the
             // await still wakes us.
             let freed = self.freed.notified();
             if let Some(b) = self.try_bind(session) {
-                return Ok(b);
+                return Ok(Binding {
+                    queued_for_capacity: queued,
+                    ..b
+                });
             }
+            queued = true;
             if tokio::time::timeout_at(budget.admission_deadline, freed)
                 .await
                 .is_err()

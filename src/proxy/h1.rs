@@ -81,6 +81,31 @@ pub fn encode_request_head(
     out.extend_from_slice(b"\r\n");
 }
 
+/// (name start, name end, value start, value end) of a field, as offsets into its head.
+pub type Span = (usize, usize, usize, usize);
+
+/// Runs `f` with this thread's span buffer, emptied. Kept across calls, so a parse neither
+/// allocates nor zeroes a [`MAX_HEADERS`]-long array (zeroing two such arrays per head
+/// cost more instructions than parsing a small head). Not reentrant: `f` must not parse.
+pub fn with_spans<R>(f: impl FnOnce(&mut Vec<Span>) -> R) -> R {
+    thread_local! {
+        static SPANS: std::cell::RefCell<Vec<Span>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SPANS.with_borrow_mut(|spans| {
+        spans.clear();
+        f(spans)
+    })
+}
+
+/// Appends the spans of `fields` (parsed out of the buffer starting at address `base`).
+pub fn push_spans(spans: &mut Vec<Span>, base: usize, fields: &[httparse::Header<'_>]) {
+    spans.extend(fields.iter().map(|h| {
+        let ns = h.name.as_ptr() as usize - base;
+        let vs = h.value.as_ptr() as usize - base;
+        (ns, ns + h.name.len(), vs, vs + h.value.len())
+    }));
+}
+
 /// Appends one `name: value` line.
 pub fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
@@ -178,18 +203,34 @@ pub struct ResponseHead {
 /// Parses a response head from the front of `buf`. `Ok(None)`: incomplete, read more.
 /// On success the head's bytes are split off `buf` (field values share them, no copy);
 /// what follows (the body's first bytes) stays in `buf`. `head_request`: the request was
-/// HEAD, so the response has no body whatever its fields say.
+/// HEAD, so the response has no body whatever its fields say. `spare`: an empty map to
+/// fill (a connection's last one, capacity kept), taken only when a head is complete.
 pub fn parse_response(
     buf: &mut BytesMut,
     head_request: bool,
+    spare: &mut Option<HeaderMap>,
 ) -> Result<Option<ResponseHead>, Malformed> {
-    // (name start, name end, value start, value end) of each field, taken while httparse
-    // borrows the buffer; the values are then sliced out of the frozen head.
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    let (len, code, minor, count) = {
-        let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut raw);
-        let len = match resp.parse(&buf[..]) {
+    with_spans(|spans| parse_response_into(buf, head_request, spare, spans))
+}
+
+fn parse_response_into(
+    buf: &mut BytesMut,
+    head_request: bool,
+    spare: &mut Option<HeaderMap>,
+    spans: &mut Vec<Span>,
+) -> Result<Option<ResponseHead>, Malformed> {
+    // Each field's span is taken while httparse borrows the buffer; the values are then
+    // sliced out of the frozen head.
+    let (len, code, minor) = {
+        // Uninitialised: httparse writes the fields it finds (see `with_spans`).
+        let mut raw = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut resp,
+            &buf[..],
+            &mut raw,
+        );
+        let len = match parsed {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
                 return Err(Malformed("response head too large"));
@@ -203,20 +244,10 @@ pub fn parse_response(
         if len > MAX_HEAD_BYTES {
             return Err(Malformed("response head too large"));
         }
-        let base = buf.as_ptr() as usize;
-        let count = resp.headers.len();
-        for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
-            let ns = h.name.as_ptr() as usize - base;
-            let vs = h.value.as_ptr() as usize - base;
-            *span = (ns, ns + h.name.len(), vs, vs + h.value.len());
-        }
-        (
-            len,
-            resp.code.unwrap_or(0),
-            resp.version.unwrap_or(1),
-            count,
-        )
+        push_spans(spans, buf.as_ptr() as usize, resp.headers);
+        (len, resp.code.unwrap_or(0), resp.version.unwrap_or(1))
     };
+    let count = spans.len();
     let status = StatusCode::from_u16(code).map_err(|_| Malformed("invalid status code"))?;
     let version = if minor == 0 {
         Version::HTTP_10
@@ -224,10 +255,13 @@ pub fn parse_response(
         Version::HTTP_11
     };
     let head = buf.split_to(len).freeze();
-    // Room for the fields the proxy adds (activation, request ID, date, session cookie)
-    // without growing the map.
-    let mut headers = HeaderMap::with_capacity(count + 6);
-    for &(ns, ne, vs, ve) in &spans[..count] {
+    // Else room for the fields the proxy adds (activation, request ID, date, session
+    // cookie) without growing the map.
+    let mut headers = spare
+        .take()
+        .filter(HeaderMap::is_empty)
+        .unwrap_or_else(|| HeaderMap::with_capacity(count + 6));
+    for &(ns, ne, vs, ve) in spans.iter() {
         let name =
             HeaderName::from_bytes(&head[ns..ne]).map_err(|_| Malformed("invalid field name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
@@ -484,7 +518,7 @@ mod tests {
 
     fn parse(bytes: &[u8], head: bool) -> (Result<Option<ResponseHead>, Malformed>, BytesMut) {
         let mut buf = BytesMut::from(bytes);
-        let r = parse_response(&mut buf, head);
+        let r = parse_response(&mut buf, head, &mut None);
         (r, buf)
     }
 

@@ -174,12 +174,13 @@ impl Conn {
         framing: RequestFraming,
         head_request: bool,
         declared_trailers: Option<http::HeaderValue>,
+        spare: &mut Option<http::HeaderMap>,
     ) -> Result<Exchanged, Fault> {
         let Some(body) = body else {
             write_all(&self.stream, &self.wbuf)
                 .await
                 .map_err(Fault::Write)?;
-            let head = read_head(&self.stream, &mut self.rbuf, head_request).await?;
+            let head = read_head(&self.stream, &mut self.rbuf, head_request, spare).await?;
             return Ok((head, None));
         };
         let wbuf = std::mem::take(&mut self.wbuf);
@@ -190,7 +191,7 @@ impl Conn {
             framing,
             declared_trailers,
         ));
-        let read = read_head(&self.stream, &mut self.rbuf, head_request);
+        let read = read_head(&self.stream, &mut self.rbuf, head_request, spare);
         tokio::pin!(read);
         let mut written = false;
         let mut write_failed = None;
@@ -297,11 +298,12 @@ async fn read_head(
     stream: &TcpStream,
     rbuf: &mut BytesMut,
     head_request: bool,
+    spare: &mut Option<http::HeaderMap>,
 ) -> Result<ResponseHead, Fault> {
     let mut answered = false;
     loop {
         if !rbuf.is_empty() {
-            match h1::parse_response(rbuf, head_request) {
+            match h1::parse_response(rbuf, head_request, spare) {
                 Ok(Some(head))
                     if head.status.is_informational()
                         && head.status != StatusCode::SWITCHING_PROTOCOLS =>
@@ -529,7 +531,9 @@ impl H1Client {
 
     /// Sends `parts` + `body` (origin-form URI) to `sandbox` at `endpoint` and returns
     /// the response head and its body. `host` is written when `parts` has no `Host`.
-    /// Unbounded in time: the caller bounds it (`proxy.request_timeout`).
+    /// `spare`: an empty header map the response head may fill (see
+    /// [`h1::parse_response`]). Unbounded in time: the caller bounds it
+    /// (`proxy.request_timeout`).
     pub async fn send(
         &self,
         parts: &http::request::Parts,
@@ -537,6 +541,7 @@ impl H1Client {
         sandbox: &SandboxId,
         endpoint: SocketAddr,
         host: &str,
+        mut spare: Option<http::HeaderMap>,
     ) -> Result<(ResponseHead, H1Body), H1Error> {
         let head_request = parts.method == Method::HEAD;
         let framing = if body.is_end_stream() {
@@ -574,6 +579,7 @@ impl H1Client {
                     framing,
                     head_request,
                     declared_trailers.clone(),
+                    &mut spare,
                 )
                 .await;
             match exchanged {

@@ -26,7 +26,7 @@ use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TE, TRANSFER_ENCODING, UPGRADE};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Body;
 use prometheus::IntCounterVec;
@@ -35,6 +35,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::activity::{ConnActivity, ConnTimeouts};
 use super::body::{ClientBody, ResponseBody};
+use super::conn_local::{self, ConnLocal};
 use super::forward::list_has;
 use super::h1::{self, field};
 use super::{ClientConn, Proxy};
@@ -103,6 +104,7 @@ impl FastPath<'_> {
     {
         let mut rbuf = BytesMut::with_capacity(8 * 1024);
         let mut wbuf = Vec::with_capacity(8 * 1024);
+        let mut local = ConnLocal::default();
         let mut waits = Waits {
             deadline: Box::pin(tokio::time::sleep_until(self.deadline())),
             draining: Box::pin(self.shutdown.reached(Phase::Draining)),
@@ -111,7 +113,7 @@ impl FastPath<'_> {
         loop {
             let head = loop {
                 if !rbuf.is_empty() {
-                    match parse_request(&mut rbuf, self.max_head) {
+                    match parse_request(&mut rbuf, self.max_head, &mut local) {
                         Parsed::Take(head) => break head,
                         Parsed::Other => return Handoff::ToHyper(rbuf),
                         Parsed::Partial => {
@@ -140,7 +142,7 @@ impl FastPath<'_> {
                 let body = rbuf.split_to(head.body_len).freeze();
                 *head.request.body_mut() = ClientBody::Buffered(Some(body));
             }
-            let exchanged = self.exchange(io, &mut rbuf, &mut wbuf, head, &mut waits);
+            let exchanged = self.exchange(io, &mut rbuf, &mut wbuf, head, &mut waits, &mut local);
             let keep_alive = match exchanged.await {
                 Ok(keep_alive) => keep_alive,
                 Err(()) => return Handoff::Done,
@@ -205,34 +207,39 @@ impl FastPath<'_> {
         wbuf: &mut Vec<u8>,
         head: Head,
         waits: &mut Waits<'_>,
+        local: &mut ConnLocal,
     ) -> Result<bool, ()>
     where
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let guard = self.activity.begin_request(false);
-        let handled = self.proxy.handle(head.request, self.conn);
-        tokio::pin!(handled);
         // The socket is watched while the request is proxied: EOF cancels it (hyper's
         // behaviour); early bytes of a pipelined next request are kept, up to one head.
-        let resp = loop {
-            let watch = rbuf.len() < self.max_head;
-            if rbuf.capacity() - rbuf.len() < 1024 {
-                rbuf.reserve(8 * 1024);
-            }
-            tokio::select! {
-                biased;
-                resp = &mut handled => break resp,
-                read = io.read_buf(rbuf), if watch => match read {
-                    Ok(n) if n > 0 => {}
-                    _ => return Err(()),
-                },
-                () = waits.closed.as_mut() => return Err(()),
+        let resp = {
+            let handled = self
+                .proxy
+                .handle_on(head.request, self.conn, Some(&mut *local));
+            tokio::pin!(handled);
+            loop {
+                let watch = rbuf.len() < self.max_head;
+                if rbuf.capacity() - rbuf.len() < 1024 {
+                    rbuf.reserve(8 * 1024);
+                }
+                tokio::select! {
+                    biased;
+                    resp = &mut handled => break resp,
+                    read = io.read_buf(rbuf), if watch => match read {
+                        Ok(n) if n > 0 => {}
+                        _ => return Err(()),
+                    },
+                    () = waits.closed.as_mut() => return Err(()),
+                }
             }
         };
         let resp = resp.map(|b| b.hold(guard));
         let keep_alive = head.keep_alive && !self.shutdown.is_draining();
         let written = tokio::select! {
-            w = write_response(io, wbuf, resp, head.head_request, head.trailers_ok, keep_alive) => w,
+            w = write_response(io, wbuf, resp, head.head_request, head.trailers_ok, keep_alive, &mut local.spare_response) => w,
             () = waits.closed.as_mut() => Err(io::ErrorKind::Interrupted.into()),
         };
         match written {
@@ -259,12 +266,22 @@ fn body_arrived<I: AsyncRead + Unpin>(io: &mut I, rbuf: &mut BytesMut, len: usiz
 
 /// Parses a request head from the front of `rbuf`; takes it only when it is plain (see
 /// the module documentation).
-fn parse_request(rbuf: &mut BytesMut, max_head: usize) -> Parsed {
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); h1::MAX_HEADERS];
-    let (len, method, target, count) = {
-        let mut raw = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut raw);
-        let len = match req.parse(&rbuf[..]) {
+fn parse_request(rbuf: &mut BytesMut, max_head: usize, local: &mut ConnLocal) -> Parsed {
+    h1::with_spans(|spans| parse_request_into(rbuf, max_head, local, spans))
+}
+
+fn parse_request_into(
+    rbuf: &mut BytesMut,
+    max_head: usize,
+    local: &mut ConnLocal,
+    spans: &mut Vec<h1::Span>,
+) -> Parsed {
+    let (len, method, target) = {
+        // Uninitialised: httparse writes the fields it finds (zeroing the array per
+        // request cost more than parsing a small head).
+        let mut raw = [const { std::mem::MaybeUninit::uninit() }; h1::MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let len = match req.parse_with_uninit_headers(&rbuf[..], &mut raw) {
             Ok(httparse::Status::Complete(len)) if len <= max_head => len,
             Ok(httparse::Status::Partial) if rbuf.len() <= max_head => return Parsed::Partial,
             _ => return Parsed::Other,
@@ -280,21 +297,17 @@ fn parse_request(rbuf: &mut BytesMut, max_head: usize) -> Parsed {
             return Parsed::Other;
         }
         let ts = path.as_ptr() as usize - base;
-        for (span, h) in spans.iter_mut().zip(req.headers.iter()) {
-            let ns = h.name.as_ptr() as usize - base;
-            let vs = h.value.as_ptr() as usize - base;
-            *span = (ns, ns + h.name.len(), vs, vs + h.value.len());
-        }
+        h1::push_spans(spans, base, req.headers);
         let Ok(method) = Method::from_bytes(req.method.unwrap_or("").as_bytes()) else {
             return Parsed::Other;
         };
-        (len, method, (ts, ts + path.len()), req.headers.len())
+        (len, method, (ts, ts + path.len()))
     };
     if method == Method::CONNECT {
         return Parsed::Other;
     }
     let head = rbuf.split_to(len).freeze();
-    match build(&head, method, target, &spans[..count]) {
+    match build(&head, method, target, spans, local) {
         Some(parsed) => Parsed::Take(parsed),
         None => {
             // Give the bytes back, in order, for hyper.
@@ -310,17 +323,21 @@ fn build(
     head: &Bytes,
     method: Method,
     target: (usize, usize),
-    spans: &[(usize, usize, usize, usize)],
+    spans: &[h1::Span],
+    local: &mut ConnLocal,
 ) -> Option<Head> {
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1)).ok()?;
-    // Room for the fields the proxy adds (X-Forwarded-*, X-Request-ID, trace context)
-    // without growing the map.
-    let mut headers = HeaderMap::with_capacity(spans.len() + 8);
+    // The last request's map when there is one (emptied, capacity kept); else one with
+    // room for the fields the proxy adds (X-Forwarded-*, X-Request-ID, trace context).
+    let mut headers = local
+        .spare_request
+        .take()
+        .unwrap_or_else(|| HeaderMap::with_capacity(spans.len() + 8));
     let mut body_len = None;
     let mut keep_alive = true;
     let mut trailers_ok = false;
     for &(ns, ne, vs, ve) in spans {
-        let name = HeaderName::from_bytes(&head[ns..ne]).ok()?;
+        let name = local.name(&head[ns..ne])?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).ok()?;
         if name == TRANSFER_ENCODING || name == UPGRADE || name == EXPECT {
             return None;
@@ -370,6 +387,7 @@ async fn write_response<I>(
     head_request: bool,
     trailers_ok: bool,
     keep_alive: bool,
+    spare: &mut Option<HeaderMap>,
 ) -> io::Result<()>
 where
     I: AsyncWrite + Unpin,
@@ -409,6 +427,8 @@ where
         field(wbuf, b"connection", b"close");
     }
     wbuf.extend_from_slice(b"\r\n");
+    // The head is encoded: its map serves the connection's next response head.
+    conn_local::recycle(spare, parts.headers);
     if bodiless {
         io.write_all(wbuf).await?;
         return io.flush().await;

@@ -136,7 +136,9 @@ impl super::Proxy {
             endpoint,
             pool_key: SandboxId::new(format!("{}#{port}", lease.sandbox)),
         };
-        let mut resp = self.dispatch(req, lease, target, conn, completion).await?;
+        let mut resp = self
+            .dispatch(req, lease, target, conn, completion, None)
+            .await?;
         if access == Access::SetCookie {
             resp.headers_mut()
                 .append(SET_COOKIE, cookie(&previews, &preview, https));

@@ -27,15 +27,39 @@ pub fn request_id(conn: &ClientConn, headers: &HeaderMap) -> HeaderValue {
     generate()
 }
 
+/// IDs cut from one thread's slab of random hex before it is refilled.
+const IDS_PER_SLAB: usize = 64;
+/// Hex digits per ID (128 bits).
+const ID_LEN: usize = 32;
+
+/// 128 fresh random bits in hex. IDs are cut from a per-thread slab of random hex digits
+/// (one allocation per [`IDS_PER_SLAB`] IDs), so a request allocates nothing for its ID;
+/// each ID shares the slab by reference count, and the clones (the request to the
+/// sandbox, the response to the client, the access log) share it too.
 fn generate() -> HeaderValue {
-    let id: u128 = rand::random();
-    let mut buf = [0u8; 32];
-    hex::encode_to_slice(id.to_be_bytes(), &mut buf).expect("32 hex digits for 16 bytes");
-    // One allocation, and clones (request to the sandbox, response to the client) share
-    // it: `from_bytes` would copy into a Vec-backed `Bytes` whose first clone allocates
-    // again to promote itself to shared (benches/proxy_allocs.rs, docs/benchmarks.md).
-    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
-        .expect("hex digits are a valid header value")
+    thread_local! {
+        static SLAB: std::cell::RefCell<(bytes::Bytes, usize)> =
+            const { std::cell::RefCell::new((bytes::Bytes::new(), 0)) };
+    }
+    SLAB.with_borrow_mut(|(slab, next)| {
+        if *next + ID_LEN > slab.len() {
+            *slab = fresh_slab();
+            *next = 0;
+        }
+        let id = slab.slice(*next..*next + ID_LEN);
+        *next += ID_LEN;
+        HeaderValue::from_maybe_shared(id).expect("hex digits are a valid header value")
+    })
+}
+
+/// [`IDS_PER_SLAB`] IDs' worth of random hex digits, in a `Bytes` that slices without
+/// allocating (`from_owner`: reference-counted from the start, never promoted).
+fn fresh_slab() -> bytes::Bytes {
+    let mut random = [0u8; IDS_PER_SLAB * ID_LEN / 2];
+    rand::fill(&mut random[..]);
+    let mut hex = vec![0u8; IDS_PER_SLAB * ID_LEN];
+    hex::encode_to_slice(random, &mut hex).expect("two hex digits per byte");
+    bytes::Bytes::from_owner(hex)
 }
 
 #[cfg(test)]
@@ -62,5 +86,18 @@ mod tests {
         );
         assert_eq!(request_id(&conn(true), &h).len(), 32);
         assert_ne!(generate(), generate());
+    }
+
+    #[test]
+    fn generated_ids_are_distinct_hex_across_slabs() {
+        let ids: Vec<HeaderValue> = (0..IDS_PER_SLAB * 3 + 5).map(|_| generate()).collect();
+        let distinct: std::collections::HashSet<&[u8]> = ids.iter().map(|v| v.as_bytes()).collect();
+        assert_eq!(distinct.len(), ids.len());
+        assert!(ids.iter().all(|v| {
+            v.len() == ID_LEN
+                && v.as_bytes()
+                    .iter()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        }));
     }
 }

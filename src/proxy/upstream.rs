@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::IntCounter;
 
 use super::body::{ProxyBody, RequestBody};
+use super::conn_local::{self, ConnLocal};
 use super::error::ProxyError;
 use super::forward::{endpoint_authority, upstream_uri};
 use super::h1client::{H1Client, H1Error, H1Pool};
@@ -104,12 +105,14 @@ impl Upstream {
     /// Sends an HTTP/1.1 request (origin-form URI) to `sandbox` at `endpoint` with the
     /// inline client ([`super::h1client`]): a pooled connection of that sandbox or a new
     /// one. Waits for the response head at most `proxy.request_timeout` (connecting
-    /// included); the body then streams for as long as it lasts.
+    /// included), on `local`'s timer when the connection has one; the body then streams
+    /// for as long as it lasts.
     pub async fn send_h1(
         &self,
         req: Request<RequestBody>,
         sandbox: &SandboxId,
         endpoint: SocketAddr,
+        local: Option<&mut ConnLocal>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (parts, body) = req.into_parts();
         // What the pooled client's `set_host` does for a client without a host.
@@ -120,8 +123,25 @@ impl Upstream {
             authority = self.authority(endpoint);
             authority.as_str()
         };
-        let sent = self.h1.send(&parts, body, sandbox, endpoint, host);
-        let (head, body) = match tokio::time::timeout(self.request_timeout, sent).await {
+        // A fast-path connection bounds it with its one timer (otherwise a timer per
+        // request), lends its spare map to the response head, and gets the request's map
+        // back, emptied, for its next request.
+        let bounded = match local {
+            Some(local) => {
+                let spare = local.spare_response.take();
+                let sent = self.h1.send(&parts, body, sandbox, endpoint, host, spare);
+                let bounded = local.bounded(self.request_timeout, sent).await.ok_or(());
+                conn_local::recycle(&mut local.spare_request, parts.headers);
+                bounded
+            }
+            None => {
+                let sent = self.h1.send(&parts, body, sandbox, endpoint, host, None);
+                tokio::time::timeout(self.request_timeout, sent)
+                    .await
+                    .map_err(|_| ())
+            }
+        };
+        let (head, body) = match bounded {
             Ok(Ok(sent)) => sent,
             Ok(Err(H1Error::Connect(source))) => {
                 self.connect_errors.inc();

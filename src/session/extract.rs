@@ -157,6 +157,18 @@ impl SessionExtractor {
         uri: &Uri,
         headers: &HeaderMap,
     ) -> Result<ExtractedSession, ExtractError> {
+        self.extract_reusing(uri, headers, |_| None)
+    }
+
+    /// [`SessionExtractor::extract`], taking an ID's key from `known` when it has one
+    /// equal to it (a connection's recent sessions), so the key is shared rather than
+    /// allocated. The same validation runs either way.
+    pub fn extract_reusing(
+        &self,
+        uri: &Uri,
+        headers: &HeaderMap,
+        known: impl Fn(&str) -> Option<SessionKey>,
+    ) -> Result<ExtractedSession, ExtractError> {
         let mut decided: Option<(SessionKey, SessionOrigin, &[u8])> = None;
         let mut rewritten = None;
         for source in self.sources.iter() {
@@ -182,11 +194,11 @@ impl SessionExtractor {
                 continue;
             };
             match &decided {
-                None => decided = Some((self.identify(raw, origin)?, origin, raw)),
+                None => decided = Some((self.identify(raw, origin, &known)?, origin, raw)),
                 // The same bytes name the same session: no second verification.
                 Some((_, _, first_raw)) if *first_raw == raw => {}
                 Some((first, first_origin, _)) => {
-                    let key = self.identify(raw, origin)?;
+                    let key = self.identify(raw, origin, &known)?;
                     if key != *first {
                         return Err(ExtractError::Conflicting {
                             first: first_origin.as_str(),
@@ -219,7 +231,12 @@ impl SessionExtractor {
 
     /// The session a source's raw value names: a validated ID, or with `auth: hmac` the ID
     /// inside a verified token.
-    fn identify(&self, raw: &[u8], origin: SessionOrigin) -> Result<SessionKey, ExtractError> {
+    fn identify(
+        &self,
+        raw: &[u8],
+        origin: SessionOrigin,
+        known: &impl Fn(&str) -> Option<SessionKey>,
+    ) -> Result<SessionKey, ExtractError> {
         if let Some(signer) = &self.signer {
             return signer.verify(raw).map_err(|reason| ExtractError::Token {
                 origin: origin.as_str(),
@@ -232,7 +249,8 @@ impl SessionExtractor {
         };
         let text = std::str::from_utf8(raw)
             .map_err(|e| invalid(InvalidSessionId::BadChar(char::from(raw[e.valid_up_to()]))))?;
-        SessionKey::parse(text, self.max_len).map_err(invalid)
+        crate::session::key::validate(raw, self.max_len).map_err(invalid)?;
+        Ok(known(text).unwrap_or_else(|| SessionKey::from_valid(text)))
     }
 
     /// What a client presents for `key`: its token with `auth: hmac`, else the ID itself.

@@ -22,6 +22,7 @@ mod node_agent_process;
 
 mod access_log_request_id;
 mod activation;
+mod activation_paths;
 mod admin_pagination;
 mod cli_check;
 mod dashboard;

@@ -2,7 +2,7 @@
 //! PID, IPC, UTS and mount namespaces. Proven from inside real sandboxes: a sandbox sees only
 //! its own processes, only its own working directory under the sandbox root, a private
 //! `/tmp` and a read-only host; its state survives pause/resume through the proxy; it dies
-//! with the activator; an unusable bubblewrap is a startup error naming the key.
+//! with the activator (SIGKILL, warm or frozen: pasta and bubblewrap too); an unusable bubblewrap is a startup error naming the key.
 
 use crate::support;
 
@@ -174,7 +174,10 @@ async fn isolated_sandboxes_die_with_a_killed_activator() {
         &path,
         format!(
             "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nlog: {{format: json}}\n{}",
-            yaml(&root.join("work"), "  warm_pool: 2\n")
+            yaml(
+                &root.join("work"),
+                "  warm_pool: 2\nidle:\n  timeout: 1h\n  policy: pause\n"
+            )
         ),
     )
     .unwrap();
@@ -187,28 +190,41 @@ async fn isolated_sandboxes_die_with_a_killed_activator() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let (_, admin) = support::listening_addrs(child.stderr.take().unwrap()).await;
+    let (proxy, admin) = support::listening_addrs(child.stderr.take().unwrap()).await;
     let admin = HttpClient::http1(admin);
-    // Every process of the two warm sandboxes, by their process groups (host pids).
-    let procs: Vec<u32> = support::eventually("two warm isolated sandboxes", || {
+    // One sandbox frozen (a frozen pasta and bubblewrap must die too), two warm.
+    let c = HttpClient::http1(proxy);
+    assert_eq!(c.get_session("/healthz", "frozen").await.status, 200);
+    let pause = admin
+        .send(
+            admin
+                .request("POST", "/api/sessions/frozen/pause")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(pause.status, 200, "{}", pause.text());
+    // Every process of the paused and the two warm sandboxes, by their process groups
+    // (host pids).
+    let procs: Vec<u32> = support::eventually("a paused and two warm isolated sandboxes", || {
         let admin = admin.clone();
         async move {
             let rows = admin.get("/api/sandboxes", &[]).await.json();
             let leaders: Vec<u32> = rows["sandboxes"]
                 .as_array()?
                 .iter()
-                .filter(|r| r["state"] == "warm")
+                .filter(|r| r["state"] == "warm" || r["state"] == "paused")
                 .filter_map(|r| r["pid"].as_u64().map(|p| p as u32))
                 .collect();
-            if leaders.len() < 2 {
+            if leaders.len() < 3 {
                 return None;
             }
             let mut all = leaders.clone();
             for l in &leaders {
                 all.extend(group_members(*l));
             }
-            // bwrap, its namespace init and the demo sandbox, for each.
-            (all.len() >= 6).then_some(all)
+            // pasta, bwrap, its namespace init and the demo sandbox, for each.
+            (all.len() >= 12).then_some(all)
         }
     })
     .await;

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::{Payload, Transitions};
-use crate::activation::ActivationError;
 use crate::activation::entry::{Bound, SessionEntry};
 use crate::activation::hooks::{HookCall, HookKind};
 use crate::activation::lifecycle::{self, Event};
+use crate::activation::{ActivationError, HeldFor};
 use crate::backend::{ActivationKind, BackendError, ClaimBudget, DeepPause, SandboxId};
 use crate::events::EventKind;
 use crate::session::SessionKey;
@@ -76,6 +76,7 @@ impl Transitions {
 
         let (event, payload, result) = match outcome {
             Some(Ok(binding)) => {
+                let held_for = HeldFor::of_claim(&binding);
                 self.count_activation(binding.kind, "ok", started);
                 if !entry.spec.is_empty() {
                     let cold = binding.kind == ActivationKind::Create;
@@ -90,6 +91,7 @@ impl Transitions {
                         endpoint: Some(binding.endpoint),
                     }),
                     kind: Some(binding.kind),
+                    held_for: Some(held_for),
                     ..Payload::default()
                 };
                 (Event::ClaimOk, payload, Ok(()))
@@ -117,6 +119,7 @@ impl Transitions {
         self: Arc<Self>,
         entry: Arc<SessionEntry>,
         sandbox: Option<SandboxId>,
+        held_for: HeldFor,
     ) -> Result<(), ActivationError> {
         let started = Instant::now();
         let budget = self.settings.activation_timeout;
@@ -147,6 +150,7 @@ impl Transitions {
                 let payload = Payload {
                     endpoint: Some(endpoint),
                     kind: Some(ActivationKind::Resume),
+                    held_for: Some(held_for),
                     ..Payload::default()
                 };
                 (Event::ResumeOk, payload, Ok(()))

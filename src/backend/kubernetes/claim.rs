@@ -179,6 +179,9 @@ impl KubernetesBackend {
                 },
                 sandbox: SandboxId::new(sandbox),
                 endpoint,
+                // The cluster's controllers place pods; a wait here is not the activator's
+                // capacity queue (an Unschedulable pod ends as `no_capacity`).
+                queued_for_capacity: false,
             }),
             Seen::Suspended(sandbox) => {
                 // Adopted a claim whose sandbox was suspended (another replica, or before
@@ -189,6 +192,7 @@ impl KubernetesBackend {
                     sandbox: id,
                     endpoint,
                     kind: ActivationKind::Resume,
+                    queued_for_capacity: false,
                 })
             }
             Seen::Finished(sandbox) => Err(BackendError::Lost(SandboxId::new(sandbox))),

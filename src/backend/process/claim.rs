@@ -48,7 +48,10 @@ impl Shared {
             match step {
                 ClaimStep::Bound(b) => {
                     s.refill.notify_one();
-                    return Ok(b);
+                    return Ok(Binding {
+                        queued_for_capacity: waiting.is_some(),
+                        ..b
+                    });
                 }
                 ClaimStep::Start(id) => {
                     drop(waiting.take());
@@ -60,8 +63,12 @@ impl Shared {
                     };
                     tokio::spawn(s.clone().start(id, purpose));
                     let budget_len = budget.deadline.saturating_duration_since(Instant::now());
+                    let queued = waiting.is_some();
                     return match tokio::time::timeout_at(budget.deadline, rx).await {
-                        Ok(Ok(result)) => result,
+                        Ok(Ok(result)) => result.map(|b| Binding {
+                            queued_for_capacity: queued,
+                            ..b
+                        }),
                         Ok(Err(_)) => Err(BackendError::StartFailed("start task ended".into())),
                         Err(_) => Err(BackendError::Timeout(budget_len)),
                     };

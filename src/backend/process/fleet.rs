@@ -152,6 +152,7 @@ impl Fleet {
                     sandbox: id.clone(),
                     endpoint,
                     kind: ActivationKind::Claim,
+                    queued_for_capacity: false,
                 });
             }
         }
@@ -196,6 +197,7 @@ impl Fleet {
             sandbox: id.clone(),
             endpoint: e.endpoint?,
             kind,
+            queued_for_capacity: false,
         })
     }
 
