@@ -220,6 +220,12 @@ pub enum BackendError {
     /// is never adopted. Holds the claim's name, for logs only.
     #[error("the session's sandbox claim belongs to someone else")]
     Conflict(String),
+    /// The control plane refused the session's claim (502 `claim_rejected`): a
+    /// customisation its controller does not allow, a missing pool or template. Holds the
+    /// controller's reason and message, for the log and the admin API's events only: it
+    /// is never sent to the client.
+    #[error("the sandbox claim was rejected: {0}")]
+    Rejected(String),
 }
 
 /// The source of sandboxes. Implementations must be cheap to call concurrently: the

@@ -685,6 +685,20 @@ pub struct KubernetesConfig {
     pub freeze_with_probes: bool,
     /// Where the node agent is (`pause: freeze` only).
     pub node_agent: NodeAgentClientConfig,
+    /// agent-sandbox: the label domains its claim controller accepts in
+    /// `additionalPodMetadata.labels` (its allowlist, the file
+    /// `/etc/sandbox-config/allowed-label-domains`; a subdomain matches). A
+    /// `customize.labels` key outside them is refused at config load instead of every
+    /// customised session being refused by the controller.
+    pub allowed_label_domains: Vec<String>,
+    /// A new session gets 503 `control_plane` once the Kubernetes API has failed (errors,
+    /// refused connections, calls hanging) continuously this long, instead of waiting out
+    /// its whole budget; single transient errors are retried.
+    pub api_outage_after: Dur,
+    /// How long a new session (or a resume) waits on a pod the scheduler reports
+    /// Unschedulable for a node to free up or be added (cluster autoscaler) before 503
+    /// `no_capacity`. 0: answer as soon as the scheduler says so.
+    pub unschedulable_wait: Dur,
 }
 
 impl Default for KubernetesConfig {
@@ -705,6 +719,9 @@ impl Default for KubernetesConfig {
             pause: PauseMode::Suspend,
             freeze_with_probes: false,
             node_agent: NodeAgentClientConfig::default(),
+            allowed_label_domains: vec!["sandbox.users.io".into()],
+            api_outage_after: Dur::secs(5),
+            unschedulable_wait: Dur::secs(0),
         }
     }
 }

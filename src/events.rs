@@ -103,10 +103,18 @@ pub struct Event {
     /// The session's pool (only with `pools:` configured).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool: Option<Arc<str>>,
+    /// `rejected` with `claim_rejected`: the control plane's reason and message (e.g.
+    /// `EnvVarsInjectionRejected: ...`), at most [`DETAIL_MAX`] bytes. For operators only;
+    /// clients never see it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Arc<str>>,
     /// `hook` events: which hook (`before_pause`, `after_resume`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hook: Option<&'static str>,
 }
+
+/// Longest [`Event::detail`], in bytes (cut at a character boundary).
+pub const DETAIL_MAX: usize = 512;
 
 /// The fields an emitter fills in; the bus adds `seq` and `time_ms`.
 #[derive(Debug, Clone)]
@@ -119,6 +127,7 @@ pub struct EventDraft {
     pub reason: Option<&'static str>,
     /// Set by the pool's [`Publisher`].
     pub pool: Option<Arc<str>>,
+    pub detail: Option<Arc<str>>,
     pub hook: Option<&'static str>,
 }
 
@@ -133,6 +142,7 @@ impl EventDraft {
             wait: None,
             reason: None,
             pool: None,
+            detail: None,
             hook: None,
         }
     }
@@ -154,6 +164,16 @@ impl EventDraft {
 
     pub fn reason(mut self, reason: &'static str) -> Self {
         self.reason = Some(reason);
+        self
+    }
+
+    /// Sets [`Event::detail`], cut to [`DETAIL_MAX`] bytes.
+    pub fn detail(mut self, detail: &str) -> Self {
+        let mut end = detail.len().min(DETAIL_MAX);
+        while !detail.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.detail = Some(Arc::from(&detail[..end]));
         self
     }
 
@@ -229,6 +249,7 @@ impl EventBus {
             wait_ms: draft.wait.map(|d| d.as_secs_f64() * 1000.0),
             reason: draft.reason,
             pool: draft.pool,
+            detail: draft.detail,
             hook: draft.hook,
         });
         if ring.events.len() == self.capacity {

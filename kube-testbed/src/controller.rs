@@ -28,6 +28,7 @@ use crate::selector::Selector;
 use crate::store::{ApiError, Store};
 
 pub mod agent_sandbox;
+pub mod claim_policy;
 pub mod flavour;
 pub mod openkruise;
 pub mod pods;
@@ -51,6 +52,15 @@ pub struct ControllerConfig {
     pub pod_port: u16,
     /// Pods in kubelet-style cgroups, with core `v1` Pod objects on node [`NODE_NAME`].
     pub pod_cgroups: Option<PodCgroups>,
+    /// agent-sandbox's label-domain allowlist for `additionalPodMetadata.labels` (upstream
+    /// reads it from the file `/etc/sandbox-config/allowed-label-domains`,
+    /// `cmd/agent-sandbox-controller/main.go` @2fd412d55eca). Empty: the controller's own
+    /// fallback `sandbox.users.io` (`validateAdditionalPodMetadata`).
+    pub allowed_label_domains: Vec<String>,
+    /// OpenKruise: how long `runClaimPostProcesses` (runtime init with `envVars`, CSI
+    /// `dynamicVolumesMount`) takes for a claim that needs it, between locking the Sandbox
+    /// and counting the claim.
+    pub post_process_delay: Duration,
 }
 
 /// The one node every simulated pod runs on (`spec.nodeName`, Sandbox `status.nodeName`).
@@ -66,6 +76,8 @@ impl ControllerConfig {
             terminate_delay: Duration::from_millis(50),
             pod_port: 0,
             pod_cgroups: None,
+            allowed_label_domains: Vec::new(),
+            post_process_delay: Duration::ZERO,
         }
     }
 }
@@ -129,6 +141,11 @@ pub struct Controller {
     first_seen: Mutex<HashMap<Key, Instant>>,
     /// Wakes the reconcile loop without a store write (a pod started, capacity changed).
     wake: Notify,
+    /// OpenKruise claims being post-processed: the Sandbox locked for them and when the
+    /// lock (or, for a new Sandbox, its readiness) was seen.
+    pub(crate) post_processing: Mutex<HashMap<Key, openkruise::PostProcess>>,
+    /// Make every OpenKruise post-process fail (runtime init / CSI mount errors).
+    fail_post_process: std::sync::atomic::AtomicBool,
 }
 
 impl Controller {
@@ -142,6 +159,8 @@ impl Controller {
             steps: Mutex::new(HashMap::new()),
             first_seen: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            post_processing: Mutex::new(HashMap::new()),
+            fail_post_process: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -151,6 +170,21 @@ impl Controller {
         self.capacity
             .store(pods.unwrap_or(usize::MAX), Ordering::SeqCst);
         self.wake.notify_one();
+    }
+
+    /// Makes OpenKruise claim post-processing (runtime init, CSI mounts) fail from now on,
+    /// or succeed again.
+    pub fn fail_post_processing(&self, fail: bool) {
+        self.fail_post_process.store(fail, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    pub(crate) fn post_process_fails(&self) -> bool {
+        self.fail_post_process.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn config(&self) -> &ControllerConfig {
+        &self.config
     }
 
     /// Reconciles on every store write and every 20 ms until `stop` turns true, then

@@ -65,6 +65,10 @@ pub struct TestbedOptions {
     /// give it a core `v1` Pod object), so a real node agent can freeze it. `None`: plain
     /// processes, no Pod objects.
     pub pod_cgroups: Option<kubelet_cgroups::PodCgroups>,
+    /// agent-sandbox's label-domain allowlist (empty: upstream's `sandbox.users.io`).
+    pub allowed_label_domains: Vec<String>,
+    /// OpenKruise claim post-processing time (runtime init, CSI mounts).
+    pub post_process_delay: Duration,
 }
 
 impl Default for TestbedOptions {
@@ -78,6 +82,8 @@ impl Default for TestbedOptions {
             pod_port: 0,
             bookmark_interval: Duration::from_secs(1),
             pod_cgroups: None,
+            allowed_label_domains: Vec::new(),
+            post_process_delay: Duration::ZERO,
         }
     }
 }
@@ -124,6 +130,8 @@ impl Testbed {
                     terminate_delay: opts.terminate_delay,
                     pod_port: opts.pod_port,
                     pod_cgroups: opts.pod_cgroups,
+                    allowed_label_domains: opts.allowed_label_domains,
+                    post_process_delay: opts.post_process_delay,
                 },
             );
             tokio::spawn(c.clone().run(stop_rx));
@@ -198,6 +206,26 @@ impl Testbed {
                 "spec": {"replicas": replicas, "sandboxTemplateRef": {"name": pool}},
             }),
         )?;
+        Ok(())
+    }
+
+    /// Sets the SandboxTemplate `name`'s injection policies (`envVarsInjectionPolicy`,
+    /// `volumeClaimTemplatesPolicy`: `Disallowed`, the upstream default, `Allowed` or
+    /// `Overrides`), as deploy/sandboxtemplate.yaml does.
+    pub fn set_template_policies(
+        &self,
+        ns: &str,
+        name: &str,
+        env: &str,
+        volumes: &str,
+    ) -> Result<(), ApiError> {
+        let tpl = self.resource("extensions.agents.x-k8s.io", "SandboxTemplate");
+        self.store.update_with(tpl, ns, name, None, |old| {
+            let mut new = old.clone();
+            new["spec"]["envVarsInjectionPolicy"] = json!(env);
+            new["spec"]["volumeClaimTemplatesPolicy"] = json!(volumes);
+            Ok(new)
+        })?;
         Ok(())
     }
 

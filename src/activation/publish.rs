@@ -127,9 +127,13 @@ impl Transitions {
         err: &ActivationError,
         waited: Option<Duration>,
     ) {
-        let draft = self
+        let mut draft = self
             .draft(EventKind::Rejected, entry)
             .reason(reject_reason(err));
+        if let ActivationError::Backend(crate::backend::BackendError::Rejected(why)) = err {
+            // The controller's own words, for operators (never in the client's body).
+            draft = draft.detail(why);
+        }
         self.events.emit(match waited {
             Some(w) => draft.wait(w),
             None => draft,
@@ -154,5 +158,6 @@ pub(crate) fn reject_reason(err: &ActivationError) -> &'static str {
         ActivationError::Backend(BackendError::StartFailed(_)) => "sandbox_start_failed",
         ActivationError::Backend(BackendError::ControlPlane(_)) => "control_plane",
         ActivationError::Backend(BackendError::Conflict(_)) => "claim_conflict",
+        ActivationError::Backend(BackendError::Rejected(_)) => "claim_rejected",
     }
 }

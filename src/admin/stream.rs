@@ -54,13 +54,23 @@ impl EventStreams {
 }
 
 /// `GET /api/events`: resumes after `Last-Event-ID` (header, or `?last_event_id=` for
-/// clients that cannot set headers), else starts with new events only.
+/// clients that cannot set headers), else starts with new events only. `?pool=NAME`: only
+/// that pool's events (404 `unknown_pool` for a name no pool has).
 pub fn events<B>(state: &AdminState, req: &Request<B>) -> AdminResponse {
     let after = match last_event_id(req) {
         Ok(after) => after,
         Err(msg) => {
             return error_response(StatusCode::BAD_REQUEST, "invalid_last_event_id", &msg);
         }
+    };
+    let query = req.uri().query();
+    // Without `pools:` the one pool's events carry no pool name: nothing to filter.
+    let pool = match super::selected_pools(state, query) {
+        Ok(p) if state.pools.is_named() && super::api::query_param(query, "pool").is_some() => {
+            Some(p[0].name.clone())
+        }
+        Ok(_) => None,
+        Err(resp) => return *resp,
     };
     let streams = &state.event_streams;
     let max = streams.max;
@@ -90,6 +100,7 @@ pub fn events<B>(state: &AdminState, req: &Request<B>) -> AdminResponse {
         stall_timeout: streams.stall_timeout,
         keepalive: streams.keepalive,
         shutdown: state.shutdown.clone(),
+        pool,
         _slot: slot,
     };
     tokio::spawn(pump.run(subscription));
@@ -150,6 +161,8 @@ struct Pump {
     stall_timeout: Duration,
     keepalive: Duration,
     shutdown: Shutdown,
+    /// `?pool=`: only this pool's events are sent.
+    pool: Option<Arc<str>>,
     _slot: Slot,
 }
 
@@ -186,8 +199,8 @@ impl Pump {
                 return stop;
             }
         }
-        for event in backlog {
-            if let Err(stop) = self.send(frame(&event)).await {
+        for event in backlog.iter().filter(|e| self.wants(e)) {
+            if let Err(stop) = self.send(frame(event)).await {
                 return stop;
             }
         }
@@ -196,7 +209,8 @@ impl Pump {
         loop {
             let chunk = tokio::select! {
                 received = live.recv() => match received {
-                    Ok(event) => frame(&event),
+                    Ok(event) if self.wants(&event) => frame(&event),
+                    Ok(_) => continue,
                     Err(RecvError::Lagged(_)) => return Stop::Dropped("lagged"),
                     Err(RecvError::Closed) => return Stop::Done,
                 },
@@ -208,6 +222,11 @@ impl Pump {
                 return stop;
             }
         }
+    }
+
+    /// Whether the subscriber asked for `event` (`?pool=`).
+    fn wants(&self, event: &Event) -> bool {
+        self.pool.is_none() || event.pool == self.pool
     }
 
     async fn send(&self, chunk: Bytes) -> Result<(), Stop> {

@@ -39,15 +39,18 @@ mod claim;
 pub mod crd;
 pub mod flavour;
 pub mod freeze;
+mod health;
 pub mod pause;
 mod retry;
+mod verdict;
 
 use activity::{ActivityLog, PAUSING};
 use api::{ApiSet, Decision};
 use backstop::Backstop;
 use cache::{Cache, Kind};
-use flavour::Flavour;
+use flavour::{ClaimTimeouts, Flavour};
 use freeze::NodeFreeze;
+use health::ApiHealth;
 use pause::{PauseContext, PauseStrategy, SpecSuspend};
 
 /// Label on every claim this activator creates: the first 32 hex characters of the
@@ -84,6 +87,15 @@ pub struct KubernetesBackend {
     max_id_length: usize,
     /// Bound on pause, release and other calls that have no caller deadline.
     op_timeout: Duration,
+    /// How long the API has been failing (`backend.kubernetes.api_outage_after`).
+    health: Arc<ApiHealth>,
+    /// `backend.kubernetes.unschedulable_wait`.
+    unschedulable_wait: Duration,
+    /// OpenKruise `waitReadyTimeout` / `claimTimeout` from the session budgets.
+    claim_timeouts: ClaimTimeouts,
+    /// An unbound claim older than this is nobody's any more (`recover`): the whole
+    /// budget of a new session (`session.admission_timeout` + `activation.timeout`).
+    claim_budget: Duration,
     watchers: Vec<JoinHandle<()>>,
 }
 
@@ -104,16 +116,19 @@ impl KubernetesBackend {
         let digests: Api<ConfigMap> = Api::namespaced(kube.client.clone(), &kube.namespace);
         let digest_name = activity.object_name(&k.claim_prefix);
         let backstop = Arc::new(Backstop::new(k.shutdown_after.as_duration()));
+        let health = Arc::new(ApiHealth::new(k.api_outage_after.as_duration()));
         let watchers = vec![
             tokio::spawn(cache.clone().run_watch(
                 Kind::Claims,
                 api.claims.clone(),
                 watcher::Config::default().labels(SESSION_LABEL),
+                health.clone(),
             )),
             tokio::spawn(cache.clone().run_watch(
                 Kind::Sandboxes,
                 api.sandboxes.clone(),
                 watcher::Config::default(),
+                health.clone(),
             )),
             tokio::spawn(activity.clone().run_watch(digests.clone())),
             tokio::spawn(
@@ -131,6 +146,7 @@ impl KubernetesBackend {
             pause_cx: PauseContext {
                 api: api.clone(),
                 cache: cache.clone(),
+                unschedulable_wait: k.unschedulable_wait.as_duration(),
             },
             api,
             cache,
@@ -145,6 +161,15 @@ impl KubernetesBackend {
             write_session_id: k.write_session_id,
             max_id_length: config.session.max_id_length,
             op_timeout: config.activation.timeout.as_duration(),
+            health,
+            unschedulable_wait: k.unschedulable_wait.as_duration(),
+            claim_timeouts: ClaimTimeouts {
+                wait_ready: config.activation.timeout.as_duration(),
+                claim: config.session.admission_timeout.as_duration()
+                    + config.activation.timeout.as_duration(),
+            },
+            claim_budget: config.session.admission_timeout.as_duration()
+                + config.activation.timeout.as_duration(),
             watchers,
         }
     }
@@ -188,6 +213,43 @@ impl KubernetesBackend {
     /// Pushes the leak backstops of live sessions forward now (tests; normally periodic).
     pub async fn refresh_backstops(&self) {
         self.backstop.round(&self.api, &self.cache).await;
+    }
+
+    /// `recover()` for a claim of ours bound to nothing: one its controller refused or
+    /// ended ([`verdict::Verdict::Refused`]), or one older than a new session's whole
+    /// budget (nobody waits on it: its replica gave up or died before deleting it), is
+    /// deleted with whatever was locked for it. A younger one may be another replica's
+    /// claim in flight: left alone (its own backstop, `shutdown_after`, bounds it).
+    async fn clean_unbound(&self, claim: &kube::api::DynamicObject, deadline: Instant) {
+        let name = claim.metadata.name.clone().unwrap_or_default();
+        // The claim as just listed from the API (the cache may lag behind it).
+        let refused = self.api.flavour.claim_verdict(claim);
+        let age = claim
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| {
+                let ms = chrono::Utc::now().timestamp_millis() - t.0.as_millisecond();
+                Duration::from_millis(ms.max(0) as u64)
+            })
+            .unwrap_or_default();
+        let stale = matches!(refused, verdict::Verdict::Refused { .. }) || age > self.claim_budget;
+        if !stale {
+            return;
+        }
+        tracing::info!(
+            claim = name,
+            ?refused,
+            ?age,
+            "recover: deleting a claim that never bound"
+        );
+        if let Err(e) = self
+            .api
+            .release(&name, claim.metadata.uid.as_deref(), None, deadline)
+            .await
+        {
+            tracing::warn!(claim = name, "recover: unbound claim not deleted: {e}");
+        }
     }
 
     /// Resumes a paused sandbox through the pause strategy.
@@ -235,41 +297,20 @@ impl SandboxBackend for KubernetesBackend {
         budget: ClaimBudget,
     ) -> Result<Binding, BackendError> {
         let started = Instant::now();
-        self.wait_synced(budget.deadline).await?;
         let name = self.claim_name(session);
-        // The claim cap: every new session is a claim (and a sandbox) in the cluster.
-        if self.max_claims > 0
-            && self.cache.read(|st| {
-                st.claim(&name).is_none()
-                    && st.claims_with_prefix(&self.claim_prefix) >= self.max_claims
-            })
-        {
-            return Err(BackendError::NoCapacity(format!(
-                "backend.kubernetes.max_claims ({}) claims exist",
-                self.max_claims
-            )));
-        }
-        let created = self
-            .ensure_claim(session, spec, &name, budget.deadline)
-            .await?;
-        let mut result = self.await_claim(&name, created, budget, started).await;
-        // A claim another replica made was checked there.
-        if created
-            && let Ok(b) = &result
-            && let Err(e) = self
-                .strategy
-                .check_claim(&self.pause_cx, b.sandbox.as_str(), budget.deadline)
-                .await
-        {
-            result = Err(e);
-        }
+        let mut created = false;
+        // During an outage this session's own first failed call ends it (`control_plane`)
+        // at once; otherwise at `api_outage_after` into the outage, not at its deadline.
+        let result = tokio::select! {
+            r = self.claim_and_wait(session, spec, budget, started, &name, &mut created) => r,
+            d = self.health.outage_reached(started) => Err(self.outage_error(d)),
+        };
         if result.is_err() && created {
             // Nobody may come back for it: a claim left behind would keep a sandbox.
             self.abandon_claim(name);
         }
         result
     }
-
     async fn resume(
         &self,
         sandbox: &SandboxId,
@@ -337,18 +378,39 @@ impl SandboxBackend for KubernetesBackend {
         Ok(DeepPause::Suspended)
     }
 
+    /// Deletes the session's claim and (OpenKruise) every Sandbox locked for it, found by
+    /// the API whatever this replica's cache has seen. A frozen pod is thawed first
+    /// (`pause: freeze`), so it handles its SIGTERM at once instead of waiting out the
+    /// grace period frozen (cgroup v2) or hanging in Terminating (v1).
     async fn release(&self, session: &SessionKey, sandbox: &SandboxId) -> Result<(), BackendError> {
         let started = Instant::now();
+        let deadline = started + self.op_timeout;
         let name = self.claim_name(session);
         self.cache.mark_released(sandbox.as_str());
         self.activity.forget(&session.sha256_hex());
-        // Only a Sandbox bound to this session's claim is deleted.
-        let bound = self
-            .cache
-            .read(|st| st.sandbox_of_claim(&name).map(str::to_owned))
-            .filter(|s| s == sandbox.as_str());
+        let (bound, uid) = self.cache.read(|st| {
+            (
+                st.sandbox_of_claim(&name).map(str::to_owned),
+                st.claim(&name).and_then(|c| c.metadata.uid.clone()),
+            )
+        });
+        // Only a Sandbox bound to this session's claim is deleted by name.
+        let bound = bound.filter(|s| s == sandbox.as_str());
+        if let Some(s) = &bound {
+            let _own = self.cache.begin_own(s);
+            if let Err(e) = self
+                .strategy
+                .before_release(&self.pause_cx, s, deadline)
+                .await
+            {
+                tracing::warn!(
+                    sandbox = s,
+                    "thaw before release failed (deleting anyway): {e}"
+                );
+            }
+        }
         self.api
-            .release(&name, bound.as_deref(), started + self.op_timeout)
+            .release(&name, uid.as_deref(), bound.as_deref(), deadline)
             .await
     }
 
@@ -443,6 +505,7 @@ impl SandboxBackend for KubernetesBackend {
                 .cache
                 .read(|st| st.sandbox_of_claim(&name).map(str::to_owned))
             else {
+                self.clean_unbound(&c, deadline).await;
                 continue;
             };
             let annotations = c.metadata.annotations.clone().unwrap_or_default();

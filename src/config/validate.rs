@@ -384,6 +384,13 @@ impl Config {
                 }
             }
             BackendKind::Kubernetes => {
+                self.validate_label_domains()?;
+                if b.kubernetes.api_outage_after.as_duration().is_zero() {
+                    return Err(ConfigError::invalid(
+                        "backend.kubernetes.api_outage_after",
+                        "must be greater than 0",
+                    ));
+                }
                 for (name, set) in self.customize.sidecars.iter().flat_map(|s| &s.sets) {
                     let key = format!("customize.sidecars.sets.{name}");
                     match b.kubernetes.api {
@@ -469,6 +476,68 @@ impl Config {
                          with '-' (claim names are DNS labels)",
                     ));
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// agent-sandbox's claim controller accepts a label in `additionalPodMetadata` only if
+    /// its key has a domain prefix equal to, or a subdomain of, an allowlisted domain
+    /// (kubernetes-sigs/agent-sandbox 2fd412d55eca extensions/controllers/
+    /// sandboxclaim_controller.go `validateAdditionalPodMetadata`; the list is read,
+    /// lowercased, by cmd/agent-sandbox-controller/main.go). Refuse here what it would refuse
+    /// for every customised session.
+    fn validate_label_domains(&self) -> Result<(), ConfigError> {
+        let k = &self.backend.kubernetes;
+        let key = "backend.kubernetes.allowed_label_domains";
+        for d in &k.allowed_label_domains {
+            let valid = !d.is_empty()
+                && d.len() <= 253
+                && d.split('.').all(|part| {
+                    !part.is_empty()
+                        && part
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                        && !part.starts_with('-')
+                        && !part.ends_with('-')
+                });
+            if !valid {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{d:?} is not a lowercase DNS domain"),
+                ));
+            }
+        }
+        if k.api != KubernetesApi::AgentSandbox {
+            return Ok(());
+        }
+        for (i, rule) in self.customize.labels.iter().enumerate() {
+            let Some((domain, _)) = rule.label.split_once('/') else {
+                return Err(ConfigError::invalid(
+                    format!("customize.labels[{i}].label"),
+                    format!(
+                        "agent-sandbox's claim controller refuses a label without a domain \
+                         prefix ({:?}); use one in {key}",
+                        rule.label
+                    ),
+                ));
+            };
+            let domain = domain.to_ascii_lowercase();
+            let allowed = k
+                .allowed_label_domains
+                .iter()
+                .any(|d| domain == *d || domain.ends_with(&format!(".{d}")));
+            if !allowed {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!(
+                        "customize.labels[{i}].label {:?}: the domain {domain:?} is not in \
+                         {:?}, so agent-sandbox's claim controller would refuse every \
+                         customised session (InvalidMetadata); add it here and to the \
+                         controller's allowed-label-domains",
+                        rule.label, k.allowed_label_domains
+                    ),
+                ));
             }
         }
         Ok(())

@@ -265,6 +265,7 @@ fn backend_presentation(e: &BackendError) -> Presentation {
         BackendError::StartFailed(_) => present(S::BAD_GATEWAY, "sandbox_start_failed", false),
         BackendError::ControlPlane(_) => present(S::SERVICE_UNAVAILABLE, "control_plane", true),
         BackendError::Conflict(_) => present(S::SERVICE_UNAVAILABLE, "claim_conflict", false),
+        BackendError::Rejected(_) => present(S::BAD_GATEWAY, "claim_rejected", false),
     }
 }
 
@@ -288,6 +289,7 @@ fn client_message(code: &str) -> &'static str {
         "unsupported" => "this operation is not supported by the backend",
         "sandbox_start_failed" => "the session's sandbox failed to start",
         "control_plane" => "the sandbox control plane is unavailable; retry later",
+        "claim_rejected" => "the sandbox control plane refused the session's sandbox",
         "upstream_connect" => "cannot connect to the session's sandbox",
         "upstream_reset" => "the session's sandbox closed the connection before responding",
         "upstream_protocol" => "the session's sandbox sent a response that cannot be relayed",

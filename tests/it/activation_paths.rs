@@ -13,8 +13,7 @@ use agent_activator::metrics::Metrics;
 use agent_activator::server;
 use agent_activator::testing::ScriptedBackend;
 
-use crate::dashboard::cdp::Browser;
-use crate::dashboard::{ONE_BROWSER, output_dir};
+use crate::dashboard::{open_dashboard, output_dir};
 use crate::support;
 
 use support::{EchoUpstream, HttpClient, eventually, metric_value, sample};
@@ -110,11 +109,7 @@ async fn each_held_request_is_observed_once_by_what_it_waited_for_and_drawn_besi
         assert_eq!(ov["held"][path]["count"], 1, "{path}: {ov}");
     }
 
-    let _one = ONE_BROWSER.lock().await;
-    let browser = Browser::launch(&output_dir()).await;
-    browser
-        .goto(&format!("http://{}/", server.admin_addr()))
-        .await;
+    let (_one, browser) = open_dashboard(server.admin_addr()).await;
     browser
         .wait_for(
             "a line per path",

@@ -23,6 +23,17 @@ const BIN: &str = env!("CARGO_BIN_EXE_agent-activator");
 /// DevTools calls of one of them went unanswered for 30 s in 4 of 11 runs.
 pub(crate) static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The dashboard at `admin` in a new headless Chromium, holding [`ONE_BROWSER`] while the
+/// guard lives.
+pub(crate) async fn open_dashboard(
+    admin: std::net::SocketAddr,
+) -> (tokio::sync::MutexGuard<'static, ()>, Browser) {
+    let one = ONE_BROWSER.lock().await;
+    let browser = Browser::launch(&output_dir()).await;
+    browser.goto(&format!("http://{admin}/")).await;
+    (one, browser)
+}
+
 /// Where screenshots go: `target/tmp/dashboard/`.
 pub(crate) fn output_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard");

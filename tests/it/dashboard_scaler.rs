@@ -1,14 +1,12 @@
 //! The dashboard's header says what is true about scaling (issue 26 item 2): with the
 //! autoscaler off it says so and where the warm pool size comes from, never "desired 0".
 
-use crate::dashboard::cdp::Browser;
-use crate::dashboard::{ONE_BROWSER, output_dir, start};
+use crate::dashboard::{open_dashboard, start};
 use crate::support::HttpClient;
 
 #[tokio::test]
 #[cfg_attr(missing_chromium, ignore = "chromium not found (.ci/run installs it)")]
 async fn with_the_autoscaler_off_the_header_names_the_warm_pool_source_not_a_desired_count() {
-    let _one = ONE_BROWSER.lock().await;
     // `autoscaler.enabled: false`, `backend.warm_pool: 1` (process backend), as in
     // config/local.yaml.
     let (server, dir) = start("scaler-off", "").await;
@@ -21,10 +19,7 @@ async fn with_the_autoscaler_off_the_header_names_the_warm_pool_source_not_a_des
         "{ov}"
     );
 
-    let browser = Browser::launch(&output_dir()).await;
-    browser
-        .goto(&format!("http://{}/", server.admin_addr()))
-        .await;
+    let (_one, browser) = open_dashboard(server.admin_addr()).await;
     browser
         .wait_for(
             "the warm sandbox is counted",

@@ -91,7 +91,16 @@ impl SseReader {
 }
 
 pub(crate) async fn subscribe(admin: &HttpClient, last_event_id: Option<&str>) -> SseReader {
-    let mut req = admin.request("GET", "/api/events");
+    subscribe_to(admin, "/api/events", last_event_id).await
+}
+
+/// [`subscribe`] to `path` (e.g. `/api/events?pool=NAME`).
+pub(crate) async fn subscribe_to(
+    admin: &HttpClient,
+    path: &str,
+    last_event_id: Option<&str>,
+) -> SseReader {
+    let mut req = admin.request("GET", path);
     if let Some(id) = last_event_id {
         req = req.header("last-event-id", id);
     }

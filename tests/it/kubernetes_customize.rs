@@ -21,7 +21,7 @@ const CUSTOMIZE: &str = r#"customize:
   env:
     - {header: X-Sandbox-Env-Region, name: REGION, pattern: "[a-z]{2}-[a-z]+", container_name: sandbox}
   labels:
-    - {header: X-Sandbox-Team, label: example.com/team, pattern: "[a-z]+"}
+    - {header: X-Sandbox-Team, label: sandbox.users.io/team, pattern: "[a-z]+"}
   volumes:
     - {name: workspace, mount_path: /workspace, size: 2Gi, storage_class: fast}
   sidecars:
@@ -100,6 +100,9 @@ fn header_of<'a>(response: &'a str, name: &str) -> Option<&'a str> {
 async fn agent_sandbox_claim_carries_exactly_env_volumes_and_labels_and_cold_starts() {
     let tb = testbed(Duration::from_millis(10)).await;
     tb.seed_agent_sandbox("default", "default", 1).unwrap();
+    // As deploy/sandboxtemplate.yaml: upstream's default refuses claims with env or volumes.
+    tb.set_template_policies("default", "default", "Allowed", "Allowed")
+        .unwrap();
     wait_pods(&tb, 1).await;
     let extra = CUSTOMIZE.replace("  sidecars:\n    header: X-Sandbox-Sidecars\n    sets:\n      browser: {runtimes: [agent-runtime, csi], warm_pool: browser}\n", "");
     let server = activator(&tb, &extra).await;
@@ -153,7 +156,7 @@ async fn agent_sandbox_claim_carries_exactly_env_volumes_and_labels_and_cold_sta
     );
     assert_eq!(
         spec["additionalPodMetadata"],
-        json!({"labels": {"example.com/team": "infra"}})
+        json!({"labels": {"sandbox.users.io/team": "infra"}})
     );
     // Cold-created from the template, named after the claim, with the env and the PVC
     // template; the warm sandbox is still in the pool.
@@ -221,6 +224,8 @@ async fn a_sidecar_set_claims_from_its_template_variant_pool() {
     let tb = testbed(Duration::from_millis(10)).await;
     tb.seed_agent_sandbox("default", "default", 0).unwrap();
     tb.seed_agent_sandbox("default", "browser", 1).unwrap();
+    tb.set_template_policies("default", "browser", "Allowed", "Allowed")
+        .unwrap();
     wait_pods(&tb, 1).await;
     let cfg = config("agent-sandbox", "default", CUSTOMIZE);
     let b = backend(&tb, &cfg);
@@ -273,6 +278,8 @@ async fn openkruise_claim_carries_exactly_env_vars_labels_volumes_and_runtimes()
         set(&[
             "templateName",
             "createOnNoStock",
+            "waitReadyTimeout",
+            "claimTimeout",
             "shutdownTime",
             "ttlAfterCompleted",
             "labels",
@@ -283,7 +290,7 @@ async fn openkruise_claim_carries_exactly_env_vars_labels_volumes_and_runtimes()
         "{s}"
     );
     assert_eq!(s["envVars"], json!({"REGION": "us-east"}));
-    assert_eq!(s["labels"], json!({"example.com/team": "ml"}));
+    assert_eq!(s["labels"], json!({"sandbox.users.io/team": "ml"}));
     assert_eq!(
         s["runtimes"],
         json!([{"name": "agent-runtime"}, {"name": "csi"}])

@@ -290,23 +290,26 @@ async fn openkruise_pause_goes_paused_then_resuming_then_running() {
         |tb| {
             object(tb, KRUISE, "Sandbox", &name).is_some_and(|s| {
                 s["status"]["phase"] == "Paused"
-                    && cond_is(&s, "SandboxPaused", "False", "DeletingPod")
+                    && cond_is(&s, "SandboxPaused", "False", "Pending")
                     && s["status"]["podInfo"]["podIP"].is_string()
             })
         },
     )
     .await;
-    wait_until(&tb, "paused: SandboxPaused True, no IP", |tb| {
+    // openkruise/agents 0b72c83ae0bc core/util.go ensureStopPaused: once the pod is gone
+    // only the condition changes; podInfo still names the deleted pod.
+    wait_until(&tb, "paused: SandboxPaused True, podInfo stale", |tb| {
         object(tb, KRUISE, "Sandbox", &name).is_some_and(|s| {
-            cond_is(&s, "SandboxPaused", "True", "PodDeleted") && s["status"]["podInfo"].is_null()
+            cond_is(&s, "SandboxPaused", "True", "StopPauseSucceed")
+                && s["status"]["podInfo"]["podIP"].is_string()
+                && tb.pods().is_empty()
         })
     })
     .await;
     set_paused(false);
     wait_until(&tb, "running again, resumed", |tb| {
         object(tb, KRUISE, "Sandbox", &name).is_some_and(|s| {
-            s["status"]["phase"] == "Running"
-                && cond_is(&s, "SandboxResumed", "True", "ResumeSucceed")
+            s["status"]["phase"] == "Running" && cond_is(&s, "SandboxResumed", "True", "ResumePod")
         })
     })
     .await;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
+use super::claim_policy;
 use super::{
     Controller, Flavour, PodView, condition, controller_of, controller_ref, key_of, passed,
     update_from,
@@ -258,10 +259,10 @@ fn sandbox_spec(template: Option<&Value>) -> Value {
 }
 
 /// The cold-created Sandbox's spec with the claim's customisation applied
-/// (sandboxclaim_controller.go ~L1700-1800): its `volumeClaimTemplates` appended (the
-/// template's policy is not modelled: it allows them), its `env` set on the container named
-/// by `containerName` (else the first), replacing a variable of the same name, and
-/// `additionalPodMetadata.labels` on the pod template.
+/// (sandboxclaim_controller.go ~L1700-1800), once [`claim_policy::check_injection`]
+/// allowed it: its `volumeClaimTemplates` appended, its `env` set on the container named
+/// by `containerName` (else the first), replacing a variable of the same name (policy
+/// `Overrides`), and `additionalPodMetadata.labels` on the pod template.
 fn customized_spec(mut spec: Value, claim: &Value) -> Value {
     if let Some(vcts) = claim["spec"]["volumeClaimTemplates"].as_array() {
         spec["volumeClaimTemplates"] = json!(vcts);
@@ -311,8 +312,20 @@ fn expire_claim(ctrl: &Controller, res: Resources, claim: &Value) {
             if let Some(s) = claim["status"]["sandbox"]["name"].as_str() {
                 let _ = ctrl.store().delete(res.sandboxes, ns, s);
             }
+            // computeReadyCondition with isClaimExpired: Ready=False/ClaimExpired, and the
+            // claim is never bound again (terminal).
+            let g = &claim["metadata"]["generation"];
+            let status = json!({"conditions": [condition(
+                "Ready", "False", "ClaimExpired", "Claim expired. Sandbox cleanup initiated.", g,
+            )]});
+            ctrl.set_status(res.claims, &key_of(Flavour::AgentSandbox, claim), status);
         }
     }
+}
+
+/// True once `claim` is past `spec.lifecycle.shutdownTime` (`checkExpiration`).
+fn expired(claim: &Value) -> bool {
+    passed(&claim["spec"]["lifecycle"]["shutdownTime"])
 }
 
 /// One step of the claim controller per pass, at least `step_delay` apart:
@@ -338,6 +351,10 @@ fn reconcile_claim(
 ) {
     let key = key_of(Flavour::AgentSandbox, claim);
     let name = key.2.as_str();
+    if expired(claim) {
+        // Handled by expire_claim: nothing is adopted or created for it any more.
+        return;
+    }
     if let Some(bound) = claim["status"]["sandbox"]["name"]
         .as_str()
         .filter(|s| !s.is_empty())
@@ -348,6 +365,12 @@ fn reconcile_claim(
         return;
     }
     if !ctrl.may_step(&key) {
+        return;
+    }
+    // reconcileActive (~L486): the additional pod metadata is validated first, on every
+    // path; a refusal is written as Ready=False/InvalidMetadata and not retried.
+    if let Err(r) = claim_policy::validate_metadata(claim, &ctrl.config().allowed_label_domains) {
+        refuse(ctrl, res, &key, claim, &r);
         return;
     }
     if let Some(assigned) = claim["metadata"]["annotations"][ASSIGNED_ANNOTATION].as_str() {
@@ -416,15 +439,33 @@ fn reconcile_claim(
         ctrl.stepped(&key);
         return;
     }
-    let Some(template) = pool.and_then(|p| template_of(ctrl, res, p)) else {
-        // ErrTemplateNotFound: the claim stays unbound.
-        let g = &claim["metadata"]["generation"];
-        let status = json!({"conditions": [condition(
-            "Ready", "False", "TemplateNotFound", "template of the warmpool not found", g,
-        )]});
-        ctrl.set_status(res.claims, &key, status);
+    // getTemplate -> getWarmPool / getTemplateForWarmPool: ErrWarmPoolNotFound or
+    // ErrTemplateNotFound (computeReadyCondition ~L693-715); the claim stays unbound and
+    // is requeued every minute.
+    let Some(pool) = pool else {
+        let r = claim_policy::Refusal {
+            reason: "WarmPoolNotFound",
+            message: format!("SandboxWarmPool {pool_name:?} not found"),
+            final_: false,
+        };
+        refuse(ctrl, res, &key, claim, &r);
         return;
     };
+    let Some(template) = template_of(ctrl, res, pool) else {
+        let r = claim_policy::Refusal {
+            reason: "TemplateNotFound",
+            message: "template of the warmpool not found".into(),
+            final_: false,
+        };
+        refuse(ctrl, res, &key, claim, &r);
+        return;
+    };
+    // createSandbox (~L1678-1810): the template's injection policies for
+    // volumeClaimTemplates and env.
+    if let Err(r) = claim_policy::check_injection(claim, &template) {
+        refuse(ctrl, res, &key, claim, &r);
+        return;
+    }
     let obj = json!({
         "metadata": {
             "name": name,
@@ -437,6 +478,20 @@ fn reconcile_claim(
     let ns = claim["metadata"]["namespace"].as_str().unwrap_or("");
     let _ = ctrl.store().create(res.sandboxes, ns, obj);
     ctrl.stepped(&key);
+}
+
+/// `computeReadyCondition` (~L693-790) for a reconcile error: Ready=False with the
+/// error's reason and message at the claim's generation; no `status.sandbox`.
+fn refuse(
+    ctrl: &Controller,
+    res: Resources,
+    key: &super::Key,
+    claim: &Value,
+    r: &claim_policy::Refusal,
+) {
+    let g = &claim["metadata"]["generation"];
+    let status = json!({"conditions": [condition("Ready", "False", r.reason, &r.message, g)]});
+    ctrl.set_status(res.claims, key, status);
 }
 
 /// The claim's status bound to `sandbox` (or unbound when it is gone).

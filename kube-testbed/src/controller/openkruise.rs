@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use serde_json::{Value, json};
 
 use super::{
@@ -21,6 +23,8 @@ pub const CLAIM_NAME_LABEL: &str = "agents.kruise.io/claim-name";
 /// `api/v1alpha1/annotations.go` `AnnotationOwner`: the claiming SandboxClaim's UID.
 pub const OWNER_ANNOTATION: &str = "agents.kruise.io/owner";
 pub const CLAIM_TIME_ANNOTATION: &str = "agents.kruise.io/claim-timestamp";
+/// `api/v1alpha1/annotations.go` `AnnotationLock` (`utils.LockSandbox`).
+pub const LOCK_ANNOTATION: &str = "agents.kruise.io/lock";
 
 /// `api/v1alpha1/sandboxclaim_types.go`: `ttlAfterCompleted` defaults to 60m.
 const DEFAULT_TTL: Duration = Duration::from_secs(3600);
@@ -33,16 +37,18 @@ pub(crate) fn reconcile(ctrl: &Arc<Controller>, res: Resources) {
     let sandboxes = ctrl.list(res.sandboxes);
     ctrl.collect_orphans(res.sandboxes, &sandboxes, "SandboxSet", &sets);
     // pkg/controller/sandbox/sandbox_controller.go checkTimers (~L321): a Sandbox past
-    // spec.shutdownTime is deleted.
+    // spec.shutdownTime is deleted, except a Failed or Succeeded one: Reconcile returns
+    // for those before it checks timers (`isSandboxCompletedPhase`, ~L311).
     for s in &sandboxes {
-        if passed(&s["spec"]["shutdownTime"]) {
+        let completed = matches!(s["status"]["phase"].as_str(), Some("Failed" | "Succeeded"));
+        if passed(&s["spec"]["shutdownTime"]) && !completed {
             let (_, ns, name) = key_of(f, s);
             let _ = ctrl.store().delete(res.sandboxes, &ns, &name);
         }
     }
     let sandboxes = ctrl.list(res.sandboxes);
-    // The open-source pause path deletes the pod (spec.paused).
-    let pods = ctrl.drive_pods(f, &sandboxes, |s| s["spec"]["paused"] != true);
+    // The open-source pause path deletes the pod (spec.paused), Running sandboxes only.
+    let pods = ctrl.drive_pods(f, &sandboxes, wants_pod);
     for s in &sandboxes {
         let key = key_of(f, s);
         let pod = pods.get(&key).copied().unwrap_or(PodView::Absent);
@@ -70,68 +76,147 @@ pub(crate) fn reconcile(ctrl: &Arc<Controller>, res: Resources) {
     }
 }
 
-/// `pkg/controller/sandbox/sandbox_controller.go` calculateStatus (~L630-690) and the
-/// phase list in `api/v1alpha1/sandbox_types.go`: Pending until the pod runs, Running
-/// with Ready=True and `podInfo.podIP`; `spec.paused` moves Running to Paused at once with
-/// SandboxPaused=False until the pod is gone (then True); un-pausing goes Paused ->
-/// Resuming (Resumed=False) -> Running (Resumed=True). A pod that exits makes it Failed.
+/// `pkg/controller/sandbox/sandbox_controller.go` Reconcile and calculateStatus
+/// (~L290-400, ~L579-726), `core/common_control.go` EnsureSandboxRunning /
+/// defaultSyncStatusFromPod / EnsureSandboxResumed and `core/util.go` ensureStopPaused, by
+/// the phase the status had before:
+///
+/// - Failed/Succeeded are final: the status is left as it is (`isSandboxCompletedPhase`
+///   returns before anything else, the shutdown timer included).
+/// - Pending: `spec.paused` is not looked at (pausing needs Running first); Running with
+///   `podInfo` and Ready from the pod once the pod runs; no conditions before.
+/// - Running: no pod -> Failed ("Pod Not Found"); `spec.paused` -> Paused with Ready set to
+///   False and `SandboxPaused=False/Pending` (`preparePausedPhase`).
+/// - Paused: `SandboxPaused=True/StopPauseSucceed` once the pod is gone; **`podInfo` is not
+///   cleared** (ensureStopPaused only sets the condition), so it keeps the old pod's IP.
+///   Un-paused after that: Resuming with `SandboxResumed=False/CreatePod`.
+/// - Resuming: Running with the new pod's `podInfo` and `SandboxResumed=True` once the new
+///   pod runs; `SandboxPaused` dropped (`finalizeResumePhase`).
+///
+/// Every write carries `status.observedGeneration = metadata.generation`.
 pub fn sandbox_status(s: &Value, pod: PodView) -> Value {
     let g = &s["metadata"]["generation"];
     let paused = s["spec"]["paused"] == true;
-    let before = s["status"]["phase"].as_str().unwrap_or("");
-    let mut conds = Vec::new();
-    let phase = if pod == PodView::Failed {
-        conds.push(condition("Ready", "False", "PodFailed", "Pod failed", g));
-        "Failed"
-    } else if paused {
-        let done = pod == PodView::Absent;
-        conds.push(condition("Ready", "False", "SandboxPaused", "", g));
-        conds.push(condition(
-            "SandboxPaused",
-            if done { "True" } else { "False" },
-            if done { "PodDeleted" } else { "DeletingPod" },
-            "",
-            g,
-        ));
-        "Paused"
-    } else if let PodView::Running(_) = pod {
-        conds.push(condition("Ready", "True", "PodReady", "", g));
-        if matches!(before, "Paused" | "Resuming") || has_condition(s, "SandboxResumed") {
-            conds.push(condition("SandboxResumed", "True", "ResumeSucceed", "", g));
+    let old = &s["status"];
+    let before = old["phase"].as_str().unwrap_or("Pending");
+    if matches!(before, "Failed" | "Succeeded") {
+        return old.clone();
+    }
+    let mut conds: Vec<Value> = old["conditions"].as_array().cloned().unwrap_or_default();
+    let set = |conds: &mut Vec<Value>, c: Value| {
+        conds.retain(|x| x["type"] != c["type"]);
+        conds.push(c);
+    };
+    let drop_cond = |conds: &mut Vec<Value>, ty: &str| conds.retain(|x| x["type"] != ty);
+    let mut pod_info = old["podInfo"].clone();
+    let live = |a: &std::net::SocketAddr| json!({"podIP": a.ip().to_string(), "nodeName": crate::controller::NODE_NAME});
+    let mut message = Value::Null;
+    let ready_from_pod = |conds: &mut Vec<Value>, pod: PodView| {
+        let ready = matches!(pod, PodView::Running(_));
+        set(
+            conds,
+            condition(
+                "Ready",
+                if ready { "True" } else { "False" },
+                "PodReady",
+                "",
+                g,
+            ),
+        );
+    };
+    let phase = match before {
+        "Running" => match pod {
+            PodView::Absent | PodView::Failed => {
+                message = json!(if pod == PodView::Failed {
+                    "Pod status phase is Failed"
+                } else {
+                    "Pod Not Found"
+                });
+                "Failed"
+            }
+            _ if paused => {
+                drop_cond(&mut conds, "SandboxResumed");
+                set(&mut conds, condition("Ready", "False", "PodReady", "", g));
+                set(
+                    &mut conds,
+                    condition("SandboxPaused", "False", "Pending", "", g),
+                );
+                "Paused"
+            }
+            PodView::Running(a) | PodView::Frozen(a) => {
+                pod_info = live(&a);
+                ready_from_pod(&mut conds, pod);
+                "Running"
+            }
+            _ => "Running",
+        },
+        "Paused" => {
+            let done = conds
+                .iter()
+                .any(|c| c["type"] == "SandboxPaused" && c["status"] == "True");
+            if done && !paused {
+                set(
+                    &mut conds,
+                    condition("SandboxResumed", "False", "CreatePod", "", g),
+                );
+                "Resuming"
+            } else {
+                if pod == PodView::Absent {
+                    set(
+                        &mut conds,
+                        condition("SandboxPaused", "True", "StopPauseSucceed", "", g),
+                    );
+                }
+                "Paused"
+            }
         }
-        "Running"
-    } else if let PodView::Frozen(_) = pod {
-        // The pod still runs (frozen); its readiness probe fails.
-        conds.push(condition("Ready", "False", "PodNotReady", "", g));
-        "Running"
-    } else {
-        let reason = if pod == PodView::Unschedulable {
-            "Unschedulable"
-        } else {
-            "PodNotReady"
-        };
-        conds.push(condition("Ready", "False", reason, "", g));
-        if matches!(before, "Paused" | "Resuming") {
-            conds.push(condition("SandboxResumed", "False", "CreatePod", "", g));
-            "Resuming"
-        } else {
-            "Pending"
-        }
+        "Resuming" => match pod {
+            PodView::Running(a) => {
+                pod_info = live(&a);
+                set(
+                    &mut conds,
+                    condition("SandboxResumed", "True", "ResumePod", "", g),
+                );
+                drop_cond(&mut conds, "SandboxPaused");
+                ready_from_pod(&mut conds, pod);
+                "Running"
+            }
+            _ => "Resuming",
+        },
+        // Pending (and anything unknown).
+        _ => match pod {
+            PodView::Failed => {
+                message = json!("Pod status phase is Failed");
+                "Failed"
+            }
+            PodView::Running(a) | PodView::Frozen(a) => {
+                pod_info = live(&a);
+                ready_from_pod(&mut conds, pod);
+                "Running"
+            }
+            _ => "Pending",
+        },
     };
     let mut status = json!({"phase": phase, "conditions": conds, "observedGeneration": g});
-    if let PodView::Running(a) | PodView::Frozen(a) | PodView::Terminating(a) = pod {
-        status["podInfo"] =
-            json!({"podIP": a.ip().to_string(), "nodeName": crate::controller::NODE_NAME});
+    if !pod_info.is_null() {
+        status["podInfo"] = pod_info;
+    }
+    if !message.is_null() {
+        status["message"] = message;
     }
     status
 }
 
-fn has_condition(s: &Value, ty: &str) -> bool {
-    s["status"]["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|c| c["type"] == ty)
+/// Whether the Sandbox controller wants `s`'s pod to run: everything but a Sandbox in
+/// (or entering) the Paused phase; a Pending one is started even if `spec.paused` (pause
+/// applies to Running sandboxes only, `calculateStatus`).
+fn wants_pod(s: &Value) -> bool {
+    let phase = s["status"]["phase"].as_str().unwrap_or("Pending");
+    match phase {
+        "Paused" => false,
+        "Running" => s["spec"]["paused"] != true,
+        _ => true,
+    }
 }
 
 /// `pkg/utils/utils.go` GetSandboxState (~L232): available = controlled by its SandboxSet
@@ -203,20 +288,57 @@ fn new_sandbox(set: &Value, owned: bool) -> Value {
     obj
 }
 
-/// `pkg/controller/sandboxclaim/core/common_control.go`, one step per pass:
+/// A claim whose Sandbox is locked and whose post-processing runs
+/// (`sandboxcr/claim.go` TryClaimSandbox step 3, `runClaimPostProcesses`).
+#[derive(Debug, Clone)]
+pub(crate) struct PostProcess {
+    /// The locked Sandbox.
+    pub sandbox: String,
+    /// When it was locked.
+    pub locked: Instant,
+    /// When it was seen ready (post-processing proper starts then). `None` for a Sandbox
+    /// created for the claim (`LockTypeCreate`): it is waited on first, bounded by
+    /// `waitReadyTimeout`.
+    pub ready: Option<Instant>,
+}
+
+/// `api/v1alpha1/sandboxclaim_types.go` `+kubebuilder:default`: `claimTimeout` 1m,
+/// `waitReadyTimeout` 30s (applied by the API server when unset).
+const DEFAULT_CLAIM_TIMEOUT: f64 = 60.0;
+const DEFAULT_WAIT_READY_TIMEOUT: f64 = 30.0;
+
+fn duration_field(claim: &Value, field: &str, default: f64) -> f64 {
+    claim["spec"][field]
+        .as_str()
+        .and_then(parse_go_duration)
+        .unwrap_or(default)
+}
+
+/// The claim controller (`pkg/controller/sandboxclaim/sandboxclaim_controller.go`
+/// Reconcile, `core/util.go` CalculateClaimStatus, `core/common_control.go`
+/// EnsureClaimClaiming / claimSandboxes), one step per pass:
 ///
-/// 1. Pending -> Claiming (`claimStartTime`).
-/// 2. Claiming: `claimSandboxes` -> `sandboxcr.TryClaimSandbox`
-///    (`pkg/sandbox-manager/infra/sandboxcr/claim.go` modifyPickedSandbox ~L701 and
-///    buildClaimOptions ~L280-360): one optimistic Update of an available pool member that
-///    sets [`CLAIM_NAME_LABEL`], `sandbox-claimed: "true"`, [`OWNER_ANNOTATION`] = claim
-///    UID, clears ownerReferences (the SandboxSet then refills) and copies the claim's
-///    `spec.shutdownTime`. No stock and `createOnNoStock` (default true): a new Sandbox
-///    created already claimed.
-/// 3. Once a Sandbox carries its UID (`countClaimedSandboxes`): Completed with
-///    `claimedReplicas: 1` and `completionTime`. **The claim status never names the
-///    Sandbox.**
-/// 4. Completed: deleted `ttlAfterCompleted` (default 60m; negative = never) after
+/// 1. `""` -> Claiming with `claimStartTime` (there is no Pending phase: the phases are
+///    Claiming and Completed, `api/v1alpha1/sandboxclaim_types.go`).
+/// 2. SandboxSet missing -> Completed (`SandboxSetNotFound`); `claimedReplicas` met ->
+///    Completed (`AllReplicasClaimed`); past `claimTimeout` since `claimStartTime` ->
+///    Completed with `TimedOut=True/ClaimTimeoutReached` and
+///    `Completed=True/TimeoutReached` (all terminal).
+/// 3. `sandboxcr.TryClaimSandbox` (`pkg/sandbox-manager/infra/sandboxcr/claim.go`): lock an
+///    available pool member in one optimistic Update (modifyPickedSandbox ~L701,
+///    `utils.LockSandbox`: [`CLAIM_NAME_LABEL`], `sandbox-claimed: "true"`,
+///    [`OWNER_ANNOTATION`] = claim UID, ownerReferences cleared, the claim's
+///    `shutdownTime` copied), or with no stock and `createOnNoStock` create one already
+///    locked. **Then** `runClaimPostProcesses`: a created Sandbox is waited on until ready
+///    (`waitReadyTimeout`), then runtime init (`envVars`) and CSI mounts
+///    (`dynamicVolumesMount`) take [`super::ControllerConfig::post_process_delay`] (the
+///    testbed assumes the set carries the agent runtime, `applyInitRuntimeOptions`). A
+///    failure deletes the locked Sandbox (`clearFailedSandbox`, default
+///    `ReserveFailedSandboxFor` never) and the claim tries again.
+/// 4. Only a successful TryClaimSandbox counts: `claimedReplicas: 1` is written after it
+///    (EnsureClaimClaiming step 9); the next pass completes the claim. **The claim status
+///    never names the Sandbox.**
+/// 5. Completed: deleted `ttlAfterCompleted` (default 60m; negative = never) after
 ///    completion (`EnsureClaimCompleted`); the Sandbox is left alone.
 fn reconcile_claim(
     ctrl: &Controller,
@@ -229,6 +351,26 @@ fn reconcile_claim(
     let g = &claim["metadata"]["generation"];
     let uid = &claim["metadata"]["uid"];
     let status = &claim["status"];
+    let completed = |reason: &str, message: &str, timed_out: bool| {
+        let mut st = status.clone();
+        st["phase"] = json!("Completed");
+        st["completionTime"] = json!(now());
+        st["message"] = json!(message);
+        st["observedGeneration"] = g.clone();
+        let mut conds = vec![condition("Completed", "True", reason, message, g)];
+        if timed_out {
+            conds.push(condition(
+                "TimedOut",
+                "True",
+                "ClaimTimeoutReached",
+                message,
+                g,
+            ));
+        }
+        st["conditions"] = json!(conds);
+        ctrl.set_status(res.claims, &key, st);
+        ctrl.post_processing.lock().expect("post lock").remove(&key);
+    };
     match status["phase"].as_str().unwrap_or("") {
         "Completed" => {
             let ttl = match claim["spec"]["ttlAfterCompleted"].as_str() {
@@ -244,7 +386,7 @@ fn reconcile_claim(
             }
         }
         _ if !ctrl.may_step(&key) => {}
-        "" | "Pending" => {
+        "" => {
             ctrl.set_status(
                 res.claims,
                 &key,
@@ -256,33 +398,54 @@ fn reconcile_claim(
             ctrl.stepped(&key);
         }
         _ => {
-            let claimed = sandboxes.iter().any(|s| {
-                s["metadata"]["namespace"] == key.1.as_str()
-                    && s["metadata"]["annotations"][OWNER_ANNOTATION] == *uid
-            });
-            if claimed {
-                let mut st = status.clone();
-                st["phase"] = json!("Completed");
-                st["claimedReplicas"] = json!(1);
-                st["completionTime"] = json!(now());
-                st["message"] = json!("Completed: 1/1 claimed");
-                st["conditions"] = json!([condition("Completed", "True", "ClaimCompleted", "", g)]);
-                ctrl.set_status(res.claims, &key, st);
-                ctrl.stepped(&key);
-                return;
-            }
-            let Some(set_name) = claim["spec"]["templateName"].as_str() else {
-                return;
-            };
+            let set_name = claim["spec"]["templateName"].as_str().unwrap_or("");
             let Some(set) = sets.iter().find(|s| {
                 s["metadata"]["namespace"] == key.1.as_str() && s["metadata"]["name"] == set_name
             }) else {
+                completed(
+                    "SandboxSetNotFound",
+                    &format!("SandboxSet {set_name} not found"),
+                    false,
+                );
                 return;
             };
+            if status["claimedReplicas"].as_i64().unwrap_or(0) >= 1 {
+                completed(
+                    "AllReplicasClaimed",
+                    "Successfully claimed all 1 sandboxes",
+                    false,
+                );
+                ctrl.stepped(&key);
+                return;
+            }
+            let pending = ctrl
+                .post_processing
+                .lock()
+                .expect("post lock")
+                .get(&key)
+                .cloned();
+            if let Some(p) = pending {
+                post_process(ctrl, res, claim, sandboxes, p);
+                return;
+            }
+            let started = parse_time(&status["claimStartTime"]);
+            let timeout = duration_field(claim, "claimTimeout", DEFAULT_CLAIM_TIMEOUT);
+            if let Some(t) = started {
+                let elapsed = (chrono::Utc::now() - t).num_milliseconds() as f64 / 1000.0;
+                if elapsed >= timeout {
+                    completed(
+                        "TimeoutReached",
+                        &format!("Timeout reached after {elapsed:.0}s, claimed 0/1 sandboxes"),
+                        true,
+                    );
+                    return;
+                }
+            }
             let claim_it = |n: &mut Value| {
                 n["metadata"]["labels"][CLAIM_NAME_LABEL] = json!(key.2);
                 n["metadata"]["labels"][CLAIMED_LABEL] = json!("true");
                 n["metadata"]["annotations"][OWNER_ANNOTATION] = uid.clone();
+                n["metadata"]["annotations"][LOCK_ANNOTATION] = json!(format!("lock-{}", key.2));
                 n["metadata"]["annotations"][CLAIM_TIME_ANNOTATION] = json!(now());
                 n["metadata"]["ownerReferences"] = json!([]);
                 if !claim["spec"]["shutdownTime"].is_null() {
@@ -292,19 +455,105 @@ fn reconcile_claim(
             let pick = sandboxes.iter().find(|s| {
                 s["metadata"]["namespace"] == key.1.as_str()
                     && s["metadata"]["labels"][POOL_LABEL] == set_name
-                    && s["metadata"]["annotations"]["agents.kruise.io/lock"].is_null()
+                    && s["metadata"]["annotations"][LOCK_ANNOTATION].is_null()
                     && available(s, set)
             });
-            if let Some(s) = pick {
-                let _ = update_from(ctrl.store(), res.sandboxes, s, claim_it);
+            let locked = if let Some(s) = pick {
+                update_from(ctrl.store(), res.sandboxes, s, claim_it)
+                    .ok()
+                    .map(|o| (o, false))
             } else if claim["spec"]["createOnNoStock"] != false {
                 let mut obj = new_sandbox(set, false);
                 claim_it(&mut obj);
-                let _ = ctrl.store().create(res.sandboxes, &key.1, obj);
+                ctrl.store()
+                    .create(res.sandboxes, &key.1, obj)
+                    .ok()
+                    .map(|o| (o, true))
+            } else {
+                None
+            };
+            if let Some((o, created)) = locked {
+                let p = PostProcess {
+                    sandbox: o["metadata"]["name"].as_str().unwrap_or("").to_owned(),
+                    locked: Instant::now(),
+                    ready: (!created).then(Instant::now),
+                };
+                ctrl.post_processing
+                    .lock()
+                    .expect("post lock")
+                    .insert(key.clone(), p);
             }
             ctrl.stepped(&key);
         }
     }
+}
+
+/// Step 3's `runClaimPostProcesses` for a locked Sandbox, then step 4's count.
+fn post_process(
+    ctrl: &Controller,
+    res: Resources,
+    claim: &Value,
+    sandboxes: &[Value],
+    mut p: PostProcess,
+) {
+    let key = key_of(Flavour::OpenKruise, claim);
+    let forget = || {
+        ctrl.post_processing.lock().expect("post lock").remove(&key);
+    };
+    let Some(s) = sandboxes.iter().find(|s| {
+        s["metadata"]["namespace"] == key.1.as_str()
+            && s["metadata"]["name"] == p.sandbox.as_str()
+            && s["metadata"]["deletionTimestamp"].is_null()
+    }) else {
+        forget();
+        return;
+    };
+    // clearFailedSandbox: the locked Sandbox is deleted and the claim tries again.
+    let fail = || {
+        let _ = ctrl.store().delete(res.sandboxes, &key.1, &p.sandbox);
+        forget();
+    };
+    if p.ready.is_none() {
+        let ready = s["status"]["phase"] == "Running"
+            && s["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        if ready {
+            p.ready = Some(Instant::now());
+            ctrl.post_processing
+                .lock()
+                .expect("post lock")
+                .insert(key.clone(), p.clone());
+        } else {
+            let limit = duration_field(claim, "waitReadyTimeout", DEFAULT_WAIT_READY_TIMEOUT);
+            if p.locked.elapsed().as_secs_f64() >= limit {
+                fail();
+            }
+            return;
+        }
+    }
+    let nonempty = |f: &str| {
+        claim["spec"][f].as_array().is_some_and(|a| !a.is_empty())
+            || claim["spec"][f].as_object().is_some_and(|o| !o.is_empty())
+    };
+    if nonempty("envVars") || nonempty("dynamicVolumesMount") {
+        if ctrl.post_process_fails() {
+            fail();
+            return;
+        }
+        let since = p.ready.unwrap_or(p.locked);
+        if since.elapsed() < ctrl.config().post_process_delay {
+            return;
+        }
+    }
+    forget();
+    let mut st = claim["status"].clone();
+    st["claimedReplicas"] = json!(1);
+    st["message"] = json!("Claiming sandboxes: 1/1 claimed");
+    ctrl.set_status(res.claims, &key, st);
+    ctrl.stepped(&key);
 }
 
 /// Parses a Go `time.Duration` string (`-1s`, `60m`, `1h30m`, `250ms`) into seconds.

@@ -1,10 +1,13 @@
 //! `ApiSet`: the typed-by-flavour API handles and the one fenced write every update uses
 //! (read, patch with the read resourceVersion, re-read and retry on 409 Conflict).
 
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use std::collections::BTreeSet;
+
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+use super::crd::openkruise as okr;
 use super::flavour::Flavour;
 use super::retry::{self, Failure};
 use crate::backend::{BackendError, SandboxId};
@@ -120,19 +123,43 @@ impl ApiSet {
     /// Ends a session's claim. agent-sandbox: delete the claim (its Sandbox, controlled
     /// by it, goes by garbage collection). OpenKruise: a claimed Sandbox has no owner
     /// (`sandboxcr/claim.go` modifyPickedSandbox clears ownerReferences), so deleting the
-    /// claim frees nothing: delete the Sandbox, then the claim. Absent is fine.
+    /// claim frees nothing. The claim goes first (its controller then claims nothing
+    /// more), then every Sandbox locked for it — found by the API, not the cache, by its
+    /// `agents.kruise.io/claim-name` label and, when the claim's UID (`claim_uid`) is
+    /// known, its `agents.kruise.io/owner` annotation (`utils.LockSandbox` writes both
+    /// before post-processing, long before the claim counts it) — plus `sandbox`, the one
+    /// the session was bound to. Absent is fine.
     pub async fn release(
         &self,
         claim: &str,
+        claim_uid: Option<&str>,
         sandbox: Option<&str>,
         deadline: Instant,
     ) -> Result<(), BackendError> {
-        if self.flavour == Flavour::OpenKruise
-            && let Some(s) = sandbox
-        {
+        delete(&self.claims, claim, "delete SandboxClaim", deadline).await?;
+        if self.flavour != Flavour::OpenKruise {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let lp = ListParams::default().labels(&format!("{}={claim}", okr::CLAIM_NAME_LABEL));
+        let locked = retry::call(deadline, || self.sandboxes.list(&lp))
+            .await
+            .map_err(|e| retry::fail("list Sandboxes by claim-name", started, e))?;
+        let mut victims: BTreeSet<String> = sandbox.map(str::to_owned).into_iter().collect();
+        for s in locked.items {
+            let owner = s
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(okr::OWNER_ANNOTATION));
+            if claim_uid.is_none() || owner.map(String::as_str) == claim_uid {
+                victims.extend(s.metadata.name);
+            }
+        }
+        for s in &victims {
             delete(&self.sandboxes, s, "delete Sandbox", deadline).await?;
         }
-        delete(&self.claims, claim, "delete SandboxClaim", deadline).await
+        Ok(())
     }
 }
 

@@ -14,6 +14,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
 use super::flavour::{Flavour, SandboxView};
+use super::health::ApiHealth;
 use crate::backend::{BackendEvent, SandboxId};
 use crate::lock::{MutexExt, RwLockExt};
 
@@ -103,9 +104,9 @@ impl State {
 /// A claim is bound to a Sandbox only when both sides agree, so a half-finished adoption
 /// or a race lost to another claim never routes a session: agent-sandbox, the claim's
 /// `status.sandbox.name` names a Sandbox whose controller ownerReference carries the
-/// claim's UID; OpenKruise (whose claims never name their Sandbox), a live Sandbox
-/// labelled `agents.kruise.io/claim-name=<claim>` whose `agents.kruise.io/owner` is the
-/// claim's UID.
+/// claim's UID; OpenKruise (whose claims never name their Sandbox), a claim the controller
+/// has counted (`status.claimedReplicas` > 0) and a live Sandbox labelled
+/// `agents.kruise.io/claim-name=<claim>` whose `agents.kruise.io/owner` is the claim's UID.
 pub struct Cache {
     flavour: Flavour,
     port: u16,
@@ -218,17 +219,25 @@ impl Cache {
 
     /// Feeds one collection from a kube-runtime watcher until the stream ends (never,
     /// unless aborted: the watcher re-lists on 410 Gone and backs off on errors).
+    /// Every event and error is reported to `health` (the API's outage clock).
     pub async fn run_watch(
         self: Arc<Self>,
         kind: Kind,
         api: Api<DynamicObject>,
         cfg: watcher::Config,
+        health: Arc<ApiHealth>,
     ) {
         let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
         while let Some(ev) = stream.next().await {
             match ev {
-                Ok(ev) => self.apply(kind, ev),
-                Err(e) => tracing::warn!(?kind, "kubernetes watch error (retrying): {e}"),
+                Ok(ev) => {
+                    health.ok();
+                    self.apply(kind, ev);
+                }
+                Err(e) => {
+                    health.failed();
+                    tracing::warn!(?kind, "kubernetes watch error (retrying): {e}");
+                }
             }
         }
     }
@@ -384,7 +393,15 @@ impl Cache {
         };
         match self.flavour.claim_sandbox(c) {
             Some(name) => agrees(&name).then_some(name),
+            // Locked is not bound: the claim controller counts the claim only after
+            // post-processing (runtime init, CSI mounts) succeeded; until then the
+            // Sandbox may lack the session's env and volumes, and a failed post-process
+            // deletes it (openkruise/agents 0b72c83ae0bc sandboxcr/claim.go
+            // TryClaimSandbox, runClaimPostProcesses, clearFailedSandbox).
             None if self.flavour == Flavour::OpenKruise => {
+                if !self.flavour.claim_counted(c) {
+                    return None;
+                }
                 st.naming.get(claim)?.iter().find(|n| agrees(n)).cloned()
             }
             None => None,

@@ -255,6 +255,11 @@ pub mod openkruise {
         /// Pending, Running, Paused, Resuming, ...
         #[serde(default)]
         pub phase: Option<String>,
+        /// The generation this status was computed for (`calculateStatus`).
+        #[serde(default)]
+        pub observed_generation: Option<i64>,
+        /// Kept after a pause: it then names the deleted pod (`ensureStopPaused` only sets
+        /// the SandboxPaused condition).
         #[serde(default)]
         pub pod_info: Option<PodInfo>,
         #[serde(default)]
@@ -333,9 +338,11 @@ pub mod openkruise {
     #[derive(Debug, Clone, Default, Serialize, Deserialize)]
     #[serde(rename_all = "camelCase")]
     pub struct SandboxClaimStatus {
-        /// Pending, Claiming, Completed.
+        /// Claiming or Completed (no other phase exists upstream).
         #[serde(default)]
         pub phase: Option<String>,
+        #[serde(default)]
+        pub observed_generation: Option<i64>,
         #[serde(default)]
         pub claimed_replicas: Option<i32>,
         #[serde(default)]

@@ -33,6 +33,26 @@ pub enum ShutdownTarget {
 /// A Go duration meaning "never" for OpenKruise's `ttlAfterCompleted`.
 pub const NEVER: &str = "-1s";
 
+/// OpenKruise's claim-controller timeouts, from the activator's own budgets: upstream's
+/// defaults (`waitReadyTimeout` 30s, `claimTimeout` 1m, openkruise/agents 0b72c83ae0bc
+/// `api/v1alpha1/sandboxclaim_types.go` `+kubebuilder:default`) would kill and retry a
+/// slow cold start underneath `activation.timeout`, or give up before the session does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimTimeouts {
+    /// `waitReadyTimeout`: a new Sandbox's start (`activation.timeout`).
+    pub wait_ready: std::time::Duration,
+    /// `claimTimeout`: the whole claim (`session.admission_timeout` +
+    /// `activation.timeout`).
+    pub claim: std::time::Duration,
+}
+
+/// A Go duration string in whole seconds, rounded up, at least `1s` (both fields are
+/// validated `>= 1s` upstream).
+fn go_seconds(d: std::time::Duration) -> String {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    format!("{}s", secs.max(1))
+}
+
 /// What the activator needs to know about one Sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SandboxView {
@@ -137,6 +157,7 @@ impl Flavour {
         shutdown_time: &str,
         custom: &ClaimSpec,
         session: &SessionKey,
+        timeouts: ClaimTimeouts,
     ) -> Value {
         let sidecars = custom.sidecars.as_ref().map(|s| &s.set);
         let spec = match self {
@@ -169,6 +190,8 @@ impl Flavour {
             Flavour::OpenKruise => serde_json::to_value(okr::SandboxClaimSpec {
                 template_name: pool.into(),
                 create_on_no_stock: Some(true),
+                wait_ready_timeout: Some(go_seconds(timeouts.wait_ready)),
+                claim_timeout: Some(go_seconds(timeouts.claim)),
                 shutdown_time: Some(shutdown_time.into()),
                 // The default (60m) deletes the claim of a live session after an hour;
                 // negative means never (api/v1alpha1/sandboxclaim_types.go).
@@ -270,20 +293,35 @@ impl Flavour {
                 let st: asb::SandboxStatus = serde_json::from_value(status).unwrap_or_default();
                 v.pod_ip = st.pod_ips.first().and_then(|ip| ip.parse().ok());
                 v.spec_paused = spec.operating_mode.as_deref() == Some("Suspended");
-                // controllers/sandbox_controller.go computeReadyCondition: Ready carries
-                // observedGeneration; a Ready from before the last spec change is stale.
-                let ready = condition(&st.conditions, "Ready").is_some_and(|c| {
-                    c.status == "True"
-                        && (generation.is_none() || c.observed_generation == generation)
-                });
+                // controllers/sandbox_controller.go computeConditions: every condition
+                // carries observedGeneration = the Sandbox's generation; one from before
+                // the last spec change (a suspend or resume) describes the old spec.
+                let current = |c: &&super::crd::Condition| {
+                    generation.is_none() || c.observed_generation == generation
+                };
+                let ready = condition(&st.conditions, "Ready")
+                    .filter(current)
+                    .is_some_and(|c| c.status == "True");
                 v.ready = ready && v.pod_ip.is_some();
+                // Suspended is persistent and may linger from an earlier suspension
+                // (computeSuspendedCondition): only one written for this spec counts; no
+                // pod IP counts once the controller has reconciled this spec.
+                let reconciled = condition(&st.conditions, "Ready").filter(current).is_some();
                 v.pause_done = v.spec_paused
-                    && (condition(&st.conditions, "Suspended").is_some_and(|c| {
-                        c.status == "True" && c.reason.as_deref() == Some("PodTerminated")
-                    }) || v.pod_ip.is_none());
-                v.unschedulable = condition(&st.conditions, "PodScheduled").is_some_and(|c| {
-                    c.status == "False" && c.reason.as_deref() == Some("Unschedulable")
-                });
+                    && (condition(&st.conditions, "Suspended")
+                        .filter(current)
+                        .is_some_and(|c| {
+                            c.status == "True" && c.reason.as_deref() == Some("PodTerminated")
+                        })
+                        || (v.pod_ip.is_none() && reconciled));
+                // computePodScheduledCondition mirrors the pod's PodScheduled (from
+                // v0.5.6, agent-sandbox b7405194 #1291; absent before, so older
+                // controllers' unschedulable pods are waited on until the deadline).
+                v.unschedulable = condition(&st.conditions, "PodScheduled")
+                    .filter(current)
+                    .is_some_and(|c| {
+                        c.status == "False" && c.reason.as_deref() == Some("Unschedulable")
+                    });
                 v.finished = is_true(&st.conditions, "Finished");
                 v.warm = labels.is_some_and(|l| l.contains_key(asb::WARM_POOL_LABEL));
                 if let Some(o) = obj.metadata.owner_references.as_ref().and_then(|refs| {
@@ -303,9 +341,18 @@ impl Flavour {
                     .and_then(|ip| ip.parse().ok());
                 v.spec_paused = spec.paused.unwrap_or(false);
                 let phase = st.phase.as_deref().unwrap_or("");
-                v.ready =
-                    phase == "Running" && is_true(&st.conditions, "Ready") && v.pod_ip.is_some();
+                // pkg/controller/sandbox/sandbox_controller.go calculateStatus sets
+                // status.observedGeneration: a status from before the last spec change
+                // (e.g. Running just after `paused: true` was written) is stale. podInfo
+                // is kept through a pause (core/util.go ensureStopPaused), so only the
+                // phase and Ready say whether that IP serves.
+                let current = generation.is_none() || st.observed_generation == generation;
+                v.ready = current
+                    && phase == "Running"
+                    && is_true(&st.conditions, "Ready")
+                    && v.pod_ip.is_some();
                 v.pause_done = v.spec_paused
+                    && current
                     && (is_true(&st.conditions, "SandboxPaused") || v.pod_ip.is_none());
                 v.finished = matches!(phase, "Failed" | "Succeeded");
                 v.warm = labels

@@ -311,6 +311,25 @@ impl PauseStrategy for NodeFreeze {
         self.suspend.pause(cx, sandbox, deadline).await
     }
 
+    /// Thaws a frozen pod before its Sandbox is deleted: frozen, it cannot handle SIGTERM
+    /// (cgroup v2 waits out the grace period; under v1 the kill may hang until thawed).
+    async fn before_release(
+        &self,
+        cx: &PauseContext,
+        sandbox: &str,
+        deadline: Instant,
+    ) -> Result<(), BackendError> {
+        let frozen = cx.cache.read(|st| {
+            st.sandbox(sandbox)
+                .map(|s| self.flavour.sandbox_view(s).frozen.is_some())
+        }) == Some(true)
+            || self.remembered.lock_recovered().contains_key(sandbox);
+        if frozen {
+            self.resume(cx, sandbox, deadline).await?;
+        }
+        Ok(())
+    }
+
     /// Refuses pods with liveness or startup probes unless `freeze_with_probes`: a frozen
     /// container fails them and the kubelet restarts it, losing the state a freeze keeps.
     async fn check_claim(

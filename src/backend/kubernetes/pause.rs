@@ -19,6 +19,9 @@ use crate::backend::{BackendError, SandboxId};
 pub struct PauseContext {
     pub(super) api: ApiSet,
     pub(super) cache: Arc<Cache>,
+    /// `backend.kubernetes.unschedulable_wait`: how long a resumed pod may stay
+    /// Unschedulable before the resume is 503 `no_capacity`.
+    pub(super) unschedulable_wait: std::time::Duration,
 }
 
 /// Pauses and resumes one sandbox through the cluster.
@@ -50,6 +53,17 @@ pub trait PauseStrategy: Send + Sync + 'static {
     /// The deep idle tier for a paused `sandbox`: release its memory. The default does
     /// nothing (a suspended sandbox holds none).
     async fn deep_pause(
+        &self,
+        _cx: &PauseContext,
+        _sandbox: &str,
+        _deadline: Instant,
+    ) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Called before the session's Sandbox is deleted: whatever makes a deletion slow
+    /// (a frozen pod) is undone. The default does nothing.
+    async fn before_release(
         &self,
         _cx: &PauseContext,
         _sandbox: &str,
@@ -136,7 +150,9 @@ impl PauseStrategy for SpecSuspend {
     }
 
     /// Done on Ready=True for the current generation with a pod IP; a finished pod or a
-    /// vanished Sandbox is lost.
+    /// vanished Sandbox is lost; a pod no node can take (agent-sandbox
+    /// `PodScheduled=False/Unschedulable`, mirrored from the pod since v0.5.6) is 503
+    /// `no_capacity` once it stayed so for `unschedulable_wait`.
     async fn resume(
         &self,
         cx: &PauseContext,
@@ -155,19 +171,39 @@ impl PauseStrategy for SpecSuspend {
         }
         self.set_paused(&cx.api, sandbox, false, deadline).await?;
         let cache = &cx.cache;
-        cache
-            .wait_for(deadline, |st| match st.sandbox(sandbox) {
+        let unschedulable = || {
+            BackendError::NoCapacity(format!(
+                "the resumed pod of Sandbox {sandbox} is Unschedulable (no node has room)"
+            ))
+        };
+        let look = |give_up: bool| {
+            move |st: &super::cache::State| match st.sandbox(sandbox) {
                 None => Some(Err(lost())),
                 Some(s) => {
                     let v = flavour.sandbox_view(s);
                     if v.finished || v.deleting {
                         Some(Err(lost()))
+                    } else if give_up && v.unschedulable && !v.spec_paused {
+                        Some(Err(unschedulable()))
                     } else {
                         cache.endpoint(&v).map(Ok)
                     }
                 }
-            })
+            }
+        };
+        let first = cache
+            .wait_for(deadline, look(true))
             .await
-            .unwrap_or_else(|| Err(BackendError::Timeout(started.elapsed())))
+            .unwrap_or_else(|| Err(BackendError::Timeout(started.elapsed())));
+        match first {
+            Err(BackendError::NoCapacity(_)) if !cx.unschedulable_wait.is_zero() => {
+                let until = deadline.min(Instant::now() + cx.unschedulable_wait);
+                cache
+                    .wait_for(until, look(false))
+                    .await
+                    .unwrap_or_else(|| Err(unschedulable()))
+            }
+            other => other,
+        }
     }
 }

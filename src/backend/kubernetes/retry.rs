@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::health::ApiHealth;
 use crate::backend::BackendError;
 
 /// First retry delay; doubled each time up to [`MAX_BACKOFF`].
@@ -67,6 +68,53 @@ where
                 last = Some(e);
             }
             Ok(Err(e)) => return Err(Some(e)),
+        }
+        let wake = Instant::now() + jitter(backoff);
+        if wake >= deadline {
+            return Err(last);
+        }
+        tokio::time::sleep_until(wake).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// [`call`] for a new session's claim, reporting to `health`: each attempt is also bounded
+/// by the outage bound (a hanging API is a failing one), a transient failure or a silent
+/// attempt counts as a failure and any answer as a success, and the retries stop as soon
+/// as the API has been failing for the bound ([`ApiHealth::outage`]): the caller answers
+/// `control_plane` then instead of at its deadline.
+pub async fn call_reporting<T, F, Fut>(
+    health: &ApiHealth,
+    deadline: Instant,
+    mut op: F,
+) -> Result<T, Option<kube::Error>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, kube::Error>>,
+{
+    let mut backoff = FIRST_BACKOFF;
+    let mut last = None;
+    loop {
+        let attempt_deadline = deadline.min(Instant::now() + health.bound());
+        let attempt_started = Instant::now();
+        match tokio::time::timeout_at(attempt_deadline, op()).await {
+            Err(_) => health.failed_since(attempt_started),
+            Ok(Ok(v)) => {
+                health.ok();
+                return Ok(v);
+            }
+            Ok(Err(e)) if classify(&e) == Failure::Transient => {
+                health.failed_since(attempt_started);
+                tracing::debug!("kubernetes API call failed, retrying: {e}");
+                last = Some(e);
+            }
+            Ok(Err(e)) => {
+                health.ok();
+                return Err(Some(e));
+            }
+        }
+        if health.outage().is_some() || Instant::now() >= deadline {
+            return Err(last);
         }
         let wake = Instant::now() + jitter(backoff);
         if wake >= deadline {

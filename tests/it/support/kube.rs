@@ -127,12 +127,26 @@ pub async fn http(
     path: &str,
     session: Option<&str>,
 ) -> (u16, serde_json::Value, http::HeaderMap) {
+    http_with(addr, method, path, session, &[]).await
+}
+
+/// [`http`] with `headers` added.
+pub async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    session: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, serde_json::Value, http::HeaderMap) {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut req = http::Request::builder()
         .method(method)
         .uri(format!("http://{addr}{path}"));
     if let Some(s) = session {
         req = req.header("x-session-id", s);
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
     }
     let req = req.body(Full::new(Bytes::new())).unwrap();
     let resp = tokio::time::timeout(WAIT, client.request(req))
@@ -144,4 +158,55 @@ pub async fn http(
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     (status, json, headers)
+}
+
+/// Starts an activator whose kubernetes backend (`api`, `pool`) reads a kubeconfig for
+/// `tb`; `extra` YAML is appended at the top level, `change` edits the parsed config last.
+pub async fn activator_on(
+    tb: &Testbed,
+    api: &str,
+    pool: &str,
+    extra: &str,
+    change: impl FnOnce(&mut Config),
+) -> agent_activator::server::RunningServer {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!(
+        "aa-kube-{}-{}-{n}.yaml",
+        std::process::id(),
+        tb.addr().port()
+    ));
+    std::fs::write(&path, tb.kubeconfig("default")).unwrap();
+    let mut cfg = config(api, pool, extra);
+    cfg.backend.kubernetes.kubeconfig = Some(path);
+    change(&mut cfg);
+    agent_activator::server::start(cfg)
+        .await
+        .expect("activator starts")
+}
+
+/// Every event in the admin API's backlog (`GET /api/events` is SSE: its `data:` lines).
+pub async fn admin_events(admin: SocketAddr) -> Vec<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(
+        b"GET /api/events?last_event_id=0 HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    // The stream stays open: read what the backlog holds, until it has been quiet a while.
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), s.read(&mut chunk)).await
+    {
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&buf)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter_map(|d| serde_json::from_str(d.trim()).ok())
+        .collect()
 }
