@@ -268,6 +268,13 @@ pub struct ProxyConfig {
     /// Peers (CIDRs or single addresses) whose `X-Forwarded-*`, `Forwarded`,
     /// `X-Real-IP` and `X-Request-ID` are believed; from anyone else they are replaced.
     pub trusted_proxies: Vec<String>,
+    /// Request header names containing `_`: `forward` them (but refuse with 400 the ones
+    /// that read as a routing, framing or proxy-set field, e.g. `X_Session_ID`), or `drop`
+    /// every one (nginx's default, `underscores_in_headers off`).
+    pub underscore_headers: UnderscoreHeaders,
+    /// Serve plain HTTP/1.1 requests on the built-in fast path (`false`: every connection
+    /// goes to hyper's server; slower, for comparison or to rule the fast path out).
+    pub http1_fast_path: bool,
 }
 
 impl Default for ProxyConfig {
@@ -294,6 +301,8 @@ impl Default for ProxyConfig {
             tcp_keepalive: Dur::secs(60),
             allowed_upgrades: vec!["websocket".into()],
             trusted_proxies: Vec::new(),
+            underscore_headers: UnderscoreHeaders::Forward,
+            http1_fast_path: true,
         }
     }
 }
@@ -303,6 +312,16 @@ impl Default for ProxyConfig {
 pub enum UpstreamProtocol {
     Http1,
     Http2,
+}
+
+/// `proxy.underscore_headers`: what happens to request header names containing `_`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnderscoreHeaders {
+    /// Forwarded, except look-alikes of routing, framing and proxy-set fields (400).
+    Forward,
+    /// Removed before forwarding, as nginx does by default.
+    Drop,
 }
 
 /// `session.*`: where the session ID comes from and how sessions map to sandboxes.

@@ -41,6 +41,7 @@ mod listener;
 mod preview;
 mod relay;
 mod request_id;
+pub mod rules;
 mod tls;
 mod upstream;
 
@@ -51,10 +52,11 @@ use completion::{Completion, Recorder};
 use conn_local::ConnLocal;
 use error::ProxyError;
 pub use forward::{ClientConn, strip_hop_by_hop};
-use forward::{is_upgrade_request, prepare_request_headers};
+use forward::{is_upgrade_request, prepare_request_headers, strip_request_hop_by_hop};
 pub use listener::serve;
 use relay::Relay;
 pub use request_id::X_REQUEST_ID;
+use rules::{EdgeRules, EdgeViolation};
 pub use tls::{TlsError, acceptor as tls_acceptor};
 use upstream::Upstream;
 
@@ -93,6 +95,8 @@ pub struct Proxy {
     max_body_bytes: Option<u64>,
     tunnel_idle_timeout: Duration,
     tunnels_closed: IntCounter,
+    /// The request-edge rules (CONNECT, look-alike and duplicate fields, Host).
+    edge: EdgeRules,
     /// Preview URLs (`preview` of some pool), if any: requests for their hosts take
     /// [`Proxy::forward_preview`] instead of session extraction.
     previews: Option<Arc<crate::preview::Previews>>,
@@ -146,6 +150,7 @@ impl Proxy {
             tunnels_closed: metrics
                 .client_connections_closed_total
                 .with_label_values(&["tunnel_idle_timeout"]),
+            edge: EdgeRules::new(config),
             previews: None,
         }
     }
@@ -190,6 +195,12 @@ impl Proxy {
             })
     }
 
+    /// The request-edge rules, for a path that applies them while it parses (the
+    /// HTTP/1.1 fast path) and then calls [`Proxy::handle_checked`].
+    pub(crate) fn edge(&self) -> &EdgeRules {
+        &self.edge
+    }
+
     /// Proxies one request. Never fails: every failure is a response.
     pub async fn handle(
         &self,
@@ -207,9 +218,39 @@ impl Proxy {
         conn: &ClientConn,
         local: Option<&mut ConnLocal>,
     ) -> Response<ResponseBody> {
+        let authority = req.uri().authority().cloned();
+        let (method, version) = (req.method().clone(), req.version());
+        let verdict = self.edge.check_request(
+            &method,
+            version,
+            authority.as_ref().map(|a| a.as_str().as_bytes()),
+            req.headers_mut(),
+        );
+        self.handle_checked(req, conn, verdict, local).await
+    }
+
+    /// Proxies one request whose fields already went through the edge rules
+    /// (`verdict`: refused when `Err`; the fast path applies them while it parses), with
+    /// the fast-path connection's `local` state when there is one. Never fails: every
+    /// failure is a response.
+    pub(crate) async fn handle_checked(
+        &self,
+        mut req: Request<ClientBody>,
+        conn: &ClientConn,
+        verdict: Result<(), EdgeViolation>,
+        local: Option<&mut ConnLocal>,
+    ) -> Response<ResponseBody> {
         let mut completion = Completion::begin(&self.recorder, req.method(), req.uri());
         if self.telemetry.enabled() {
             completion.set_trace(self.telemetry.start_request(req.method(), req.headers()));
+        }
+        // Hop-by-hop fields go before the proxy adds any of its own, so `Connection` can
+        // name none of them (RFC 9110 7.6.1). An upgrade is decided on the fields as sent.
+        let upgrade = req.version() <= Version::HTTP_11
+            && is_upgrade_request(req.headers())
+            && self.upgrade_allowed(req.headers());
+        if verdict.is_ok() {
+            strip_request_hop_by_hop(req.headers_mut(), upgrade, &self.edge);
         }
         let request_id = request_id::request_id(conn, req.headers());
         req.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
@@ -220,8 +261,10 @@ impl Proxy {
             .as_ref()
             .and_then(|p| preview::matched(p, req.uri(), req.headers()));
         // A preview host names its session through the preview, never a session source.
-        let mut resp = match preview {
-            Some(matched) => {
+        let mut resp = match (verdict, preview) {
+            // Refused at the edge: no preview, session or sandbox is looked at.
+            (Err(violation), _) => self.failure(violation.into(), &request_id),
+            (Ok(()), Some(matched)) => {
                 let declared = req.body().size_hint().lower();
                 let result = match self.max_body_bytes {
                     Some(max) if declared > max => Err(ProxyError::BodyTooLarge(max)),
@@ -232,7 +275,7 @@ impl Proxy {
                 };
                 result.unwrap_or_else(|err| self.failure(err, &request_id))
             }
-            None => {
+            (Ok(()), None) => {
                 self.forward_session(req, conn, &mut completion, https, &request_id, local)
                     .await
             }
@@ -399,8 +442,9 @@ impl Proxy {
         let sandbox = target.pool_key;
         completion.hold_lease(lease);
 
-        // An upgrade outside `proxy.allowed_upgrades` is forwarded as a plain request
-        // (its `Upgrade`/`Connection` headers stripped as hop-by-hop).
+        // An upgrade outside `proxy.allowed_upgrades` is forwarded as a plain request (its
+        // `Upgrade`/`Connection` headers were stripped as hop-by-hop in `handle_checked`,
+        // which kept exactly those of an allowed one, so this decides the same).
         let upgrade = req.version() <= Version::HTTP_11
             && is_upgrade_request(req.headers())
             && self.upgrade_allowed(req.headers());
@@ -412,7 +456,6 @@ impl Proxy {
             parts.uri.authority(),
             conn,
             &self.strip,
-            upgrade,
             self.upstream.is_h2() && !upgrade,
         );
         self.forwarding
@@ -445,6 +488,7 @@ impl Proxy {
 
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(resp.headers_mut(), switching);
+        rules::fix_response_length(resp.status(), resp.headers_mut());
         self.forwarding.filter_response(resp.headers_mut());
         let headers = resp.headers_mut();
         headers.insert(

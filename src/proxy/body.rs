@@ -13,6 +13,7 @@ use tokio::time::{Instant, Sleep};
 use super::activity::RequestGuard;
 use super::completion::Completion;
 use super::h1client::{BoxError, H1Body};
+use super::rules;
 
 /// Why forwarding a request body stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +74,8 @@ impl Body for ClientBody {
 }
 
 /// The client's request body on its way to the sandbox: every gap between frames is
-/// bounded by `proxy.body_timeout` and the total by `proxy.max_body_bytes`. The error
+/// bounded by `proxy.body_timeout` and the total by `proxy.max_body_bytes`; trailer fields
+/// that may not be trailers are dropped ([`rules::forbidden_in_trailers`]). The error
 /// aborts the upstream request; [`super::error`] turns it into 408 or 413.
 pub struct RequestBody {
     inner: ClientBody,
@@ -114,8 +116,11 @@ impl Body for RequestBody {
         }
 
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
+            Poll::Ready(Some(Ok(mut frame))) => {
                 this.armed = false;
+                if let Some(trailers) = frame.trailers_mut() {
+                    rules::drop_forbidden_trailers(trailers);
+                }
                 if let Some(data) = frame.data_ref() {
                     this.read = this.read.saturating_add(data.len() as u64);
                     if this.read > this.limit {
@@ -213,7 +218,9 @@ impl Body for ProxyBody {
     }
 }
 
-/// What the proxy hands to hyper: a body that completes its request when it ends.
+/// What the proxy hands to hyper (or the fast path writes): a body that completes its
+/// request when it ends; trailer fields that may not be trailers are dropped
+/// ([`rules::forbidden_in_trailers`]).
 pub struct ResponseBody {
     inner: ProxyBody,
     completion: Completion,
@@ -246,7 +253,12 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &mut polled
+            && let Some(trailers) = frame.trailers_mut()
+        {
+            rules::drop_forbidden_trailers(trailers);
+        }
         if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
             this.completion.take().finish();
         }

@@ -14,6 +14,7 @@ use http::header::RETRY_AFTER;
 use http::{HeaderValue, Response, StatusCode};
 
 use super::body::RequestBodyError;
+use super::rules::EdgeViolation;
 use crate::activation::ActivationError;
 use crate::backend::BackendError;
 use crate::customize::CustomizeError;
@@ -26,6 +27,10 @@ pub use crate::error_body::error_response;
 /// Why a request was not (fully) proxied.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    /// Refused at the edge: CONNECT (405 `method_not_allowed`), a look-alike or duplicate
+    /// field, an ambiguous Host (400; see [`EdgeViolation::code`]).
+    #[error(transparent)]
+    Edge(#[from] EdgeViolation),
     /// No usable session ID (400).
     #[error(transparent)]
     Session(#[from] ExtractError),
@@ -142,6 +147,10 @@ impl ProxyError {
     fn presentation(&self) -> Presentation {
         use StatusCode as S;
         match self {
+            ProxyError::Edge(EdgeViolation::Connect) => {
+                present(S::METHOD_NOT_ALLOWED, "method_not_allowed", false)
+            }
+            ProxyError::Edge(e) => present(S::BAD_REQUEST, e.code(), false),
             ProxyError::Session(ExtractError::Missing(_)) => {
                 present(S::BAD_REQUEST, "missing_session", false)
             }
@@ -219,6 +228,8 @@ impl ProxyError {
     pub fn client_message(&self) -> std::borrow::Cow<'static, str> {
         match self {
             ProxyError::Session(e) => e.to_string().into(),
+            // The client's own request: what to fix (names a field, never a value).
+            ProxyError::Edge(e) => e.to_string().into(),
             // Pool names are the operator's public vocabulary (the client selects by them).
             ProxyError::Pool(e) => e.to_string().into(),
             // Names the header, never its value.
@@ -241,6 +252,14 @@ impl ProxyError {
                 .insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
         } else if p.retry {
             resp.headers_mut().insert(RETRY_AFTER, retry_after.clone());
+        }
+        if p.status == StatusCode::METHOD_NOT_ALLOWED {
+            // RFC 9110 15.5.6: a 405 lists what is allowed; every method but CONNECT is
+            // forwarded to the sandbox.
+            resp.headers_mut().insert(
+                http::header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE"),
+            );
         }
         if p.status == StatusCode::UNAUTHORIZED && !matches!(self, ProxyError::Preview(_)) {
             // RFC 9110 15.5.2: a 401 names the scheme; the token travels wherever the

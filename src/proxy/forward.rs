@@ -16,6 +16,8 @@ use http::header::{
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Uri};
 
+use super::rules::EdgeRules;
+
 /// `X-Forwarded-For`.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// `X-Forwarded-Proto`.
@@ -88,10 +90,29 @@ pub(super) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> b
 
 /// Removes hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`,
 /// `Proxy-Connection`, `TE` (except `TE: trailers`, which is kept), `Transfer-Encoding`,
-/// `Upgrade`, `Proxy-Authenticate`, `Proxy-Authorization`. `Trailer` is end-to-end (and
-/// hyper needs it to send HTTP/1.1 trailers), so it stays. With `keep_upgrade`, a
-/// WebSocket handshake keeps `Upgrade` and gets `Connection: upgrade` back.
+/// `Upgrade`, `Proxy-Authenticate`, `Proxy-Authorization` (the list is
+/// [`super::rules::is_hop_by_hop`]). `Trailer` is end-to-end (and hyper needs it to send HTTP/1.1
+/// trailers), so it stays. With `keep_upgrade`, a WebSocket handshake keeps `Upgrade` and
+/// gets `Connection: upgrade` back. Used as is for responses; requests go through
+/// [`strip_request_hop_by_hop`].
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    strip_hop_by_hop_except(headers, keep_upgrade, |_| true);
+}
+
+/// [`strip_hop_by_hop`] for a request, before the proxy adds a field of its own (so a
+/// `Connection` option cannot remove what the proxy inserts), and never removing what
+/// [`EdgeRules::connection_may_remove`] protects (`Host`, the session header).
+pub fn strip_request_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, rules: &EdgeRules) {
+    strip_hop_by_hop_except(headers, keep_upgrade, |name| {
+        rules.connection_may_remove(name)
+    });
+}
+
+fn strip_hop_by_hop_except(
+    headers: &mut HeaderMap,
+    keep_upgrade: bool,
+    may_remove: impl Fn(&[u8]) -> bool,
+) {
     if headers.contains_key(CONNECTION) {
         let mut named = headers.get_all(CONNECTION).iter();
         let first = named.next().cloned();
@@ -104,8 +125,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
                 if token.is_empty() || (keep_upgrade && token.eq_ignore_ascii_case("upgrade")) {
                     continue;
                 }
-                if token.eq_ignore_ascii_case("te") {
-                    // Still governed by the TE rule below.
+                if token.eq_ignore_ascii_case("te") || !may_remove(token.as_bytes()) {
+                    // TE: still governed by the TE rule below.
                     continue;
                 }
                 if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
@@ -134,8 +155,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Prepares request headers for the sandbox: hop-by-hop removal, `Expect` (the proxy
-/// answers it), configured stripping, `X-Forwarded-*`, and the Host policy.
+/// Prepares request headers for the sandbox, after [`strip_request_hop_by_hop`]: `Expect`
+/// (the proxy answers it), configured stripping, `X-Forwarded-*`, and the Host policy.
 ///
 /// From a trusted proxy `X-Forwarded-For` is appended to and `X-Forwarded-Proto`/`-Host`
 /// are kept when present; from anyone else they are replaced with this connection's own
@@ -145,10 +166,8 @@ pub fn prepare_request_headers(
     client_authority: Option<&Authority>,
     conn: &ClientConn,
     strip: &[HeaderName],
-    upgrade: bool,
     upstream_h2: bool,
 ) {
-    strip_hop_by_hop(headers, upgrade);
     headers.remove(EXPECT);
     for name in strip {
         headers.remove(name);
@@ -284,7 +303,7 @@ mod tests {
             ("x-session-id", "abc"),
             ("expect", "100-continue"),
         ]);
-        prepare_request_headers(&mut h, None, &conn, &strip, false, false);
+        prepare_request_headers(&mut h, None, &conn, &strip, false);
         assert_eq!(h[HOST], "app.example");
         assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 10.1.2.3");
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
@@ -295,10 +314,10 @@ mod tests {
         // An HTTP/2 client has no Host: its :authority is used; an h2 upstream gets none.
         let authority: Authority = "h2.example:8443".parse().unwrap();
         let mut h = HeaderMap::new();
-        prepare_request_headers(&mut h, Some(&authority), &conn, &[], false, false);
+        prepare_request_headers(&mut h, Some(&authority), &conn, &[], false);
         assert_eq!(h[HOST], "h2.example:8443");
         let mut h = HeaderMap::new();
-        prepare_request_headers(&mut h, Some(&authority), &conn, &[], false, true);
+        prepare_request_headers(&mut h, Some(&authority), &conn, &[], true);
         assert!(!h.contains_key(HOST));
         assert_eq!(h[&X_FORWARDED_HOST], "h2.example:8443");
         assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3");
@@ -316,7 +335,7 @@ mod tests {
             ("x-real-ip", "1.1.1.1"),
         ]);
         assert!(!conn.https(&h));
-        prepare_request_headers(&mut h, None, &conn, &[], false, false);
+        prepare_request_headers(&mut h, None, &conn, &[], false);
         assert_eq!(h[&X_FORWARDED_FOR], "203.0.113.5");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
         assert_eq!(h[&X_FORWARDED_HOST], "app.example");
@@ -332,7 +351,7 @@ mod tests {
             ("x-forwarded-host", "public.example"),
         ]);
         assert!(gw.https(&h));
-        prepare_request_headers(&mut h, None, &gw, &[], false, false);
+        prepare_request_headers(&mut h, None, &gw, &[], false);
         assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 10.0.0.7");
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert_eq!(h[&X_FORWARDED_HOST], "public.example");

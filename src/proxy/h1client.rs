@@ -40,6 +40,7 @@ use tokio::time::Instant;
 
 use super::body::{RequestBody, RequestBodyError};
 use super::h1::{self, Chunk, ChunkedDecoder, Framing, Malformed, RequestFraming, ResponseHead};
+use super::rules;
 use crate::backend::SandboxId;
 
 /// Boxed error of a streamed response body.
@@ -584,7 +585,7 @@ impl H1Client {
                 .await;
             match exchanged {
                 Ok((mut head, writer)) => {
-                    if writer.is_some() || head.status == StatusCode::SWITCHING_PROTOCOLS {
+                    if writer.is_some() || !rules::reusable_after(&parts.method, head.status) {
                         head.keep_alive = false;
                     }
                     let body = H1Body::new(conn, &head, writer, self.pool.clone(), sandbox.clone());

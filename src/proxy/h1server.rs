@@ -25,7 +25,9 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HOST, TE, TRANSFER_ENCODING, UPGRADE,
+};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Body;
@@ -38,6 +40,7 @@ use super::body::{ClientBody, ResponseBody};
 use super::conn_local::{self, ConnLocal};
 use super::forward::list_has;
 use super::h1::{self, field};
+use super::rules::{self, EdgeRules, EdgeViolation, FieldVerdict, Seen};
 use super::{ClientConn, Proxy};
 use crate::shutdown::{Phase, Shutdown};
 
@@ -83,6 +86,8 @@ struct Head {
     keep_alive: bool,
     head_request: bool,
     trailers_ok: bool,
+    /// The edge rules' verdict, reached during the same scan as the fields.
+    verdict: Result<(), EdgeViolation>,
 }
 
 #[expect(
@@ -113,7 +118,7 @@ impl FastPath<'_> {
         loop {
             let head = loop {
                 if !rbuf.is_empty() {
-                    match parse_request(&mut rbuf, self.max_head, &mut local) {
+                    match parse_request(&mut rbuf, self.max_head, &mut local, self.proxy.edge()) {
                         Parsed::Take(head) => break head,
                         Parsed::Other => return Handoff::ToHyper(rbuf),
                         Parsed::Partial => {
@@ -216,9 +221,9 @@ impl FastPath<'_> {
         // The socket is watched while the request is proxied: EOF cancels it (hyper's
         // behaviour); early bytes of a pipelined next request are kept, up to one head.
         let resp = {
-            let handled = self
-                .proxy
-                .handle_on(head.request, self.conn, Some(&mut *local));
+            let handled =
+                self.proxy
+                    .handle_checked(head.request, self.conn, head.verdict, Some(&mut *local));
             tokio::pin!(handled);
             loop {
                 let watch = rbuf.len() < self.max_head;
@@ -266,14 +271,20 @@ fn body_arrived<I: AsyncRead + Unpin>(io: &mut I, rbuf: &mut BytesMut, len: usiz
 
 /// Parses a request head from the front of `rbuf`; takes it only when it is plain (see
 /// the module documentation).
-fn parse_request(rbuf: &mut BytesMut, max_head: usize, local: &mut ConnLocal) -> Parsed {
-    h1::with_spans(|spans| parse_request_into(rbuf, max_head, local, spans))
+fn parse_request(
+    rbuf: &mut BytesMut,
+    max_head: usize,
+    local: &mut ConnLocal,
+    rules: &EdgeRules,
+) -> Parsed {
+    h1::with_spans(|spans| parse_request_into(rbuf, max_head, local, rules, spans))
 }
 
 fn parse_request_into(
     rbuf: &mut BytesMut,
     max_head: usize,
     local: &mut ConnLocal,
+    rules: &EdgeRules,
     spans: &mut Vec<h1::Span>,
 ) -> Parsed {
     let (len, method, target) = {
@@ -307,7 +318,7 @@ fn parse_request_into(
         return Parsed::Other;
     }
     let head = rbuf.split_to(len).freeze();
-    match build(&head, method, target, spans, local) {
+    match build(&head, method, target, spans, local, rules) {
         Some(parsed) => Parsed::Take(parsed),
         None => {
             // Give the bytes back, in order, for hyper.
@@ -325,6 +336,7 @@ fn build(
     target: (usize, usize),
     spans: &[h1::Span],
     local: &mut ConnLocal,
+    rules: &EdgeRules,
 ) -> Option<Head> {
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1)).ok()?;
     // The last request's map when there is one (emptied, capacity kept); else one with
@@ -336,7 +348,13 @@ fn build(
     let mut body_len = None;
     let mut keep_alive = true;
     let mut trailers_ok = false;
+    // The edge rules ride on this scan: one call per field, no second pass.
+    let mut seen = Seen::default();
+    let mut host = None;
     for &(ns, ne, vs, ve) in spans {
+        if rules.field(&head[ns..ne], &mut seen) == FieldVerdict::Drop {
+            continue;
+        }
         let name = local.name(&head[ns..ne])?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).ok()?;
         if name == TRANSFER_ENCODING || name == UPGRADE || name == EXPECT {
@@ -360,8 +378,18 @@ fn build(
         if name == TE {
             trailers_ok = value.to_str().is_ok_and(|v| list_has(v, "trailers"));
         }
+        if name == HOST {
+            host = Some((vs, ve));
+        }
         headers.append(name, value);
     }
+    let verdict = rules.finish(
+        &method,
+        Version::HTTP_11,
+        None,
+        host.map(|(vs, ve)| &head[vs..ve]),
+        &seen,
+    );
     let head_request = method == Method::HEAD;
     let mut request = Request::new(ClientBody::empty());
     *request.method_mut() = method;
@@ -375,6 +403,7 @@ fn build(
         keep_alive,
         head_request,
         trailers_ok,
+        verdict,
     })
 }
 
@@ -406,9 +435,13 @@ where
     wbuf.extend_from_slice(b"\r\n");
     let exact = body.size_hint().exact();
     let mut chunked = !bodiless && exact.is_none();
+    // A response to HEAD keeps the length it describes; a 1xx/204/304 never has one.
+    let keep_length = bodiless && rules::response_keeps_content_length(status);
     for (name, value) in &parts.headers {
-        // Framing is ours to write (a HEAD/304 keeps the length it describes).
-        if name == TRANSFER_ENCODING || (name == CONTENT_LENGTH && !bodiless) || name == CONNECTION
+        // Framing is ours to write.
+        if name == TRANSFER_ENCODING
+            || (name == CONTENT_LENGTH && !keep_length)
+            || name == CONNECTION
         {
             continue;
         }
@@ -422,6 +455,13 @@ where
             Some(n) => field(wbuf, b"content-length", h1::itoa_u64(n).as_bytes()),
             None => field(wbuf, b"transfer-encoding", b"chunked"),
         }
+    } else if keep_length
+        && !parts.headers.contains_key(CONTENT_LENGTH)
+        && let Some(n @ 1..) = exact
+    {
+        // A generated response to HEAD (an error) states the length GET would get, as
+        // hyper's server does.
+        field(wbuf, b"content-length", h1::itoa_u64(n).as_bytes());
     }
     if !keep_alive {
         field(wbuf, b"connection", b"close");

@@ -70,6 +70,8 @@ struct Listener {
     closed: IntCounterVec,
     /// `proxy.max_header_bytes` (the fast path's head bound; hyper's is the same).
     max_head: usize,
+    /// `proxy.http1_fast_path`: connections start on the fast path (else hyper at once).
+    fast_path: bool,
 }
 
 /// Serves the proxy on `listener` until the shutdown reaches `Draining`, then lets
@@ -115,6 +117,7 @@ pub async fn serve(
         refused: metrics.client_connections_refused_total.clone(),
         closed: metrics.client_connections_closed_total.clone(),
         max_head: config.max_header_bytes,
+        fast_path: config.http1_fast_path,
     });
     loop {
         let (stream, peer) = tokio::select! {
@@ -230,7 +233,12 @@ impl Listener {
             closed: &self.closed,
             max_head: self.max_head,
         };
-        let read = match fast.serve(&mut io).await {
+        let handoff = if self.fast_path {
+            fast.serve(&mut io).await
+        } else {
+            Handoff::ToHyper(bytes::BytesMut::new())
+        };
+        let read = match handoff {
             Handoff::Done => return,
             Handoff::ToHyper(read) => read.freeze(),
         };

@@ -142,19 +142,19 @@ fn get(path: &str, session: &str) -> Request<ReqBody> {
 
 /// The activator in front of `sandboxes` (static backend, one session per sandbox), with
 /// `extra` YAML appended.
-async fn proxy(sandboxes: &[&ScriptedSandbox], extra: &str) -> RunningServer {
+pub(crate) async fn proxy(sandboxes: &[&ScriptedSandbox], extra: &str) -> RunningServer {
     let addrs: Vec<SocketAddr> = sandboxes.iter().map(|s| s.addr).collect();
     support::start(&format!("{}{extra}", static_backend(&addrs))).await
 }
 
 /// Answers every request with `response`.
-async fn always(response: &'static [u8]) -> ScriptedSandbox {
+pub(crate) async fn always(response: &'static [u8]) -> ScriptedSandbox {
     ScriptedSandbox::start(move |_, _| vec![Step::Send(response.to_vec())]).await
 }
 
 /// The header fields as a sorted list, with the proxy's random `x-request-id` (checked to
 /// be 32 hex digits) replaced by `<request-id>`.
-fn field_set(head: &Head) -> Vec<(String, String)> {
+pub(crate) fn field_set(head: &Head) -> Vec<(String, String)> {
     let mut set: Vec<(String, String)> = head
         .headers
         .iter()
@@ -207,18 +207,18 @@ fn expected_fields(host: &str, session: &str, more: &[(&str, &str)]) -> Vec<(Str
 }
 
 /// The only request the sandbox received.
-fn only_request(sandbox: &ScriptedSandbox) -> Received {
+pub(crate) fn only_request(sandbox: &ScriptedSandbox) -> Received {
     let mut all = sandbox.requests();
     assert_eq!(all.len(), 1, "requests received: {all:#?}");
     all.remove(0)
 }
 
 /// A raw client connection to the proxy.
-async fn raw(server: &RunningServer) -> Wire {
+pub(crate) async fn raw(server: &RunningServer) -> Wire {
     Wire::connect(server.proxy_addr()).await
 }
 
-async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+pub(crate) async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(WAIT, f)
         .await
         .unwrap_or_else(|_| panic!("{what} within {WAIT:?}"))
