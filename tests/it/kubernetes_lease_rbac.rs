@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use agent_activator::cluster::{LeaseElector, LeaseTickStore, ReplicaId, TickStore};
+use agent_activator::cluster::{Leadership, LeaseElector, LeaseTickStore, ReplicaId, TickStore};
 use agent_activator::config::Config;
 use chrono::{TimeZone, Utc};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -36,8 +36,14 @@ async fn lease_verbs_called(name: &str) -> BTreeSet<String> {
     let ticks = LeaseTickStore::new(api, name);
     let tick = Utc.with_ymd_and_hms(2026, 3, 1, 6, 0, 0).unwrap();
     assert!(ticks.claim("nightly", tick).await.unwrap());
-    tokio::time::sleep(lease + Duration::from_millis(200)).await;
-    assert!(follower.try_acquire_or_renew().await.unwrap(), "takes over");
+    // The leader goes silent: the follower takes over after a lease duration unchanged.
+    let took_over = tokio::time::timeout(kube_support::WAIT, async {
+        while !follower.try_acquire_or_renew().await.unwrap() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(took_over.is_ok(), "the follower takes over");
     follower.release().await.unwrap();
     tb.audit
         .snapshot()
