@@ -3,45 +3,21 @@
 //! tracing off and with OTLP export on at sample ratio 0 and 1 (to an in-process sink).
 //! Run: `cargo bench --bench proxy_hop`.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper::Request;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use hyper_util::rt::TokioExecutor;
 
 use agent_activator::config::Config;
 use agent_activator::server;
 
-/// A sandbox that answers every request with a small body.
-async fn sandbox() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let svc = service_fn(|_req| async {
-                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
-                        b"{\"ok\":true}",
-                    ))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
+#[path = "support/ok_sandbox.rs"]
+mod ok_sandbox;
+use ok_sandbox::sandbox;
 
 /// Starts an activator in front of `up`; `telemetry` is extra YAML under `telemetry:`.
 async fn activator(up: SocketAddr, telemetry: &str) -> (SocketAddr, server::RunningServer) {

@@ -2,47 +2,26 @@
 //! activator on the fast path with `session.auth: none` versus `hmac`.
 //! Run: `cargo bench --bench session_auth`.
 
-use std::convert::Infallible;
 use std::hint::black_box;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper::Request;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use hyper_util::rt::TokioExecutor;
 
 use agent_activator::config::Config;
 use agent_activator::server;
 use agent_activator::session::{SessionKey, TokenSigner};
 
+#[path = "support/ok_sandbox.rs"]
+mod ok_sandbox;
+use ok_sandbox::sandbox;
+
 const SECRET: &[u8] = b"bench-secret-0123456789abcdef0123456789";
 const ID: &str = "3f6c1c0e9a2b4d7e8f901234abcdef56";
-
-/// A sandbox that answers every request with a small body.
-async fn sandbox() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let svc = service_fn(|_req| async {
-                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
-                        b"{\"ok\":true}",
-                    ))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
 
 fn verify(c: &mut Criterion) {
     let signer = TokenSigner::new(&[("k2", SECRET), ("k1", SECRET)], 3600, 128).unwrap();
