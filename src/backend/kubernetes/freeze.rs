@@ -133,6 +133,14 @@ impl NodeFreeze {
         self.remembered.lock_recovered().remove(sandbox)
     }
 
+    /// Whether the cache shows `sandbox`'s frozen annotation.
+    fn cached_frozen(&self, cx: &PauseContext, sandbox: &str) -> bool {
+        cx.cache.read(|st| {
+            st.sandbox(sandbox)
+                .map(|s| self.flavour.sandbox_view(s).frozen.is_some())
+        }) == Some(true)
+    }
+
     /// Writes (`Some(uid)`) or removes (`None`, only while it still names `expect`) the
     /// frozen annotation, fenced by resourceVersion.
     async fn mark(
@@ -301,11 +309,7 @@ impl PauseStrategy for NodeFreeze {
         sandbox: &str,
         deadline: Instant,
     ) -> Result<(), BackendError> {
-        let frozen = cx.cache.read(|st| {
-            st.sandbox(sandbox)
-                .map(|s| self.flavour.sandbox_view(s).frozen.is_some())
-        });
-        if frozen == Some(true) {
+        if self.cached_frozen(cx, sandbox) {
             self.resume(cx, sandbox, deadline).await?;
         }
         self.suspend.pause(cx, sandbox, deadline).await
@@ -319,10 +323,7 @@ impl PauseStrategy for NodeFreeze {
         sandbox: &str,
         deadline: Instant,
     ) -> Result<(), BackendError> {
-        let frozen = cx.cache.read(|st| {
-            st.sandbox(sandbox)
-                .map(|s| self.flavour.sandbox_view(s).frozen.is_some())
-        }) == Some(true)
+        let frozen = self.cached_frozen(cx, sandbox)
             || self.remembered.lock_recovered().contains_key(sandbox);
         if frozen {
             self.resume(cx, sandbox, deadline).await?;
